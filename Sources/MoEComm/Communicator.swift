@@ -1,0 +1,113 @@
+/// The collective operations the trainer needs, independent of the transport.
+///
+/// Implementations: `SingleRankCommunicator` (one process, no MPI), `MPICommunicator` (OpenMPI).
+/// Every operation is collective: all ranks call it in the same order with matching sizes.
+/// Buffers are typed through `CommElement`, so a call cannot mix element types by accident.
+public protocol Communicator: AnyObject {
+    var rank: Int { get }
+    var size: Int { get }
+
+    /// Element-wise reduction over all ranks, in place.
+    func allReduce(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType, op: ReduceOp) throws
+    /// Exclusive prefix sum over ranks, in place: rank r receives the sum of ranks 0..<r
+    /// (rank 0 receives zeros).
+    func exclusiveScanSum(_ buffer: UnsafeMutableBufferPointer<Int64>) throws
+    /// Every rank sends `blockCount` values to every rank: `send[dest*blockCount ..< +blockCount]`
+    /// arrives at `dest` as `recv[source*blockCount ..< +blockCount]`.
+    func allToAll(send: UnsafeBufferPointer<Int64>, recv: UnsafeMutableBufferPointer<Int64>, blockCount: Int) throws
+    /// Variable-size all-to-all. Counts and displacements are in bytes, one per rank.
+    func allToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
+                   recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws
+    /// Copies `buffer` from `root` to every rank.
+    func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
+    func barrier() throws
+    /// Ends the whole job (every rank) with `code`. Used when one rank cannot go on.
+    func abort(code: Int32) -> Never
+}
+
+public enum ReduceOp: Sendable { case sum, max, min }
+
+public enum CommDataType: Sendable {
+    case float32, float64, int64
+    public var byteCount: Int { self == .float32 ? 4 : 8 }
+}
+
+/// Element types the communicator can reduce.
+public protocol CommElement {
+    static var commType: CommDataType { get }
+}
+extension Float: CommElement { public static var commType: CommDataType { .float32 } }
+extension Double: CommElement { public static var commType: CommDataType { .float64 } }
+extension Int64: CommElement { public static var commType: CommDataType { .int64 } }
+
+public enum CommError: Error, CustomStringConvertible {
+    case mpi(operation: String, rank: Int, code: Int32, message: String)
+    case mismatch(operation: String, rank: Int, detail: String)
+
+    public var description: String {
+        switch self {
+        case let .mpi(operation, rank, code, message):
+            return "MPI error on rank \(rank) in \(operation) (code \(code)): \(message)"
+        case let .mismatch(operation, rank, detail):
+            return "inconsistent \(operation) on rank \(rank): \(detail)"
+        }
+    }
+}
+
+extension Communicator {
+    public var isCoordinator: Bool { rank == 0 }
+
+    public func allReduce<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOp = .sum) throws {
+        try allReduce(UnsafeMutableRawBufferPointer(buffer), type: T.commType, op: op)
+    }
+
+    /// Reduces an array in place (convenience for small statistics, not for hot paths).
+    public func allReduce<T: CommElement>(_ values: inout [T], op: ReduceOp = .sum) throws {
+        try values.withUnsafeMutableBufferPointer { try allReduce($0, op: op) }
+    }
+
+    public func allReduce<T: CommElement>(_ value: T, op: ReduceOp = .sum) throws -> T {
+        var values = [value]
+        try allReduce(&values, op: op)
+        return values[0]
+    }
+
+    /// Variable-size all-to-all of typed rows; counts and offsets are in elements of `T`.
+    public func allToAllV<T>(send: UnsafeBufferPointer<T>, sendCounts: [Int], sendOffsets: [Int],
+                             recv: UnsafeMutableBufferPointer<T>, recvCounts: [Int], recvOffsets: [Int]) throws {
+        let stride = MemoryLayout<T>.stride
+        try allToAllV(send: UnsafeRawBufferPointer(send), sendCounts: sendCounts.map { $0 * stride },
+                      sendOffsets: sendOffsets.map { $0 * stride },
+                      recv: UnsafeMutableRawBufferPointer(recv), recvCounts: recvCounts.map { $0 * stride },
+                      recvOffsets: recvOffsets.map { $0 * stride })
+    }
+}
+
+/// One process, no MPI: every collective is the identity (or a local copy).
+public final class SingleRankCommunicator: Communicator {
+    public init() {}
+    public var rank: Int { 0 }
+    public var size: Int { 1 }
+    public func allReduce(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType, op: ReduceOp) throws {}
+    public func exclusiveScanSum(_ buffer: UnsafeMutableBufferPointer<Int64>) throws {
+        for index in buffer.indices { buffer[index] = 0 }
+    }
+    public func allToAll(send: UnsafeBufferPointer<Int64>, recv: UnsafeMutableBufferPointer<Int64>, blockCount: Int) throws {
+        precondition(send.count == blockCount && recv.count == blockCount)
+        for index in 0..<blockCount { recv[index] = send[index] }
+    }
+    public func allToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
+                          recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws {
+        precondition(sendCounts == recvCounts, "single rank: send and receive counts must agree")
+        guard sendCounts[0] > 0 else { return }
+        let source = send.baseAddress! + sendOffsets[0]
+        (recv.baseAddress! + recvOffsets[0]).copyMemory(from: source, byteCount: sendCounts[0])
+    }
+    public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
+    public func barrier() throws {}
+    public func abort(code: Int32) -> Never { exit(code) }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

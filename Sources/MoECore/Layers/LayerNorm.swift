@@ -1,0 +1,61 @@
+/// Layer normalisation over the last dimension. x, y: [N, C]; gain, bias: [C].
+public struct LayerNorm<T: Scalar> {
+    public let gain: Parameter<T, Replicated>
+    public let bias: Parameter<T, Replicated>
+    public let epsilon: T = 1e-5
+
+    /// What backward needs besides x: per-row mean and reciprocal standard deviation, [N] each.
+    public final class Cache {
+        let mean = Tensor<T>(), reciprocalDeviation = Tensor<T>()
+        public init() {}
+    }
+
+    public init(store: ParameterStore<T, Replicated>, name: String, width: Int, decay: Bool) {
+        gain = store.add("\(name).gain", rows: 1, columns: width, weightDecay: decay, initialization: .ones)
+        bias = store.add("\(name).bias", rows: 1, columns: width, weightDecay: decay, initialization: .zeros)
+    }
+
+    public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, cache: Cache) {
+        let width = gain.columns
+        cache.mean.resize(rows: rows, columns: 1)
+        cache.reciprocalDeviation.resize(rows: rows, columns: 1)
+        let inverseWidth = 1 / T(width)
+        for row in 0..<rows {
+            let input = x + row * width, output = y + row * width
+            var sum: T = 0
+            for c in 0..<width { sum += input[c] }
+            let mean = sum * inverseWidth
+            var squares: T = 0
+            for c in 0..<width { let d = input[c] - mean; squares += d * d }
+            let reciprocal = 1 / (squares * inverseWidth + epsilon).squareRoot()
+            for c in 0..<width { output[c] = (input[c] - mean) * reciprocal * gain.value[c] + bias.value[c] }
+            cache.mean.pointer[row] = mean
+            cache.reciprocalDeviation.pointer[row] = reciprocal
+        }
+    }
+
+    /// Adjoint: dgain += Σ dy·x̂, dbias += Σ dy, dx += rstd (dŷ - mean(dŷ) - x̂ mean(dŷ·x̂)), dŷ = dy·gain.
+    public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>, cache: Cache) {
+        let width = gain.columns
+        let inverseWidth = 1 / T(width)
+        for row in 0..<rows {
+            let input = x + row * width, dOut = dy + row * width, dIn = dx + row * width
+            let mean = cache.mean.pointer[row], reciprocal = cache.reciprocalDeviation.pointer[row]
+            var meanDNorm: T = 0, meanDNormTimesNorm: T = 0
+            for c in 0..<width {
+                let normalized = (input[c] - mean) * reciprocal
+                let dNorm = dOut[c] * gain.value[c]
+                meanDNorm += dNorm
+                meanDNormTimesNorm += dNorm * normalized
+                gain.gradient[c] += dOut[c] * normalized
+                bias.gradient[c] += dOut[c]
+            }
+            meanDNorm *= inverseWidth
+            meanDNormTimesNorm *= inverseWidth
+            for c in 0..<width {
+                let normalized = (input[c] - mean) * reciprocal
+                dIn[c] += reciprocal * (dOut[c] * gain.value[c] - meanDNorm - normalized * meanDNormTimesNorm)
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+/// Marker: parameters every rank holds an identical copy of (embeddings, attention, norms,
+/// routers). Their gradients are all-reduced each step.
+public enum Replicated {}
+/// Marker: parameters of the experts this rank hosts. Never part of the global all-reduce.
+public enum ExpertSharded {}
+
+/// How a parameter starts.
+public enum Initialization: Sendable, Equatable {
+    case zeros
+    case ones
+    case normal(standardDeviation: Double)
+    /// Normal truncated at two standard deviations (resampled, deterministically).
+    case truncatedNormal(standardDeviation: Double)
+    case uniform(bound: Double)
+}
+
+public struct ParameterEntry: Sendable {
+    public let name: String
+    public let rows: Int
+    public let columns: Int
+    public let offset: Int
+    /// AdamW applies decoupled weight decay only where this is set (matrices, not norms,
+    /// biases or embeddings unless configured).
+    public let weightDecay: Bool
+    public let initialization: Initialization
+    public var count: Int { rows * columns }
+}
+
+/// All parameters of one kind in one contiguous slab, with gradients in a parallel slab of the
+/// same layout. One slab means one fused all-reduce and one optimizer loop.
+///
+/// `Kind` (`Replicated` or `ExpertSharded`) is a phantom type: the compiler, not a tag, keeps
+/// expert parameters out of the global all-reduce.
+public final class ParameterStore<T: Scalar, Kind> {
+    public private(set) var values: UnsafeMutablePointer<T>
+    public private(set) var gradients: UnsafeMutablePointer<T>
+    public private(set) var count = 0
+    public private(set) var entries: [ParameterEntry] = []
+    private var capacity = 0
+    private var indexByName: [String: Int] = [:]
+
+    public init() {
+        values = .allocate(capacity: 1)
+        gradients = .allocate(capacity: 1)
+    }
+
+    deinit {
+        values.deallocate()
+        gradients.deallocate()
+    }
+
+    /// Adds a parameter. Only while building a model: the slab may move, so hold `Parameter`
+    /// handles (store + offset), never raw pointers across a call to `add`.
+    public func add(_ name: String, rows: Int, columns: Int, weightDecay: Bool,
+                    initialization: Initialization) -> Parameter<T, Kind> {
+        precondition(indexByName[name] == nil, "duplicate parameter \(name)")
+        let entry = ParameterEntry(name: name, rows: rows, columns: columns, offset: count,
+                                   weightDecay: weightDecay, initialization: initialization)
+        reserve(count + entry.count)
+        (values + count).initialize(repeating: 0, count: entry.count)
+        (gradients + count).initialize(repeating: 0, count: entry.count)
+        indexByName[name] = entries.count
+        entries.append(entry)
+        count += entry.count
+        return Parameter(store: self, offset: entry.offset, rows: rows, columns: columns)
+    }
+
+    private func reserve(_ needed: Int) {
+        guard needed > capacity else { return }
+        let newCapacity = max(needed, capacity * 2, 1024)
+        for keyPath in [\ParameterStore.values, \ParameterStore.gradients] {
+            let grown = UnsafeMutablePointer<T>.allocate(capacity: newCapacity)
+            grown.moveInitialize(from: self[keyPath: keyPath], count: count)
+            self[keyPath: keyPath].deallocate()
+            self[keyPath: keyPath] = grown
+        }
+        capacity = newCapacity
+    }
+
+    public func entry(named name: String) -> ParameterEntry? { indexByName[name].map { entries[$0] } }
+
+    public func parameter(named name: String) -> Parameter<T, Kind>? {
+        entry(named: name).map { Parameter(store: self, offset: $0.offset, rows: $0.rows, columns: $0.columns) }
+    }
+
+    public func zeroGradients() { gradients.update(repeating: 0, count: count) }
+
+    /// Fills every parameter from its initialisation rule, keyed by its name: the same name
+    /// gets the same values on every rank and for any number of ranks.
+    public func initialize(key: RandomKey) {
+        for entry in entries {
+            let destination = values + entry.offset
+            let stream = key.derive(entry.name)
+            switch entry.initialization {
+            case .zeros: destination.update(repeating: 0, count: entry.count)
+            case .ones: destination.update(repeating: 1, count: entry.count)
+            case let .normal(deviation):
+                for index in 0..<entry.count { destination[index] = T(stream.normal(index) * deviation) }
+            case let .truncatedNormal(deviation):
+                for index in 0..<entry.count {
+                    var attempt = 0, value = stream.normal(index)
+                    while abs(value) > 2 { attempt += 1; value = stream.derive(attempt).normal(index) }
+                    destination[index] = T(value * deviation)
+                }
+            case let .uniform(bound):
+                for index in 0..<entry.count { destination[index] = T((2 * stream.uniform(index) - 1) * bound) }
+            }
+        }
+    }
+}
+
+/// A handle to one parameter tensor `[rows, columns]` in a store.
+public struct Parameter<T: Scalar, Kind> {
+    public unowned(unsafe) let store: ParameterStore<T, Kind>
+    public let offset: Int
+    public let rows: Int
+    public let columns: Int
+
+    public var count: Int { rows * columns }
+    @inline(__always) public var value: UnsafeMutablePointer<T> { store.values + offset }
+    @inline(__always) public var gradient: UnsafeMutablePointer<T> { store.gradients + offset }
+}

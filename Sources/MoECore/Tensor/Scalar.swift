@@ -1,0 +1,108 @@
+import CBLAS
+import MoEComm
+
+/// The floating-point types the numeric code runs in: `Float` for training, `Double` for
+/// finite-difference gradient checks. Each provides its BLAS GEMM and a vectorised `exp`.
+public protocol Scalar: BinaryFloatingPoint, SIMDScalar, CommElement, Sendable, LosslessStringConvertible
+where Self.RawSignificand: FixedWidthInteger {
+    /// Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C.
+    static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Self,
+                     a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
+                     beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
+    /// exp of 16 lanes, relative error below 2 ulp over the clamped range, no libm calls.
+    static func exp(_ x: SIMD16<Self>) -> SIMD16<Self>
+    /// Largest finite argument for which `exp` is used without clamping.
+    static var expArgumentLimit: Self { get }
+}
+
+extension Float: Scalar {
+    @inline(__always)
+    public static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+                            a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+                            beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+        cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    public static var expArgumentLimit: Float { 88 }
+
+    /// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2. The rounding uses the
+    /// magic-number trick (adding 1.5 * 2^23 leaves n in the low mantissa bits), so the
+    /// scale 2^n is built with integer bit operations instead of a float-to-int conversion.
+    @inline(__always)
+    public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
+        let clamped = x.clamped(lowerBound: SIMD16(repeating: -87.0), upperBound: SIMD16(repeating: 88.0))
+        let magic = SIMD16<Float>(repeating: 12_582_912.0)
+        let shifted = clamped * 1.442_695_040_888_963_4 + magic
+        let n = shifted - magic
+        let r = clamped - n * 0.693_145_751_953_125 - n * 1.428_606_765_330_187_045e-06
+        var p = SIMD16<Float>(repeating: 1.0 / 720.0)
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        let integerN = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- unsafeBitCast(magic, to: SIMD16<Int32>.self)
+        let scale = unsafeBitCast((integerN &+ 127) &<< 23, to: SIMD16<Float>.self)
+        return p * scale
+    }
+}
+
+extension Double: Scalar {
+    @inline(__always)
+    public static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Double,
+                            a: UnsafePointer<Double>, lda: Int, b: UnsafePointer<Double>, ldb: Int,
+                            beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int) {
+        cblas_dgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    public static var expArgumentLimit: Double { 709 }
+
+    /// Same scheme as Float's, with 1.5 * 2^52 as the magic number and a degree-13 polynomial.
+    @inline(__always)
+    public static func exp(_ x: SIMD16<Double>) -> SIMD16<Double> {
+        let clamped = x.clamped(lowerBound: SIMD16(repeating: -708.0), upperBound: SIMD16(repeating: 709.0))
+        let magic = SIMD16<Double>(repeating: 6_755_399_441_055_744.0)
+        let shifted = clamped * 1.442_695_040_888_963_4 + magic
+        let n = shifted - magic
+        let r = clamped - n * 6.931_471_803_691_238_164_90e-01 - n * 1.908_214_929_270_587_700_02e-10
+        var p = SIMD16<Double>(repeating: 1.0 / 6_227_020_800.0)
+        var factorial = 6_227_020_800.0
+        for degree in stride(from: 12, through: 1, by: -1) {
+            factorial /= Double(degree + 1)
+            p = p * r + 1.0 / factorial
+        }
+        p = p * r + 1.0
+        let integerN = unsafeBitCast(shifted, to: SIMD16<Int64>.self) &- unsafeBitCast(magic, to: SIMD16<Int64>.self)
+        let scale = unsafeBitCast((integerN &+ 1023) &<< 52, to: SIMD16<Double>.self)
+        return p * scale
+    }
+}
+
+/// Row-major GEMM on raw pointers: C[m,n] = alpha * op(A) op(B) + beta * C. Leading dimensions
+/// default to the packed ones, so strided views (one head's columns of QKV) need no copies.
+@inline(__always)
+public func gemm<T: Scalar>(transposeA: Bool = false, transposeB: Bool = false, m: Int, n: Int, k: Int,
+                            alpha: T = 1, a: UnsafePointer<T>, lda: Int? = nil,
+                            b: UnsafePointer<T>, ldb: Int? = nil,
+                            beta: T = 0, c: UnsafeMutablePointer<T>, ldc: Int? = nil) {
+    guard m > 0, n > 0 else { return }
+    if k == 0 {
+        // BLAS may not scale C when k == 0; keep the contract explicit.
+        let rowStride = ldc ?? n
+        for row in 0..<m { for column in 0..<n { c[row * rowStride + column] *= beta } }
+        return
+    }
+    T.gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha,
+           a: a, lda: lda ?? (transposeA ? m : k), b: b, ldb: ldb ?? (transposeB ? k : n),
+           beta: beta, c: c, ldc: ldc ?? n)
+}
+
+/// OpenBLAS facts to log with every run and benchmark (see the OPENBLAS_CORETYPE trap).
+public enum BLASInfo {
+    public static var coreName: String { String(cString: openblas_get_corename()) }
+    public static var threads: Int { Int(openblas_get_num_threads()) }
+    public static func setThreads(_ count: Int) { openblas_set_num_threads(Int32(count)) }
+}

@@ -1,0 +1,1 @@
+public let placeholderConfig = 0
