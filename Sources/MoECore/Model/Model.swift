@@ -1,0 +1,274 @@
+import MoEComm
+import MoEIO
+
+/// The feed-forward half of a block: a dense FFN (replicated) or an MoE layer.
+public enum FeedForwardBlock<T: Scalar> {
+    case dense(FeedForward<T, Replicated>)
+    case moe(MoELayer<T>)
+}
+
+public struct TransformerBlock<T: Scalar> {
+    public let attentionNorm: LayerNorm<T>
+    public let attention: CausalSelfAttention<T>
+    public let feedForwardNorm: LayerNorm<T>
+    public let feedForward: FeedForwardBlock<T>
+}
+
+/// Statistics of one MoE layer for one step (global over ranks).
+public struct MoELayerStatistics: Sendable {
+    public var auxiliaryLoss: Double
+    /// Fraction of the kept assignments each expert processed.
+    public var expertLoad: [Double]
+    public var droppedFraction: Double
+    /// Mean experts processing each token.
+    public var activeExperts: Double
+}
+
+public struct ForwardResult: Sendable {
+    /// Mean cross-entropy over this rank's tokens (nats per token).
+    public var localLoss: Double
+    /// Sum of cross-entropy over this rank's tokens.
+    public var localLossSum: Double
+    /// Σ over MoE layers of their weighted auxiliary losses (global values).
+    public var auxiliaryLoss: Double
+    public var moeLayers: [MoELayerStatistics]
+}
+
+/// A GPT-style pre-norm decoder:
+///   x = embed(tokens); per block: x += attn(ln1(x)); x += ffn(ln2(x)); logits = ln_f(x) Wᵀ.
+/// Shapes: B sequences of T tokens, N = B*T rows, C width, V vocabulary.
+public final class GPTModel<T: Scalar> {
+    public let config: ModelConfig
+    public let moeConfig: MoEConfig
+    public let vocabularySize: Int
+    public let replicated = ParameterStore<T, Replicated>()
+    public let experts = ParameterStore<T, ExpertSharded>()
+    public let placement: ExpertPlacement
+    public let embedding: Embedding<T>
+    public private(set) var blocks: [TransformerBlock<T>] = []
+    public let finalNorm: LayerNorm<T>
+    /// Output projection [C, V] when embeddings are not tied.
+    public let head: Parameter<T, Replicated>?
+    let communicator: Communicator
+
+    // Activations, per block l: residual[l] is the block's input, residual[L] the final stream.
+    var residual: [Tensor<T>] = [], attentionNormed: [Tensor<T>] = [], middle: [Tensor<T>] = [], feedForwardNormed: [Tensor<T>] = []
+    var attentionCaches: [CausalSelfAttention<T>.Cache] = []
+    var normCaches: [(LayerNorm<T>.Cache, LayerNorm<T>.Cache)] = []
+    var densePreActivation: [Tensor<T>] = [], denseActivation: [Tensor<T>] = []
+    let finalNormed = Tensor<T>(), finalNormCache = LayerNorm<T>.Cache()
+    let logits = Tensor<T>()
+    let scratch = Tensor<T>(), dResidual = Tensor<T>(), dScratch = Tensor<T>(), dHidden = Tensor<T>()
+    var tokens: [Int32] = [], targets: [Int32] = []
+    var batch = 0, length = 0
+
+    public init(config: ModelConfig, moe: MoEConfig, vocabularySize: Int, training: TrainConfig,
+                communicator: Communicator) throws {
+        self.config = config
+        self.moeConfig = moe
+        self.vocabularySize = vocabularySize
+        self.communicator = communicator
+        let placement = try ExpertPlacement(expertCount: moe.experts, rankCount: communicator.size, rank: communicator.rank)
+        self.placement = placement
+        let width = config.width
+        let residualDeviation = 0.02 / (2.0 * Double(config.layers)).squareRoot()
+        let decayNorms = training.decayNormsAndBiases
+        let replicated = self.replicated
+        embedding = Embedding(store: replicated, vocabularySize: vocabularySize, context: config.context, width: width,
+                              decay: training.decayEmbeddings)
+        for layer in 0..<config.layers {
+            let name = "blocks.\(layer)"
+            let attentionNorm = LayerNorm(store: replicated, name: "\(name).attention_norm", width: width, decay: decayNorms)
+            let attention = CausalSelfAttention(store: replicated, name: "\(name).attention", width: width,
+                                                heads: config.heads, residualDeviation: residualDeviation)
+            let feedForwardNorm = LayerNorm(store: replicated, name: "\(name).ffn_norm", width: width, decay: decayNorms)
+            let feedForward: FeedForwardBlock<T>
+            if GPTModel.isMoE(layer: layer, every: config.moeEvery) {
+                let routerDeviation = (0.1 / Double(width)).squareRoot()
+                let router = replicated.add("\(name).moe.router", rows: width, columns: moe.experts, weightDecay: false,
+                                            initialization: .truncatedNormal(standardDeviation: routerDeviation))
+                let gate = try GPTModel.makeGate(moe, router: router)
+                let expertStore = experts
+                let local = placement.localExperts.map { expert in
+                    FeedForward(store: expertStore, name: "\(name).moe.experts.\(expert)", width: width,
+                                hiddenSize: config.ffnHidden, residualDeviation: residualDeviation)
+                }
+                feedForward = .moe(MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator))
+            } else {
+                feedForward = .dense(FeedForward(store: replicated, name: "\(name).ffn", width: width,
+                                                 hiddenSize: config.ffnHidden, residualDeviation: residualDeviation))
+            }
+            blocks.append(TransformerBlock(attentionNorm: attentionNorm, attention: attention,
+                                           feedForwardNorm: feedForwardNorm, feedForward: feedForward))
+        }
+        finalNorm = LayerNorm(store: replicated, name: "final_norm", width: width, decay: decayNorms)
+        head = config.tieEmbeddings ? nil : replicated.add("head.weight", rows: width, columns: vocabularySize,
+                                                          weightDecay: true, initialization: .normal(standardDeviation: 0.02))
+        for _ in 0...config.layers { residual.append(Tensor()) }
+        for _ in 0..<config.layers {
+            attentionNormed.append(Tensor()); middle.append(Tensor()); feedForwardNormed.append(Tensor())
+            attentionCaches.append(.init()); normCaches.append((.init(), .init()))
+            densePreActivation.append(Tensor()); denseActivation.append(Tensor())
+        }
+    }
+
+    /// Blocks 1-based n, 2n, ... are MoE (with moe_every = 1: all; 0: none).
+    public static func isMoE(layer: Int, every: Int) -> Bool { every > 0 && (layer + 1) % every == 0 }
+
+    static func makeGate(_ moe: MoEConfig, router: Parameter<T, Replicated>) throws -> any Gate<T> {
+        switch moe.gate {
+        case "topk", "switch":
+            let renormalization = moe.gate == "switch" ? .none : Renormalization(rawValue: moe.renormalize)!
+            return TopKGate(router: router, k: moe.topK, renormalization: renormalization,
+                            capacityFactor: moe.capacityFactor, evalCapacityFactor: moe.evalCapacityFactor,
+                            minimumCapacity: moe.minCapacity, balanceCoefficient: moe.balanceLoss,
+                            zLossCoefficient: moe.zLoss)
+        default:
+            throw ConfigError.invalidValue(key: "moe.gate", detail: "'\(moe.gate)' is not available; choose one of \(MoEConfig.gates.joined(separator: ", "))")
+        }
+    }
+
+    public func initializeParameters(seed: Int) {
+        let key = RandomKey(UInt64(seed)).derive("parameters")
+        replicated.initialize(key: key)
+        experts.initialize(key: key)
+    }
+
+    public var moeLayers: [MoELayer<T>] {
+        blocks.compactMap { if case let .moe(layer) = $0.feedForward { return layer } else { return nil } }
+    }
+
+    /// Forward over B sequences of T tokens. `targets` nil: no loss (generation), logits kept.
+    /// routing: the step's random key and whether capacity uses the training factor.
+    public func forward(tokens tokenIds: [Int32], targets targetIds: [Int32]?, batch: Int, length: Int,
+                        training: Bool, globalTokens: Int, firstGlobalToken: Int, noiseKey: RandomKey) throws -> ForwardResult {
+        precondition(tokenIds.count == batch * length, "tokens must be [B*T]")
+        precondition(length <= config.context, "sequence longer than the context")
+        let rows = batch * length, width = config.width
+        self.batch = batch
+        self.length = length
+        tokens = tokenIds
+        targets = targetIds ?? []
+        for tensor in residual + attentionNormed + middle + feedForwardNormed { tensor.resize(rows: rows, columns: width) }
+        scratch.resize(rows: rows, columns: width)
+        tokenIds.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: batch, length: length, into: residual[0].pointer) }
+        var statistics: [MoELayerStatistics] = []
+        var auxiliary = 0.0
+        for (layer, block) in blocks.enumerated() {
+            let input = residual[layer], mid = middle[layer]
+            block.attentionNorm.forward(input.pointer, rows: rows, into: attentionNormed[layer].pointer, cache: normCaches[layer].0)
+            block.attention.forward(attentionNormed[layer].pointer, batch: batch, length: length, into: scratch.pointer,
+                                    cache: attentionCaches[layer])
+            for i in 0..<rows * width { mid.pointer[i] = input.pointer[i] + scratch.pointer[i] }
+            block.feedForwardNorm.forward(mid.pointer, rows: rows, into: feedForwardNormed[layer].pointer, cache: normCaches[layer].1)
+            switch block.feedForward {
+            case let .dense(ffn):
+                densePreActivation[layer].resize(rows: rows, columns: ffn.hiddenSize)
+                denseActivation[layer].resize(rows: rows, columns: ffn.hiddenSize)
+                ffn.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer,
+                            preActivation: densePreActivation[layer].pointer, activation: denseActivation[layer].pointer)
+            case let .moe(moe):
+                try tokenIds.withUnsafeBufferPointer { ids in
+                    let context = RoutingContext(training: training, communicator: communicator, globalTokens: globalTokens,
+                                                 firstGlobalToken: firstGlobalToken, tokenIds: ids.baseAddress,
+                                                 noiseKey: noiseKey.derive(layer))
+                    try moe.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer, context: context)
+                }
+                let routing = moe.routing
+                let kept = Double(max(routing.keptCount, 1))
+                statistics.append(MoELayerStatistics(
+                    auxiliaryLoss: routing.auxiliaryLoss,
+                    expertLoad: routing.keptPerExpert.map { Double($0) / kept },
+                    droppedFraction: routing.selectedCount == 0 ? 0 : 1 - Double(routing.keptCount) / Double(routing.selectedCount),
+                    activeExperts: Double(routing.keptCount) / Double(max(globalTokens, 1))))
+                auxiliary += routing.auxiliaryLoss
+            }
+            let output = residual[layer + 1]
+            for i in 0..<rows * width { output.pointer[i] = mid.pointer[i] + scratch.pointer[i] }
+        }
+        finalNormed.resize(rows: rows, columns: width)
+        finalNorm.forward(residual[config.layers].pointer, rows: rows, into: finalNormed.pointer, cache: finalNormCache)
+        logits.resize(rows: rows, columns: vocabularySize)
+        if let head {
+            gemm(m: rows, n: vocabularySize, k: width, a: finalNormed.pointer, b: head.value, c: logits.pointer)
+        } else {
+            gemm(transposeB: true, m: rows, n: vocabularySize, k: width, a: finalNormed.pointer,
+                 b: embedding.tokenTable.value, c: logits.pointer)
+        }
+        guard let targetIds else {
+            return ForwardResult(localLoss: 0, localLossSum: 0, auxiliaryLoss: auxiliary, moeLayers: statistics)
+        }
+        precondition(targetIds.count == rows, "targets must be [B*T]")
+        let lossSum = targetIds.withUnsafeBufferPointer {
+            CrossEntropy.forward(logits: logits.pointer, targets: $0.baseAddress!, rows: rows, vocabularySize: vocabularySize)
+        }
+        return ForwardResult(localLoss: lossSum / Double(rows), localLossSum: lossSum, auxiliaryLoss: auxiliary,
+                             moeLayers: statistics)
+    }
+
+    /// Logits of row `row` from the last forward (generation; valid only with targets nil).
+    public func logitsRow(_ row: Int) -> UnsafeMutablePointer<T> { logits.row(row) }
+
+    /// Adjoint of `forward` for loss = Σ CE / globalTokens + Σ auxiliary. Accumulates into
+    /// both parameter stores' gradients.
+    public func backward(globalTokens: Int) throws {
+        let rows = batch * length, width = config.width
+        targets.withUnsafeBufferPointer {
+            CrossEntropy.backward(probabilities: logits.pointer, targets: $0.baseAddress!, rows: rows,
+                                  vocabularySize: vocabularySize, scale: 1 / T(globalTokens))
+        }
+        // logits = ln_f(x) W  =>  d ln_f(x) = dlogits Wᵀ, dW += ln_f(x)ᵀ dlogits
+        dScratch.resize(rows: rows, columns: width)
+        if let head {
+            gemm(transposeA: true, m: width, n: vocabularySize, k: rows, a: finalNormed.pointer, b: logits.pointer,
+                 beta: 1, c: head.gradient)
+            gemm(transposeB: true, m: rows, n: width, k: vocabularySize, a: logits.pointer, b: head.value, c: dScratch.pointer)
+        } else {
+            gemm(transposeA: true, m: vocabularySize, n: width, k: rows, a: logits.pointer, b: finalNormed.pointer,
+                 beta: 1, c: embedding.tokenTable.gradient)
+            gemm(m: rows, n: width, k: vocabularySize, a: logits.pointer, b: embedding.tokenTable.value, c: dScratch.pointer)
+        }
+        dResidual.resize(rows: rows, columns: width, zero: true)
+        finalNorm.backward(residual[config.layers].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer, cache: finalNormCache)
+        for layer in stride(from: config.layers - 1, through: 0, by: -1) {
+            let block = blocks[layer]
+            // x_out = x_mid + ffn(ln2(x_mid)); dResidual holds d x_out and becomes d x_mid.
+            dScratch.zero()
+            switch block.feedForward {
+            case let .dense(ffn):
+                dHidden.resize(rows: rows, columns: ffn.hiddenSize)
+                ffn.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer,
+                             preActivation: densePreActivation[layer].pointer, activation: denseActivation[layer].pointer,
+                             scratch: dHidden.pointer)
+            case let .moe(moe):
+                try moe.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer)
+            }
+            block.feedForwardNorm.backward(middle[layer].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer,
+                                           cache: normCaches[layer].1)
+            // x_mid = x_in + attn(ln1(x_in)); dResidual becomes d x_in.
+            dScratch.zero()
+            block.attention.backward(attentionNormed[layer].pointer, dResidual.pointer, batch: batch, length: length,
+                                     dx: dScratch.pointer, cache: attentionCaches[layer])
+            block.attentionNorm.backward(residual[layer].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer,
+                                         cache: normCaches[layer].0)
+        }
+        tokens.withUnsafeBufferPointer {
+            embedding.backward(tokens: $0.baseAddress!, batch: batch, length: length, dOut: dResidual.pointer)
+        }
+    }
+
+    public func zeroGradients() {
+        replicated.zeroGradients()
+        experts.zeroGradients()
+    }
+
+    /// Parameters per token that do work: replicated ones plus k experts' worth per MoE layer
+    /// (embedding tables count once, as in the usual 6N FLOPs estimate).
+    public var parameterCounts: (total: Int, active: Int) {
+        let perExpert = 2 * config.width * config.ffnHidden + config.ffnHidden + config.width
+        let moeLayers = self.moeLayers.count
+        let total = replicated.count + moeLayers * moeConfig.experts * perExpert
+        let active = replicated.count + moeLayers * moeConfig.topK * perExpert
+        return (total, active)
+    }
+}

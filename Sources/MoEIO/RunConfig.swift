@@ -1,0 +1,226 @@
+import Foundation
+import Yams
+
+/// Architecture. `vocab_size: 0` takes the vocabulary from the training data.
+public struct ModelConfig: Equatable, Sendable {
+    public init() {}
+    public var vocabularySize = 0
+    public var context = 128
+    public var width = 256
+    public var layers = 4
+    public var heads = 4
+    public var ffnHidden = 512
+    public var moeEvery = 1
+    public var tieEmbeddings = true
+}
+
+/// The mixture-of-experts blocks and their gate.
+public struct MoEConfig: Equatable, Sendable {
+    public init() {}
+    public static let gates = ["topk", "switch"]
+    public var experts = 8
+    public var topK = 2
+    public var gate = "topk"
+    public var capacityFactor: Double? = 1.25
+    public var evalCapacityFactor: Double? = 2.0
+    public var minCapacity = 4
+    public var renormalize = "before_drop"
+    public var balanceLoss = 0.01
+    public var zLoss = 0.0
+}
+
+public struct TrainConfig: Equatable, Sendable {
+    public init() {}
+    public var steps = 2000
+    public var batchSize = 8
+    public var seed = 1337
+    public var learningRate = 1e-3
+    public var minLearningRate = 1e-4
+    public var warmupSteps = 100
+    public var weightDecay = 0.1
+    public var beta1 = 0.9
+    public var beta2 = 0.95
+    public var epsilon = 1e-8
+    public var gradClip = 1.0
+    public var decayEmbeddings = false
+    public var decayNormsAndBiases = false
+    public var logEvery = 10
+    public var evalEvery = 250
+    public var evalBatches = 16
+}
+
+public struct DataConfig: Equatable, Sendable {
+    public init() {}
+    public var train = "data/shakespeare/train.bin"
+    public var val = "data/shakespeare/val.bin"
+}
+
+public struct CheckpointConfig: Equatable, Sendable {
+    public init() {}
+    public var every = 500
+    public var keep = 2
+}
+
+/// A whole run's configuration. The defaults are the embedded main job (EvoMoE-free top-k
+/// MoE on Shakespeare); `configs/shakespeare.yaml` spells the same values out.
+public struct RunConfig: Equatable, Sendable {
+    public var model = ModelConfig()
+    public var moe = MoEConfig()
+    public var train = TrainConfig()
+    public var data = DataConfig()
+    public var checkpoint = CheckpointConfig()
+
+    public init() {}
+
+    public static let sections: [ConfigSection<RunConfig>] = [
+        ConfigSection("model", \.model, help: "Architecture: a GPT-style pre-norm decoder.", [
+            .int("vocab_size", \.vocabularySize, min: 0, "vocabulary size; 0 takes it from the training token file"),
+            .int("context", \.context, min: 1, max: 65536, "tokens per sequence (T)"),
+            .int("width", \.width, min: 1, "model width (C)"),
+            .int("layers", \.layers, min: 1, "transformer blocks"),
+            .int("heads", \.heads, min: 1, "attention heads; must divide width"),
+            .int("ffn_hidden", \.ffnHidden, min: 1, "hidden size of every FFN and expert (H)"),
+            .int("moe_every", \.moeEvery, min: 0, "every n-th block's FFN is an MoE layer (1: all, 2: blocks 2, 4, ...; 0: none)"),
+            .bool("tie_embeddings", \.tieEmbeddings, "share the token embedding with the output projection"),
+        ]),
+        ConfigSection("moe", \.moe, help: "Mixture-of-experts layers and their gate (see ALGORITHMS in the README).", [
+            .int("experts", \.experts, min: 1, "experts per MoE layer (E)"),
+            .int("top_k", \.topK, min: 1, "experts per token (k); at most experts"),
+            .choice("gate", \.gate, MoEConfig.gates, "router: topk (softmax top-k), switch (top-1, raw probability weights)"),
+            .optionalDouble("capacity_factor", \.capacityFactor, 0.01...1e6,
+                            "training capacity factor CF: slots per expert = max(min_capacity, ceil(k*CF*N/E)); none = dropless"),
+            .optionalDouble("eval_capacity_factor", \.evalCapacityFactor, 0.01...1e6, "capacity factor for evaluation and generation; none = dropless"),
+            .int("min_capacity", \.minCapacity, min: 0, "lower bound on slots per expert"),
+            .choice("renormalize", \.renormalize, ["none", "before_drop", "after_drop"],
+                    "top-k weights: none (raw p), before_drop (softmax over the k), after_drop (over the kept)"),
+            .double("balance_loss", \.balanceLoss, 0...100, "coefficient of the Switch load-balancing loss"),
+            .double("z_loss", \.zLoss, 0...100, "coefficient of the router z-loss (ST-MoE); 1e-3 is typical"),
+        ]),
+        ConfigSection("train", \.train, help: "Optimisation.", [
+            .int("steps", \.steps, min: 0, "optimizer updates"),
+            .int("batch_size", \.batchSize, min: 1, "sequences per rank per step; the global batch is ranks x batch_size"),
+            .int("seed", \.seed, min: 0, "seed of initialisation, data order and routing noise"),
+            .double("lr", \.learningRate, 0...10, "peak learning rate"),
+            .double("min_lr", \.minLearningRate, 0...10, "learning rate at the end of the cosine decay"),
+            .int("warmup_steps", \.warmupSteps, min: 0, "linear warm-up steps"),
+            .double("weight_decay", \.weightDecay, 0...10, "AdamW decoupled weight decay on matrices"),
+            .double("beta1", \.beta1, 0...0.999999, "AdamW first-moment decay"),
+            .double("beta2", \.beta2, 0...0.999999999, "AdamW second-moment decay"),
+            .double("eps", \.epsilon, 1e-30...1, "AdamW epsilon"),
+            .double("grad_clip", \.gradClip, 0...1e9, "clip the global gradient norm to this; 0 = off"),
+            .bool("decay_embeddings", \.decayEmbeddings, "apply weight decay to the embeddings too"),
+            .bool("decay_norms_and_biases", \.decayNormsAndBiases, "apply weight decay to norm gains and biases too"),
+            .int("log_every", \.logEvery, min: 1, "write a metrics line every n steps"),
+            .int("eval_every", \.evalEvery, min: 0, "evaluate on the validation data every n steps (0: only at the end)"),
+            .int("eval_batches", \.evalBatches, min: 1, "validation batches per evaluation"),
+        ]),
+        ConfigSection("data", \.data, help: "Token files (llm.c format, see `moe prepare`). Relative paths are relative to the working directory.", [
+            .string("train", \.train, allowEmpty: false, "training token file"),
+            .string("val", \.val, "validation token file; empty for none"),
+        ]),
+        ConfigSection("checkpoint", \.checkpoint, help: "Checkpoints in RUN_DIR/checkpoints.", [
+            .int("every", \.every, min: 0, "save every n steps (0: only at the end)"),
+            .int("keep", \.keep, min: 1, "complete checkpoints to keep"),
+        ]),
+    ]
+
+    /// Loads `file` (or the embedded defaults when nil), applies `key=value` overrides, validates.
+    public static func load(file: String?, overrides: [String] = []) throws -> RunConfig {
+        var tree: [String: Any] = [:]
+        if let file {
+            let text: String
+            do { text = try String(contentsOfFile: file, encoding: .utf8) } catch {
+                let reason = FileManager.default.fileExists(atPath: file) ? "not UTF-8 text" : "no such file"
+                throw ConfigError.unreadable(file: file, reason: reason)
+            }
+            tree = try parse(text, file: file)
+        }
+        for override in overrides {
+            guard let equals = override.firstIndex(of: "=") else { throw ConfigError.badOverride(override) }
+            let key = String(override[..<equals]), valueText = String(override[override.index(after: equals)...])
+            let parts = key.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { throw ConfigError.badOverride(override) }
+            let value = (try? Yams.load(yaml: valueText)).flatMap { $0 } ?? valueText
+            var section = tree[parts[0]] as? [String: Any] ?? [:]
+            section[parts[1]] = value
+            tree[parts[0]] = section
+        }
+        var config = RunConfig()
+        try config.apply(tree, file: file)
+        try config.validate()
+        return config
+    }
+
+    static func parse(_ text: String, file: String) throws -> [String: Any] {
+        let loaded: Any?
+        do { loaded = try Yams.load(yaml: text) } catch {
+            throw ConfigError.syntax(file: file, reason: "\(error)".split(separator: "\n").first.map(String.init) ?? "")
+        }
+        guard let loaded else { return [:] }
+        guard let mapping = loaded as? [String: Any] else { throw ConfigError.notAMapping(file: file, key: "the document") }
+        return mapping
+    }
+
+    mutating func apply(_ tree: [String: Any], file: String?) throws {
+        for (name, value) in tree.sorted(by: { $0.key < $1.key }) {
+            guard let section = RunConfig.sections.first(where: { $0.name == name }) else {
+                throw ConfigError.unknownKey(key: name, known: RunConfig.sections.map(\.name), file: file)
+            }
+            if value is NSNull { continue }
+            guard let entries = value as? [String: Any] else { throw ConfigError.notAMapping(file: file ?? "--set", key: name) }
+            for (key, fieldValue) in entries.sorted(by: { $0.key < $1.key }) {
+                guard let field = section.fields.first(where: { $0.key == key }) else {
+                    throw ConfigError.unknownKey(key: "\(name).\(key)", known: section.keys.map { "\(name).\($0)" }, file: file)
+                }
+                try field.read(&self, fieldValue, "\(name).\(key)")
+            }
+        }
+    }
+
+    /// Cross-key rules that a single field cannot check.
+    public func validate() throws {
+        if model.width % model.heads != 0 {
+            throw ConfigError.inconsistent("model.heads (\(model.heads)) must divide model.width (\(model.width))")
+        }
+        if moe.topK > moe.experts {
+            throw ConfigError.inconsistent("moe.top_k (\(moe.topK)) cannot exceed moe.experts (\(moe.experts))")
+        }
+        if moe.gate == "switch" && moe.topK != 1 {
+            throw ConfigError.inconsistent("moe.gate switch routes each token to one expert: set moe.top_k to 1 (got \(moe.topK))")
+        }
+        if train.minLearningRate > train.learningRate {
+            throw ConfigError.inconsistent("train.min_lr (\(train.minLearningRate)) exceeds train.lr (\(train.learningRate))")
+        }
+        if train.warmupSteps > train.steps && train.steps > 0 {
+            throw ConfigError.inconsistent("train.warmup_steps (\(train.warmupSteps)) exceeds train.steps (\(train.steps))")
+        }
+    }
+
+    /// The resolved configuration as YAML, every key present, each with its help as a comment.
+    public func yaml(withHelp: Bool = true) -> String {
+        var lines: [String] = []
+        for section in RunConfig.sections {
+            if withHelp { lines.append("# \(section.help)") }
+            lines.append("\(section.name):")
+            for field in section.fields {
+                let value = field.write(self)
+                lines.append(withHelp ? "  \(field.key): \(value)  # \(field.help)" : "  \(field.key): \(value)")
+            }
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    /// Keys whose values differ between two configs, as dotted names.
+    public func differingKeys(from other: RunConfig, sections names: Set<String>? = nil) -> [String] {
+        RunConfig.sections.filter { names?.contains($0.name) ?? true }.flatMap { section in
+            section.fields.filter { $0.write(self) != $0.write(other) }.map { "\(section.name).\($0.key)" }
+        }
+    }
+
+    /// Parses a config previously written by `yaml()` (for checkpoints).
+    public static func fromResolved(_ text: String, file: String) throws -> RunConfig {
+        var config = RunConfig()
+        try config.apply(try parse(text, file: file), file: file)
+        return config
+    }
+}

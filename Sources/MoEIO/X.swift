@@ -1,1 +1,0 @@
-public let placeholderConfig = 0

@@ -1,0 +1,152 @@
+import XCTest
+import MoECore
+import MoEComm
+import MoEIO
+
+final class LayerGradientTests: XCTestCase {
+    let checker = GradientChecker()
+
+    func testLinear() {
+        let store = ParameterStore<Double, Replicated>()
+        let linear = Linear(store: store, name: "linear", inputSize: 5, outputSize: 3, deviation: 0.5)
+        store.initialize(key: RandomKey(1))
+        for i in 0..<3 { linear.bias!.value[i] = Double(i) * 0.1 }
+        let x = randomTensor(rows: 4, columns: 5, seed: 2), projection = randomTensor(rows: 4, columns: 3, seed: 3)
+        let y = Tensor<Double>(rows: 4, columns: 3), dx = Tensor<Double>(rows: 4, columns: 5)
+        func loss() -> Double { linear.forward(x.pointer, rows: 4, into: y.pointer); return projectedLoss(y, projection) }
+        _ = loss()
+        linear.backward(x.pointer, projection.pointer, rows: 4, dx: dx.pointer)
+        checker.check("weight", values: linear.weight.value, gradients: linear.weight.gradient, count: 15, loss: loss)
+        checker.check("bias", values: linear.bias!.value, gradients: linear.bias!.gradient, count: 3, loss: loss)
+        checker.check("x", values: x.pointer, gradients: dx.pointer, count: 20, loss: loss)
+    }
+
+    func testEmbedding() {
+        let store = ParameterStore<Double, Replicated>()
+        let embedding = Embedding(store: store, vocabularySize: 7, context: 4, width: 3, decay: false)
+        store.initialize(key: RandomKey(4))
+        let tokens: [Int32] = [1, 5, 5, 0, 6, 1, 2, 3]
+        let projection = randomTensor(rows: 8, columns: 3, seed: 5)
+        let y = Tensor<Double>(rows: 8, columns: 3)
+        func loss() -> Double {
+            tokens.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: 2, length: 4, into: y.pointer) }
+            return projectedLoss(y, projection)
+        }
+        _ = loss()
+        tokens.withUnsafeBufferPointer { embedding.backward(tokens: $0.baseAddress!, batch: 2, length: 4, dOut: projection.pointer) }
+        checker.check("token", values: embedding.tokenTable.value, gradients: embedding.tokenTable.gradient, count: 21, loss: loss)
+        checker.check("position", values: embedding.positionTable.value, gradients: embedding.positionTable.gradient, count: 12, loss: loss)
+    }
+
+    func testLayerNorm() {
+        let store = ParameterStore<Double, Replicated>()
+        let norm = LayerNorm(store: store, name: "norm", width: 6, decay: false)
+        for i in 0..<6 { norm.gain.value[i] = 1 + 0.1 * Double(i); norm.bias.value[i] = 0.05 * Double(i) }
+        let x = randomTensor(rows: 3, columns: 6, seed: 6, scale: 2), projection = randomTensor(rows: 3, columns: 6, seed: 7)
+        let y = Tensor<Double>(rows: 3, columns: 6), dx = Tensor<Double>(rows: 3, columns: 6)
+        let cache = LayerNorm<Double>.Cache()
+        func loss() -> Double { norm.forward(x.pointer, rows: 3, into: y.pointer, cache: cache); return projectedLoss(y, projection) }
+        _ = loss()
+        norm.backward(x.pointer, projection.pointer, rows: 3, dx: dx.pointer, cache: cache)
+        checker.check("gain", values: norm.gain.value, gradients: norm.gain.gradient, count: 6, loss: loss)
+        checker.check("bias", values: norm.bias.value, gradients: norm.bias.gradient, count: 6, loss: loss)
+        checker.check("x", values: x.pointer, gradients: dx.pointer, count: 18, loss: loss)
+    }
+
+    func testCausalSelfAttention() {
+        let store = ParameterStore<Double, Replicated>()
+        let attention = CausalSelfAttention(store: store, name: "attention", width: 8, heads: 2, residualDeviation: 0.3)
+        store.initialize(key: RandomKey(8))
+        for i in 0..<24 { attention.qkv.bias!.value[i] = 0.01 * Double(i) }
+        let (batch, length) = (2, 5)
+        let x = randomTensor(rows: 10, columns: 8, seed: 9), projection = randomTensor(rows: 10, columns: 8, seed: 10)
+        let y = Tensor<Double>(rows: 10, columns: 8), dx = Tensor<Double>(rows: 10, columns: 8)
+        let cache = CausalSelfAttention<Double>.Cache()
+        func loss() -> Double {
+            attention.forward(x.pointer, batch: batch, length: length, into: y.pointer, cache: cache)
+            return projectedLoss(y, projection)
+        }
+        _ = loss()
+        attention.backward(x.pointer, projection.pointer, batch: batch, length: length, dx: dx.pointer, cache: cache)
+        for (name, parameter) in [("qkv.weight", attention.qkv.weight), ("qkv.bias", attention.qkv.bias!),
+                                  ("projection.weight", attention.projection.weight), ("projection.bias", attention.projection.bias!)] {
+            checker.check(name, values: parameter.value, gradients: parameter.gradient, count: parameter.count, loss: loss)
+        }
+        checker.check("x", values: x.pointer, gradients: dx.pointer, count: 80, loss: loss)
+    }
+
+    func testCausalityOfAttention() {
+        // Changing a later token must not change earlier outputs.
+        let store = ParameterStore<Double, Replicated>()
+        let attention = CausalSelfAttention(store: store, name: "attention", width: 8, heads: 2, residualDeviation: 0.3)
+        store.initialize(key: RandomKey(8))
+        let x = randomTensor(rows: 5, columns: 8, seed: 11)
+        let y1 = Tensor<Double>(rows: 5, columns: 8), y2 = Tensor<Double>(rows: 5, columns: 8)
+        let cache = CausalSelfAttention<Double>.Cache()
+        attention.forward(x.pointer, batch: 1, length: 5, into: y1.pointer, cache: cache)
+        for c in 0..<8 { x[4, c] += 1 }
+        attention.forward(x.pointer, batch: 1, length: 5, into: y2.pointer, cache: cache)
+        XCTAssertEqual(Array(y1.array[0..<32]), Array(y2.array[0..<32]))
+        XCTAssertNotEqual(Array(y1.array[32..<40]), Array(y2.array[32..<40]))
+    }
+
+    func testFeedForward() {
+        let store = ParameterStore<Double, ExpertSharded>()
+        let ffn = FeedForward(store: store, name: "ffn", width: 4, hiddenSize: 6, residualDeviation: 0.5)
+        store.initialize(key: RandomKey(12))
+        let x = randomTensor(rows: 3, columns: 4, seed: 13, scale: 3), projection = randomTensor(rows: 3, columns: 4, seed: 14)
+        let y = Tensor<Double>(rows: 3, columns: 4), dx = Tensor<Double>(rows: 3, columns: 4)
+        let pre = Tensor<Double>(rows: 3, columns: 6), act = Tensor<Double>(rows: 3, columns: 6), scratch = Tensor<Double>(rows: 3, columns: 6)
+        func loss() -> Double {
+            ffn.forward(x.pointer, rows: 3, into: y.pointer, preActivation: pre.pointer, activation: act.pointer)
+            return projectedLoss(y, projection)
+        }
+        _ = loss()
+        ffn.backward(x.pointer, projection.pointer, rows: 3, dx: dx.pointer, preActivation: pre.pointer,
+                     activation: act.pointer, scratch: scratch.pointer)
+        for (name, parameter) in [("up.weight", ffn.up.weight), ("up.bias", ffn.up.bias!),
+                                  ("down.weight", ffn.down.weight), ("down.bias", ffn.down.bias!)] {
+            checker.check(name, values: parameter.value, gradients: parameter.gradient, count: parameter.count, loss: loss)
+        }
+        checker.check("x", values: x.pointer, gradients: dx.pointer, count: 12, loss: loss)
+    }
+
+    func testCrossEntropy() {
+        let logits = randomTensor(rows: 4, columns: 9, seed: 15, scale: 2)
+        let targets: [Int32] = [0, 8, 3, 3]
+        let work = Tensor<Double>(rows: 4, columns: 9)
+        func loss() -> Double {
+            work.pointer.update(from: logits.pointer, count: 36)
+            return targets.withUnsafeBufferPointer { CrossEntropy.forward(logits: work.pointer, targets: $0.baseAddress!, rows: 4, vocabularySize: 9) } / 4
+        }
+        _ = loss()
+        targets.withUnsafeBufferPointer {
+            CrossEntropy.backward(probabilities: work.pointer, targets: $0.baseAddress!, rows: 4, vocabularySize: 9, scale: 0.25)
+        }
+        let gradient = Tensor<Double>(rows: 4, columns: 9, values: work.array)
+        checker.check("logits", values: logits.pointer, gradients: gradient.pointer, count: 36, loss: loss)
+    }
+
+    func testKernelsMatchLibm() {
+        // The SIMD exp and GELU against Foundation's, in Float and Double.
+        let inputs: [Double] = stride(from: -30.0, through: 30.0, by: 0.37).map { $0 }
+        var floats = inputs.map(Float.init), doubles = inputs
+        let floatOut = [Float](unsafeUninitializedCapacity: floats.count) { buffer, count in
+            Kernels.geluForward(&floats, buffer.baseAddress!, count: floats.count); count = floats.count
+        }
+        let doubleOut = [Double](unsafeUninitializedCapacity: doubles.count) { buffer, count in
+            Kernels.geluForward(&doubles, buffer.baseAddress!, count: doubles.count); count = doubles.count
+        }
+        for (index, x) in inputs.enumerated() {
+            let reference = 0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+            XCTAssertEqual(doubleOut[index], reference, accuracy: 1e-13 * max(1, abs(reference)))
+            XCTAssertEqual(Double(floatOut[index]), reference, accuracy: 2e-6 * max(1, abs(reference)))
+        }
+        for x in stride(from: -80.0, through: 80.0, by: 0.731) {
+            let value = Float.exp(SIMD16(repeating: Float(x)))[0]
+            XCTAssertEqual(Double(value), Foundation.exp(Double(Float(x))), accuracy: 3e-7 * Foundation.exp(Double(Float(x))))
+            let doubleValue = Double.exp(SIMD16(repeating: x))[0]
+            XCTAssertEqual(doubleValue, Foundation.exp(x), accuracy: 1e-14 * Foundation.exp(x))
+        }
+    }
+}
