@@ -159,7 +159,7 @@ public final class GPTModel<T: Scalar> {
             block.attentionNorm.forward(input.pointer, rows: rows, into: attentionNormed[layer].pointer, cache: normCaches[layer].0)
             block.attention.forward(attentionNormed[layer].pointer, batch: batch, length: length, into: scratch.pointer,
                                     cache: attentionCaches[layer])
-            for i in 0..<rows * width { mid.pointer[i] = input.pointer[i] + scratch.pointer[i] }
+            Kernels.sum(input.pointer, scratch.pointer, into: mid.pointer, count: rows * width)
             block.feedForwardNorm.forward(mid.pointer, rows: rows, into: feedForwardNormed[layer].pointer, cache: normCaches[layer].1)
             switch block.feedForward {
             case let .dense(ffn):
@@ -184,7 +184,7 @@ public final class GPTModel<T: Scalar> {
                 auxiliary += routing.auxiliaryLoss
             }
             let output = residual[layer + 1]
-            for i in 0..<rows * width { output.pointer[i] = mid.pointer[i] + scratch.pointer[i] }
+            Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
         }
         finalNormed.resize(rows: rows, columns: width)
         finalNorm.forward(residual[config.layers].pointer, rows: rows, into: finalNormed.pointer, cache: finalNormCache)

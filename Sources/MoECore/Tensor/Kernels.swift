@@ -110,6 +110,12 @@ public enum Kernels {
         for i in 0..<count { y[i] += x[i] }
     }
 
+    /// z = x + y (count values).
+    @inline(__always)
+    public static func sum<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafePointer<T>, into z: UnsafeMutablePointer<T>, count: Int) {
+        for i in 0..<count { z[i] = x[i] + y[i] }
+    }
+
     /// y += alpha * x.
     @inline(__always)
     public static func axpy<T: Scalar>(_ alpha: T, _ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, count: Int) {

@@ -1,0 +1,321 @@
+import Foundation
+import MoEComm
+import MoEIO
+
+/// `manifest.json` of a checkpoint directory (DESIGN.md 2, "Run directory").
+public struct CheckpointManifest: Codable, Equatable {
+    public struct FileRecord: Codable, Equatable {
+        public var bytes: Int
+        public var sha256: String
+    }
+
+    public static let currentFormat = "swiftmoe-checkpoint"
+    public static let currentVersion = 1
+
+    public var format = CheckpointManifest.currentFormat
+    public var version = CheckpointManifest.currentVersion
+    /// Updates applied; training resumes at this step (the data cursor: batches are a function
+    /// of seed and step, so the step is the whole cursor).
+    public var step: Int
+    public var tokensSeen: Int
+    public var worldSize: Int
+    public var vocabularySize: Int
+    /// For every global expert id, the rank that hosted it when saving.
+    public var expertRanks: [Int]
+    /// Expert shard file of each saving rank (index = rank; nil for ranks holding replicas only).
+    public var expertFiles: [String?]
+    public var learningRate: Double
+    public var optimizerSteps: [String: Int]
+    /// Counter-based random streams are keyed by (seed, step, ...): this seed plus `step` is every
+    /// rank's full RNG state.
+    public var seed: Int
+    /// The full resolved config (YAML).
+    public var config: String
+    public var files: [String: FileRecord]
+}
+
+public enum CheckpointError: Error, CustomStringConvertible {
+    case notACheckpoint(path: String, reason: String)
+    case corrupt(path: String, reason: String)
+    case saveFailed(rank: Int, reason: String)
+    case incompatible(path: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case let .notACheckpoint(path, reason): return "checkpoint '\(path)': \(reason)"
+        case let .corrupt(path, reason): return "checkpoint file '\(path)': \(reason)"
+        case let .saveFailed(rank, reason): return "checkpoint save failed on rank \(rank): \(reason)"
+        case let .incompatible(path, reason): return "checkpoint '\(path)': \(reason)"
+        }
+    }
+}
+
+/// Saving and loading of `checkpoints/step_XXXXXXXX/`:
+///   replicated.safetensors          replicated parameters + AdamW moments (rank 0)
+///   experts-rank-RRRRR.safetensors  each hosting rank's experts + moments, keyed by global id
+///   manifest.json                   everything else, with every file's size and SHA-256
+///   DONE                            written last by rank 0; a directory without it is ignored
+public enum Checkpoint {
+    public static let replicatedFile = "replicated.safetensors"
+    public static let manifestFile = "manifest.json"
+    public static let doneFile = "DONE"
+    static let firstMomentPrefix = "optimizer.exp_avg."
+    static let secondMomentPrefix = "optimizer.exp_avg_sq."
+
+    public static func directoryName(step: Int) -> String { "step_" + String(format: "%08d", step) }
+    public static func expertFileName(rank: Int) -> String { "experts-rank-" + String(format: "%05d", rank) + ".safetensors" }
+
+    /// Complete checkpoints (with DONE) in `runDirectory/checkpoints`, oldest first.
+    public static func complete(in runDirectory: String) -> [String] {
+        let root = (runDirectory as NSString).appendingPathComponent("checkpoints")
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        return names.filter { $0.hasPrefix("step_") && $0.count == 13 }.sorted()
+            .map { (root as NSString).appendingPathComponent($0) }
+            .filter { FileManager.default.fileExists(atPath: ($0 as NSString).appendingPathComponent(doneFile)) }
+    }
+
+    // MARK: saving
+
+    /// Collective: every rank calls it. Returns the checkpoint directory.
+    @discardableResult
+    public static func save(_ trainer: Trainer, runDirectory: String) throws -> String {
+        let communicator = trainer.communicator, rank = communicator.rank, ranks = communicator.size
+        let directory = ((runDirectory as NSString).appendingPathComponent("checkpoints") as NSString)
+            .appendingPathComponent(directoryName(step: trainer.step))
+        // Rank 0 prepares an empty directory (a leftover without DONE is an interrupted save).
+        try agree(communicator) {
+            guard rank == 0 else { return }
+            if FileManager.default.fileExists(atPath: directory) { try FileManager.default.removeItem(atPath: directory) }
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        }
+        // Each rank of the first expert-parallel group writes its experts; digests go to rank 0
+        // as [present, bytes, 4 x 64-bit digest words] per rank through one all-reduce.
+        let model = trainer.model
+        var reports = [Int64](repeating: 0, count: ranks * 6)
+        try agree(communicator) {
+            guard model.placement.groupBase == 0 else { return }
+            let record = try writeDurably(try encode(model.experts, trainer.expertOptimizer),
+                                          to: (directory as NSString).appendingPathComponent(expertFileName(rank: rank)))
+            reports[rank * 6] = 1
+            reports[rank * 6 + 1] = Int64(record.bytes)
+            for word in 0..<4 { reports[rank * 6 + 2 + word] = digestWord(record.sha256, word) }
+        }
+        try communicator.allReduce(&reports)
+        try agree(communicator) {
+            guard rank == 0 else { return }
+            var files: [String: CheckpointManifest.FileRecord] = [:]
+            files[replicatedFile] = try writeDurably(try encode(model.replicated, trainer.replicatedOptimizer),
+                                                     to: (directory as NSString).appendingPathComponent(replicatedFile))
+            var expertFiles: [String?] = Array(repeating: nil, count: ranks)
+            for source in 0..<ranks where reports[source * 6] == 1 {
+                let name = expertFileName(rank: source)
+                // Verify what the writer reported against what is on disk now.
+                let onDisk = try record(of: (directory as NSString).appendingPathComponent(name))
+                let reportedDigest = (0..<4).map { reports[source * 6 + 2 + $0] }
+                guard onDisk.bytes == Int(reports[source * 6 + 1]), (0..<4).map({ digestWord(onDisk.sha256, $0) }) == reportedDigest else {
+                    throw CheckpointError.saveFailed(rank: source, reason: "\(name) on disk differs from what rank \(source) wrote")
+                }
+                files[name] = onDisk
+                expertFiles[source] = name
+            }
+            let placement = model.placement
+            let manifest = CheckpointManifest(
+                step: trainer.step, tokensSeen: trainer.step * trainer.globalBatchTokens, worldSize: ranks,
+                vocabularySize: model.vocabularySize,
+                expertRanks: (0..<placement.expertCount).map { placement.owner(of: $0) - placement.groupBase },
+                expertFiles: expertFiles, learningRate: trainer.schedule.learningRate(at: trainer.step),
+                optimizerSteps: ["replicated": trainer.replicatedOptimizer.stepCount, "experts": trainer.expertOptimizer.stepCount],
+                seed: trainer.config.train.seed, config: trainer.config.yaml(withHelp: false), files: files)
+            let encoder = JSONEncoder()
+            encoder.keyEncodingStrategy = .convertToSnakeCase
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            _ = try writeDurably(try encoder.encode(manifest), to: (directory as NSString).appendingPathComponent(manifestFile))
+            _ = try writeDurably(Data("step \(trainer.step)\n".utf8), to: (directory as NSString).appendingPathComponent(doneFile))
+            syncDirectory(directory)
+            try prune(runDirectory: runDirectory, keep: trainer.config.checkpoint.keep)
+        }
+        return directory
+    }
+
+    /// Runs `body` on every rank and agrees on the outcome: if any rank failed, every rank
+    /// throws the lowest failing rank's error (each rank reports its own message).
+    static func agree(_ communicator: Communicator, _ body: () throws -> Void) throws {
+        var failure: Error?
+        do { try body() } catch { failure = error }
+        let failedRank = try communicator.allReduce(Int64(failure == nil ? Int64.max : Int64(communicator.rank)), op: .min)
+        if let failure { throw failure }
+        if failedRank != Int64.max {
+            throw CheckpointError.saveFailed(rank: Int(failedRank), reason: "see that rank's error")
+        }
+    }
+
+    static func digestWord(_ hex: String, _ word: Int) -> Int64 {
+        let characters = Array(hex.utf8)
+        var value: UInt64 = 0
+        for index in word * 16..<(word + 1) * 16 {
+            let character = characters[index]
+            value = value << 4 | UInt64(character <= 57 ? character - 48 : character - 87)
+        }
+        return Int64(bitPattern: value)
+    }
+
+    static func shape(of entry: ParameterEntry) -> [Int] { entry.rows == 1 ? [entry.columns] : [entry.rows, entry.columns] }
+
+    static func encode<Kind>(_ store: ParameterStore<Float, Kind>, _ optimizer: AdamW<Float, Kind>) throws -> Data {
+        var entries: [Safetensors.Entry] = []
+        for (prefix, base) in [("", UnsafePointer(store.values)), (firstMomentPrefix, UnsafePointer(optimizer.firstMoment)),
+                               (secondMomentPrefix, UnsafePointer(optimizer.secondMoment))] {
+            for entry in store.entries {
+                entries.append(Safetensors.Entry(name: prefix + entry.name, shape: shape(of: entry),
+                                                 values: UnsafeBufferPointer(start: base + entry.offset, count: entry.count)))
+            }
+        }
+        return try Safetensors.encode(entries, metadata: ["format": "pt", "producer": "swiftmoe"])
+    }
+
+    /// Writes to a temporary name, fsyncs, renames: a reader sees the old file or the whole new one.
+    static func writeDurably(_ data: Data, to path: String) throws -> CheckpointManifest.FileRecord {
+        let temporary = path + ".partial"
+        guard FileManager.default.createFile(atPath: temporary, contents: data) else {
+            throw CheckpointError.corrupt(path: path, reason: "cannot create it (permissions or disk full?)")
+        }
+        guard let handle = FileHandle(forWritingAtPath: temporary) else {
+            throw CheckpointError.corrupt(path: path, reason: "cannot reopen it to sync")
+        }
+        try handle.synchronize()
+        try handle.close()
+        if FileManager.default.fileExists(atPath: path) { try FileManager.default.removeItem(atPath: path) }
+        try FileManager.default.moveItem(atPath: temporary, toPath: path)
+        return CheckpointManifest.FileRecord(bytes: data.count, sha256: data.withUnsafeBytes { raw in
+            var hasher = SHA256()
+            hasher.update(raw)
+            return hasher.finalizeHex()
+        })
+    }
+
+    static func record(of path: String) throws -> CheckpointManifest.FileRecord {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw CheckpointError.corrupt(path: path, reason: "missing or unreadable")
+        }
+        return CheckpointManifest.FileRecord(bytes: data.count, sha256: data.withUnsafeBytes { raw in
+            var hasher = SHA256()
+            hasher.update(raw)
+            return hasher.finalizeHex()
+        })
+    }
+
+    static func syncDirectory(_ path: String) {
+        let descriptor = open(path, O_RDONLY)
+        if descriptor >= 0 { fsync(descriptor); close(descriptor) }
+    }
+
+    /// Keeps the newest `keep` complete checkpoints; incomplete directories older than the
+    /// newest complete one are leftovers of interrupted saves and go too.
+    static func prune(runDirectory: String, keep: Int) throws {
+        let completed = complete(in: runDirectory)
+        guard let newest = completed.last else { return }
+        for old in completed.dropLast(keep) { try FileManager.default.removeItem(atPath: old) }
+        let root = (runDirectory as NSString).appendingPathComponent("checkpoints")
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [] where name.hasPrefix("step_") {
+            let path = (root as NSString).appendingPathComponent(name)
+            if path < newest && !completed.contains(path) { try? FileManager.default.removeItem(atPath: path) }
+        }
+    }
+
+    // MARK: loading
+
+    public static func readManifest(_ directory: String) throws -> CheckpointManifest {
+        guard FileManager.default.fileExists(atPath: (directory as NSString).appendingPathComponent(doneFile)) else {
+            throw CheckpointError.notACheckpoint(path: directory, reason: "no DONE marker (missing directory or an interrupted save)")
+        }
+        let path = (directory as NSString).appendingPathComponent(manifestFile)
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw CheckpointError.corrupt(path: path, reason: "missing or unreadable")
+        }
+        let decoder = JSONDecoder()
+        decoder.keyDecodingStrategy = .convertFromSnakeCase
+        let manifest: CheckpointManifest
+        do { manifest = try decoder.decode(CheckpointManifest.self, from: data) } catch {
+            throw CheckpointError.corrupt(path: path, reason: "not a valid manifest (\(error))".split(separator: "\n").joined(separator: " "))
+        }
+        guard manifest.format == CheckpointManifest.currentFormat, manifest.version == CheckpointManifest.currentVersion else {
+            throw CheckpointError.corrupt(path: path, reason: "format \(manifest.format) version \(manifest.version) is not \(CheckpointManifest.currentFormat) version \(CheckpointManifest.currentVersion)")
+        }
+        return manifest
+    }
+
+    /// The resolved config stored in a checkpoint.
+    public static func config(of manifest: CheckpointManifest, directory: String) throws -> RunConfig {
+        try RunConfig.fromResolved(manifest.config, file: (directory as NSString).appendingPathComponent(manifestFile))
+    }
+
+    /// Reads a file listed in the manifest and checks its size and SHA-256.
+    static func verifiedFile(_ name: String, in directory: String, manifest: CheckpointManifest) throws -> Safetensors.File {
+        let path = (directory as NSString).appendingPathComponent(name)
+        guard let expected = manifest.files[name] else {
+            throw CheckpointError.corrupt(path: path, reason: "not listed in the manifest")
+        }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw CheckpointError.corrupt(path: path, reason: "missing or unreadable")
+        }
+        guard data.count == expected.bytes else {
+            throw CheckpointError.corrupt(path: path, reason: "\(data.count) bytes, the manifest says \(expected.bytes) (truncated?)")
+        }
+        let digest = data.withUnsafeBytes { raw in var hasher = SHA256(); hasher.update(raw); return hasher.finalizeHex() }
+        guard digest == expected.sha256 else {
+            throw CheckpointError.corrupt(path: path, reason: "SHA-256 \(digest) does not match the manifest's \(expected.sha256)")
+        }
+        return try Safetensors.File(path: path, data: data)
+    }
+
+    /// Loads parameters (and, with optimizers, AdamW moments and step counts) into a model built
+    /// from the checkpoint's config. Experts are found by global id in whichever shard holds them,
+    /// so any number of ranks can load any checkpoint.
+    public static func load(_ directory: String, manifest: CheckpointManifest, model: GPTModel<Float>,
+                            replicatedOptimizer: AdamW<Float, Replicated>? = nil,
+                            expertOptimizer: AdamW<Float, ExpertSharded>? = nil) throws {
+        let replicated = try verifiedFile(replicatedFile, in: directory, manifest: manifest)
+        try read(model.replicated, optimizer: replicatedOptimizer, from: [replicated])
+        let needed = Set(model.placement.localExperts.map { manifest.expertRanks.indices.contains($0) ? manifest.expertRanks[$0] : -1 })
+        guard !needed.contains(-1) else {
+            throw CheckpointError.incompatible(path: directory, reason: "it has \(manifest.expertRanks.count) experts per layer, the model \(model.placement.expertCount)")
+        }
+        let shards = try needed.sorted().map { source -> Safetensors.File in
+            guard source < manifest.expertFiles.count, let name = manifest.expertFiles[source] else {
+                throw CheckpointError.corrupt(path: directory, reason: "the manifest lists no expert file for rank \(source)")
+            }
+            return try verifiedFile(name, in: directory, manifest: manifest)
+        }
+        try read(model.experts, optimizer: expertOptimizer, from: shards)
+        replicatedOptimizer?.stepCount = manifest.optimizerSteps["replicated"] ?? manifest.step
+        expertOptimizer?.stepCount = manifest.optimizerSteps["experts"] ?? manifest.step
+    }
+
+    static func read<Kind>(_ store: ParameterStore<Float, Kind>, optimizer: AdamW<Float, Kind>?, from files: [Safetensors.File]) throws {
+        for entry in store.entries {
+            guard let file = files.first(where: { $0.tensors[entry.name] != nil }) else {
+                throw CheckpointError.corrupt(path: files.first?.path ?? "?", reason: "parameter '\(entry.name)' is in no file of this checkpoint")
+            }
+            try file.read(entry.name, shape: shape(of: entry), into: store.values + entry.offset)
+            if let optimizer {
+                try file.read(firstMomentPrefix + entry.name, shape: shape(of: entry), into: optimizer.firstMoment + entry.offset)
+                try file.read(secondMomentPrefix + entry.name, shape: shape(of: entry), into: optimizer.secondMoment + entry.offset)
+            }
+        }
+    }
+}
+
+extension Checkpoint {
+    /// Every problem found in a checkpoint's files (empty when all sizes, digests and
+    /// safetensors headers check out).
+    public static func verify(_ directory: String, manifest: CheckpointManifest) -> [String] {
+        var problems: [String] = []
+        for name in manifest.files.keys.sorted() {
+            do { _ = try verifiedFile(name, in: directory, manifest: manifest) } catch { problems.append("\(error)") }
+        }
+        for case let name? in manifest.expertFiles where manifest.files[name] == nil {
+            problems.append("expert file \(name) is not listed with a digest")
+        }
+        return problems
+    }
+}

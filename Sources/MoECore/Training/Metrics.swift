@@ -1,0 +1,75 @@
+import Foundation
+
+/// One JSON object, keys in insertion order (so `metrics.jsonl` reads naturally).
+public struct JSONObject {
+    private var fields: [String] = []
+    public init() {}
+
+    public mutating func add(_ key: String, _ value: Int) { fields.append("\"\(key)\":\(value)") }
+    public mutating func add(_ key: String, _ value: Double) { fields.append("\"\(key)\":\(JSONObject.number(value))") }
+    public mutating func add(_ key: String, _ value: String) { fields.append("\"\(key)\":\(JSONObject.string(value))") }
+    public mutating func add(_ key: String, _ values: [Double]) {
+        fields.append("\"\(key)\":[\(values.map(JSONObject.number).joined(separator: ","))]")
+    }
+    public mutating func add(_ key: String, _ rows: [[Double]]) {
+        fields.append("\"\(key)\":[\(rows.map { "[\($0.map(JSONObject.number).joined(separator: ","))]" }.joined(separator: ","))]")
+    }
+
+    public var text: String { "{" + fields.joined(separator: ",") + "}" }
+
+    /// Shortest round-trip decimal; JSON has no NaN or infinity, so those become null.
+    static func number(_ value: Double) -> String { value.isFinite ? "\(value)" : "null" }
+
+    static func string(_ text: String) -> String {
+        var escaped = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": escaped += "\\\""
+            case "\\": escaped += "\\\\"
+            case "\n": escaped += "\\n"
+            case _ where scalar.value < 0x20: escaped += String(format: "\\u%04x", scalar.value)
+            default: escaped.unicodeScalars.append(scalar)
+            }
+        }
+        return escaped + "\""
+    }
+}
+
+/// `RUN_DIR/metrics.jsonl`: one object per line, each written with one `write` call so a
+/// crash never leaves a half-flushed buffer behind.
+public final class MetricsLog {
+    public let path: String
+    private let handle: FileHandle
+
+    /// Opens for appending. When resuming at `resumeStep`, records from steps at or after it
+    /// (written by the interrupted run after its last checkpoint) are dropped first, so the file
+    /// describes one consistent history.
+    public init(path: String, resumeStep: Int?) throws {
+        self.path = path
+        let manager = FileManager.default
+        if let resumeStep, let data = manager.contents(atPath: path), let text = String(data: data, encoding: .utf8) {
+            let kept = text.split(separator: "\n").filter { line in
+                guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                      let step = object["step"] as? Int else { return false }
+                return step < resumeStep
+            }
+            let rewritten = kept.map { $0 + "\n" }.joined()
+            try Data(rewritten.utf8).write(to: URL(fileURLWithPath: path), options: .atomic)
+        } else if resumeStep == nil || !manager.fileExists(atPath: path) {
+            guard manager.createFile(atPath: path, contents: nil) else {
+                throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
+            }
+        }
+        guard let handle = FileHandle(forWritingAtPath: path) else {
+            throw CocoaError(.fileWriteNoPermission, userInfo: [NSFilePathErrorKey: path])
+        }
+        self.handle = handle
+        handle.seekToEndOfFile()
+    }
+
+    public func write(_ object: JSONObject) {
+        handle.write(Data((object.text + "\n").utf8))
+    }
+
+    deinit { try? handle.close() }
+}

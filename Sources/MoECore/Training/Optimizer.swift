@@ -1,0 +1,98 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// AdamW (Loshchilov & Hutter) over one parameter store:
+///   m = β1 m + (1-β1) g;  v = β2 v + (1-β2) g²
+///   p -= lr * ( m̂ / (sqrt(v̂) + ε) + λ p )     with m̂ = m / (1-β1^t), v̂ = v / (1-β2^t)
+/// The decay term λ p is decoupled from the gradient and applied only to entries whose
+/// `weightDecay` flag is set (matrices by default; not norms, biases or embeddings).
+public struct AdamWSettings: Sendable {
+    public var beta1: Double
+    public var beta2: Double
+    public var epsilon: Double
+    public var weightDecay: Double
+
+    public init(beta1: Double, beta2: Double, epsilon: Double, weightDecay: Double) {
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.epsilon = epsilon
+        self.weightDecay = weightDecay
+    }
+}
+
+public final class AdamW<T: Scalar, Kind> {
+    public let store: ParameterStore<T, Kind>
+    /// First and second moments, laid out like the store's values.
+    public let firstMoment: UnsafeMutablePointer<T>
+    public let secondMoment: UnsafeMutablePointer<T>
+    /// Updates applied so far (t in the bias corrections).
+    public var stepCount = 0
+    public var settings: AdamWSettings
+
+    /// Build after the model: the store must not grow afterwards.
+    public init(store: ParameterStore<T, Kind>, settings: AdamWSettings) {
+        self.store = store
+        self.settings = settings
+        firstMoment = .allocate(capacity: max(store.count, 1))
+        secondMoment = .allocate(capacity: max(store.count, 1))
+        firstMoment.initialize(repeating: 0, count: max(store.count, 1))
+        secondMoment.initialize(repeating: 0, count: max(store.count, 1))
+    }
+
+    deinit {
+        firstMoment.deallocate()
+        secondMoment.deallocate()
+    }
+
+    /// One update with the gradients already in the store, multiplied by `gradientScale`
+    /// (the clipping factor).
+    public func update(learningRate: Double, gradientScale: Double = 1) {
+        stepCount += 1
+        let beta1 = T(settings.beta1), beta2 = T(settings.beta2)
+        let correction1 = 1 / (1 - _pow(settings.beta1, stepCount))
+        let correction2 = 1 / (1 - _pow(settings.beta2, stepCount))
+        // Fold the bias corrections into the step size and epsilon:
+        //   m̂ / (sqrt(v̂) + ε) = c1 m / (sqrt(c2) (sqrt(v) + ε / sqrt(c2)))
+        let stepSize = T(learningRate * correction1 / correction2.squareRoot())
+        let epsilon = T(settings.epsilon / correction2.squareRoot())
+        let scale = T(gradientScale)
+        for entry in store.entries {
+            let decay = entry.weightDecay ? T(1 - learningRate * settings.weightDecay) : 1
+            AdamW.updateRange(values: store.values + entry.offset, gradients: store.gradients + entry.offset,
+                              first: firstMoment + entry.offset, second: secondMoment + entry.offset, count: entry.count,
+                              beta1: beta1, beta2: beta2, stepSize: stepSize, epsilon: epsilon, decay: decay,
+                              gradientScale: scale)
+        }
+    }
+
+    /// values, gradients, first, second: [count]. Weight decay is applied as p *= (1 - lr λ)
+    /// before the Adam step, as PyTorch's AdamW does.
+    static func updateRange(values: UnsafeMutablePointer<T>, gradients: UnsafePointer<T>,
+                            first: UnsafeMutablePointer<T>, second: UnsafeMutablePointer<T>, count: Int,
+                            beta1: T, beta2: T, stepSize: T, epsilon: T, decay: T, gradientScale: T) {
+        let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
+        var index = 0
+        while index + 16 <= count {
+            let g = loadVector(gradients + index, lanes: 16) * gradientScale
+            let m = loadVector(first + index, lanes: 16) * beta1 + g * oneMinusBeta1
+            let v = loadVector(second + index, lanes: 16) * beta2 + g * g * oneMinusBeta2
+            let p = loadVector(values + index, lanes: 16) * decay
+            let denominator: SIMD16<T> = v.squareRoot() + epsilon
+            let updated: SIMD16<T> = p - stepSize * m / denominator
+            storeVector(m, first + index, lanes: 16)
+            storeVector(v, second + index, lanes: 16)
+            storeVector(updated, values + index, lanes: 16)
+            index += 16
+        }
+        while index < count {
+            let g = gradients[index] * gradientScale
+            first[index] = first[index] * beta1 + g * oneMinusBeta1
+            second[index] = second[index] * beta2 + g * g * oneMinusBeta2
+            values[index] = values[index] * decay - stepSize * first[index] / (second[index].squareRoot() + epsilon)
+            index += 1
+        }
+    }
+}
+
+@inline(__always) func _pow(_ base: Double, _ exponent: Int) -> Double { Glibc.pow(base, Double(exponent)) }

@@ -1,0 +1,125 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import MoEComm
+import MoEIO
+
+/// What one training step did, over the global batch (identical on every rank).
+public struct StepReport: Sendable {
+    public var step: Int
+    /// Mean cross-entropy of the global batch (nats per token), before the update.
+    public var loss: Double
+    /// Σ over MoE layers of the weighted auxiliary losses.
+    public var auxiliaryLoss: Double
+    public var learningRate: Double
+    /// Global gradient norm before clipping.
+    public var gradientNorm: Double
+    public var moeLayers: [MoELayerStatistics]
+}
+
+/// Owns the model, its optimizers and the data; `step()` is the one place a training step is
+/// sequenced (DESIGN.md 1):
+///   batch -> forward -> backward -> all-reduce replicated gradients -> clip -> AdamW.
+/// Logging, evaluation and checkpoints happen in `TrainingRun`, around it.
+public final class Trainer {
+    public let config: RunConfig
+    public let model: GPTModel<Float>
+    public let communicator: Communicator
+    public let replicatedOptimizer: AdamW<Float, Replicated>
+    public let expertOptimizer: AdamW<Float, ExpertSharded>
+    public let schedule: LearningRateSchedule
+    public let trainData: TokenBatches
+    public let validationData: TokenBatches?
+    /// The next step to run (0-based); equals the number of updates applied.
+    public internal(set) var step = 0
+
+    var inputs: [Int32] = [], targets: [Int32] = []
+    /// [loss sum, expert gradient sum of squares]: all-reduced together.
+    var scalars: [Double] = [0, 0]
+    let routingKey: RandomKey
+
+    public init(config: RunConfig, communicator: Communicator, trainFile: TokenFile, validationFile: TokenFile?) throws {
+        let vocabularySize = config.model.vocabularySize > 0 ? config.model.vocabularySize : trainFile.vocabularySize
+        for file in [trainFile] + (validationFile.map { [$0] } ?? []) where file.vocabularySize > vocabularySize {
+            throw TokenBatches.DataError.vocabularyMismatch(path: file.path, file: file.vocabularySize, model: vocabularySize)
+        }
+        var resolved = config
+        resolved.model.vocabularySize = vocabularySize
+        self.config = resolved
+        self.communicator = communicator
+        model = try GPTModel<Float>(config: resolved.model, moe: config.moe, vocabularySize: vocabularySize,
+                                    training: config.train, communicator: communicator)
+        model.initializeParameters(seed: config.train.seed)
+        let settings = AdamWSettings(beta1: config.train.beta1, beta2: config.train.beta2,
+                                     epsilon: config.train.epsilon, weightDecay: config.train.weightDecay)
+        replicatedOptimizer = AdamW(store: model.replicated, settings: settings)
+        expertOptimizer = AdamW(store: model.experts, settings: settings)
+        schedule = LearningRateSchedule(peak: config.train.learningRate, minimum: config.train.minLearningRate,
+                                        warmupSteps: config.train.warmupSteps, totalSteps: config.train.steps)
+        trainData = try TokenBatches(file: trainFile, length: config.model.context, seed: config.train.seed)
+        validationData = try validationFile.map { try TokenBatches(file: $0, length: config.model.context, seed: config.train.seed) }
+        routingKey = RandomKey(UInt64(config.train.seed)).derive("routing")
+    }
+
+    public var batchSize: Int { config.train.batchSize }
+    public var context: Int { config.model.context }
+    /// Tokens in one step's global batch (all ranks).
+    public var globalBatchTokens: Int { communicator.size * batchSize * context }
+
+    /// One optimizer update on the global batch of step `step`.
+    public func trainStep() throws -> StepReport {
+        let rank = communicator.rank, localTokens = batchSize * context, globalTokens = globalBatchTokens
+        // 1. this rank's share of the global batch
+        trainData.trainingBatch(step: step, rank: rank, batchSize: batchSize, inputs: &inputs, targets: &targets)
+        // 2-3. forward and its adjoint
+        model.zeroGradients()
+        let forward = try model.forward(tokens: inputs, targets: targets, batch: batchSize, length: context, training: true,
+                                        globalTokens: globalTokens, firstGlobalToken: rank * localTokens,
+                                        noiseKey: routingKey.derive(step))
+        try model.backward(globalTokens: globalTokens)
+        // 4. replicated gradients: each rank holds its tokens' share of d(global mean loss), so
+        //    the sum over ranks is the full gradient. Expert gradients are already complete on
+        //    their host (every token routed to an expert reached it through the all-to-all).
+        try communicator.allReduce(UnsafeMutableBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
+        // 5. global norm and clipping; expert squares are summed over ranks (each expert once).
+        scalars[0] = forward.localLossSum
+        scalars[1] = Kernels.sumOfSquares(model.experts.gradients, count: model.experts.count)
+            / Double(model.placement.replicas)
+        try communicator.allReduce(&scalars)
+        let gradientNorm = (Kernels.sumOfSquares(model.replicated.gradients, count: model.replicated.count) + scalars[1])
+            .squareRoot()
+        let clip = config.train.gradClip
+        let gradientScale = clip > 0 && gradientNorm > clip ? clip / gradientNorm : 1
+        let learningRate = schedule.learningRate(at: step)
+        replicatedOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
+        expertOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
+        let report = StepReport(step: step, loss: scalars[0] / Double(globalTokens), auxiliaryLoss: forward.auxiliaryLoss,
+                                learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: forward.moeLayers)
+        step += 1
+        return report
+    }
+
+    /// Mean cross-entropy over the validation file's fixed evaluation windows
+    /// (`train.eval_batches` global batches), with the evaluation capacity factor.
+    public func evaluate(batches: Int? = nil) throws -> Double? {
+        guard let validationData else { return nil }
+        return try Trainer.evaluate(model: model, data: validationData, batches: batches ?? config.train.evalBatches,
+                                    batchSize: batchSize, communicator: communicator)
+    }
+
+    public static func evaluate(model: GPTModel<Float>, data: TokenBatches, batches: Int, batchSize: Int,
+                                communicator: Communicator) throws -> Double {
+        var inputs: [Int32] = [], targets: [Int32] = []
+        let length = data.length, localTokens = batchSize * length, globalTokens = communicator.size * localTokens
+        var lossSum = 0.0
+        for index in 0..<batches {
+            data.evaluationBatch(index: index, batches: batches, rank: communicator.rank, ranks: communicator.size,
+                                 batchSize: batchSize, inputs: &inputs, targets: &targets)
+            let result = try model.forward(tokens: inputs, targets: targets, batch: batchSize, length: length, training: false,
+                                           globalTokens: globalTokens, firstGlobalToken: communicator.rank * localTokens,
+                                           noiseKey: RandomKey(0).derive("evaluation").derive(index))
+            lossSum += result.localLossSum
+        }
+        return try communicator.allReduce(lossSum) / Double(batches * globalTokens)
+    }
+}

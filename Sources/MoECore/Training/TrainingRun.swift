@@ -1,0 +1,171 @@
+import Foundation
+import MoEComm
+import MoEIO
+
+/// The training loop around `Trainer.step`: resume, evaluation, metrics, progress line and
+/// checkpoints. Every rank runs it; only rank 0 writes files other than its expert shard.
+public final class TrainingRun {
+    public let runDirectory: String
+    public let trainer: Trainer
+    let communicator: Communicator
+    let log: (String) -> Void
+    let metrics: MetricsLog?
+
+    public enum RunError: Error, CustomStringConvertible {
+        case architectureConflict(checkpoint: String, keys: [String])
+        case cannotCreate(path: String, reason: String)
+        public var description: String {
+            switch self {
+            case let .architectureConflict(checkpoint, keys):
+                return "cannot resume from '\(checkpoint)': the config changes \(keys.joined(separator: ", ")), which must match the checkpoint (drop those --set overrides or start a new run directory)"
+            case let .cannotCreate(path, reason): return "run directory '\(path)': \(reason)"
+            }
+        }
+    }
+
+    /// Keys that fix the shape of the model and its routing: they come from the checkpoint on
+    /// resume, and a config that changes them is an error.
+    public static let architectureSections: Set<String> = ["model", "moe"]
+
+    /// Builds the run: resolves the config against a checkpoint when resuming, reads the data,
+    /// builds the trainer and loads its state. `log` receives rank 0's human-readable lines.
+    public init(config requested: RunConfig, runDirectory: String, resume: Bool, communicator: Communicator,
+                log: @escaping (String) -> Void) throws {
+        self.runDirectory = runDirectory
+        self.communicator = communicator
+        self.log = log
+        var config = requested
+        var checkpoint: (directory: String, manifest: CheckpointManifest)?
+        if resume {
+            if let directory = Checkpoint.complete(in: runDirectory).last {
+                let manifest = try Checkpoint.readManifest(directory)
+                let saved = try Checkpoint.config(of: manifest, directory: directory)
+                var comparable = requested
+                if comparable.model.vocabularySize == 0 { comparable.model.vocabularySize = saved.model.vocabularySize }
+                let conflicts = comparable.differingKeys(from: saved, sections: TrainingRun.architectureSections)
+                guard conflicts.isEmpty else { throw RunError.architectureConflict(checkpoint: directory, keys: conflicts) }
+                config.model = saved.model
+                config.moe = saved.moe
+                checkpoint = (directory, manifest)
+            } else {
+                log("--resume: no complete checkpoint in \(runDirectory)/checkpoints; starting from step 0")
+            }
+        }
+        let trainFile = try TokenFile.read(config.data.train)
+        let validationFile = config.data.val.isEmpty ? nil : try TokenFile.read(config.data.val)
+        trainer = try Trainer(config: config, communicator: communicator, trainFile: trainFile, validationFile: validationFile)
+        if let checkpoint {
+            try Checkpoint.load(checkpoint.directory, manifest: checkpoint.manifest, model: trainer.model,
+                                replicatedOptimizer: trainer.replicatedOptimizer, expertOptimizer: trainer.expertOptimizer)
+            trainer.step = checkpoint.manifest.step
+            log("resumed from \(checkpoint.directory) at step \(trainer.step) (saved on \(checkpoint.manifest.worldSize) ranks)")
+        }
+        if communicator.rank == 0 {
+            do {
+                try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
+                try trainer.config.yaml().write(toFile: (runDirectory as NSString).appendingPathComponent("config.yaml"),
+                                                atomically: true, encoding: .utf8)
+            } catch {
+                throw RunError.cannotCreate(path: runDirectory, reason: error.localizedDescription)
+            }
+            metrics = try MetricsLog(path: (runDirectory as NSString).appendingPathComponent("metrics.jsonl"),
+                                     resumeStep: checkpoint.map { $0.manifest.step })
+        } else {
+            metrics = nil
+        }
+    }
+
+    /// Trains to `train.steps` (or stops early after step `stopAt`, leaving the schedule as if the
+    /// run went on, so `--resume` continues exactly); returns the final validation loss (nil
+    /// without validation data).
+    @discardableResult
+    public func run(stopAt: Int? = nil) throws -> Double? {
+        let config = trainer.config, steps = config.train.steps, end = min(steps, stopAt ?? steps)
+        let counts = trainer.model.parameterCounts
+        log("model: \(format(counts.total)) parameters, \(format(counts.active)) active per token; "
+            + "\(trainer.model.moeLayers.count) MoE layers of \(config.moe.experts) experts (gate \(config.moe.gate), top-\(config.moe.topK)); "
+            + "vocabulary \(trainer.model.vocabularySize)")
+        log("ranks \(communicator.size), global batch \(communicator.size)x\(config.train.batchSize)x\(config.model.context) = "
+            + "\(trainer.globalBatchTokens) tokens, steps \(trainer.step)..<\(steps), run directory \(runDirectory)")
+        var lastValidation: Double?
+        var intervalSeconds = 0.0, intervalTokens = 0, totalSeconds = 0.0, timedSteps = 0
+        while trainer.step < end {
+            if config.train.evalEvery > 0 && trainer.step % config.train.evalEvery == 0 {
+                lastValidation = try evaluate()
+            }
+            let started = DispatchTime.now().uptimeNanoseconds
+            let report = try trainer.trainStep()
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
+            intervalSeconds += seconds
+            intervalTokens += trainer.globalBatchTokens
+            totalSeconds += seconds
+            timedSteps += 1
+            if report.step % config.train.logEvery == 0 || trainer.step == end {
+                let tokensPerSecond = Double(intervalTokens) / max(intervalSeconds, 1e-9)
+                record(report, tokensPerSecond: tokensPerSecond)
+                let remaining = Double(steps - trainer.step) * totalSeconds / Double(timedSteps)
+                log(String(format: "step %\(String(steps).count)d/%d | loss %.4f | aux %.4f | lr %.2e | norm %.2f | %@ tok/s | %@ left",
+                           report.step, steps, report.loss, report.auxiliaryLoss, report.learningRate, report.gradientNorm,
+                           format(Int(tokensPerSecond)), duration(remaining)))
+                intervalSeconds = 0
+                intervalTokens = 0
+            }
+            if config.checkpoint.every > 0 && trainer.step % config.checkpoint.every == 0 && trainer.step < end {
+                try saveCheckpoint()
+            }
+        }
+        lastValidation = try evaluate()
+        if end < steps { log("stopping at step \(end) of \(steps) as asked; continue with --resume") }
+        try saveCheckpoint()
+        return lastValidation
+    }
+
+    func evaluate() throws -> Double? {
+        guard let loss = try trainer.evaluate() else { return nil }
+        var object = JSONObject()
+        object.add("step", trainer.step)
+        object.add("val_loss", loss)
+        metrics?.write(object)
+        log(String(format: "step %d | val_loss %.4f | perplexity %.2f", trainer.step, loss, exp(loss)))
+        return loss
+    }
+
+    func saveCheckpoint() throws {
+        // Never rewrite a complete checkpoint (a resume that has nothing left to do).
+        if Checkpoint.complete(in: runDirectory).last?.hasSuffix(Checkpoint.directoryName(step: trainer.step)) == true { return }
+        let started = DispatchTime.now().uptimeNanoseconds
+        let directory = try Checkpoint.save(trainer, runDirectory: runDirectory)
+        log(String(format: "saved %@ in %.2f s", directory, Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+    }
+
+    func record(_ report: StepReport, tokensPerSecond: Double) {
+        guard let metrics else { return }
+        var object = JSONObject()
+        object.add("step", report.step)
+        object.add("loss", report.loss)
+        object.add("lr", report.learningRate)
+        object.add("tokens_per_sec", tokensPerSecond)
+        object.add("aux_loss", report.auxiliaryLoss)
+        let layers = report.moeLayers
+        let dropped = layers.isEmpty ? 0 : layers.map(\.droppedFraction).reduce(0, +) / Double(layers.count)
+        object.add("dropped_fraction", dropped)
+        object.add("expert_load", layers.map(\.expertLoad))
+        object.add("active_experts", layers.isEmpty ? 0 : layers.map(\.activeExperts).reduce(0, +) / Double(layers.count))
+        object.add("grad_norm", report.gradientNorm)
+        metrics.write(object)
+    }
+
+    func format(_ count: Int) -> String {
+        switch count {
+        case 1_000_000...: return String(format: "%.2fM", Double(count) / 1e6)
+        case 10_000...: return String(format: "%.1fK", Double(count) / 1e3)
+        default: return "\(count)"
+        }
+    }
+
+    func duration(_ seconds: Double) -> String {
+        let whole = Int(seconds.rounded())
+        return whole >= 3600 ? "\(whole / 3600)h\(String(format: "%02d", whole / 60 % 60))m"
+            : whole >= 60 ? "\(whole / 60)m\(String(format: "%02d", whole % 60))s" : "\(whole)s"
+    }
+}

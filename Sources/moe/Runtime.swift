@@ -1,0 +1,62 @@
+import Foundation
+import MoEComm
+import MoECore
+
+/// Process-wide setup shared by the subcommands: the communicator (MPI when started by mpirun,
+/// otherwise a single rank), BLAS threads, and the error policy.
+enum Runtime {
+    /// Runs `body` with a communicator. Any error is printed as one line naming the rank and the
+    /// process exits non-zero; with several ranks it aborts the whole MPI job, since the other
+    /// ranks may be waiting in a collective for this one.
+    static func run(_ body: (Communicator) throws -> Void) -> Never {
+        var mpi: MPICommunicator?
+        let communicator: Communicator
+        do {
+            if MPICommunicator.launchedByMPI {
+                let world = try MPICommunicator.initialize()
+                mpi = world
+                communicator = world
+            } else {
+                communicator = SingleRankCommunicator()
+            }
+        } catch {
+            fail("\(error)", rank: nil, communicator: nil)
+        }
+        // One BLAS thread per rank when several ranks share the machine, unless the user chose.
+        if communicator.size > 1 && getenv("OPENBLAS_NUM_THREADS") == nil && getenv("OMP_NUM_THREADS") == nil {
+            BLASInfo.setThreads(1)
+        }
+        do {
+            try body(communicator)
+        } catch {
+            fail("\(error)", rank: communicator.rank, communicator: communicator)
+        }
+        mpi?.finalize()
+        exit(0)
+    }
+
+    static func fail(_ message: String, rank: Int?, communicator: Communicator?) -> Never {
+        let prefix = (communicator?.size ?? 1) > 1 ? "error (rank \(rank ?? -1)): " : "error: "
+        FileHandle.standardError.write(Data((prefix + message.replacingOccurrences(of: "\n", with: " ") + "\n").utf8))
+        if let communicator, communicator.size > 1 { communicator.abort(code: 1) }
+        exit(1)
+    }
+
+    /// Prints on rank 0 only, flushed at once (progress lines must appear under mpirun too).
+    static func logger(_ communicator: Communicator) -> (String) -> Void {
+        { line in
+            guard communicator.rank == 0 else { return }
+            print(line)
+            fflush(stdout)
+        }
+    }
+
+    /// Start-up facts every run and benchmark should show (see the OPENBLAS_CORETYPE trap).
+    static func announceEnvironment(_ log: (String) -> Void) {
+        var line = "OpenBLAS core \(BLASInfo.coreName), \(BLASInfo.threads) thread(s) per rank"
+        if let forced = getenv("OPENBLAS_CORETYPE") {
+            line += "; warning: OPENBLAS_CORETYPE=\(String(cString: forced)) is set and overrides CPU detection (unset it for full speed)"
+        }
+        log(line)
+    }
+}

@@ -1,0 +1,176 @@
+import ArgumentParser
+import Foundation
+import MoEComm
+import MoECore
+import MoEIO
+
+struct TrainCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "train",
+        abstract: "Train a model (under mpirun: on all ranks).",
+        discussion: """
+            Without --config the embedded default (the Shakespeare main job, configs/shakespeare.yaml) is used.
+            The run directory receives config.yaml (the resolved config), metrics.jsonl and checkpoints/.
+            """)
+
+    @Option(name: .long, help: ArgumentHelp("YAML run config.", valueName: "file"))
+    var config: String?
+
+    @Option(name: .customLong("set"), help: ArgumentHelp("Override one config key, e.g. --set train.steps=100 (repeatable).", valueName: "key=value"))
+    var overrides: [String] = []
+
+    @Option(name: .customLong("run-dir"), help: ArgumentHelp("Run directory (default: runs/<config file name>).", valueName: "dir"))
+    var runDirectory: String?
+
+    @Flag(help: "Continue from the newest complete checkpoint in the run directory (starts fresh if there is none).")
+    var resume = false
+
+    @Option(name: .customLong("stop-at"), help: ArgumentHelp("Stop after this step with a checkpoint, keeping the schedule of train.steps (for time-limited allocations; continue with --resume).", valueName: "step"))
+    var stopAt: Int?
+
+    @Flag(name: .customLong("print-config"), help: "Print the resolved config with every key documented, and exit.")
+    var printConfig = false
+
+    func validate() throws {
+        if let stopAt, stopAt < 1 { throw ValidationError("--stop-at must be >= 1") }
+    }
+
+    func run() throws {
+        Runtime.run { communicator in
+            let log = Runtime.logger(communicator)
+            let resolved = try RunConfig.load(file: config, overrides: overrides)
+            if printConfig {
+                log(resolved.yaml().trimmingCharacters(in: .newlines))
+                return
+            }
+            let directory = runDirectory ?? "runs/" + (config.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default")
+            if !resume, let existing = Checkpoint.complete(in: directory).last {
+                throw ValidationError("run directory '\(directory)' already holds checkpoints (newest \(existing)); pass --resume to continue it or choose another --run-dir")
+            }
+            Runtime.announceEnvironment(log)
+            let run = try TrainingRun(config: resolved, runDirectory: directory, resume: resume, communicator: communicator, log: log)
+            try run.run(stopAt: stopAt)
+        }
+    }
+}
+
+struct EvalCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "eval", abstract: "Print the validation loss and perplexity of a checkpoint.")
+
+    @Option(help: ArgumentHelp("A checkpoint directory, or a run directory (its newest complete checkpoint).", valueName: "dir"))
+    var checkpoint: String
+
+    @Option(help: ArgumentHelp("Token file to evaluate on (default: the checkpoint config's data.val).", valueName: "path"))
+    var data: String?
+
+    @Option(help: "Global batches of evaluation windows (default: the checkpoint config's train.eval_batches).")
+    var batches: Int?
+
+    func run() throws {
+        Runtime.run { communicator in
+            let loaded = try LoadedCheckpoint(checkpoint, communicator: communicator)
+            let path = data ?? loaded.config.data.val
+            guard !path.isEmpty else { throw ValidationError("the checkpoint's config has no data.val; pass --data") }
+            let file = try TokenFile.read(path)
+            guard file.vocabularySize <= loaded.model.vocabularySize else {
+                throw TokenBatches.DataError.vocabularyMismatch(path: path, file: file.vocabularySize, model: loaded.model.vocabularySize)
+            }
+            let windows = try TokenBatches(file: file, length: loaded.config.model.context, seed: 0)
+            let batchCount = batches ?? loaded.config.train.evalBatches
+            guard batchCount > 0 else { throw ValidationError("--batches must be positive") }
+            let loss = try Trainer.evaluate(model: loaded.model, data: windows, batches: batchCount,
+                                            batchSize: loaded.config.train.batchSize, communicator: communicator)
+            let tokens = batchCount * communicator.size * loaded.config.train.batchSize * loaded.config.model.context
+            Runtime.logger(communicator)(String(format: "step %d | val_loss %.4f | perplexity %.3f | %d tokens of %@",
+                                                 loaded.manifest.step, loss, exp(loss), tokens, path))
+        }
+    }
+}
+
+struct GenerateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "generate", abstract: "Sample text from a checkpoint (byte-level models).")
+
+    @Option(help: ArgumentHelp("A checkpoint directory, or a run directory (its newest complete checkpoint).", valueName: "dir"))
+    var checkpoint: String
+
+    @Option(help: "Text to continue.")
+    var prompt: String = "\n"
+
+    @Option(help: "Tokens to generate.")
+    var tokens: Int = 500
+
+    @Option(help: "Sampling temperature; 0 picks the most likely token.")
+    var temperature: Double = 0.8
+
+    @Option(help: "Seed of the sampling draws.")
+    var seed: Int = 0
+
+    func validate() throws {
+        guard tokens >= 0 else { throw ValidationError("--tokens must be >= 0") }
+        guard temperature >= 0, temperature.isFinite else { throw ValidationError("--temperature must be >= 0") }
+        guard !prompt.isEmpty else { throw ValidationError("--prompt must not be empty") }
+    }
+
+    func run() throws {
+        Runtime.run { communicator in
+            let loaded = try LoadedCheckpoint(checkpoint, communicator: communicator)
+            guard loaded.model.vocabularySize == 256 else {
+                throw ValidationError("this checkpoint's vocabulary has \(loaded.model.vocabularySize) tokens; text prompts need a byte-level (256) model")
+            }
+            let promptTokens = prompt.utf8.map { Int32($0) }
+            var pending: [UInt8] = Array(prompt.utf8)
+            let isPrinter = communicator.rank == 0
+            try Sampler.generate(model: loaded.model, prompt: promptTokens, count: tokens, temperature: temperature, seed: seed) { token in
+                guard isPrinter else { return }
+                pending.append(UInt8(token))
+                // Print whole UTF-8 sequences only.
+                if let text = String(validating: pending, as: UTF8.self) {
+                    FileHandle.standardOutput.write(Data(text.utf8))
+                    pending.removeAll()
+                }
+            }
+            if isPrinter {
+                if !pending.isEmpty { FileHandle.standardOutput.write(Data(String(decoding: pending, as: UTF8.self).utf8)) }
+                print("")
+            }
+        }
+    }
+}
+
+struct PrepareCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "prepare",
+        abstract: "Turn text files (or folders of them) into byte-level token files DIR/train.bin and DIR/val.bin.",
+        discussion: """
+            With several input files the split is by file, so no document is on both sides; a single file is
+            split at a line boundary. Token files use the llm.c format (256 int32 header, uint16 tokens).
+            """)
+
+    @Option(name: .customLong("input"), help: ArgumentHelp("A text file or folder (repeatable).", valueName: "path"))
+    var inputs: [String] = []
+
+    @Option(name: .customLong("val-input"), help: ArgumentHelp("Files or folders that form the validation split (repeatable); overrides --val-fraction.", valueName: "path"))
+    var validationInputs: [String] = []
+
+    @Option(help: ArgumentHelp("Output directory.", valueName: "dir"))
+    var output: String
+
+    @Option(name: .customLong("val-fraction"), help: "Fraction of the files (or of a single file) held out for validation.")
+    var validationFraction: Double = 0.1
+
+    func validate() throws {
+        guard !inputs.isEmpty else { throw ValidationError("give at least one --input") }
+        guard (0..<1).contains(validationFraction) else { throw ValidationError("--val-fraction must be in [0, 1)") }
+    }
+
+    func run() throws {
+        Runtime.run { communicator in
+            guard communicator.rank == 0 else { return }
+            let summary = try DatasetPreparation.prepare(inputs: inputs, valInputs: validationInputs, output: output,
+                                                         valFraction: validationFraction)
+            print("wrote \(output)/train.bin and \(output)/val.bin: \(summary)")
+        }
+    }
+}

@@ -1,0 +1,84 @@
+import Foundation
+import XCTest
+import MoEIO
+
+/// Every malformed config or data file ends in a one-line error that names the culprit and a
+/// non-zero exit status, never a crash or a hang.
+final class BadInputTests: XCTestCase {
+    struct Case {
+        var name: String
+        var config: String?            // written to bad.yaml when set
+        var arguments: [String]        // after `moe`
+        var expected: String           // must appear in the error line
+        var setup: ((Workspace) throws -> Void)? = nil
+    }
+
+    static let good = Workspace.tinyConfig
+
+    func testMalformedInputsGiveOneLineErrors() throws {
+        let train = ["train", "--config", "bad.yaml", "--run-dir", "run"]
+        var header = [Int32](repeating: 0, count: 256)
+        header[0] = TokenFile.magic; header[1] = TokenFile.version; header[2] = 1000
+        let headerBytes = header.withUnsafeBytes { Array($0) }
+        let cases: [Case] = [
+            Case(name: "unknown section", config: Self.good + "\nbogus: {a: 1}\n", arguments: train, expected: "unknown config key 'bogus'"),
+            Case(name: "unknown key", config: Self.good.replacingOccurrences(of: "steps: 12", with: "stepz: 12"),
+                 arguments: train, expected: "train.stepz"),
+            Case(name: "wrong type", config: Self.good.replacingOccurrences(of: "steps: 12", with: "steps: many"),
+                 arguments: train, expected: "config key 'train.steps': got 'many', expected an integer"),
+            Case(name: "float for an integer", config: Self.good.replacingOccurrences(of: "width: 16", with: "width: 16.5"),
+                 arguments: train, expected: "model.width"),
+            Case(name: "bool of wrong type", config: Self.good + "\n", arguments: train + ["--set", "model.tie_embeddings=3"],
+                 expected: "model.tie_embeddings"),
+            Case(name: "top_k > experts", config: Self.good, arguments: train + ["--set", "moe.top_k=5"], expected: "moe.top_k (5) cannot exceed moe.experts (4)"),
+            Case(name: "heads do not divide width", config: Self.good, arguments: train + ["--set", "model.heads=3"],
+                 expected: "model.heads (3) must divide model.width (16)"),
+            Case(name: "unknown gate", config: Self.good, arguments: train + ["--set", "moe.gate=magic"], expected: "moe.gate"),
+            Case(name: "switch with top-2", config: Self.good, arguments: train + ["--set", "moe.gate=switch"], expected: "moe.top_k"),
+            Case(name: "zero batch", config: Self.good, arguments: train + ["--set", "train.batch_size=0"], expected: "train.batch_size"),
+            Case(name: "negative capacity factor", config: Self.good, arguments: train + ["--set", "moe.capacity_factor=-1"],
+                 expected: "moe.capacity_factor"),
+            Case(name: "min_lr above lr", config: Self.good, arguments: train + ["--set", "train.min_lr=1"], expected: "train.min_lr"),
+            Case(name: "override without =", config: Self.good, arguments: train + ["--set", "train.steps"], expected: "--set 'train.steps'"),
+            Case(name: "override of an unknown section", config: Self.good, arguments: train + ["--set", "optimizer.lr=1"],
+                 expected: "unknown config key 'optimizer'"),
+            Case(name: "missing config file", config: nil, arguments: ["train", "--config", "nope.yaml"], expected: "config file 'nope.yaml': cannot read it"),
+            Case(name: "invalid YAML", config: "model: {width: [1, 2\n", arguments: train, expected: "not valid YAML"),
+            Case(name: "config is a list", config: "- 1\n- 2\n", arguments: train, expected: "must be a mapping"),
+            Case(name: "section is a scalar", config: "train: 5\n", arguments: train, expected: "'train' must be a mapping"),
+            Case(name: "missing data file", config: Self.good, arguments: train + ["--set", "data.train=data/none.bin"],
+                 expected: "token file 'data/none.bin': cannot read it"),
+            Case(name: "truncated token file", config: Self.good, arguments: train + ["--set", "data.train=data/cut.bin"],
+                 expected: "token file 'data/cut.bin': header declares 1000 tokens",
+                 setup: { try $0.write("data/cut.bin", bytes: headerBytes + [UInt8](repeating: 65, count: 100)) }),
+            Case(name: "file shorter than a header", config: Self.good, arguments: train + ["--set", "data.val=data/short.bin"],
+                 expected: "token file 'data/short.bin': 10 bytes is shorter than the 1024-byte header",
+                 setup: { try $0.write("data/short.bin", bytes: [UInt8](repeating: 1, count: 10)) }),
+            Case(name: "bad magic", config: Self.good, arguments: train + ["--set", "data.train=data/text.bin"],
+                 expected: "bad magic number",
+                 setup: { try $0.write("data/text.bin", bytes: [UInt8](repeating: 65, count: 2048)) }),
+            Case(name: "token outside the declared vocabulary", config: Self.good, arguments: train + ["--set", "data.train=data/vocab.bin"],
+                 expected: "outside the declared vocabulary",
+                 setup: { try TokenFile.write(tokens: [1, 2, 300], vocabularySize: 256, to: $0.path("data/vocab.bin")) }),
+            Case(name: "too few tokens for the context", config: Self.good, arguments: train + ["--set", "data.train=data/few.bin"],
+                 expected: "too few for one sequence",
+                 setup: { try TokenFile.write(tokens: [1, 2, 3], vocabularySize: 256, to: $0.path("data/few.bin")) }),
+            Case(name: "eval of a missing checkpoint", config: nil, arguments: ["eval", "--checkpoint", "nowhere"],
+                 expected: "checkpoint 'nowhere'"),
+            Case(name: "prepare of a missing input", config: nil, arguments: ["prepare", "--input", "missing.txt", "--output", "out"],
+                 expected: "prepare: input 'missing.txt' does not exist"),
+        ]
+        XCTAssertGreaterThanOrEqual(cases.count, 15)
+        for testCase in cases {
+            let workspace = try Workspace()
+            if let config = testCase.config { try workspace.write("bad.yaml", config) }
+            try testCase.setup?(workspace)
+            let result = try CLI.run(testCase.arguments, in: workspace.url)
+            let lines = result.stderr.split(separator: "\n", omittingEmptySubsequences: true)
+            XCTAssertNotEqual(result.status, 0, "\(testCase.name): exit status 0")
+            XCTAssertEqual(lines.count, 1, "\(testCase.name): expected one error line, got \(result.stderr)")
+            XCTAssertTrue(result.stderr.contains(testCase.expected), "\(testCase.name): '\(result.stderr)' lacks '\(testCase.expected)'")
+            XCTAssertFalse(result.stderr.contains("Fatal error"), "\(testCase.name): crashed: \(result.stderr)")
+        }
+    }
+}

@@ -1,0 +1,115 @@
+import Foundation
+import XCTest
+import MoEIO
+
+/// Runs the `moe` executable built next to the test bundle.
+struct CommandResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+enum CLI {
+    /// The built `moe` binary: it lives in the same build folder as the test bundle.
+    static var executable: URL {
+        // On Linux the test runner's main bundle is the build folder itself; on macOS the
+        // .xctest bundle sits inside it.
+        let folders = [Bundle.main.bundleURL] + Bundle.allBundles.map(\.bundleURL).filter { $0.pathExtension == "xctest" }
+            .map { $0.deletingLastPathComponent() }
+        let candidates = folders.map { $0.appendingPathComponent("moe") }
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0.path) } ?? candidates[0]
+    }
+
+    /// Runs `moe` (or, with `mpirun` ranks, `mpirun -np R moe`) in `directory`.
+    @discardableResult
+    static func run(_ arguments: [String], in directory: URL, environment: [String: String] = [:]) throws -> CommandResult {
+        let process = Process()
+        process.executableURL = executable
+        process.arguments = arguments
+        process.currentDirectoryURL = directory
+        var env = ProcessInfo.processInfo.environment
+        // Tests run the executable as a single rank unless they launch mpirun themselves.
+        for key in env.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { env.removeValue(forKey: key) }
+        env["OPENBLAS_NUM_THREADS"] = "1"
+        for (key, value) in environment { env[key] = value }
+        process.environment = env
+        return try capture(process)
+    }
+
+    static func capture(_ process: Process) throws -> CommandResult {
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        // Read both pipes before waiting, or a full pipe blocks the child.
+        final class Box: @unchecked Sendable { var data = Data() }
+        let errData = Box()
+        let group = DispatchGroup()
+        group.enter()
+        DispatchQueue.global().async { errData.data = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        group.wait()
+        process.waitUntilExit()
+        return CommandResult(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                             stderr: String(decoding: errData.data, as: UTF8.self))
+    }
+}
+
+/// A scratch directory with small generated token files: text with enough structure to learn.
+final class Workspace {
+    let url: URL
+
+    init() throws {
+        url = FileManager.default.temporaryDirectory.appendingPathComponent("moe-cli-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: url.appendingPathComponent("data"), withIntermediateDirectories: true)
+        try TokenFile.write(tokens: Workspace.text(lines: 400, seed: 1), vocabularySize: 256, to: path("data/train.bin"))
+        try TokenFile.write(tokens: Workspace.text(lines: 80, seed: 2), vocabularySize: 256, to: path("data/val.bin"))
+    }
+
+    deinit { try? FileManager.default.removeItem(at: url) }
+
+    func path(_ relative: String) -> String { url.appendingPathComponent(relative).path }
+
+    func write(_ relative: String, _ text: String) throws {
+        try text.write(toFile: path(relative), atomically: true, encoding: .utf8)
+    }
+
+    func write(_ relative: String, bytes: [UInt8]) throws {
+        try Data(bytes).write(to: URL(fileURLWithPath: path(relative)))
+    }
+
+    /// Play-like lines from a small vocabulary, deterministic in `seed`.
+    static func text(lines: Int, seed: UInt64) -> [UInt16] {
+        let speakers = ["ROMEO", "JULIET", "NURSE", "FRIAR"]
+        let words = ["the", "love", "night", "sweet", "and", "my", "lord", "thou", "art", "fair", "day", "O"]
+        var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+        func next(_ bound: Int) -> Int {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            return Int(state % UInt64(bound))
+        }
+        var text = ""
+        for _ in 0..<lines {
+            text += speakers[next(speakers.count)] + ".\n"
+            text += (0..<(3 + next(6))).map { _ in words[next(words.count)] }.joined(separator: " ") + ".\n"
+        }
+        return text.utf8.map(UInt16.init)
+    }
+
+    /// The tiny model of configs/tiny.yaml on this workspace's data.
+    static let tinyConfig = """
+        model: {context: 16, width: 16, layers: 2, heads: 2, ffn_hidden: 32, moe_every: 1}
+        moe: {experts: 4, top_k: 2, gate: topk, capacity_factor: 1.25, min_capacity: 2}
+        train: {steps: 12, batch_size: 2, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 6, eval_batches: 2}
+        data: {train: data/train.bin, val: data/val.bin}
+        checkpoint: {every: 6, keep: 2}
+        """
+}
+
+/// Parsed `metrics.jsonl`.
+func readMetrics(_ path: String) throws -> [[String: Any]] {
+    let text = try String(contentsOfFile: path, encoding: .utf8)
+    return try text.split(separator: "\n").map { line in
+        try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "not a JSON object: \(line)")
+    }
+}

@@ -1,0 +1,134 @@
+import Foundation
+import XCTest
+import MoEIO
+
+/// End-to-end runs of the `moe` executable on the tiny model.
+final class TrainingRunTests: XCTestCase {
+    func losses(_ metrics: [[String: Any]]) -> [Int: Double] {
+        var losses: [Int: Double] = [:]
+        for object in metrics { if let step = object["step"] as? Int, let loss = object["loss"] as? Double { losses[step] = loss } }
+        return losses
+    }
+
+    func testTrainWritesTheContractThenEvalGenerateAndVerifyWork() throws {
+        let workspace = try Workspace()
+        try workspace.write("tiny.yaml", Workspace.tinyConfig)
+        let train = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "run"], in: workspace.url)
+        XCTAssertEqual(train.status, 0, train.stderr)
+        XCTAssertTrue(train.stdout.contains("step 11/12"), train.stdout)
+
+        // metrics.jsonl: every contracted key on every logged step, validation records at 0, 6, 12.
+        let metrics = try readMetrics(workspace.path("run/metrics.jsonl"))
+        let stepRecords = metrics.filter { $0["loss"] != nil }
+        XCTAssertEqual(stepRecords.compactMap { $0["step"] as? Int }, Array(0..<12))
+        for record in stepRecords {
+            for key in ["step", "loss", "lr", "tokens_per_sec", "aux_loss", "dropped_fraction", "expert_load", "active_experts", "grad_norm"] {
+                XCTAssertNotNil(record[key], "metrics record lacks \(key): \(record)")
+            }
+            let load = try XCTUnwrap(record["expert_load"] as? [[Double]])
+            XCTAssertEqual(load.count, 2, "one row per MoE layer")
+            for row in load {
+                XCTAssertEqual(row.count, 4)
+                XCTAssertEqual(row.reduce(0, +), 1, accuracy: 1e-9)
+            }
+            let active = try XCTUnwrap(record["active_experts"] as? Double)
+            XCTAssertTrue(active > 1 && active <= 2, "top-2 with capacity keeps between 1 and 2 experts per token: \(active)")
+        }
+        let validation = metrics.filter { $0["val_loss"] != nil }
+        XCTAssertEqual(validation.compactMap { $0["step"] as? Int }, [0, 6, 12])
+        let firstLoss = try XCTUnwrap(stepRecords.first?["loss"] as? Double)
+        let lastLoss = try XCTUnwrap(stepRecords.last?["loss"] as? Double)
+        XCTAssertEqual(firstLoss, log(256), accuracy: 0.3, "an untrained byte model is near uniform")
+        XCTAssertLessThan(lastLoss, firstLoss - 1, "12 steps at lr 1e-2 must learn the repetitive text")
+
+        // The resolved config is written and loads back to the same values.
+        let resolved = try RunConfig.load(file: workspace.path("run/config.yaml"))
+        XCTAssertEqual(resolved.model.vocabularySize, 256)
+        XCTAssertEqual(resolved.train.steps, 12)
+
+        // Checkpoints: the last `keep` (2) complete ones, each with DONE.
+        let checkpoints = try FileManager.default.contentsOfDirectory(atPath: workspace.path("run/checkpoints")).sorted()
+        XCTAssertEqual(checkpoints, ["step_00000006", "step_00000012"])
+        for name in ["DONE", "manifest.json", "replicated.safetensors", "experts-rank-00000.safetensors"] {
+            XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000012/\(name)")), name)
+        }
+
+        // eval reproduces the final validation loss of the run (same windows, same weights).
+        let evaluation = try CLI.run(["eval", "--checkpoint", "run"], in: workspace.url)
+        XCTAssertEqual(evaluation.status, 0, evaluation.stderr)
+        let finalValidation = try XCTUnwrap(validation.last?["val_loss"] as? Double)
+        XCTAssertTrue(evaluation.stdout.contains(String(format: "val_loss %.4f", finalValidation)), evaluation.stdout)
+
+        let verify = try CLI.run(["checkpoint", "verify", "run/checkpoints/step_00000012"], in: workspace.url)
+        XCTAssertEqual(verify.status, 0, verify.stderr)
+        let inspect = try CLI.run(["checkpoint", "inspect", "run"], in: workspace.url)
+        XCTAssertEqual(inspect.status, 0, inspect.stderr)
+        XCTAssertTrue(inspect.stdout.contains("step 12"), inspect.stdout)
+
+        // generate: a seed reproduces a sample; another seed gives another.
+        let arguments = ["generate", "--checkpoint", "run", "--prompt", "ROMEO.\n", "--tokens", "60", "--temperature", "1"]
+        let first = try CLI.run(arguments + ["--seed", "7"], in: workspace.url)
+        let again = try CLI.run(arguments + ["--seed", "7"], in: workspace.url)
+        let other = try CLI.run(arguments + ["--seed", "8"], in: workspace.url)
+        XCTAssertEqual(first.status, 0, first.stderr)
+        XCTAssertTrue(first.stdout.hasPrefix("ROMEO.\n"))
+        XCTAssertEqual(first.stdout, again.stdout)
+        XCTAssertNotEqual(first.stdout, other.stdout)
+
+        // A flipped byte in a checkpoint file is caught by verify.
+        let path = workspace.path("run/checkpoints/step_00000012/replicated.safetensors")
+        var bytes = try XCTUnwrap(FileManager.default.contents(atPath: path))
+        bytes[bytes.count - 3] ^= 0x40
+        try bytes.write(to: URL(fileURLWithPath: path))
+        let broken = try CLI.run(["checkpoint", "verify", "run/checkpoints/step_00000012"], in: workspace.url)
+        XCTAssertNotEqual(broken.status, 0)
+        XCTAssertTrue(broken.stderr.contains("replicated.safetensors") && broken.stderr.contains("SHA-256"), broken.stderr)
+    }
+
+    func testFixedSeedReproducesTheRunAndAnotherSeedDoesNot() throws {
+        let workspace = try Workspace()
+        try workspace.write("tiny.yaml", Workspace.tinyConfig)
+        for (directory, seed) in [("a", 5), ("b", 5), ("c", 6)] {
+            let result = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", directory, "--set", "train.seed=\(seed)",
+                                      "--set", "train.steps=6"], in: workspace.url)
+            XCTAssertEqual(result.status, 0, result.stderr)
+        }
+        let a = losses(try readMetrics(workspace.path("a/metrics.jsonl")))
+        let b = losses(try readMetrics(workspace.path("b/metrics.jsonl")))
+        let c = losses(try readMetrics(workspace.path("c/metrics.jsonl")))
+        XCTAssertEqual(a.count, 6)
+        XCTAssertEqual(a, b, "same seed, same losses bit for bit")
+        XCTAssertNotEqual(a[5], c[5])
+    }
+
+    func testStopAndResumeContinuesExactly() throws {
+        let workspace = try Workspace()
+        try workspace.write("tiny.yaml", Workspace.tinyConfig)
+        let straight = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "straight"], in: workspace.url)
+        XCTAssertEqual(straight.status, 0, straight.stderr)
+        let stopped = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "resumed", "--stop-at", "5"], in: workspace.url)
+        XCTAssertEqual(stopped.status, 0, stopped.stderr)
+        // A fresh run must not silently overwrite a run directory that has checkpoints.
+        let clobber = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "resumed"], in: workspace.url)
+        XCTAssertNotEqual(clobber.status, 0)
+        XCTAssertTrue(clobber.stderr.contains("--resume"), clobber.stderr)
+        // The architecture comes from the checkpoint; a conflicting one is named.
+        let conflict = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "resumed", "--resume", "--set", "model.width=32",
+                                    "--set", "moe.experts=2"], in: workspace.url)
+        XCTAssertNotEqual(conflict.status, 0)
+        XCTAssertTrue(conflict.stderr.contains("model.width") && conflict.stderr.contains("moe.experts"), conflict.stderr)
+
+        let resumed = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "resumed", "--resume"], in: workspace.url)
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        XCTAssertTrue(resumed.stdout.contains("resumed from"), resumed.stdout)
+        let expected = losses(try readMetrics(workspace.path("straight/metrics.jsonl")))
+        let actual = losses(try readMetrics(workspace.path("resumed/metrics.jsonl")))
+        XCTAssertEqual(actual.count, 12)
+        XCTAssertEqual(actual, expected, "losses after resume equal the straight run's bit for bit")
+        let final = "checkpoints/step_00000012/"
+        for file in ["replicated.safetensors", "experts-rank-00000.safetensors"] {
+            XCTAssertEqual(FileManager.default.contents(atPath: workspace.path("straight/" + final + file)),
+                           FileManager.default.contents(atPath: workspace.path("resumed/" + final + file)), "\(file) differs")
+        }
+    }
+}
