@@ -102,7 +102,7 @@ public struct RunConfig: Equatable, Sendable {
             .int("seed", \.seed, min: 0, "seed of initialisation, data order and routing noise"),
             .double("lr", \.learningRate, 0...10, "peak learning rate"),
             .double("min_lr", \.minLearningRate, 0...10, "learning rate at the end of the cosine decay"),
-            .int("warmup_steps", \.warmupSteps, min: 0, "linear warm-up steps"),
+            .int("warmup_steps", \.warmupSteps, min: 0, "linear warm-up steps (a warm-up longer than the run never reaches the peak lr)"),
             .double("weight_decay", \.weightDecay, 0...10, "AdamW decoupled weight decay on matrices"),
             .double("beta1", \.beta1, 0...0.999999, "AdamW first-moment decay"),
             .double("beta2", \.beta2, 0...0.999999999, "AdamW second-moment decay"),
@@ -190,9 +190,6 @@ public struct RunConfig: Equatable, Sendable {
         }
         if train.minLearningRate > train.learningRate {
             throw ConfigError.inconsistent("train.min_lr (\(train.minLearningRate)) exceeds train.lr (\(train.learningRate))")
-        }
-        if train.warmupSteps > train.steps && train.steps > 0 {
-            throw ConfigError.inconsistent("train.warmup_steps (\(train.warmupSteps)) exceeds train.steps (\(train.steps))")
         }
     }
 
