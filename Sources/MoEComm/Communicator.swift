@@ -21,6 +21,9 @@ public protocol Communicator: AnyObject {
     /// Copies `buffer` from `root` to every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
+    /// Partitions the ranks: those passing the same `color` form a new communicator, ranked by
+    /// (`key`, old rank). Collective over this communicator.
+    func split(color: Int, key: Int) throws -> Communicator
     /// Ends the whole job (every rank) with `code`. Used when one rank cannot go on.
     func abort(code: Int32) -> Never
 }
@@ -43,6 +46,7 @@ extension Int64: CommElement { public static var commType: CommDataType { .int64
 public enum CommError: Error, CustomStringConvertible {
     case mpi(operation: String, rank: Int, code: Int32, message: String)
     case mismatch(operation: String, rank: Int, detail: String)
+    case aborted(rank: Int)
 
     public var description: String {
         switch self {
@@ -50,6 +54,8 @@ public enum CommError: Error, CustomStringConvertible {
             return "MPI error on rank \(rank) in \(operation) (code \(code)): \(message)"
         case let .mismatch(operation, rank, detail):
             return "inconsistent \(operation) on rank \(rank): \(detail)"
+        case let .aborted(rank):
+            return "rank \(rank): the job was aborted by another rank"
         }
     }
 }
@@ -98,13 +104,16 @@ public final class SingleRankCommunicator: Communicator {
     }
     public func allToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
                           recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws {
-        precondition(sendCounts == recvCounts, "single rank: send and receive counts must agree")
+        guard sendCounts == recvCounts else {
+            throw CommError.mismatch(operation: "all-to-all-v", rank: 0, detail: "sends \(sendCounts[0]) bytes to itself but expects \(recvCounts[0])")
+        }
         guard sendCounts[0] > 0 else { return }
         let source = send.baseAddress! + sendOffsets[0]
         (recv.baseAddress! + recvOffsets[0]).copyMemory(from: source, byteCount: sendCounts[0])
     }
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
     public func barrier() throws {}
+    public func split(color: Int, key: Int) throws -> Communicator { SingleRankCommunicator() }
     public func abort(code: Int32) -> Never { exit(code) }
 }
 

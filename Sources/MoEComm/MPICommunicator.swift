@@ -117,6 +117,16 @@ public final class MPICommunicator: Communicator {
 
     public func barrier() throws { try check(MPI_Barrier(world), "MPI_Barrier") }
 
+    public func split(color: Int, key: Int) throws -> Communicator {
+        var child: MPI_Comm?
+        try check(MPI_Comm_split(world, Int32(color), Int32(key), &child), "MPI_Comm_split")
+        MPI_Comm_set_errhandler(child, swiftmoe_errors_return())
+        var childRank: Int32 = 0, childSize: Int32 = 0
+        MPI_Comm_rank(child, &childRank)
+        MPI_Comm_size(child, &childSize)
+        return MPICommunicator(world: child, rank: Int(childRank), size: Int(childSize))
+    }
+
     public func abort(code: Int32) -> Never {
         MPI_Abort(world, code)
         exit(code)

@@ -47,6 +47,7 @@ public struct TrainConfig: Equatable, Sendable {
     public var logEvery = 10
     public var evalEvery = 250
     public var evalBatches = 16
+    public var consistencyCheckEvery = 100
 }
 
 public struct DataConfig: Equatable, Sendable {
@@ -113,6 +114,8 @@ public struct RunConfig: Equatable, Sendable {
             .int("log_every", \.logEvery, min: 1, "write a metrics line every n steps"),
             .int("eval_every", \.evalEvery, min: 0, "evaluate on the validation data every n steps (0: only at the end)"),
             .int("eval_batches", \.evalBatches, min: 1, "validation batches per evaluation"),
+            .int("consistency_check_every", \.consistencyCheckEvery, min: 0,
+                 "every n steps, ranks compare a checksum of their replicated parameters and stop if they diverged (0: never)"),
         ]),
         ConfigSection("data", \.data, help: "Token files (llm.c format, see `moe prepare`). Relative paths are relative to the working directory.", [
             .string("train", \.train, allowEmpty: false, "training token file"),

@@ -27,6 +27,13 @@ public final class MoELayer<T: Scalar> {
     var sendRows: [Int] = [], sendOffsets: [Int] = [], receiveRows: [Int] = [], receiveOffsets: [Int] = []
     var rowsPerLocalExpert: [Int] = []
     var receivedRowCount = 0
+    /// [E] rows received per global expert, summed over ranks for the consistency check.
+    var receivedPerExpert: [Int64] = []
+    /// Test hook: added to this rank's first send count after routing, to prove that a
+    /// dispatch whose counts disagree with the routing is caught (not a hang or garbage).
+    public var injectedCountError: Int64 = 0
+    /// This layer's index in the model, for error messages.
+    public var layerIndex = 0
 
     // Activations [A, C] / [A_recv, C|H].
     let sendBuffer = Tensor<T>(), receiveBuffer = Tensor<T>(), expertInput = Tensor<T>()
@@ -165,6 +172,7 @@ public final class MoELayer<T: Scalar> {
         for e in 0..<experts {
             sendCounts[placement.owner(of: e) * perRank + placement.localIndex(of: e)] = Int64(expertStart[e + 1] - expertStart[e])
         }
+        sendCounts[placement.groupBase * perRank] += injectedCountError
         try sendCounts.withUnsafeBufferPointer { send in
             try receiveCounts.withUnsafeMutableBufferPointer { receive in
                 try communicator.allToAll(send: send, recv: receive, blockCount: perRank)
@@ -188,11 +196,33 @@ public final class MoELayer<T: Scalar> {
             sendTotal += sendRows[rank]
             receiveTotal += receiveRows[rank]
         }
-        precondition(sendTotal == assignments)
         for local in 0..<perRank {
             rowsPerLocalExpert[local] = (0..<ranks).reduce(0) { $0 + Int(receiveCounts[$1 * perRank + local]) }
         }
         receivedRowCount = receiveTotal
+        try checkCounts(sendTotal: sendTotal)
+    }
+
+    /// The exchanged counts must add up to what the gate kept: summed over ranks, the rows each
+    /// expert receives equal its global kept count (which the gate computed by its own
+    /// all-reduce). Every rank sees the same sums, so every rank throws together: no rank is
+    /// left waiting in the all-to-all that would follow.
+    private func checkCounts(sendTotal: Int) throws {
+        let experts = placement.expertCount
+        if receivedPerExpert.count != experts + 1 { receivedPerExpert = Array(repeating: 0, count: experts + 1) }
+        for e in 0...experts { receivedPerExpert[e] = 0 }
+        for local in 0..<placement.expertsPerRank {
+            receivedPerExpert[placement.localExperts.lowerBound + local] = Int64(rowsPerLocalExpert[local])
+        }
+        // Last slot: ranks whose send total disagrees with their own routing.
+        receivedPerExpert[experts] = sendTotal == routing.count ? 0 : 1
+        try communicator.allReduce(&receivedPerExpert)
+        for e in 0..<experts where receivedPerExpert[e] != routing.keptPerExpert[e] || receivedPerExpert[experts] != 0 {
+            throw CommError.mismatch(
+                operation: "MoE dispatch (layer \(layerIndex))", rank: communicator.rank,
+                detail: "expert \(e) is announced \(receivedPerExpert[e]) rows but the gate kept \(routing.keptPerExpert[e]) "
+                    + "(\(receivedPerExpert[experts]) rank(s) send counts that disagree with their routing)")
+        }
     }
 
     /// All-to-all-v of whole rows. Forward direction sends `sendRows`; reverse swaps the splits.

@@ -93,7 +93,9 @@ public final class GPTModel<T: Scalar> {
                     FeedForward(store: expertStore, name: "\(name).moe.experts.\(expert)", width: width,
                                 hiddenSize: config.ffnHidden, residualDeviation: residualDeviation)
                 }
-                feedForward = .moe(MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator))
+                let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator)
+                moeLayer.layerIndex = layer
+                feedForward = .moe(moeLayer)
             } else {
                 feedForward = .dense(FeedForward(store: replicated, name: "\(name).ffn", width: width,
                                                  hiddenSize: config.ffnHidden, residualDeviation: residualDeviation))

@@ -4,6 +4,16 @@ import Glibc
 import MoEComm
 import MoEIO
 
+public enum TrainingError: Error, CustomStringConvertible {
+    case replicasDiverged(step: Int, rank: Int, checksum: String)
+    public var description: String {
+        switch self {
+        case let .replicasDiverged(step, rank, checksum):
+            return "replicated parameters differ between ranks after step \(step) (rank \(rank) has checksum \(checksum)); ranks are no longer training the same model"
+        }
+    }
+}
+
 /// What one training step did, over the global batch (identical on every rank).
 public struct StepReport: Sendable {
     public var step: Int
@@ -33,6 +43,9 @@ public final class Trainer {
     /// The next step to run (0-based); equals the number of updates applied.
     public internal(set) var step = 0
 
+    /// The ranks holding copies of this rank's experts (R > E only): their gradients are
+    /// all-reduced within this group.
+    let replicaCommunicator: Communicator?
     var inputs: [Int32] = [], targets: [Int32] = []
     /// [loss sum, expert gradient sum of squares]: all-reduced together.
     var scalars: [Double] = [0, 0]
@@ -59,6 +72,9 @@ public final class Trainer {
         trainData = try TokenBatches(file: trainFile, length: config.model.context, seed: config.train.seed)
         validationData = try validationFile.map { try TokenBatches(file: $0, length: config.model.context, seed: config.train.seed) }
         routingKey = RandomKey(UInt64(config.train.seed)).derive("routing")
+        let placement = model.placement
+        replicaCommunicator = placement.replicas > 1
+            ? try communicator.split(color: communicator.rank % placement.groupSize, key: communicator.rank) : nil
     }
 
     public var batchSize: Int { config.train.batchSize }
@@ -81,6 +97,8 @@ public final class Trainer {
         //    the sum over ranks is the full gradient. Expert gradients are already complete on
         //    their host (every token routed to an expert reached it through the all-to-all).
         try communicator.allReduce(UnsafeMutableBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
+        //    With replicated experts (R > E) each copy saw only its group's tokens: sum the copies.
+        try replicaCommunicator?.allReduce(UnsafeMutableBufferPointer(start: model.experts.gradients, count: model.experts.count))
         // 5. global norm and clipping; expert squares are summed over ranks (each expert once).
         scalars[0] = forward.localLossSum
         scalars[1] = Kernels.sumOfSquares(model.experts.gradients, count: model.experts.count)
@@ -93,10 +111,28 @@ public final class Trainer {
         let learningRate = schedule.learningRate(at: step)
         replicatedOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
         expertOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
+        if config.train.consistencyCheckEvery > 0 && (step + 1) % config.train.consistencyCheckEvery == 0 {
+            try checkReplicasAgree()
+        }
         let report = StepReport(step: step, loss: scalars[0] / Double(globalTokens), auxiliaryLoss: forward.auxiliaryLoss,
                                 learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: forward.moeLayers)
         step += 1
         return report
+    }
+
+    /// Replicated parameters must be bit-identical on every rank (they receive identical
+    /// all-reduced gradients). A checksum of their bits, compared by min/max all-reduce, catches
+    /// a rank that diverged (a bug, a bit flip, a mismatched binary) before it poisons a run.
+    public func checkReplicasAgree() throws {
+        var checksum: UInt64 = 0xcbf2_9ce4_8422_2325
+        let words = UnsafeRawPointer(model.replicated.values).assumingMemoryBound(to: UInt32.self)
+        for index in 0..<model.replicated.count { checksum = (checksum ^ UInt64(words[index])) &* 0x100_0000_01b3 }
+        var extremes = [Int64(bitPattern: checksum), ~Int64(bitPattern: checksum)]   // max of ~x is ~min of x
+        try communicator.allReduce(&extremes, op: .max)
+        guard extremes[0] == ~extremes[1] else {
+            throw TrainingError.replicasDiverged(step: step + 1, rank: communicator.rank,
+                                                 checksum: String(checksum, radix: 16))
+        }
     }
 
     /// Mean cross-entropy over the validation file's fixed evaluation windows
@@ -109,7 +145,10 @@ public final class Trainer {
 
     public static func evaluate(model: GPTModel<Float>, data: TokenBatches, batches: Int, batchSize: Int,
                                 communicator: Communicator) throws -> Double {
-        var inputs: [Int32] = [], targets: [Int32] = []
+        /// The ranks holding copies of this rank's experts (R > E only): their gradients are
+    /// all-reduced within this group.
+    let replicaCommunicator: Communicator?
+    var inputs: [Int32] = [], targets: [Int32] = []
         let length = data.length, localTokens = batchSize * length, globalTokens = communicator.size * localTokens
         var lossSum = 0.0
         for index in 0..<batches {

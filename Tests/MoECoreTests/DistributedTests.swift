@@ -1,0 +1,205 @@
+import Foundation
+import XCTest
+@testable import MoECore
+import MoEComm
+import MoEIO
+
+/// Distributed logic with ranks as threads (`ThreadedCommunicator`); the same code paths run
+/// under MPI in the CLI tests.
+final class CommunicatorTests: XCTestCase {
+    func testCollectivesAgreeWithTheirDefinitions() throws {
+        try ThreadedCommunicator.run(size: 3) { comm in
+            let r = Int64(comm.rank)
+            var values: [Int64] = [r, 10 * r]
+            try comm.allReduce(&values)
+            guard values == [3, 30] else { throw TestFailure("all-reduce sum \(values)") }
+            var extremes: [Double] = [Double(r), -Double(r)]
+            try comm.allReduce(&extremes, op: .max)
+            guard extremes == [2, 0] else { throw TestFailure("all-reduce max \(extremes)") }
+            var scan: [Int64] = [r + 1]
+            try scan.withUnsafeMutableBufferPointer { try comm.exclusiveScanSum($0) }
+            guard scan == [[0], [1], [3]][comm.rank] else { throw TestFailure("exscan \(scan)") }
+            // all-to-all: rank r sends 100 r + d to d
+            let send = (0..<3).map { Int64(100 * comm.rank + $0) }
+            var received = [Int64](repeating: -1, count: 3)
+            try send.withUnsafeBufferPointer { s in try received.withUnsafeMutableBufferPointer { try comm.allToAll(send: s, recv: $0, blockCount: 1) } }
+            guard received == (0..<3).map({ Int64(100 * $0 + comm.rank) }) else { throw TestFailure("all-to-all \(received)") }
+            // all-to-all-v: rank r sends r+1 copies of its rank number to every rank
+            let rows = [Float](repeating: Float(comm.rank), count: 3 * (comm.rank + 1))
+            var into = [Float](repeating: -1, count: 1 + 2 + 3)
+            try rows.withUnsafeBufferPointer { s in
+                try into.withUnsafeMutableBufferPointer { d in
+                    try comm.allToAllV(send: s, sendCounts: Array(repeating: comm.rank + 1, count: 3),
+                                       sendOffsets: (0..<3).map { $0 * (comm.rank + 1) },
+                                       recv: d, recvCounts: [1, 2, 3], recvOffsets: [0, 1, 3])
+                }
+            }
+            guard into == [0, 1, 1, 2, 2, 2] else { throw TestFailure("all-to-all-v \(into)") }
+            // split into even and odd ranks
+            let half = try comm.split(color: comm.rank % 2, key: -comm.rank)
+            let sum = try half.allReduce(Int64(comm.rank))
+            guard half.size == (comm.rank % 2 == 0 ? 2 : 1), sum == (comm.rank % 2 == 0 ? 2 : 1),
+                  half.rank == (comm.rank == 2 ? 0 : (comm.rank == 0 ? 1 : 0)) else {
+                throw TestFailure("split: size \(half.size) rank \(half.rank) sum \(sum)")
+            }
+        }
+    }
+
+    /// A receiver expecting other counts than its source sends gets an error on every rank.
+    func testMismatchedAllToAllVThrowsInsteadOfHanging() {
+        XCTAssertThrowsError(try ThreadedCommunicator.run(size: 2) { comm in
+            let data = [UInt8](repeating: 1, count: 8)
+            var into = [UInt8](repeating: 0, count: 8)
+            try data.withUnsafeBytes { s in
+                try into.withUnsafeMutableBytes { d in
+                    try comm.allToAllV(send: s, sendCounts: [2, 2], sendOffsets: [0, 2], recv: d,
+                                       recvCounts: comm.rank == 1 ? [3, 2] : [2, 2], recvOffsets: [0, 4])
+                }
+            }
+        }) { error in XCTAssertTrue("\(error)".contains("rank 0 sends 2 bytes, this rank expects 3"), "\(error)") }
+    }
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// The equivalence invariant: R ranks with per-rank batch B/R train exactly the model one rank
+/// trains with batch B, up to float summation order.
+final class DistributedTrainingTests: XCTestCase {
+    override func setUp() { BLASInfo.setThreads(1) }
+
+    static let tokens: TokenFile = {
+        var state: UInt64 = 0x1234_5678
+        var text: [UInt16] = []
+        let words = ["the ", "king ", "shall ", "not ", "love ", "thee ", "my ", "lord", ".\n", "O "]
+        for _ in 0..<6000 {
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            text += words[Int(state >> 33) % words.count].utf8.map(UInt16.init)
+        }
+        return TokenFile(path: "generated", tokens: text, vocabularySize: 256)
+    }()
+
+    static func config(experts: Int, globalBatch: Int, ranks: Int, gate: String = "topk", topK: Int = 2) -> RunConfig {
+        var config = RunConfig()
+        config.model = ModelConfig()
+        config.model.context = 16; config.model.width = 16; config.model.layers = 2; config.model.heads = 2
+        config.model.ffnHidden = 32
+        config.moe.experts = experts; config.moe.topK = topK; config.moe.gate = gate; config.moe.minCapacity = 2
+        config.train.batchSize = globalBatch / ranks
+        config.train.steps = 20; config.train.warmupSteps = 2; config.train.learningRate = 1e-2; config.train.minLearningRate = 1e-3
+        config.train.consistencyCheckEvery = 5
+        return config
+    }
+
+    struct Outcome {
+        var losses: [Double] = []
+        var auxiliary: [Double] = []
+        var parameters: [String: [Float]] = [:]
+    }
+
+    /// Trains `steps` steps on `ranks` thread-ranks; returns rank 0's losses and every
+    /// parameter (experts gathered from their hosts by global name).
+    static func train(_ config: RunConfig, ranks: Int, prepare: (@Sendable (Trainer) -> Void)? = nil) throws -> Outcome {
+        final class Collector: @unchecked Sendable {
+            var outcome = Outcome()
+            let lock = NSLock()
+        }
+        let collector = Collector()
+        try ThreadedCommunicator.run(size: ranks) { comm in
+            let trainer = try Trainer(config: config, communicator: comm, trainFile: tokens, validationFile: nil)
+            prepare?(trainer)
+            var losses: [Double] = [], auxiliary: [Double] = []
+            for _ in 0..<config.train.steps {
+                let report = try trainer.trainStep()
+                losses.append(report.loss)
+                auxiliary.append(report.auxiliaryLoss)
+            }
+            collector.lock.lock()
+            defer { collector.lock.unlock() }
+            if comm.rank == 0 {
+                collector.outcome.losses = losses
+                collector.outcome.auxiliary = auxiliary
+                for entry in trainer.model.replicated.entries {
+                    collector.outcome.parameters[entry.name] = Array(UnsafeBufferPointer(start: trainer.model.replicated.values + entry.offset, count: entry.count))
+                }
+            }
+            for entry in trainer.model.experts.entries {
+                collector.outcome.parameters[entry.name] = Array(UnsafeBufferPointer(start: trainer.model.experts.values + entry.offset, count: entry.count))
+            }
+        }
+        return collector.outcome
+    }
+
+    /// Tolerance: the ranks sum the same float terms in other orders (the gradient all-reduce,
+    /// BLAS blocking over fewer rows, per-rank partial sums of the loss), which moves results by
+    /// a few ulps per step (~1e-7 relative); Adam's normalisation and 20 steps amplify that to
+    /// about 1e-6. 1e-4 relative leaves room, while a real bug (a lost token, a wrong count, a
+    /// missing all-reduce) changes the loss in the second or third digit.
+    func assertEquivalent(_ expected: Outcome, _ actual: Outcome, _ label: String) {
+        XCTAssertEqual(expected.losses.count, actual.losses.count)
+        for (step, (a, b)) in zip(expected.losses, actual.losses).enumerated() {
+            XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a), "\(label): loss at step \(step)")
+        }
+        for (step, (a, b)) in zip(expected.auxiliary, actual.auxiliary).enumerated() {
+            XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a) + 1e-9, "\(label): aux loss at step \(step)")
+        }
+        XCTAssertEqual(Set(expected.parameters.keys), Set(actual.parameters.keys), label)
+        // Parameters: |a - b| <= 1e-4 + 1e-3 |a|. The absolute floor is needed because some
+        // gradients are analytically zero (the key bias: softmax ignores a shift shared by all
+        // keys), so what the ranks compute there is rounding noise, which Adam normalises into
+        // steps of order lr in random directions; those parameters stay within ~1e-5 of zero.
+        var worst = 0.0, worstName = ""
+        for (name, values) in expected.parameters {
+            guard let other = actual.parameters[name] else { continue }
+            for (index, (a, b)) in zip(values, other).enumerated() {
+                let excess = Double(abs(a - b)) / (1e-4 + 1e-3 * Double(abs(a)))
+                if excess > worst { worst = excess; worstName = "\(name)[\(index)]: \(a) vs \(b)" }
+            }
+        }
+        XCTAssertLessThan(worst, 1, "\(label): parameters differ beyond tolerance, worst \(worstName)")
+    }
+
+    func testRanksHostingSubsetsOfExpertsMatchOneRank() throws {
+        let single = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1), ranks: 1)
+        XCTAssertLessThan(single.losses.last!, single.losses.first! - 1, "the run must learn something to compare")
+        for ranks in [2, 4] {
+            let multi = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: ranks), ranks: ranks)
+            assertEquivalent(single, multi, "\(ranks) ranks")
+        }
+    }
+
+    /// R > E: 4 ranks, 2 experts: two groups, each expert replicated twice.
+    func testMoreRanksThanExpertsMatchesOneRank() throws {
+        let single = try Self.train(Self.config(experts: 2, globalBatch: 8, ranks: 1), ranks: 1)
+        let multi = try Self.train(Self.config(experts: 2, globalBatch: 8, ranks: 4), ranks: 4)
+        assertEquivalent(single, multi, "4 ranks, 2 experts")
+    }
+
+    func testDispatchWithWrongCountsIsCaughtOnEveryRank() {
+        var config = Self.config(experts: 4, globalBatch: 8, ranks: 2)
+        config.train.steps = 2
+        XCTAssertThrowsError(try Self.train(config, ranks: 2) { trainer in
+            if trainer.communicator.rank == 1 { trainer.model.moeLayers[0].injectedCountError = 1 }
+        }) { error in
+            XCTAssertTrue("\(error)".contains("MoE dispatch (layer 0)") && "\(error)".contains("disagree with their routing"), "\(error)")
+        }
+    }
+
+    func testDivergedReplicasAreDetected() {
+        var config = Self.config(experts: 4, globalBatch: 8, ranks: 2)
+        config.train.steps = 5
+        XCTAssertThrowsError(try Self.train(config, ranks: 2) { trainer in
+            if trainer.communicator.rank == 1 { trainer.model.replicated.values[3] += 1e-3 }
+        }) { error in
+            XCTAssertTrue("\(error)".contains("replicated parameters differ between ranks after step 5"), "\(error)")
+        }
+    }
+
+    func testIndivisibleExpertCountIsAConfigError() {
+        XCTAssertThrowsError(try Self.train(Self.config(experts: 4, globalBatch: 6, ranks: 3), ranks: 3)) { error in
+            XCTAssertTrue("\(error)".contains("moe.experts (4) and the number of ranks (3)"), "\(error)")
+        }
+    }
+}
