@@ -28,11 +28,17 @@ struct TrainCommand: ParsableCommand {
     @Option(name: .customLong("stop-at"), help: ArgumentHelp("Stop after this step with a checkpoint, keeping the schedule of train.steps (for time-limited allocations; continue with --resume).", valueName: "step"))
     var stopAt: Int?
 
+    @Option(name: .customLong("inject-fault"), help: .hidden)
+    var faults: [String] = []
+
     @Flag(name: .customLong("print-config"), help: "Print the resolved config with every key documented, and exit.")
     var printConfig = false
 
     func validate() throws {
         if let stopAt, stopAt < 1 { throw ValidationError("--stop-at must be >= 1") }
+        for fault in faults where FaultInjection(fault) == nil {
+            throw ValidationError("--inject-fault '\(fault)': expected KIND@RANK with KIND one of \(FaultInjection.Kind.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
     }
 
     func run() throws {
@@ -49,6 +55,7 @@ struct TrainCommand: ParsableCommand {
             }
             Runtime.announceEnvironment(log)
             let run = try TrainingRun(config: resolved, runDirectory: directory, resume: resume, communicator: communicator, log: log)
+            for fault in faults.compactMap(FaultInjection.init) { fault.arm(run.trainer) }
             try run.run(stopAt: stopAt)
         }
     }

@@ -113,3 +113,23 @@ func readMetrics(_ path: String) throws -> [[String: Any]] {
         try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "not a JSON object: \(line)")
     }
 }
+
+extension CLI {
+    /// `mpirun -np ranks moe ...` with a timeout, so a hang fails the test instead of CI.
+    @discardableResult
+    static func mpirun(ranks: Int, _ arguments: [String], in directory: URL, transport: [String] = [],
+                       timeout: Int = 120) throws -> CommandResult {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--timeout", "\(timeout)", "-np", "\(ranks)"]
+            + transport + [executable.path] + arguments
+        process.currentDirectoryURL = directory
+        var env = ProcessInfo.processInfo.environment
+        for key in env.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { env.removeValue(forKey: key) }
+        env["OPENBLAS_NUM_THREADS"] = "1"
+        process.environment = env
+        return try capture(process)
+    }
+
+    static var hasMPI: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/mpirun") }
+}

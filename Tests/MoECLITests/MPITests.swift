@@ -1,0 +1,110 @@
+import Foundation
+import XCTest
+import MoECore
+
+/// The distributed trainer under real `mpirun`: the equivalence invariant over shared memory and
+/// over TCP, and failures that end the job instead of hanging it. Every mpirun has a timeout.
+final class MPITests: XCTestCase {
+    override func setUpWithError() throws {
+        try XCTSkipUnless(CLI.hasMPI, "mpirun is not installed (launch/install-deps.sh installs it)")
+    }
+
+    static let config = """
+        model: {context: 16, width: 16, layers: 2, heads: 2, ffn_hidden: 32, moe_every: 1}
+        moe: {experts: 4, top_k: 2, gate: topk, capacity_factor: 1.25, min_capacity: 2}
+        train: {steps: 20, batch_size: 8, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 10, eval_batches: 2, consistency_check_every: 5}
+        data: {train: data/train.bin, val: data/val.bin}
+        checkpoint: {every: 0, keep: 1}
+        """
+
+    struct Run {
+        var losses: [Double]
+        var validation: [Double]
+        var parameters: [String: [Float]]
+    }
+
+    /// Trains the 20-step config with a global batch of 8 sequences on `ranks` ranks.
+    func train(ranks: Int, experts: Int = 4, transport: [String] = [], in workspace: Workspace, name: String) throws -> Run {
+        let arguments = ["train", "--config", "mpi.yaml", "--run-dir", name, "--set", "train.batch_size=\(8 / ranks)",
+                         "--set", "moe.experts=\(experts)"]
+        let result = ranks == 1 ? try CLI.run(arguments, in: workspace.url)
+            : try CLI.mpirun(ranks: ranks, arguments, in: workspace.url, transport: transport)
+        XCTAssertEqual(result.status, 0, "\(name): \(result.stderr)")
+        let metrics = try readMetrics(workspace.path("\(name)/metrics.jsonl"))
+        var parameters: [String: [Float]] = [:]
+        let checkpoint = workspace.path("\(name)/checkpoints/step_00000020")
+        for file in try FileManager.default.contentsOfDirectory(atPath: checkpoint) where file.hasSuffix(".safetensors") {
+            let tensors = try Safetensors.File(path: checkpoint + "/" + file)
+            for (tensorName, info) in tensors.tensors where !tensorName.hasPrefix("optimizer.") {
+                var values = [Float](repeating: 0, count: (info.end - info.begin) / 4)
+                try values.withUnsafeMutableBufferPointer { try tensors.read(tensorName, shape: info.shape, into: $0.baseAddress!) }
+                XCTAssertNil(parameters[tensorName], "\(tensorName) saved twice")
+                parameters[tensorName] = values
+            }
+        }
+        return Run(losses: metrics.compactMap { $0["loss"] as? Double }, validation: metrics.compactMap { $0["val_loss"] as? Double },
+                   parameters: parameters)
+    }
+
+    /// Same tolerance argument as the in-process equivalence tests (DistributedTests.swift):
+    /// summation order only, ~1e-8 relative in practice.
+    func assertEquivalent(_ expected: Run, _ actual: Run, _ label: String) {
+        XCTAssertEqual(expected.losses.count, 20, label)
+        XCTAssertEqual(actual.losses.count, 20, label)
+        for (step, (a, b)) in zip(expected.losses, actual.losses).enumerated() {
+            XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a), "\(label): loss at step \(step)")
+        }
+        for (a, b) in zip(expected.validation, actual.validation) { XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a), "\(label): val_loss") }
+        XCTAssertEqual(Set(expected.parameters.keys), Set(actual.parameters.keys), "\(label): parameter names")
+        for (name, values) in expected.parameters {
+            guard let other = actual.parameters[name] else { continue }
+            for (index, (a, b)) in zip(values, other).enumerated() where abs(a - b) > 1e-4 + 1e-3 * abs(a) {
+                XCTFail("\(label): \(name)[\(index)] \(a) vs \(b)")
+                break
+            }
+        }
+    }
+
+    func testOneTwoAndFourRanksTrainTheSameModelOverSharedMemoryAndTCP() throws {
+        let workspace = try Workspace()
+        try workspace.write("mpi.yaml", Self.config)
+        let reference = try train(ranks: 1, in: workspace, name: "r1")
+        XCTAssertLessThan(reference.losses.last!, reference.losses.first! - 1)
+        for (label, transport) in [("shared memory", ["--mca", "btl_vader_single_copy_mechanism", "none"]),
+                                   ("tcp", ["--mca", "btl", "tcp,self"])] {
+            for ranks in [2, 4] {
+                let run = try train(ranks: ranks, transport: transport, in: workspace, name: "r\(ranks)-\(label.first!)")
+                assertEquivalent(reference, run, "\(ranks) ranks over \(label)")
+            }
+        }
+    }
+
+    func testMoreRanksThanExpertsTrainsTheSameModel() throws {
+        let workspace = try Workspace()
+        try workspace.write("mpi.yaml", Self.config)
+        let reference = try train(ranks: 1, experts: 2, in: workspace, name: "e2r1")
+        let run = try train(ranks: 4, experts: 2, in: workspace, name: "e2r4")
+        assertEquivalent(reference, run, "4 ranks, 2 experts")
+    }
+
+    func testBrokenDispatchCountsEndTheJobWithAnError() throws {
+        let workspace = try Workspace()
+        try workspace.write("mpi.yaml", Self.config)
+        let started = Date()
+        let result = try CLI.mpirun(ranks: 2, ["train", "--config", "mpi.yaml", "--run-dir", "bad", "--set", "train.batch_size=4",
+                                               "--inject-fault", "dispatch-count@1"], in: workspace.url, timeout: 60)
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertNotEqual(result.status, 110, "mpirun's timeout fired: the job hung")
+        XCTAssertTrue(result.stderr.contains("MoE dispatch (layer 0)") && result.stderr.contains("disagree with their routing"), result.stderr)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 30)
+    }
+
+    func testRankCountThatDoesNotFitTheExpertsIsAClearError() throws {
+        let workspace = try Workspace()
+        try workspace.write("mpi.yaml", Self.config)
+        let result = try CLI.mpirun(ranks: 3, ["train", "--config", "mpi.yaml", "--run-dir", "bad"], in: workspace.url, timeout: 60)
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertNotEqual(result.status, 110, "mpirun's timeout fired: the job hung")
+        XCTAssertTrue(result.stderr.contains("moe.experts (4) and the number of ranks (3) do not fit"), result.stderr)
+    }
+}
