@@ -30,6 +30,6 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "MoECoreTests", dependencies: ["MoECore", "MoEComm", "MoEIO"]),
-        .testTarget(name: "MoECLITests", dependencies: ["moe", "MoEIO", "MoECore"]),
+        .testTarget(name: "MoECLITests", dependencies: ["moe", "MoEIO", "MoECore"], exclude: ["Scripts"]),
     ]
 )

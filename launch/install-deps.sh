@@ -2,7 +2,7 @@
 # Installs SwiftMoE's system dependencies (Debian/Ubuntu): OpenMPI and OpenBLAS.
 # Swift itself (6.x) must already be on PATH. Skips apt when everything is present.
 set -euo pipefail
-packages=(libopenmpi-dev openmpi-bin libopenblas-dev pkg-config)
+packages=(libopenmpi-dev openmpi-bin libopenblas-dev pkg-config iproute2 util-linux)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -79,6 +79,29 @@ final class MPITests: XCTestCase {
         }
     }
 
+    /// Two network stacks on one machine, as two machines: one rank in each of two network
+    /// namespaces joined by a veth pair, mpirun's second daemon started by a launch agent that
+    /// enters the other namespace (Scripts/two-namespaces.sh), all traffic over real TCP.
+    func testTwoNetworkNamespacesTrainTheSameModelAsOneRank() throws {
+        let workspace = try Workspace()
+        try workspace.write("mpi.yaml", Self.config)
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Scripts/two-namespaces.sh")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/bash")
+        process.arguments = [script.path, workspace.url.path, CLI.executable.path, "train", "--config", "mpi.yaml",
+                             "--run-dir", "netns", "--set", "train.batch_size=4"]
+        let result = try CLI.capture(process)
+        if result.status == 77 { throw XCTSkip("skipped: \(result.stderr)") }
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let reference = try train(ranks: 1, in: workspace, name: "r1")
+        let metrics = try readMetrics(workspace.path("netns/metrics.jsonl"))
+        let losses = metrics.compactMap { $0["loss"] as? Double }
+        XCTAssertEqual(losses.count, 20)
+        for (step, (a, b)) in zip(reference.losses, losses).enumerated() {
+            XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a), "two namespaces: loss at step \(step)")
+        }
+    }
+
     func testMoreRanksThanExpertsTrainsTheSameModel() throws {
         let workspace = try Workspace()
         try workspace.write("mpi.yaml", Self.config)
