@@ -34,6 +34,10 @@ public final class MoELayer<T: Scalar> {
     public var injectedCountError: Int64 = 0
     /// This layer's index in the model, for error messages.
     public var layerIndex = 0
+    /// Time spent since the last `resetProfile()`: gate, dispatch, experts, and the whole layer.
+    public private(set) var profile = StepProfile()
+
+    public func resetProfile() { profile = StepProfile() }
 
     // Activations [A, C] / [A_recv, C|H].
     let sendBuffer = Tensor<T>(), receiveBuffer = Tensor<T>(), expertInput = Tensor<T>()
@@ -59,9 +63,11 @@ public final class MoELayer<T: Scalar> {
 
     /// x, y: [N, C]. y is overwritten.
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, context: RoutingContext) throws {
+        let started = Clock.nanoseconds()
+        defer { profile.total += Double(Clock.nanoseconds() - started) * 1e-9 }
         let width = self.width
-        try gate.forward(x, rows: rows, context: context, into: routing)
-        try buildPlan()
+        try Clock.measure(&profile.gate) { try gate.forward(x, rows: rows, context: context, into: routing) }
+        try Clock.measure(&profile.dispatch) { try buildPlan() }
         // 2. gather the rows to send, in sorted order
         let assignments = routing.count
         sendBuffer.resize(rows: assignments, columns: width)
@@ -79,6 +85,7 @@ public final class MoELayer<T: Scalar> {
         activation.resize(rows: receivedRowCount, columns: hiddenSize)
         expertOutput.resize(rows: receivedRowCount, columns: width)
         var start = 0
+        let expertsStarted = Clock.nanoseconds()
         for (local, expert) in experts.enumerated() {
             let count = rowsPerLocalExpert[local]
             if count > 0 {
@@ -87,6 +94,7 @@ public final class MoELayer<T: Scalar> {
             }
             start += count
         }
+        profile.experts += Double(Clock.nanoseconds() - expertsStarted) * 1e-9
         // 6. back to the senders
         permute(expertOutput, into: receiveBuffer, toExpertOrder: false)
         returnedOutput.resize(rows: assignments, columns: width)
@@ -102,6 +110,8 @@ public final class MoELayer<T: Scalar> {
 
     /// Adjoint of `forward`. dy: [N, C]; dx is accumulated.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {
+        let started = Clock.nanoseconds()
+        defer { profile.total += Double(Clock.nanoseconds() - started) * 1e-9 }
         let width = self.width, assignments = routing.count
         // 7'. dY_back[j] = w_j dy_s;  dw_j = <dy_s, Y_back[j]>
         dSend.resize(rows: assignments, columns: width)
@@ -122,6 +132,7 @@ public final class MoELayer<T: Scalar> {
         // 5'. expert backward: weight gradients complete here, every source's rows included
         dExpertInput.resize(rows: receivedRowCount, columns: width, zero: true)
         dHidden.resize(rows: receivedRowCount, columns: hiddenSize)
+        let expertsStarted = Clock.nanoseconds()
         var start = 0
         for (local, expert) in experts.enumerated() {
             let count = rowsPerLocalExpert[local]
@@ -132,6 +143,7 @@ public final class MoELayer<T: Scalar> {
             }
             start += count
         }
+        profile.experts += Double(Clock.nanoseconds() - expertsStarted) * 1e-9
         // 4'. back to the tokens' ranks
         permute(dExpertInput, into: dReceive, toExpertOrder: false)
         try exchange(dReceive, into: dSend, reverse: true)
@@ -139,8 +151,10 @@ public final class MoELayer<T: Scalar> {
         for position in 0..<assignments {
             Kernels.add(dSend.row(position), into: dx + Int(routing.tokens[Int(order[position])]) * width, count: width)
         }
-        dWeights.withUnsafeBufferPointer { dw in
-            gate.backward(x, rows: rows, dWeights: dw.baseAddress!, dx: dx, routing: routing)
+        Clock.measure(&profile.gate) {
+            dWeights.withUnsafeBufferPointer { dw in
+                gate.backward(x, rows: rows, dWeights: dw.baseAddress!, dx: dx, routing: routing)
+            }
         }
     }
 
@@ -227,6 +241,8 @@ public final class MoELayer<T: Scalar> {
 
     /// All-to-all-v of whole rows. Forward direction sends `sendRows`; reverse swaps the splits.
     private func exchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool) throws {
+        let started = Clock.nanoseconds()
+        defer { profile.dispatch += Double(Clock.nanoseconds() - started) * 1e-9 }
         let width = self.width
         try communicator.allToAllV(
             send: UnsafeBufferPointer(start: source.pointer, count: source.count),

@@ -61,6 +61,8 @@ public final class GPTModel<T: Scalar> {
     let scratch = Tensor<T>(), dResidual = Tensor<T>(), dScratch = Tensor<T>(), dHidden = Tensor<T>()
     var tokens: [Int32] = [], targets: [Int32] = []
     var batch = 0, length = 0
+    /// Attention time since the last `takeProfile()`.
+    var attentionSeconds = 0.0
 
     public init(config: ModelConfig, moe: MoEConfig, vocabularySize: Int, training: TrainConfig,
                 communicator: Communicator) throws {
@@ -159,8 +161,10 @@ public final class GPTModel<T: Scalar> {
         for (layer, block) in blocks.enumerated() {
             let input = residual[layer], mid = middle[layer]
             block.attentionNorm.forward(input.pointer, rows: rows, into: attentionNormed[layer].pointer, cache: normCaches[layer].0)
-            block.attention.forward(attentionNormed[layer].pointer, batch: batch, length: length, into: scratch.pointer,
-                                    cache: attentionCaches[layer])
+            Clock.measure(&attentionSeconds) {
+                block.attention.forward(attentionNormed[layer].pointer, batch: batch, length: length, into: scratch.pointer,
+                                        cache: attentionCaches[layer])
+            }
             Kernels.sum(input.pointer, scratch.pointer, into: mid.pointer, count: rows * width)
             block.feedForwardNorm.forward(mid.pointer, rows: rows, into: feedForwardNormed[layer].pointer, cache: normCaches[layer].1)
             switch block.feedForward {
@@ -249,14 +253,32 @@ public final class GPTModel<T: Scalar> {
                                            cache: normCaches[layer].1)
             // x_mid = x_in + attn(ln1(x_in)); dResidual becomes d x_in.
             dScratch.zero()
-            block.attention.backward(attentionNormed[layer].pointer, dResidual.pointer, batch: batch, length: length,
-                                     dx: dScratch.pointer, cache: attentionCaches[layer])
+            Clock.measure(&attentionSeconds) {
+                block.attention.backward(attentionNormed[layer].pointer, dResidual.pointer, batch: batch, length: length,
+                                         dx: dScratch.pointer, cache: attentionCaches[layer])
+            }
             block.attentionNorm.backward(residual[layer].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer,
                                          cache: normCaches[layer].0)
         }
         tokens.withUnsafeBufferPointer {
             embedding.backward(tokens: $0.baseAddress!, batch: batch, length: length, dOut: dResidual.pointer)
         }
+    }
+
+    /// Attention and MoE-layer times accumulated since the previous call; resets them.
+    public func takeProfile() -> StepProfile {
+        var profile = StepProfile()
+        profile.attention = attentionSeconds
+        attentionSeconds = 0
+        for layer in moeLayers {
+            let times = layer.profile
+            profile.gate += times.gate
+            profile.dispatch += times.dispatch
+            profile.experts += times.experts
+            profile.combine += times.total - times.gate - times.dispatch - times.experts
+            layer.resetProfile()
+        }
+        return profile
     }
 
     public func zeroGradients() {

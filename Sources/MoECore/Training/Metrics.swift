@@ -15,6 +15,9 @@ public struct JSONObject {
         fields.append("\"\(key)\":[\(rows.map { "[\($0.map(JSONObject.number).joined(separator: ","))]" }.joined(separator: ","))]")
     }
 
+    /// A value that is already JSON (a nested object).
+    public mutating func addRaw(_ key: String, _ json: String) { fields.append("\"\(key)\":\(json)") }
+
     public var text: String { "{" + fields.joined(separator: ",") + "}" }
 
     /// Shortest round-trip decimal; JSON has no NaN or infinity, so those become null.

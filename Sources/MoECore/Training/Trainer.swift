@@ -25,6 +25,8 @@ public struct StepReport: Sendable {
     /// Global gradient norm before clipping.
     public var gradientNorm: Double
     public var moeLayers: [MoELayerStatistics]
+    /// Where this rank's time went.
+    public var profile: StepProfile
 }
 
 /// Owns the model, its optimizers and the data; `step()` is the one place a training step is
@@ -84,6 +86,9 @@ public final class Trainer {
 
     /// One optimizer update on the global batch of step `step`.
     public func trainStep() throws -> StepReport {
+        _ = model.takeProfile()   // drop time an evaluation may have left behind
+        let started = Clock.nanoseconds()
+        var allReduceSeconds = 0.0, optimizerSeconds = 0.0
         let rank = communicator.rank, localTokens = batchSize * context, globalTokens = globalBatchTokens
         // 1. this rank's share of the global batch
         trainData.trainingBatch(step: step, rank: rank, batchSize: batchSize, inputs: &inputs, targets: &targets)
@@ -96,26 +101,35 @@ public final class Trainer {
         // 4. replicated gradients: each rank holds its tokens' share of d(global mean loss), so
         //    the sum over ranks is the full gradient. Expert gradients are already complete on
         //    their host (every token routed to an expert reached it through the all-to-all).
-        try communicator.allReduce(UnsafeMutableBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
-        //    With replicated experts (R > E) each copy saw only its group's tokens: sum the copies.
-        try replicaCommunicator?.allReduce(UnsafeMutableBufferPointer(start: model.experts.gradients, count: model.experts.count))
+        try Clock.measure(&allReduceSeconds) {
+            try communicator.allReduce(UnsafeMutableBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
+            //    With replicated experts (R > E) each copy saw only its group's tokens: sum the copies.
+            try replicaCommunicator?.allReduce(UnsafeMutableBufferPointer(start: model.experts.gradients, count: model.experts.count))
+        }
         // 5. global norm and clipping; expert squares are summed over ranks (each expert once).
         scalars[0] = forward.localLossSum
         scalars[1] = Kernels.sumOfSquares(model.experts.gradients, count: model.experts.count)
             / Double(model.placement.replicas)
-        try communicator.allReduce(&scalars)
+        try Clock.measure(&allReduceSeconds) { try communicator.allReduce(&scalars) }
         let gradientNorm = (Kernels.sumOfSquares(model.replicated.gradients, count: model.replicated.count) + scalars[1])
             .squareRoot()
         let clip = config.train.gradClip
         let gradientScale = clip > 0 && gradientNorm > clip ? clip / gradientNorm : 1
         let learningRate = schedule.learningRate(at: step)
-        replicatedOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
-        expertOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
-        if config.train.consistencyCheckEvery > 0 && (step + 1) % config.train.consistencyCheckEvery == 0 {
-            try checkReplicasAgree()
+        Clock.measure(&optimizerSeconds) {
+            replicatedOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
+            expertOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
         }
+        if config.train.consistencyCheckEvery > 0 && (step + 1) % config.train.consistencyCheckEvery == 0 {
+            try Clock.measure(&allReduceSeconds) { try checkReplicasAgree() }
+        }
+        var profile = model.takeProfile()
+        profile.allReduce = allReduceSeconds
+        profile.optimizer = optimizerSeconds
+        profile.total = Double(Clock.nanoseconds() - started) * 1e-9
         let report = StepReport(step: step, loss: scalars[0] / Double(globalTokens), auxiliaryLoss: forward.auxiliaryLoss,
-                                learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: forward.moeLayers)
+                                learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: forward.moeLayers,
+                                profile: profile)
         step += 1
         return report
     }

@@ -1,0 +1,87 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import MoEComm
+import MoEIO
+
+/// `moe bench`: this process's sgemm peak, then timed training steps, as one JSON object.
+public enum Benchmark {
+    /// Best-of-repeats GFLOP/s of a row-major sgemm [m, k] x [k, n], the shape of the model's
+    /// largest GEMMs (B*T tokens against the width and the expert hidden size). All ranks
+    /// measure at the same time, so the figure includes the contention of a real step.
+    public static func sgemmPeak(m: Int, n: Int, k: Int, repeats: Int = 20, communicator: Communicator) throws -> Double {
+        let a = Tensor<Float>(rows: m, columns: k), b = Tensor<Float>(rows: k, columns: n), c = Tensor<Float>(rows: m, columns: n)
+        for index in 0..<a.count { a.pointer[index] = Float(index % 7) * 0.01 }
+        for index in 0..<b.count { b.pointer[index] = Float(index % 5) * 0.01 }
+        for _ in 0..<3 { gemm(m: m, n: n, k: k, a: a.pointer, b: b.pointer, c: c.pointer) }
+        try communicator.barrier()
+        var best = Double.infinity
+        for _ in 0..<repeats {
+            let started = Clock.nanoseconds()
+            gemm(m: m, n: n, k: k, a: a.pointer, b: b.pointer, c: c.pointer)
+            best = min(best, Double(Clock.nanoseconds() - started) * 1e-9)
+        }
+        return 2 * Double(m * n * k) / best / 1e9
+    }
+
+    /// Model FLOPs per token: 6 x active parameters (forward 2, backward 4 per multiply-add)
+    /// plus causal attention, 6 L T C (QKᵀ and AV over T/2 keys on average, forward and backward).
+    public static func modelFlopsPerToken(_ model: GPTModel<Float>) -> Double {
+        let config = model.config
+        return 6 * Double(model.parameterCounts.active) + 6 * Double(config.layers * config.context * config.width)
+    }
+
+    /// Peak resident memory of this process, in MiB.
+    public static func peakResidentMiB() -> Double {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return Double(usage.ru_maxrss) / 1024   // Linux reports KiB
+    }
+
+    /// Times `steps` training steps after `warmup` untimed ones. Returns the JSON line (the
+    /// same on every rank; rank 0 prints it).
+    public static func run(trainer: Trainer, steps: Int, warmup: Int, dataDescription: String) throws -> String {
+        let communicator = trainer.communicator
+        let batch = trainer.config.train.batchSize * trainer.config.model.context
+        let peak = try sgemmPeak(m: batch, n: trainer.config.model.ffnHidden, k: trainer.config.model.width,
+                                 communicator: communicator)
+        for _ in 0..<warmup { _ = try trainer.trainStep() }
+        try communicator.barrier()
+        var profile = StepProfile()
+        let started = Clock.nanoseconds()
+        for _ in 0..<steps { profile += try trainer.trainStep().profile }
+        try communicator.barrier()
+        let seconds = Double(Clock.nanoseconds() - started) * 1e-9
+        // Per-part times averaged over ranks; peaks summed; memory maximum.
+        var sums = [peak, profile.attention, profile.gate, profile.dispatch, profile.experts, profile.combine,
+                    profile.allReduce, profile.optimizer, profile.total]
+        try communicator.allReduce(&sums)
+        let peakMemory = try communicator.allReduce(peakResidentMiB(), op: .max)
+        let ranks = Double(communicator.size)
+        var mean = StepProfile()
+        (mean.attention, mean.gate, mean.dispatch, mean.experts, mean.combine, mean.allReduce, mean.optimizer, mean.total) =
+            (sums[1] / ranks, sums[2] / ranks, sums[3] / ranks, sums[4] / ranks, sums[5] / ranks, sums[6] / ranks,
+             sums[7] / ranks, sums[8] / ranks)
+        let tokensPerSecond = Double(steps * trainer.globalBatchTokens) / seconds
+        let flopsPerToken = modelFlopsPerToken(trainer.model)
+        let achieved = tokensPerSecond * flopsPerToken / 1e9
+        var object = JSONObject()
+        object.add("ranks", communicator.size)
+        object.add("blas_core", BLASInfo.coreName)
+        object.add("blas_threads", BLASInfo.threads)
+        object.add("steps", steps)
+        object.add("global_batch_tokens", trainer.globalBatchTokens)
+        object.add("data", dataDescription)
+        object.add("tokens_per_sec", tokensPerSecond.rounded())
+        object.add("model_flops_per_token", flopsPerToken)
+        object.add("achieved_gflops", (achieved * 10).rounded() / 10)
+        object.add("sgemm_peak_gflops", (sums[0] * 10).rounded() / 10)
+        object.add("mfu", (achieved / sums[0] * 1000).rounded() / 1000)
+        object.add("peak_rss_mib", peakMemory.rounded())
+        object.add("step_ms", (seconds / Double(steps) * 1e4).rounded() / 10)
+        var parts = JSONObject()
+        for (name, value) in mean.parts { parts.add(name, (value / Double(steps) * 1e4).rounded() / 10) }
+        object.addRaw("step_ms_by_part", parts.text)
+        return object.text
+    }
+}
