@@ -42,6 +42,20 @@ enum Runtime {
         exit(1)
     }
 
+    /// Set by SIGTERM/SIGINT (what Slurm sends before a time limit or preemption); the training
+    /// loop checks it after every step. A raw pointer keeps the handler free of Swift runtime calls.
+    static let terminationFlag: UnsafeMutablePointer<sig_atomic_t> = {
+        let flag = UnsafeMutablePointer<sig_atomic_t>.allocate(capacity: 1)
+        flag.initialize(to: 0)
+        return flag
+    }()
+
+    static func installTerminationHandler() {
+        _ = terminationFlag
+        signal(SIGTERM) { _ in Runtime.terminationFlag.pointee = 1 }
+        signal(SIGINT) { _ in Runtime.terminationFlag.pointee = 1 }
+    }
+
     /// Prints on rank 0 only, flushed at once (progress lines must appear under mpirun too).
     static func logger(_ communicator: Communicator) -> (String) -> Void {
         { line in

@@ -56,7 +56,8 @@ struct TrainCommand: ParsableCommand {
             Runtime.announceEnvironment(log)
             let run = try TrainingRun(config: resolved, runDirectory: directory, resume: resume, communicator: communicator, log: log)
             for fault in faults.compactMap(FaultInjection.init) { fault.arm(run.trainer) }
-            try run.run(stopAt: stopAt)
+            Runtime.installTerminationHandler()
+            try run.run(stopAt: stopAt, stopRequested: { Runtime.terminationFlag.pointee != 0 })
         }
     }
 }

@@ -79,8 +79,11 @@ public final class TrainingRun {
     /// run went on, so `--resume` continues exactly); returns the final validation loss (nil
     /// without validation data).
     @discardableResult
-    public func run(stopAt: Int? = nil) throws -> Double? {
-        let config = trainer.config, steps = config.train.steps, end = min(steps, stopAt ?? steps)
+    /// `stopRequested` is polled after every step (a signal handler's flag); when it is set on any
+    /// rank, every rank finishes the same step, writes a checkpoint and returns.
+    public func run(stopAt: Int? = nil, stopRequested: () -> Bool = { false }) throws -> Double? {
+        let config = trainer.config, steps = config.train.steps
+        let end = min(steps, stopAt ?? steps)
         let counts = trainer.model.parameterCounts
         log("model: \(format(counts.total)) parameters, \(format(counts.active)) active per token; "
             + "\(trainer.model.moeLayers.count) MoE layers of \(config.moe.experts) experts (gate \(config.moe.gate), top-\(config.moe.topK)); "
@@ -109,6 +112,11 @@ public final class TrainingRun {
                            format(Int(tokensPerSecond)), duration(remaining)))
                 intervalSeconds = 0
                 intervalTokens = 0
+            }
+            if try communicator.allReduce(Int64(stopRequested() ? 1 : 0), op: .max) != 0 {
+                log("termination requested: stopping after step \(trainer.step) with a checkpoint; continue with --resume")
+                try saveCheckpoint()   // no evaluation: the scheduler's grace period is short
+                return lastValidation
             }
             if config.checkpoint.every > 0 && trainer.step % config.checkpoint.every == 0 && trainer.step < end {
                 try saveCheckpoint()
