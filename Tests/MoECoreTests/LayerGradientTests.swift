@@ -1,5 +1,5 @@
 import XCTest
-import MoECore
+@testable import MoECore
 import MoEComm
 import MoEIO
 
@@ -148,5 +148,43 @@ final class LayerGradientTests: XCTestCase {
             let doubleValue = Double.exp(SIMD16(repeating: x))[0]
             XCTAssertEqual(doubleValue, Foundation.exp(x), accuracy: 1e-14 * Foundation.exp(x))
         }
+    }
+
+    /// The Float fast paths (FloatKernels.swift) against the generic kernels run in Double, which
+    /// the gradient checks cover. Odd counts exercise the vector tails.
+    func testFloatFastPathsMatchTheDoubleReference() {
+        let count = 16 * 7 + 5
+        let key = RandomKey(42)
+        let x = (0..<count).map { key.normal($0) * 3 }, dy = (0..<count).map { key.derive(1).normal($0) }
+        var floatX = x.map(Float.init), floatDy = dy.map(Float.init)
+        var doubleX = x, doubleDy = dy
+        var floatOut = [Float](repeating: 0, count: count), doubleOut = [Double](repeating: 0, count: count)
+        func close(_ a: [Float], _ b: [Double], _ tolerance: Double, _ what: String) {
+            for index in 0..<count { XCTAssertEqual(Double(a[index]), b[index], accuracy: tolerance * max(1, abs(b[index])), "\(what)[\(index)]") }
+        }
+        Kernels.geluForward(&floatX, &floatOut, count: count)
+        Kernels.geluForward(&doubleX, &doubleOut, count: count)
+        close(floatOut, doubleOut, 3e-6, "gelu")
+        Kernels.geluBackward(&floatX, &floatDy, &floatOut, count: count)
+        Kernels.geluBackward(&doubleX, &doubleDy, &doubleOut, count: count)
+        close(floatOut, doubleOut, 3e-6, "gelu backward")
+        var floatRow = floatX, doubleRow = doubleX
+        let floatLogSumExp = Kernels.softmaxRow(&floatRow, count: count)
+        let doubleLogSumExp = Kernels.softmaxRow(&doubleRow, count: count)
+        close(floatRow, doubleRow, 1e-6, "softmax")
+        XCTAssertEqual(Double(floatLogSumExp), doubleLogSumExp, accuracy: 1e-5)
+        XCTAssertEqual(Kernels.sumOfSquares(&floatX, count: count), Kernels.sumOfSquares(&doubleX, count: count),
+                       accuracy: 1e-5 * Kernels.sumOfSquares(&doubleX, count: count))
+        // AdamW: one update of each precision from the same state.
+        var floatValues = floatDy, floatFirst = floatX.map { $0 * 0.01 }, floatSecond = floatX.map { $0 * $0 * 1e-3 }
+        var doubleValues = doubleDy, doubleFirst = doubleX.map { $0 * 0.01 }, doubleSecond = doubleX.map { $0 * $0 * 1e-3 }
+        AdamW<Float, Replicated>.updateRange(values: &floatValues, gradients: floatX, first: &floatFirst, second: &floatSecond,
+                                             count: count, beta1: 0.9, beta2: 0.95, stepSize: 1e-2, epsilon: 1e-8,
+                                             decay: 0.999, gradientScale: 0.5)
+        AdamW<Double, Replicated>.updateRange(values: &doubleValues, gradients: doubleX, first: &doubleFirst, second: &doubleSecond,
+                                              count: count, beta1: 0.9, beta2: 0.95, stepSize: 1e-2, epsilon: 1e-8,
+                                              decay: 0.999, gradientScale: 0.5)
+        close(floatValues, doubleValues, 1e-6, "adamw values")
+        close(floatSecond, doubleSecond, 1e-6, "adamw second moment")
     }
 }

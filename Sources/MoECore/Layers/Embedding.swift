@@ -16,13 +16,14 @@ public struct Embedding<T: Scalar> {
     /// out[b*T + t] = token[tokens[b*T + t]] + position[t].
     public func forward(tokens: UnsafePointer<Int32>, batch: Int, length: Int, into out: UnsafeMutablePointer<T>) {
         precondition(length <= positionTable.rows, "sequence longer than the model's context")
-        let width = self.width
+        let width = self.width, vocabularySize = self.vocabularySize
+        let tokenTable = self.tokenTable.value, positionTable = self.positionTable.value
         for b in 0..<batch {
             for t in 0..<length {
                 let row = out + (b * length + t) * width
                 let token = Int(tokens[b * length + t])
                 precondition(token >= 0 && token < vocabularySize, "token id \(token) outside the vocabulary")
-                let tokenRow = tokenTable.value + token * width, positionRow = positionTable.value + t * width
+                let tokenRow = tokenTable + token * width, positionRow = positionTable + t * width
                 for c in 0..<width { row[c] = tokenRow[c] + positionRow[c] }
             }
         }
@@ -31,11 +32,12 @@ public struct Embedding<T: Scalar> {
     /// Adjoint: scatter-adds dOut into the rows of both tables that forward read.
     public func backward(tokens: UnsafePointer<Int32>, batch: Int, length: Int, dOut: UnsafePointer<T>) {
         let width = self.width
+        let tokenGradient = tokenTable.gradient, positionGradient = positionTable.gradient
         for b in 0..<batch {
             for t in 0..<length {
                 let dRow = dOut + (b * length + t) * width
-                Kernels.add(dRow, into: tokenTable.gradient + Int(tokens[b * length + t]) * width, count: width)
-                Kernels.add(dRow, into: positionTable.gradient + t * width, count: width)
+                Kernels.add(dRow, into: tokenGradient + Int(tokens[b * length + t]) * width, count: width)
+                Kernels.add(dRow, into: positionGradient + t * width, count: width)
             }
         }
     }

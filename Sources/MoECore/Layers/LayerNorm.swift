@@ -20,6 +20,9 @@ public struct LayerNorm<T: Scalar> {
         cache.mean.resize(rows: rows, columns: 1)
         cache.reciprocalDeviation.resize(rows: rows, columns: 1)
         let inverseWidth = 1 / T(width)
+        // Pointers hoisted out of the loops: reaching them through the store costs a retain.
+        let gain = self.gain.value, bias = self.bias.value
+        let means = cache.mean.pointer, reciprocals = cache.reciprocalDeviation.pointer
         for row in 0..<rows {
             let input = x + row * width, output = y + row * width
             var sum: T = 0
@@ -28,9 +31,9 @@ public struct LayerNorm<T: Scalar> {
             var squares: T = 0
             for c in 0..<width { let d = input[c] - mean; squares += d * d }
             let reciprocal = 1 / (squares * inverseWidth + epsilon).squareRoot()
-            for c in 0..<width { output[c] = (input[c] - mean) * reciprocal * gain.value[c] + bias.value[c] }
-            cache.mean.pointer[row] = mean
-            cache.reciprocalDeviation.pointer[row] = reciprocal
+            for c in 0..<width { output[c] = (input[c] - mean) * reciprocal * gain[c] + bias[c] }
+            means[row] = mean
+            reciprocals[row] = reciprocal
         }
     }
 
@@ -38,23 +41,25 @@ public struct LayerNorm<T: Scalar> {
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>, cache: Cache) {
         let width = gain.columns
         let inverseWidth = 1 / T(width)
+        let gain = self.gain.value, gainGradient = self.gain.gradient, biasGradient = self.bias.gradient
+        let means = cache.mean.pointer, reciprocals = cache.reciprocalDeviation.pointer
         for row in 0..<rows {
             let input = x + row * width, dOut = dy + row * width, dIn = dx + row * width
-            let mean = cache.mean.pointer[row], reciprocal = cache.reciprocalDeviation.pointer[row]
+            let mean = means[row], reciprocal = reciprocals[row]
             var meanDNorm: T = 0, meanDNormTimesNorm: T = 0
             for c in 0..<width {
                 let normalized = (input[c] - mean) * reciprocal
-                let dNorm = dOut[c] * gain.value[c]
+                let dNorm = dOut[c] * gain[c]
                 meanDNorm += dNorm
                 meanDNormTimesNorm += dNorm * normalized
-                gain.gradient[c] += dOut[c] * normalized
-                bias.gradient[c] += dOut[c]
+                gainGradient[c] += dOut[c] * normalized
+                biasGradient[c] += dOut[c]
             }
             meanDNorm *= inverseWidth
             meanDNormTimesNorm *= inverseWidth
             for c in 0..<width {
                 let normalized = (input[c] - mean) * reciprocal
-                dIn[c] += reciprocal * (dOut[c] * gain.value[c] - meanDNorm - normalized * meanDNormTimesNorm)
+                dIn[c] += reciprocal * (dOut[c] * gain[c] - meanDNorm - normalized * meanDNormTimesNorm)
             }
         }
     }

@@ -34,6 +34,7 @@ public enum Kernels {
 
     /// GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
     public static func geluForward<T: Scalar>(_ input: UnsafePointer<T>, _ output: UnsafeMutablePointer<T>, count: Int) {
+        if T.self == Float.self { return FloatKernels.geluForward(asFloat(input), asFloat(output), count: count) }
         let scale = T(geluScale), cubic = T(geluCubic)
         var index = 0
         while index < count {
@@ -50,6 +51,7 @@ public enum Kernels {
     /// dInput = dOutput * GELU'(input), written over `dInput` (which may alias `dOutput`).
     public static func geluBackward<T: Scalar>(_ input: UnsafePointer<T>, _ dOutput: UnsafePointer<T>,
                                                _ dInput: UnsafeMutablePointer<T>, count: Int) {
+        if T.self == Float.self { return FloatKernels.geluBackward(asFloat(input), asFloat(dOutput), asFloat(dInput), count: count) }
         let scale = T(geluScale), cubic = T(geluCubic)
         var index = 0
         while index < count {
@@ -73,6 +75,7 @@ public enum Kernels {
     @discardableResult
     public static func softmaxRow<T: Scalar>(_ row: UnsafeMutablePointer<T>, count: Int) -> T {
         precondition(count > 0)
+        if T.self == Float.self { return FloatKernels.softmaxRow(asFloat(row), count: count) as! T }
         var maxVector = SIMD16<T>(repeating: -.infinity)
         var index = 0
         while index < count {
@@ -146,6 +149,7 @@ public enum Kernels {
     }
 
     public static func sumOfSquares<T: Scalar>(_ x: UnsafePointer<T>, count: Int) -> Double {
+        if T.self == Float.self { return FloatKernels.sumOfSquares(asFloat(x), count: count) }
         var sum = SIMD16<T>(repeating: 0)
         var index = 0
         while index < count {

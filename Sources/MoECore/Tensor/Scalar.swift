@@ -31,7 +31,8 @@ extension Float: Scalar {
     /// scale 2^n is built with integer bit operations instead of a float-to-int conversion.
     @inline(__always)
     public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
-        let clamped = x.clamped(lowerBound: SIMD16(repeating: -87.0), upperBound: SIMD16(repeating: 88.0))
+        // Clamp with masked replacement: `clamped(lowerBound:upperBound:)` compiles to a scalar loop.
+        let clamped = x.replacing(with: -87, where: x .< -87).replacing(with: 88, where: x .> 88)
         let magic = SIMD16<Float>(repeating: 12_582_912.0)
         let shifted = clamped * 1.442_695_040_888_963_4 + magic
         let n = shifted - magic

@@ -71,6 +71,12 @@ public final class AdamW<T: Scalar, Kind> {
     static func updateRange(values: UnsafeMutablePointer<T>, gradients: UnsafePointer<T>,
                             first: UnsafeMutablePointer<T>, second: UnsafeMutablePointer<T>, count: Int,
                             beta1: T, beta2: T, stepSize: T, epsilon: T, decay: T, gradientScale: T) {
+        if T.self == Float.self {
+            return FloatKernels.adamWUpdate(values: asFloat(values), gradients: asFloat(gradients), first: asFloat(first),
+                                            second: asFloat(second), count: count, beta1: beta1 as! Float, beta2: beta2 as! Float,
+                                            stepSize: stepSize as! Float, epsilon: epsilon as! Float, decay: decay as! Float,
+                                            gradientScale: gradientScale as! Float)
+        }
         let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
         var index = 0
         while index + 16 <= count {
