@@ -17,7 +17,7 @@ public struct ModelConfig: Equatable, Sendable {
 /// The mixture-of-experts blocks and their gate.
 public struct MoEConfig: Equatable, Sendable {
     public init() {}
-    public static let gates = ["topk", "switch"]
+    public static let gates = ["topk", "switch", "gshard", "dts", "hash", "base", "stablemoe", "expert_choice", "relu", "activation_dts"]
     public var experts = 8
     public var topK = 2
     public var gate = "topk"
@@ -27,6 +27,51 @@ public struct MoEConfig: Equatable, Sendable {
     public var renormalize = "before_drop"
     public var balanceLoss = 0.01
     public var zLoss = 0.0
+    public var jitter = 0.0
+    public var gshardSecond = "sampling"
+}
+
+/// EvoMoE's expert-diversify phase (ALGORITHMS.md 4.1): train one dense FFN per MoE position,
+/// then spawn the experts from it. Works with any gate; `configs/shakespeare.yaml` pairs it with dts.
+public struct EvoMoEConfig: Equatable, Sendable {
+    public init() {}
+    public var spawnFraction = 0.0
+    public var maskRatio = 0.5
+    public var noise = 0.01
+    public var rescale = true
+}
+
+/// The Dense-To-Sparse gates' schedule and selection (ALGORITHMS.md 4.2 and 10).
+public struct DenseToSparseConfig: Equatable, Sendable {
+    public init() {}
+    public var tauMax = 2.0
+    public var tauMin = 0.5
+    public var schedule = "linear"
+    public var annealFraction = 0.5
+    public var hardFraction = 0.75
+    public var threshold = 0.001
+    public var weights = "probability"
+    public var auxLoss = 0.01
+    public var activationTauMax = 1.0
+    public var activationTauMin = 0.05
+    public var activation = "sigmoid"
+}
+
+/// Parameters of the other gates (ALGORITHMS.md 5-9).
+public struct GateOptionsConfig: Equatable, Sendable {
+    public init() {}
+    public var hashTable = "random"
+    public var baseEpsilon = 0.02
+    public var stableStage2Fraction = 0.06
+    public var stableDistillDimension = 50
+    public var stableBalance = 0.3
+    public var stableDistill = 0.3
+    public var stableCapacityFactor = 2.0
+    public var expertChoiceCapacity = 2.0
+    public var allowNonCausal = false
+    public var reluInitialLambda = 1e-8
+    public var reluMultiplier = 1.2
+    public var reluTargetSparsity = 0.0
 }
 
 public struct TrainConfig: Equatable, Sendable {
@@ -70,6 +115,9 @@ public struct RunConfig: Equatable, Sendable {
     public var train = TrainConfig()
     public var data = DataConfig()
     public var checkpoint = CheckpointConfig()
+    public var evomoe = EvoMoEConfig()
+    public var dts = DenseToSparseConfig()
+    public var gates = GateOptionsConfig()
 
     public init() {}
 
@@ -96,6 +144,42 @@ public struct RunConfig: Equatable, Sendable {
                     "top-k weights: none (raw p), before_drop (softmax over the k), after_drop (over the kept)"),
             .double("balance_loss", \.balanceLoss, 0...100, "coefficient of the Switch load-balancing loss"),
             .double("z_loss", \.zLoss, 0...100, "coefficient of the router z-loss (ST-MoE); 1e-3 is typical"),
+            .double("jitter", \.jitter, 0...0.5, "topk/switch/gshard: the router sees x * U(1-j, 1+j) while training (Switch's 0.01); 0 = off"),
+            .choice("gshard_second", \.gshardSecond, ["sampling", "argmax", "random"],
+                    "gshard's second expert: sampling (Gumbel over the rest), argmax, or random (kept with probability 2 p2/(p1+p2))"),
+        ]),
+        ConfigSection("evomoe", \.evomoe, help: "EvoMoE expert-diversify: a dense FFN per MoE position first, then E experts spawned from it.", [
+            .double("spawn_fraction", \.spawnFraction, 0...0.99, "fraction of train.steps trained dense before spawning the experts (T_s); 0 = start sparse"),
+            .double("mask_ratio", \.maskRatio, 0...0.95, "r: each spawned expert keeps each weight with probability 1 - r"),
+            .double("noise", \.noise, 0...1, "spawned weights get noise N(0, (noise * rms W)^2)"),
+            .bool("rescale", \.rescale, "divide masked weights by 1 - r"),
+        ]),
+        ConfigSection("dts", \.dts, help: "Dense-To-Sparse gates (dts and activation_dts): temperature schedule, threshold selection, hard top-1.", [
+            .double("tau_max", \.tauMax, 1e-3...1e4, "dts: starting temperature"),
+            .double("tau_min", \.tauMin, 1e-3...1e4, "dts: final temperature"),
+            .choice("schedule", \.schedule, ["linear", "exp", "constant"], "how the temperature falls from tau_max to tau_min"),
+            .double("anneal_fraction", \.annealFraction, 1e-6...1, "D: annealing length as a fraction of train.steps, counted from the spawn"),
+            .double("hard_fraction", \.hardFraction, 0...1, "H: from this fraction of train.steps after the spawn on, hard top-1 (1 = never)"),
+            .double("threshold", \.threshold, 0...1, "gamma: an expert is selected when its Gumbel-softmax weight exceeds this"),
+            .choice("weights", \.weights, ["probability", "gumbel"], "combine weights m*p (probability) or m*q (gumbel)"),
+            .double("aux_loss", \.auxLoss, 0...100, "coefficient of EvoMoE's balance loss E * sum(me * ce)"),
+            .double("activation_tau_max", \.activationTauMax, 1e-4...1e4, "activation_dts: starting temperature"),
+            .double("activation_tau_min", \.activationTauMin, 1e-4...1e4, "activation_dts: final temperature"),
+            .choice("activation", \.activation, ["sigmoid", "tanh"], "activation_dts: phi in softmax(phi(l + b) / tau)"),
+        ]),
+        ConfigSection("gates", \.gates, help: "Parameters of the hash, base, stablemoe, expert_choice and relu gates.", [
+            .choice("hash_table", \.hashTable, ["random", "balanced"], "hash: uniform random table, or balanced by training-token frequency"),
+            .double("base_epsilon", \.baseEpsilon, 1e-6...1, "base: auction step as a fraction of the score range (result within N * eps of optimal)"),
+            .double("stable_stage2_fraction", \.stableStage2Fraction, 0...1, "stablemoe: stage 2 (frozen distilled routing) from this fraction of train.steps"),
+            .int("stable_distill_dim", \.stableDistillDimension, min: 1, "stablemoe: width of the distilled router"),
+            .double("stable_balance", \.stableBalance, 0...100, "stablemoe: balance loss coefficient (stage 1)"),
+            .double("stable_distill", \.stableDistill, 0...100, "stablemoe: distillation loss coefficient (stage 1)"),
+            .double("stable_capacity_factor", \.stableCapacityFactor, 0.01...1e6, "stablemoe: capacity ceil(CF * N / E); overflow skips the experts"),
+            .double("expert_choice_capacity", \.expertChoiceCapacity, 0.01...1e6, "expert_choice: c, each expert takes ceil(N c / E) tokens"),
+            .bool("allow_non_causal", \.allowNonCausal, "permit expert_choice in this causal language model (it leaks future tokens into routing)"),
+            .double("relu_initial_lambda", \.reluInitialLambda, 0...1e6, "relu: starting L1 coefficient"),
+            .double("relu_multiplier", \.reluMultiplier, 1...10, "relu: lambda is multiplied or divided by this after each update"),
+            .double("relu_target_sparsity", \.reluTargetSparsity, 0...1, "relu: target fraction of zero routing weights; 0 = 1 - top_k / experts"),
         ]),
         ConfigSection("train", \.train, help: "Optimisation.", [
             .int("steps", \.steps, min: 0, "optimizer updates"),
@@ -190,6 +274,15 @@ public struct RunConfig: Equatable, Sendable {
         }
         if moe.gate == "switch" && moe.topK != 1 {
             throw ConfigError.inconsistent("moe.gate switch routes each token to one expert: set moe.top_k to 1 (got \(moe.topK))")
+        }
+        if moe.gate == "gshard" && moe.topK != 2 {
+            throw ConfigError.inconsistent("moe.gate gshard routes each token to two experts: set moe.top_k to 2 (got \(moe.topK))")
+        }
+        if moe.gate == "expert_choice" && !gates.allowNonCausal {
+            throw ConfigError.inconsistent("moe.gate expert_choice lets each expert pick its tokens from the whole batch, so a token's routing depends on later tokens: this leaks the future in a causal language model and cannot be reproduced when generating; set gates.allow_non_causal: true to use it anyway")
+        }
+        if dts.tauMin > dts.tauMax || dts.activationTauMin > dts.activationTauMax {
+            throw ConfigError.inconsistent("dts: the minimum temperature exceeds the maximum")
         }
         if train.minLearningRate > train.learningRate {
             throw ConfigError.inconsistent("train.min_lr (\(train.minLearningRate)) exceeds train.lr (\(train.learningRate))")

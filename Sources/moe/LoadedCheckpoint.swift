@@ -21,8 +21,7 @@ struct LoadedCheckpoint {
         }
         manifest = try Checkpoint.readManifest(directory)
         config = try Checkpoint.config(of: manifest, directory: directory)
-        model = try GPTModel<Float>(config: config.model, moe: config.moe, vocabularySize: manifest.vocabularySize,
-                                    training: config.train, communicator: communicator)
+        model = try GPTModel<Float>(config, vocabularySize: manifest.vocabularySize, communicator: communicator)
         try Checkpoint.load(directory, manifest: manifest, model: model)
     }
 }

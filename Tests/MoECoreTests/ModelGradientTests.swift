@@ -1,26 +1,31 @@
 import XCTest
-import MoECore
+@testable import MoECore
 import MoEComm
 import MoEIO
 
+/// Whole-model finite-difference checks (Double), one per gate and mode: every parameter of the
+/// replicated store (router, centroids, distilled router, bias, ...) and of the experts.
 final class ModelGradientTests: XCTestCase {
-    func checkModel(tie: Bool, moeEvery: Int, capacityFactor: Double?) throws {
-        var model = ModelConfig()
-        model.context = 6; model.width = 8; model.layers = 2; model.heads = 2; model.ffnHidden = 10
-        model.moeEvery = moeEvery; model.tieEmbeddings = tie
-        var moe = MoEConfig()
-        moe.experts = 4; moe.topK = 2; moe.capacityFactor = capacityFactor; moe.zLoss = 0.001
-        let gpt = try GPTModel<Double>(config: model, moe: moe, vocabularySize: 11, training: TrainConfig(),
-                                       communicator: SingleRankCommunicator())
+    func checkModel(step: Int = 0, _ configure: (inout RunConfig) -> Void) throws {
+        var run = RunConfig()
+        run.model.context = 6; run.model.width = 8; run.model.layers = 2; run.model.heads = 2; run.model.ffnHidden = 10
+        run.moe.experts = 4; run.moe.topK = 2; run.moe.capacityFactor = nil; run.moe.zLoss = 0.001
+        run.train.steps = 100
+        configure(&run)
+        let gpt = try GPTModel<Double>(run, vocabularySize: 11, communicator: SingleRankCommunicator(),
+                                       tokenFrequencies: (0..<11).map { $0 * 3 % 7 })
         gpt.initializeParameters(seed: 3)
+        gpt.restorePhase(step: step)
         // Larger weights than the init so every path carries a visible gradient.
-        for i in 0..<gpt.replicated.count { gpt.replicated.values[i] *= 8 }
+        for entry in gpt.replicated.entries where !entry.name.hasSuffix("hash_table") {
+            for i in entry.offset..<entry.offset + entry.count { gpt.replicated.values[i] *= 8 }
+        }
         for i in 0..<gpt.experts.count { gpt.experts.values[i] *= 8 }
         let key = RandomKey(77)
         let tokens = (0..<12).map { Int32(key.integer($0, below: 11)) }, targets = (0..<12).map { Int32(key.integer(100 + $0, below: 11)) }
         func loss() throws -> Double {
             let result = try gpt.forward(tokens: tokens, targets: targets, batch: 2, length: 6, training: true,
-                                         globalTokens: 12, firstGlobalToken: 0, noiseKey: RandomKey(1))
+                                         globalTokens: 12, firstGlobalToken: 0, noiseKey: RandomKey(1), step: step)
             return result.localLossSum / 12 + result.auxiliaryLoss
         }
         gpt.zeroGradients()
@@ -37,7 +42,37 @@ final class ModelGradientTests: XCTestCase {
         }
     }
 
-    func testTiedAllMoE() throws { try checkModel(tie: true, moeEvery: 1, capacityFactor: nil) }
-    func testUntiedAlternatingWithCapacity() throws { try checkModel(tie: false, moeEvery: 2, capacityFactor: 1.0) }
-    func testDenseOnly() throws { try checkModel(tie: true, moeEvery: 0, capacityFactor: nil) }
+    func testTiedAllMoE() throws { try checkModel { _ in } }
+    func testUntiedAlternatingWithCapacity() throws {
+        try checkModel { $0.model.tieEmbeddings = false; $0.model.moeEvery = 2; $0.moe.capacityFactor = 1.0 }
+    }
+    func testDenseOnly() throws { try checkModel { $0.model.moeEvery = 0 } }
+    func testSwitchWithJitter() throws {
+        try checkModel { $0.moe.gate = "switch"; $0.moe.topK = 1; $0.moe.jitter = 0.1; $0.moe.capacityFactor = 1.5 }
+    }
+    func testGShardEveryPolicy() throws {
+        for policy in SecondChoicePolicy.allCases {
+            try checkModel { $0.moe.gate = "gshard"; $0.moe.gshardSecond = policy.rawValue; $0.moe.capacityFactor = 1.0 }
+        }
+    }
+    func testDenseToSparseSoftHardAndGumbelWeights() throws {
+        try checkModel { $0.moe.gate = "dts"; $0.dts.tauMax = 1.0 }
+        try checkModel(step: 90) { $0.moe.gate = "dts"; $0.dts.hardFraction = 0.5 }
+        try checkModel { $0.moe.gate = "dts"; $0.dts.weights = "gumbel"; $0.dts.threshold = 0.05 }
+    }
+    func testActivationDenseToSparse() throws {
+        try checkModel { $0.moe.gate = "activation_dts"; $0.dts.activationTauMax = 0.3; $0.dts.threshold = 0.05 }
+        try checkModel { $0.moe.gate = "activation_dts"; $0.dts.activation = "tanh"; $0.dts.threshold = 0.05 }
+    }
+    func testHash() throws { try checkModel { $0.moe.gate = "hash" } }
+    func testBase() throws { try checkModel { $0.moe.gate = "base" } }
+    func testStableMoEBothStages() throws {
+        try checkModel { $0.moe.gate = "stablemoe"; $0.gates.stableDistillDimension = 3; $0.gates.stableCapacityFactor = 1.0 }
+        try checkModel(step: 50) { $0.moe.gate = "stablemoe"; $0.gates.stableDistillDimension = 3 }
+    }
+    func testExpertChoice() throws {
+        try checkModel { $0.moe.gate = "expert_choice"; $0.gates.allowNonCausal = true; $0.gates.expertChoiceCapacity = 1.5 }
+    }
+    func testReLU() throws { try checkModel { $0.moe.gate = "relu"; $0.gates.reluInitialLambda = 0.5 } }
+    func testEvoMoEDensePhase() throws { try checkModel { $0.moe.gate = "dts"; $0.evomoe.spawnFraction = 0.1 } }
 }

@@ -124,7 +124,7 @@ public enum Checkpoint {
                 vocabularySize: model.vocabularySize,
                 expertRanks: (0..<placement.expertCount).map { placement.owner(of: $0) - placement.groupBase },
                 expertFiles: expertFiles, learningRate: trainer.schedule.learningRate(at: trainer.step),
-                optimizerSteps: ["replicated": trainer.replicatedOptimizer.stepCount, "experts": trainer.expertOptimizer.stepCount],
+                optimizerSteps: optimizerSteps(trainer),
                 seed: trainer.config.train.seed, config: trainer.config.yaml(withHelp: false), files: files)
             let encoder = JSONEncoder()
             encoder.keyEncodingStrategy = .convertToSnakeCase
@@ -147,6 +147,16 @@ public enum Checkpoint {
         if failedRank != Int64.max {
             throw CheckpointError.saveFailed(rank: Int(failedRank), reason: "see that rank's error")
         }
+    }
+
+    /// AdamW step counters: one per replicated entry, one for all experts (they are created and
+    /// reset together, so every expert entry on every rank has the same count).
+    static func optimizerSteps(_ trainer: Trainer) -> [String: Int] {
+        var steps: [String: Int] = ["experts": trainer.expertOptimizer.stepCount]
+        for (index, entry) in trainer.model.replicated.entries.enumerated() {
+            steps["replicated." + entry.name] = trainer.replicatedOptimizer.stepCounts[index]
+        }
+        return steps
     }
 
     static func digestWord(_ hex: String, _ word: Int) -> Int64 {
@@ -287,8 +297,15 @@ public enum Checkpoint {
             return try verifiedFile(name, in: directory, manifest: manifest)
         }
         try read(model.experts, optimizer: expertOptimizer, from: shards)
-        replicatedOptimizer?.stepCount = manifest.optimizerSteps["replicated"] ?? manifest.step
-        expertOptimizer?.stepCount = manifest.optimizerSteps["experts"] ?? manifest.step
+        if let replicatedOptimizer {
+            for (index, entry) in model.replicated.entries.enumerated() {
+                replicatedOptimizer.stepCounts[index] = manifest.optimizerSteps["replicated." + entry.name] ?? manifest.step
+            }
+        }
+        if let expertOptimizer {
+            let count = manifest.optimizerSteps["experts"] ?? manifest.step
+            for index in expertOptimizer.stepCounts.indices { expertOptimizer.stepCounts[index] = count }
+        }
     }
 
     static func read<Kind>(_ store: ParameterStore<Float, Kind>, optimizer: AdamW<Float, Kind>?, from files: [Safetensors.File]) throws {

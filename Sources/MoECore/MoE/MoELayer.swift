@@ -48,8 +48,14 @@ public final class MoELayer<T: Scalar> {
     let dHidden = Tensor<T>()
     var dWeights: [T] = []
 
+    /// EvoMoE phase 1: a replicated dense FFN used instead of routing while `isDense`.
+    public let dense: FeedForward<T, Replicated>?
+    public var isDense: Bool
+
     public init(gate: any Gate<T>, experts: [FeedForward<T, ExpertSharded>], placement: ExpertPlacement,
-                communicator: Communicator) {
+                communicator: Communicator, dense: FeedForward<T, Replicated>? = nil) {
+        self.dense = dense
+        self.isDense = dense != nil
         precondition(experts.count == placement.expertsPerRank, "one FeedForward per local expert")
         precondition(gate.expertCount == placement.expertCount)
         self.gate = gate
@@ -66,6 +72,15 @@ public final class MoELayer<T: Scalar> {
         let started = Clock.nanoseconds()
         defer { profile.total += Double(Clock.nanoseconds() - started) * 1e-9 }
         let width = self.width
+        if isDense, let dense {
+            routing.reset(expertCount: placement.expertCount)
+            preActivation.resize(rows: rows, columns: hiddenSize)
+            activation.resize(rows: rows, columns: hiddenSize)
+            Clock.measure(&profile.experts) {
+                dense.forward(x, rows: rows, into: y, preActivation: preActivation.pointer, activation: activation.pointer)
+            }
+            return
+        }
         try Clock.measure(&profile.gate) { try gate.forward(x, rows: rows, context: context, into: routing) }
         try Clock.measure(&profile.dispatch) { try buildPlan() }
         // 2. gather the rows to send, in sorted order
@@ -112,6 +127,14 @@ public final class MoELayer<T: Scalar> {
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {
         let started = Clock.nanoseconds()
         defer { profile.total += Double(Clock.nanoseconds() - started) * 1e-9 }
+        if isDense, let dense {
+            dHidden.resize(rows: rows, columns: hiddenSize)
+            Clock.measure(&profile.experts) {
+                dense.backward(x, dy, rows: rows, dx: dx, preActivation: preActivation.pointer, activation: activation.pointer,
+                               scratch: dHidden.pointer)
+            }
+            return
+        }
         let width = self.width, assignments = routing.count
         // 7'. dY_back[j] = w_j dy_s;  dw_j = <dy_s, Y_back[j]>
         dSend.resize(rows: assignments, columns: width)

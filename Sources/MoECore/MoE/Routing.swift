@@ -51,9 +51,12 @@ public struct RoutingContext {
     public var tokenIds: UnsafePointer<Int32>?
     /// Key for this layer's random draws at this step.
     public var noiseKey: RandomKey
+    /// Completed optimizer updates t (schedules such as the DTS temperature read it).
+    public var step: Int
 
     public init(training: Bool, communicator: Communicator, globalTokens: Int, firstGlobalToken: Int,
-                tokenIds: UnsafePointer<Int32>?, noiseKey: RandomKey) {
+                tokenIds: UnsafePointer<Int32>?, noiseKey: RandomKey, step: Int = 0) {
+        self.step = step
         self.training = training
         self.communicator = communicator
         self.globalTokens = globalTokens
@@ -74,4 +77,21 @@ public protocol Gate<Element>: AnyObject {
     func forward(_ x: UnsafePointer<Element>, rows: Int, context: RoutingContext, into routing: Routing<Element>) throws
     func backward(_ x: UnsafePointer<Element>, rows: Int, dWeights: UnsafePointer<Element>,
                   dx: UnsafeMutablePointer<Element>, routing: Routing<Element>)
+    /// Fills parameters a plain random initialisation cannot (hash tables, orthogonal
+    /// centroids), after the store's own initialisation. Keyed by seed and layer only.
+    func initializeState(seed: Int, layer: Int)
+    /// The gate's temperature at update `step`, for gates that have one (logged).
+    func temperature(step: Int) -> Double?
+    /// Scalar state that evolves during training outside the parameters (ReLU routing's λ);
+    /// saved in checkpoints and restored on resume.
+    var state: [String: Double] { get set }
+}
+
+extension Gate {
+    public func initializeState(seed: Int, layer: Int) {}
+    public func temperature(step: Int) -> Double? { nil }
+    public var state: [String: Double] {
+        get { [:] }
+        set {}
+    }
 }

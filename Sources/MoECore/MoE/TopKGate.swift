@@ -10,7 +10,16 @@ public enum Renormalization: String, CaseIterable, Sendable {
     case afterDrop = "after_drop"
 }
 
-/// Softmax top-k router with capacity (ALGORITHMS.md 2-3).
+/// How `gshard` picks each token's second expert (ALGORITHMS.md 2.3).
+public enum SecondChoicePolicy: String, CaseIterable, Sendable {
+    /// argmax over the other experts of l + Gumbel noise: a draw from their softmax.
+    case sampling
+    case argmax
+    /// The runner-up, kept only with probability 2 p2 / (p1 + p2) (original GShard).
+    case random
+}
+
+/// Softmax top-k router with capacity (ALGORITHMS.md 2-3): `topk`, `switch` and `gshard`.
 ///
 /// Slots follow the GShard order, computed over the global batch: all first choices before any
 /// second choice, and within a choice rank by global token index (rank r's tokens after those
@@ -27,6 +36,10 @@ public final class TopKGate<T: Scalar>: Gate {
     public let minimumCapacity: Int
     public let balanceCoefficient: Double
     public let zLossCoefficient: Double
+    /// gshard: how the second expert is chosen; its balance fractions count first choices only.
+    public let secondChoice: SecondChoicePolicy?
+    /// Router input jitter ε (training only): the router sees x ⊙ U(1-ε, 1+ε).
+    public let jitter: Double
 
     // Forward cache.
     let probabilities = Tensor<T>()
@@ -42,11 +55,18 @@ public final class TopKGate<T: Scalar>: Gate {
     var countsTotal: [Int64] = []
     var statistics: [Double] = []          // Σ_s p_{s,e} (E values), Σ_s lse_s²
     let dLogits = Tensor<T>()
+    // Jitter: the router's input x ⊙ u and the factors u, [N, C] each; dx scratch.
+    let jitteredInput = Tensor<T>(), jitterFactors = Tensor<T>(), dRouterInput = Tensor<T>()
+    var jittered = false
 
     public init(router: Parameter<T, Replicated>, k: Int, renormalization: Renormalization,
                 capacityFactor: Double?, evalCapacityFactor: Double?, minimumCapacity: Int,
-                balanceCoefficient: Double, zLossCoefficient: Double) {
+                balanceCoefficient: Double, zLossCoefficient: Double, secondChoice: SecondChoicePolicy? = nil,
+                jitter: Double = 0) {
         precondition(k >= 1 && k <= router.columns, "top_k must be between 1 and the number of experts")
+        precondition(secondChoice == nil || k == 2, "gshard routes to two experts")
+        self.secondChoice = secondChoice
+        self.jitter = jitter
         self.router = router
         self.expertCount = router.columns
         self.k = k
@@ -71,7 +91,24 @@ public final class TopKGate<T: Scalar>: Gate {
         globalTokens = context.globalTokens
         probabilities.resize(rows: rows, columns: experts)
         // 1. logits = x W_g, then p = softmax(l) row by row (lse kept for the z-loss).
-        gemm(m: rows, n: experts, k: router.rows, a: x, b: router.value, c: probabilities.pointer)
+        let width = router.rows
+        jittered = context.training && jitter > 0
+        var routerInput = x
+        if jittered {
+            jitteredInput.resize(rows: rows, columns: width)
+            jitterFactors.resize(rows: rows, columns: width)
+            let key = context.noiseKey.derive("jitter")
+            for s in 0..<rows {
+                let stream = key.derive(context.firstGlobalToken + s)
+                for c in 0..<width {
+                    let u = T(1 + jitter * (2 * stream.uniform(c) - 1))
+                    jitterFactors[s, c] = u
+                    jitteredInput[s, c] = x[s * width + c] * u
+                }
+            }
+            routerInput = UnsafePointer(jitteredInput.pointer)
+        }
+        gemm(m: rows, n: experts, k: width, a: routerInput, b: router.value, c: probabilities.pointer)
         resizeCaches(rows: rows)
         for index in statistics.indices { statistics[index] = 0 }
         for s in 0..<rows {
@@ -83,19 +120,36 @@ public final class TopKGate<T: Scalar>: Gate {
         }
         // 2. The k largest probabilities per token (ties: lowest expert index).
         for index in localCounts.indices { localCounts[index] = 0 }
+        let gumbelKey = context.noiseKey.derive("gumbel")
         for s in 0..<rows {
             let p = probabilities.row(s)
             var sum: T = 0
             for c in 0..<k {
                 var best = -1
-                for e in 0..<experts where !isSelected(e, token: s, upTo: c) {
-                    if best < 0 || p[e] > p[best] { best = e }
+                if c == 1, let policy = secondChoice, policy == .sampling, context.training {
+                    // argmax over the others of log p + g (= l + g up to a shared shift).
+                    let stream = gumbelKey.derive(context.firstGlobalToken + s)
+                    var bestScore = -Double.infinity
+                    for e in 0..<experts where e != Int(selectedExpert[s * k]) {
+                        let score = Double(_logFloat(p[e])) + stream.gumbel(e)
+                        if score > bestScore { bestScore = score; best = e }
+                    }
+                } else {
+                    for e in 0..<experts where !isSelected(e, token: s, upTo: c) {
+                        if best < 0 || p[e] > p[best] { best = e }
+                    }
+                }
+                if c == 1, secondChoice == .random, context.training {
+                    let first = p[Int(selectedExpert[s * k])]
+                    let u = gumbelKey.derive(context.firstGlobalToken + s).uniform(experts)
+                    if u >= 2 * Double(p[best]) / Double(first + p[best]) { best = -1 }   // second choice discarded
                 }
                 selectedExpert[s * k + c] = Int32(best)
+                guard best >= 0 else { continue }
                 localCounts[c * experts + best] += 1
                 sum += p[best]
             }
-            for c in 0..<k {
+            for c in 0..<k where selectedExpert[s * k + c] >= 0 {
                 let pe = p[Int(selectedExpert[s * k + c])]
                 selectedWeight[s * k + c] = renormalization == .beforeDrop ? pe / sum : pe
             }
@@ -117,6 +171,7 @@ public final class TopKGate<T: Scalar>: Gate {
             var keptSum: T = 0
             for c in 0..<k {
                 let e = Int(selectedExpert[s * k + c])
+                guard e >= 0 else { keptIndex[s * k + c] = -1; continue }
                 let slot = running[c * experts + e]
                 running[c * experts + e] += 1
                 let kept = slot < Int64(capacity)
@@ -148,7 +203,8 @@ public final class TopKGate<T: Scalar>: Gate {
             routing.keptPerExpert[e] = kept
             routing.selectedCount += selected
             routing.keptCount += kept
-            let fraction = Double(selected) / (Double(k) * n)
+            // f_e: selections per expert over k N (gshard: first choices over N).
+            let fraction = secondChoice == nil ? Double(selected) / (Double(k) * n) : Double(countsTotal[e]) / n
             balanceFraction[e] = T(fraction)
             balance += fraction * statistics[e] / n
         }
@@ -200,7 +256,7 @@ public final class TopKGate<T: Scalar>: Gate {
                 for c in 0..<k where keptIndex[s * k + c] >= 0 {
                     weightedSum += selectedWeight[s * k + c] * dWeights[Int(keptIndex[s * k + c])]
                 }
-                for c in 0..<k {
+                for c in 0..<k where selectedExpert[s * k + c] >= 0 {
                     let kept = keptIndex[s * k + c] >= 0
                     guard kept || renormalization == .beforeDrop else { continue }
                     let dw = kept ? dWeights[Int(keptIndex[s * k + c])] : 0
@@ -211,8 +267,24 @@ public final class TopKGate<T: Scalar>: Gate {
                 for e in 0..<experts { dl[e] += zScale * logSumExp[s] * p[e] }
             }
         }
-        // logits = x W_g: dW_g += xᵀ dl, dx += dl W_gᵀ.
-        gemm(transposeA: true, m: router.rows, n: experts, k: rows, a: x, b: dLogits.pointer, beta: 1, c: router.gradient)
-        gemm(transposeB: true, m: rows, n: router.rows, k: experts, a: dLogits.pointer, b: router.value, beta: 1, c: dx)
+        guard jittered else {
+            routerBackward(router, input: x, dLogits: dLogits.pointer, rows: rows, dx: dx)
+            return
+        }
+        // With jitter the router saw x' = x ⊙ u: dW_g += x'ᵀ dl, dx += (dl W_gᵀ) ⊙ u.
+        let width = router.rows
+        dRouterInput.resize(rows: rows, columns: width, zero: true)
+        routerBackward(router, input: jitteredInput.pointer, dLogits: dLogits.pointer, rows: rows, dx: dRouterInput.pointer)
+        for index in 0..<rows * width { dx[index] += dRouterInput.pointer[index] * jitterFactors.pointer[index] }
     }
 }
+
+/// logits = x W_g (x: [N, C], W_g: [C, E]): dW_g += xᵀ dl, dx += dl W_gᵀ.
+func routerBackward<T: Scalar>(_ router: Parameter<T, Replicated>, input x: UnsafePointer<T>, dLogits: UnsafePointer<T>,
+                               rows: Int, dx: UnsafeMutablePointer<T>) {
+    let experts = router.columns
+    gemm(transposeA: true, m: router.rows, n: experts, k: rows, a: x, b: dLogits, beta: 1, c: router.gradient)
+    gemm(transposeB: true, m: rows, n: router.rows, k: experts, a: dLogits, b: router.value, beta: 1, c: dx)
+}
+
+@inline(__always) func _logFloat<T: Scalar>(_ x: T) -> T { T(_log(Double(x))) }

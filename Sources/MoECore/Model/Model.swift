@@ -38,6 +38,7 @@ public struct ForwardResult: Sendable {
 ///   x = embed(tokens); per block: x += attn(ln1(x)); x += ffn(ln2(x)); logits = ln_f(x) Wᵀ.
 /// Shapes: B sequences of T tokens, N = B*T rows, C width, V vocabulary.
 public final class GPTModel<T: Scalar> {
+    public let run: RunConfig
     public let config: ModelConfig
     public let moeConfig: MoEConfig
     public let vocabularySize: Int
@@ -64,8 +65,11 @@ public final class GPTModel<T: Scalar> {
     /// Attention time since the last `takeProfile()`.
     var attentionSeconds = 0.0
 
-    public init(config: ModelConfig, moe: MoEConfig, vocabularySize: Int, training: TrainConfig,
-                communicator: Communicator) throws {
+    /// Builds the model of `run` (its model, moe, gate and EvoMoE sections). `tokenFrequencies`
+    /// (training-token counts per id) feed the balanced hash table.
+    public init(_ run: RunConfig, vocabularySize: Int, communicator: Communicator, tokenFrequencies: [Int]? = nil) throws {
+        let config = run.model, moe = run.moe, training = run.train
+        self.run = run
         self.config = config
         self.moeConfig = moe
         self.vocabularySize = vocabularySize
@@ -86,16 +90,20 @@ public final class GPTModel<T: Scalar> {
             let feedForwardNorm = LayerNorm(store: replicated, name: "\(name).ffn_norm", width: width, decay: decayNorms)
             let feedForward: FeedForwardBlock<T>
             if GPTModel.isMoE(layer: layer, every: config.moeEvery) {
-                let routerDeviation = (0.1 / Double(width)).squareRoot()
-                let router = replicated.add("\(name).moe.router", rows: width, columns: moe.experts, weightDecay: false,
-                                            initialization: .truncatedNormal(standardDeviation: routerDeviation))
-                let gate = try GPTModel.makeGate(moe, router: router)
+                let gate = try GPTModel.makeGate(run, name: "\(name).moe", store: replicated, vocabularySize: vocabularySize,
+                                                 moeLayerCount: (0..<config.layers).filter { GPTModel.isMoE(layer: $0, every: config.moeEvery) }.count,
+                                                 tokenFrequencies: tokenFrequencies)
                 let expertStore = experts
                 let local = placement.localExperts.map { expert in
                     FeedForward(store: expertStore, name: "\(name).moe.experts.\(expert)", width: width,
                                 hiddenSize: config.ffnHidden, residualDeviation: residualDeviation)
                 }
-                let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator)
+                // EvoMoE phase 1: one replicated dense FFN per MoE position until the spawn.
+                let dense = run.evomoe.spawnFraction > 0
+                    ? FeedForward(store: replicated, name: "\(name).moe.dense", width: width, hiddenSize: config.ffnHidden,
+                                  residualDeviation: residualDeviation) : nil
+                let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator,
+                                        dense: dense)
                 moeLayer.layerIndex = layer
                 feedForward = .moe(moeLayer)
             } else {
@@ -119,23 +127,130 @@ public final class GPTModel<T: Scalar> {
     /// Blocks 1-based n, 2n, ... are MoE (with moe_every = 1: all; 0: none).
     public static func isMoE(layer: Int, every: Int) -> Bool { every > 0 && (layer + 1) % every == 0 }
 
-    static func makeGate(_ moe: MoEConfig, router: Parameter<T, Replicated>) throws -> any Gate<T> {
+    /// The router of `run.moe.gate` with its parameters registered under `name` (ALGORITHMS.md).
+    static func makeGate(_ run: RunConfig, name: String, store: ParameterStore<T, Replicated>, vocabularySize: Int,
+                         moeLayerCount: Int, tokenFrequencies: [Int]?) throws -> any Gate<T> {
+        let moe = run.moe, width = run.model.width, experts = moe.experts, steps = run.train.steps
+        func router() -> Parameter<T, Replicated> {
+            store.add("\(name).router", rows: width, columns: experts, weightDecay: false,
+                      initialization: .truncatedNormal(standardDeviation: (0.1 / Double(width)).squareRoot()))
+        }
+        let spawnStep = spawnStep(run)
+        let schedule = { (maximum: Double, minimum: Double) in
+            TemperatureSchedule(kind: TemperatureSchedule.Kind(rawValue: run.dts.schedule)!, maximum: maximum, minimum: minimum,
+                                annealSteps: Int((run.dts.annealFraction * Double(steps)).rounded()),
+                                hardStep: run.dts.hardFraction >= 1 ? nil : Int((run.dts.hardFraction * Double(steps)).rounded()),
+                                startStep: spawnStep)
+        }
         switch moe.gate {
-        case "topk", "switch":
-            let renormalization = moe.gate == "switch" ? .none : Renormalization(rawValue: moe.renormalize)!
-            return TopKGate(router: router, k: moe.topK, renormalization: renormalization,
+        case "topk", "switch", "gshard":
+            let renormalization: Renormalization = moe.gate == "switch" ? .none
+                : moe.gate == "gshard" ? .afterDrop : Renormalization(rawValue: moe.renormalize)!
+            return TopKGate(router: router(), k: moe.topK, renormalization: renormalization,
                             capacityFactor: moe.capacityFactor, evalCapacityFactor: moe.evalCapacityFactor,
                             minimumCapacity: moe.minCapacity, balanceCoefficient: moe.balanceLoss,
-                            zLossCoefficient: moe.zLoss)
+                            zLossCoefficient: moe.zLoss,
+                            secondChoice: moe.gate == "gshard" ? SecondChoicePolicy(rawValue: moe.gshardSecond)! : nil,
+                            jitter: moe.jitter)
+        case "dts":
+            return DenseToSparseGate(router: router(), bias: nil,
+                                     variant: .gumbel(weightsFromGumbel: run.dts.weights == "gumbel"),
+                                     schedule: schedule(run.dts.tauMax, run.dts.tauMin), threshold: run.dts.threshold,
+                                     auxiliaryCoefficient: run.dts.auxLoss)
+        case "activation_dts":
+            let bias = store.add("\(name).router_bias", rows: 1, columns: experts, weightDecay: false, initialization: .zeros)
+            return DenseToSparseGate(router: router(), bias: bias, variant: .activation(tanh: run.dts.activation == "tanh"),
+                                     schedule: schedule(run.dts.activationTauMax, run.dts.activationTauMin),
+                                     threshold: run.dts.threshold, auxiliaryCoefficient: run.dts.auxLoss)
+        case "hash":
+            let table = store.add("\(name).hash_table", rows: 1, columns: vocabularySize, weightDecay: false, initialization: .zeros)
+            return HashGate(table: table, expertCount: experts,
+                            balancedBy: run.gates.hashTable == "balanced" ? (tokenFrequencies ?? []) : nil)
+        case "base":
+            let centroids = store.add("\(name).centroids", rows: width, columns: experts, weightDecay: false, initialization: .zeros)
+            return BalancedGate(centroids: centroids, epsilonFraction: run.gates.baseEpsilon)
+        case "stablemoe":
+            let dimension = run.gates.stableDistillDimension
+            let centroids = store.add("\(name).centroids", rows: width, columns: experts, weightDecay: false, initialization: .zeros)
+            let table = store.add("\(name).distilled_table", rows: vocabularySize, columns: dimension, weightDecay: false,
+                                  initialization: .normal(standardDeviation: 0.02))
+            let distilledCentroids = store.add("\(name).distilled_centroids", rows: dimension, columns: experts, weightDecay: false,
+                                               initialization: .zeros)
+            return StableMoEGate(centroids: centroids, distilledTable: table, distilledCentroids: distilledCentroids,
+                                 stage2Step: Int((run.gates.stableStage2Fraction * Double(steps)).rounded()),
+                                 capacityFactor: run.gates.stableCapacityFactor, balanceCoefficient: run.gates.stableBalance,
+                                 distillCoefficient: run.gates.stableDistill)
+        case "expert_choice":
+            return ExpertChoiceGate(router: router(), capacityFactor: run.gates.expertChoiceCapacity)
+        case "relu":
+            return ReLUGate(router: router(), targetActive: moe.topK, initialLambda: run.gates.reluInitialLambda,
+                            multiplier: run.gates.reluMultiplier, targetSparsity: run.gates.reluTargetSparsity,
+                            layerCount: moeLayerCount)
         default:
             throw ConfigError.invalidValue(key: "moe.gate", detail: "'\(moe.gate)' is not available; choose one of \(MoEConfig.gates.joined(separator: ", "))")
         }
+    }
+
+    /// T_s: the update at which EvoMoE spawns the experts (0: no dense phase).
+    public static func spawnStep(_ run: RunConfig) -> Int {
+        run.evomoe.spawnFraction > 0 ? max(1, Int((run.evomoe.spawnFraction * Double(run.train.steps)).rounded())) : 0
     }
 
     public func initializeParameters(seed: Int) {
         let key = RandomKey(UInt64(seed)).derive("parameters")
         replicated.initialize(key: key)
         experts.initialize(key: key)
+        for layer in moeLayers { layer.gate.initializeState(seed: seed, layer: layer.layerIndex) }
+    }
+
+    /// EvoMoE's expert-diversify step (ALGORITHMS.md 4.1): every expert e of layer L becomes
+    /// (W ⊙ M)/(1 - r) + ξ of the layer's dense FFN W, with M ~ Bernoulli(1 - r) and
+    /// ξ ~ N(0, (noise · rms W)²) keyed by (seed, layer, e, tensor), biases copied; the router is
+    /// drawn afresh from U(±1/√d). Returns the replicated entries that are new (their optimizer
+    /// state must restart) and those now unused (to freeze).
+    public func spawnExperts(seed: Int, settings: EvoMoEConfig) -> (fresh: Set<String>, retired: Set<String>) {
+        var fresh: Set<String> = [], retired: Set<String> = []
+        let key = RandomKey(UInt64(seed)).derive("spawn")
+        for layer in moeLayers {
+            guard let dense = layer.dense, layer.isDense else { continue }
+            for (local, expert) in layer.experts.enumerated() {
+                let global = placement.localExperts.lowerBound + local
+                for (tensor, (source, target)) in [(dense.up.weight, expert.up.weight), (dense.down.weight, expert.down.weight)].enumerated() {
+                    let count = source.count
+                    let rms = (Kernels.sumOfSquares(source.value, count: count) / Double(count)).squareRoot()
+                    let stream = key.derive(layer.layerIndex, global, tensor)
+                    let scale = settings.rescale && settings.maskRatio < 1 ? 1 / (1 - settings.maskRatio) : 1
+                    for index in 0..<count {
+                        let keep = stream.uniform(2 * index) >= settings.maskRatio
+                        let noise = settings.noise * rms * stream.normal(2 * index + 1)
+                        target.value[index] = T((keep ? Double(source.value[index]) * scale : 0) + noise)
+                    }
+                }
+                for (source, target) in [(dense.up.bias, expert.up.bias), (dense.down.bias, expert.down.bias)] {
+                    if let source, let target { target.value.update(from: source.value, count: source.count) }
+                }
+            }
+            let routerKey = key.derive("router").derive(layer.layerIndex)
+            let prefix = "blocks.\(layer.layerIndex).moe."
+            for entry in replicated.entries where entry.name.hasPrefix(prefix) {
+                if entry.name.hasPrefix(prefix + "dense.") { retired.insert(entry.name); continue }
+                guard entry.name == prefix + "router" || entry.name == prefix + "router_bias" else { continue }
+                let bound = 1 / Double(config.width).squareRoot()
+                let values = replicated.values + entry.offset
+                for index in 0..<entry.count {
+                    values[index] = entry.name.hasSuffix("bias") ? 0 : T((2 * routerKey.uniform(index) - 1) * bound)
+                }
+                fresh.insert(entry.name)
+            }
+            layer.isDense = false
+        }
+        return (fresh, retired)
+    }
+
+    /// Marks the EvoMoE phase after loading a checkpoint saved at `step`.
+    public func restorePhase(step: Int) {
+        let spawn = GPTModel.spawnStep(run)
+        for layer in moeLayers where layer.dense != nil { layer.isDense = step < spawn }
     }
 
     public var moeLayers: [MoELayer<T>] {
@@ -145,7 +260,8 @@ public final class GPTModel<T: Scalar> {
     /// Forward over B sequences of T tokens. `targets` nil: no loss (generation), logits kept.
     /// routing: the step's random key and whether capacity uses the training factor.
     public func forward(tokens tokenIds: [Int32], targets targetIds: [Int32]?, batch: Int, length: Int,
-                        training: Bool, globalTokens: Int, firstGlobalToken: Int, noiseKey: RandomKey) throws -> ForwardResult {
+                        training: Bool, globalTokens: Int, firstGlobalToken: Int, noiseKey: RandomKey,
+                        step: Int = 0) throws -> ForwardResult {
         precondition(tokenIds.count == batch * length, "tokens must be [B*T]")
         precondition(length <= config.context, "sequence longer than the context")
         let rows = batch * length, width = config.width
@@ -177,10 +293,16 @@ public final class GPTModel<T: Scalar> {
                 try tokenIds.withUnsafeBufferPointer { ids in
                     let context = RoutingContext(training: training, communicator: communicator, globalTokens: globalTokens,
                                                  firstGlobalToken: firstGlobalToken, tokenIds: ids.baseAddress,
-                                                 noiseKey: noiseKey.derive(layer))
+                                                 noiseKey: noiseKey.derive(layer), step: step)
                     try moe.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer, context: context)
                 }
                 let routing = moe.routing
+                if moe.isDense {
+                    statistics.append(MoELayerStatistics(auxiliaryLoss: 0, expertLoad: [], droppedFraction: 0, activeExperts: 1))
+                    let output = residual[layer + 1]
+                    Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
+                    continue
+                }
                 let kept = Double(max(routing.keptCount, 1))
                 statistics.append(MoELayerStatistics(
                     auxiliaryLoss: routing.auxiliaryLoss,

@@ -66,3 +66,6 @@ import Foundation
 @inline(__always) func _log(_ x: Double) -> Double { Foundation.log(x) }
 @inline(__always) func _cos(_ x: Double) -> Double { Foundation.cos(x) }
 #endif
+
+/// σ(x) = 1 / (1 + e^-x), for the scalar gate weights.
+@inline(__always) func sigmoid<T: Scalar>(_ x: T) -> T { 1 / (1 + T(Glibc.exp(-Double(x)))) }

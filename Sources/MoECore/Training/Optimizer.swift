@@ -26,8 +26,11 @@ public final class AdamW<T: Scalar, Kind> {
     /// First and second moments, laid out like the store's values.
     public let firstMoment: UnsafeMutablePointer<T>
     public let secondMoment: UnsafeMutablePointer<T>
-    /// Updates applied so far (t in the bias corrections).
-    public var stepCount = 0
+    /// Updates applied to each entry so far (t in its bias corrections). Per entry, because
+    /// tensors created mid-run (EvoMoE's spawned experts and fresh router) start again at 0.
+    public var stepCounts: [Int]
+    /// Entries the optimizer leaves alone (hash tables, StableMoE's frozen distilled router).
+    public var frozen: Set<Int> = []
     public var settings: AdamWSettings
 
     /// Build after the model: the store must not grow afterwards.
@@ -38,6 +41,24 @@ public final class AdamW<T: Scalar, Kind> {
         secondMoment = .allocate(capacity: max(store.count, 1))
         firstMoment.initialize(repeating: 0, count: max(store.count, 1))
         secondMoment.initialize(repeating: 0, count: max(store.count, 1))
+        stepCounts = Array(repeating: 0, count: store.entries.count)
+    }
+
+    /// The step count of every entry (they differ only after a reset).
+    public var stepCount: Int { stepCounts.max() ?? 0 }
+
+    /// Zeroes the moments and step counter of the named entries (new tensors).
+    public func reset(entries names: Set<String>) {
+        for (index, entry) in store.entries.enumerated() where names.contains(entry.name) {
+            (firstMoment + entry.offset).update(repeating: 0, count: entry.count)
+            (secondMoment + entry.offset).update(repeating: 0, count: entry.count)
+            stepCounts[index] = 0
+        }
+    }
+
+    public func freeze(_ name: String, _ isFrozen: Bool = true) {
+        guard let index = store.entries.firstIndex(where: { $0.name == name }) else { return }
+        if isFrozen { frozen.insert(index) } else { frozen.remove(index) }
     }
 
     deinit {
@@ -48,16 +69,16 @@ public final class AdamW<T: Scalar, Kind> {
     /// One update with the gradients already in the store, multiplied by `gradientScale`
     /// (the clipping factor).
     public func update(learningRate: Double, gradientScale: Double = 1) {
-        stepCount += 1
         let beta1 = T(settings.beta1), beta2 = T(settings.beta2)
-        let correction1 = 1 / (1 - _pow(settings.beta1, stepCount))
-        let correction2 = 1 / (1 - _pow(settings.beta2, stepCount))
-        // Fold the bias corrections into the step size and epsilon:
-        //   m̂ / (sqrt(v̂) + ε) = c1 m / (sqrt(c2) (sqrt(v) + ε / sqrt(c2)))
-        let stepSize = T(learningRate * correction1 / correction2.squareRoot())
-        let epsilon = T(settings.epsilon / correction2.squareRoot())
         let scale = T(gradientScale)
-        for entry in store.entries {
+        for (index, entry) in store.entries.enumerated() where !frozen.contains(index) {
+            stepCounts[index] += 1
+            let correction1 = 1 / (1 - _pow(settings.beta1, stepCounts[index]))
+            let correction2 = 1 / (1 - _pow(settings.beta2, stepCounts[index]))
+            // Fold the bias corrections into the step size and epsilon:
+            //   m̂ / (sqrt(v̂) + ε) = c1 m / (sqrt(c2) (sqrt(v) + ε / sqrt(c2)))
+            let stepSize = T(learningRate * correction1 / correction2.squareRoot())
+            let epsilon = T(settings.epsilon / correction2.squareRoot())
             let decay = entry.weightDecay ? T(1 - learningRate * settings.weightDecay) : 1
             AdamW.updateRange(values: store.values + entry.offset, gradients: store.gradients + entry.offset,
                               first: firstMoment + entry.offset, second: secondMoment + entry.offset, count: entry.count,

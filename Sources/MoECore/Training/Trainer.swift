@@ -62,8 +62,10 @@ public final class Trainer {
         resolved.model.vocabularySize = vocabularySize
         self.config = resolved
         self.communicator = communicator
-        model = try GPTModel<Float>(config: resolved.model, moe: config.moe, vocabularySize: vocabularySize,
-                                    training: config.train, communicator: communicator)
+        var frequencies = [Int](repeating: 0, count: vocabularySize)
+        for token in trainFile.tokens { frequencies[Int(token)] += 1 }
+        model = try GPTModel<Float>(resolved, vocabularySize: vocabularySize, communicator: communicator,
+                                    tokenFrequencies: frequencies)
         model.initializeParameters(seed: config.train.seed)
         let settings = AdamWSettings(beta1: config.train.beta1, beta2: config.train.beta2,
                                      epsilon: config.train.epsilon, weightDecay: config.train.weightDecay)

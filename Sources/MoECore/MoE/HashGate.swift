@@ -1,0 +1,60 @@
+/// Hash layers (`hash`, ALGORITHMS.md 5): expert = h(input token id), weight 1, no router, no
+/// auxiliary loss, no capacity. The table [1, V] (expert ids stored as floats) is a frozen
+/// replicated tensor, so checkpoints carry it.
+public final class HashGate<T: Scalar>: Gate {
+    public let table: Parameter<T, Replicated>
+    public let expertCount: Int
+    /// Training-token counts per id for the balanced table; nil: a uniform random table.
+    let frequencies: [Int]?
+
+    public init(table: Parameter<T, Replicated>, expertCount: Int, balancedBy frequencies: [Int]?) {
+        self.table = table
+        self.expertCount = expertCount
+        self.frequencies = frequencies
+    }
+
+    /// random: h(v) uniform, drawn from (seed, layer). balanced: ids by decreasing frequency (ties
+    /// by id) go to the expert with the least accumulated count (ties: lowest index); unseen ids
+    /// round-robin.
+    public func initializeState(seed: Int, layer: Int) {
+        let vocabulary = table.columns, values = table.value
+        guard let frequencies else {
+            let key = RandomKey(UInt64(seed)).derive("hash").derive(layer)
+            for v in 0..<vocabulary { values[v] = T(key.integer(v, below: expertCount)) }
+            return
+        }
+        var mass = [Int](repeating: 0, count: expertCount)
+        let seen = (0..<vocabulary).filter { $0 < frequencies.count && frequencies[$0] > 0 }
+            .sorted { (frequencies[$0], -$0) > (frequencies[$1], -$1) }
+        for v in seen {
+            let expert = mass.indices.min { (mass[$0], $0) < (mass[$1], $1) }!
+            values[v] = T(expert)
+            mass[expert] += frequencies[v]
+        }
+        var next = 0
+        for v in 0..<vocabulary where !(v < frequencies.count && frequencies[v] > 0) {
+            values[v] = T(next)
+            next = (next + 1) % expertCount
+        }
+    }
+
+    public func forward(_ x: UnsafePointer<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
+        guard let ids = context.tokenIds else { preconditionFailure("hash routing needs the token ids") }
+        routing.reset(expertCount: expertCount)
+        routing.globalTokens = context.globalTokens
+        var counts = [Int64](repeating: 0, count: expertCount)
+        for s in 0..<rows {
+            let expert = Int(table.value[Int(ids[s])].rounded())
+            routing.append(token: s, expert: expert, weight: 1)
+            counts[expert] += 1
+        }
+        try context.communicator.allReduce(&counts)
+        routing.keptPerExpert = counts
+        routing.selectedCount = counts.reduce(0, +)
+        routing.keptCount = routing.selectedCount
+    }
+
+    /// The weights are constants and there is no router: nothing to propagate.
+    public func backward(_ x: UnsafePointer<T>, rows: Int, dWeights: UnsafePointer<T>,
+                         dx: UnsafeMutablePointer<T>, routing: Routing<T>) {}
+}
