@@ -61,7 +61,7 @@ public struct DenseToSparseConfig: Equatable, Sendable {
 public struct GateOptionsConfig: Equatable, Sendable {
     public init() {}
     public var hashTable = "random"
-    public var baseEpsilon = 0.02
+    public var baseEpsilon = 0.0078125
     public var stableStage2Fraction = 0.06
     public var stableDistillDimension = 50
     public var stableBalance = 0.3
@@ -169,7 +169,7 @@ public struct RunConfig: Equatable, Sendable {
         ]),
         ConfigSection("gates", \.gates, help: "Parameters of the hash, base, stablemoe, expert_choice and relu gates.", [
             .choice("hash_table", \.hashTable, ["random", "balanced"], "hash: uniform random table, or balanced by training-token frequency"),
-            .double("base_epsilon", \.baseEpsilon, 1e-6...1, "base: auction step as a fraction of the score range (result within N * eps of optimal)"),
+            .double("base_epsilon", \.baseEpsilon, 0.0009765625...1, "base: the auction's bid step (the assignment's total score is within N * eps of optimal; scores are compared on a 1/1024 grid)"),
             .double("stable_stage2_fraction", \.stableStage2Fraction, 0...1, "stablemoe: stage 2 (frozen distilled routing) from this fraction of train.steps"),
             .int("stable_distill_dim", \.stableDistillDimension, min: 1, "stablemoe: width of the distilled router"),
             .double("stable_balance", \.stableBalance, 0...100, "stablemoe: balance loss coefficient (stage 1)"),

@@ -88,7 +88,8 @@ struct EvalCommand: ParsableCommand {
             let batchCount = batches ?? loaded.config.train.evalBatches
             guard batchCount > 0 else { throw ValidationError("--batches must be positive") }
             let loss = try Trainer.evaluate(model: loaded.model, data: windows, batches: batchCount,
-                                            batchSize: loaded.config.train.batchSize, communicator: communicator)
+                                            batchSize: loaded.config.train.batchSize, communicator: communicator,
+                                            step: loaded.manifest.step)
             let tokens = batchCount * communicator.size * loaded.config.train.batchSize * loaded.config.model.context
             Runtime.logger(communicator)(String(format: "step %d | val_loss %.4f | perplexity %.3f | %d tokens of %@",
                                                  loaded.manifest.step, loss, exp(loss), tokens, path))
@@ -130,7 +131,8 @@ struct GenerateCommand: ParsableCommand {
             let promptTokens = prompt.utf8.map { Int32($0) }
             var pending: [UInt8] = Array(prompt.utf8)
             let isPrinter = communicator.rank == 0
-            try Sampler.generate(model: loaded.model, prompt: promptTokens, count: tokens, temperature: temperature, seed: seed) { token in
+            try Sampler.generate(model: loaded.model, prompt: promptTokens, count: tokens, temperature: temperature, seed: seed,
+                                 step: loaded.manifest.step) { token in
                 guard isPrinter else { return }
                 pending.append(UInt8(token))
                 // Print whole UTF-8 sequences only.

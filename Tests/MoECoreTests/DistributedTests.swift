@@ -81,7 +81,8 @@ final class DistributedTrainingTests: XCTestCase {
         return TokenFile(path: "generated", tokens: text, vocabularySize: 256)
     }()
 
-    static func config(experts: Int, globalBatch: Int, ranks: Int, gate: String = "topk", topK: Int = 2) -> RunConfig {
+    static func config(experts: Int, globalBatch: Int, ranks: Int, gate: String = "topk", topK: Int = 2,
+                       _ configure: (inout RunConfig) -> Void = { _ in }) -> RunConfig {
         var config = RunConfig()
         config.model = ModelConfig()
         config.model.context = 16; config.model.width = 16; config.model.layers = 2; config.model.heads = 2
@@ -90,6 +91,7 @@ final class DistributedTrainingTests: XCTestCase {
         config.train.batchSize = globalBatch / ranks
         config.train.steps = 20; config.train.warmupSteps = 2; config.train.learningRate = 1e-2; config.train.minLearningRate = 1e-3
         config.train.consistencyCheckEvery = 5
+        configure(&config)
         return config
     }
 
@@ -175,6 +177,23 @@ final class DistributedTrainingTests: XCTestCase {
         let single = try Self.train(Self.config(experts: 2, globalBatch: 8, ranks: 1), ranks: 1)
         let multi = try Self.train(Self.config(experts: 2, globalBatch: 8, ranks: 4), ranks: 4)
         assertEquivalent(single, multi, "4 ranks, 2 experts")
+    }
+
+    /// The gates the gates issue names, on 1 and 2 ranks (BASE assigns the global batch, so it is
+    /// rank-invariant too); dts runs the whole EvoMoE recipe: dense phase, spawn at step 4, anneal.
+    func testGatesTrainTheSameModelOnOneAndTwoRanks() throws {
+        let variants: [(String, (inout RunConfig) -> Void)] = [
+            ("gshard", { $0.moe.gate = "gshard"; $0.moe.capacityFactor = 1.0 }),
+            ("dts", { $0.moe.gate = "dts"; $0.evomoe.spawnFraction = 0.2; $0.dts.hardFraction = 0.8 }),
+            ("base", { $0.moe.gate = "base" }),
+            ("hash", { $0.moe.gate = "hash"; $0.gates.hashTable = "balanced" }),
+        ]
+        for (name, configure) in variants {
+            let single = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1, configure), ranks: 1)
+            let double = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 2, configure), ranks: 2)
+            XCTAssertLessThan(single.losses.last!, single.losses.first! - 0.5, "\(name) learns")
+            assertEquivalent(single, double, "\(name) on 2 ranks")
+        }
     }
 
     func testDispatchWithWrongCountsIsCaughtOnEveryRank() {

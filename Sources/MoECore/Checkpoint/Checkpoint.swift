@@ -32,6 +32,13 @@ public struct CheckpointManifest: Codable, Equatable {
     /// The full resolved config (YAML).
     public var config: String
     public var files: [String: FileRecord]
+    /// Schedule positions at `step` (informative; all are functions of step and config, and
+    /// resume recomputes and checks them): training phase, gate temperature, EvoMoE spawn step.
+    public var phase: String?
+    public var temperature: Double?
+    public var spawnStep: Int?
+    /// Gate state outside the parameters, by layer (ReLU routing's λ).
+    public var gateState: [String: [String: Double]]?
 }
 
 public enum CheckpointError: Error, CustomStringConvertible {
@@ -125,7 +132,12 @@ public enum Checkpoint {
                 expertRanks: (0..<placement.expertCount).map { placement.owner(of: $0) - placement.groupBase },
                 expertFiles: expertFiles, learningRate: trainer.schedule.learningRate(at: trainer.step),
                 optimizerSteps: optimizerSteps(trainer),
-                seed: trainer.config.train.seed, config: trainer.config.yaml(withHelp: false), files: files)
+                seed: trainer.config.train.seed, config: trainer.config.yaml(withHelp: false), files: files,
+                phase: trainer.phase, temperature: model.moeLayers.first?.gate.temperature(step: trainer.step),
+                spawnStep: GPTModel<Float>.spawnStep(trainer.config),
+                gateState: Dictionary(uniqueKeysWithValues: model.moeLayers.compactMap { layer in
+                    layer.gate.state.isEmpty ? nil : ("blocks.\(layer.layerIndex)", layer.gate.state)
+                }))
             let encoder = JSONEncoder()
             encoder.keyEncodingStrategy = .convertToSnakeCase
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -306,6 +318,10 @@ public enum Checkpoint {
             let count = manifest.optimizerSteps["experts"] ?? manifest.step
             for index in expertOptimizer.stepCounts.indices { expertOptimizer.stepCounts[index] = count }
         }
+        for layer in model.moeLayers {
+            if let state = manifest.gateState?["blocks.\(layer.layerIndex)"] { layer.gate.state = state }
+        }
+        model.restorePhase(step: manifest.step)
     }
 
     static func read<Kind>(_ store: ParameterStore<Float, Kind>, optimizer: AdamW<Float, Kind>?, from files: [Safetensors.File]) throws {

@@ -9,7 +9,7 @@ public enum Sampler {
     /// the window; temperature 0 takes the most likely token. The draw for token i uses counter i
     /// of a key derived from `seed`, so a seed reproduces a sample exactly.
     public static func generate(model: GPTModel<Float>, prompt: [Int32], count: Int, temperature: Double, seed: Int,
-                                emit: (Int32) -> Void) throws {
+                                step: Int = 0, emit: (Int32) -> Void) throws {
         precondition(!prompt.isEmpty, "generation needs at least one prompt token")
         var sequence = prompt
         let key = RandomKey(UInt64(seed)).derive("sampling")
@@ -18,7 +18,7 @@ public enum Sampler {
         for index in 0..<count {
             let window = Array(sequence.suffix(model.config.context))
             _ = try model.forward(tokens: window, targets: nil, batch: 1, length: window.count, training: false,
-                                  globalTokens: window.count, firstGlobalToken: 0, noiseKey: key.derive(index))
+                                  globalTokens: window.count, firstGlobalToken: 0, noiseKey: key.derive(index), step: step)
             let logits = model.logitsRow(window.count - 1)
             var next = 0
             if temperature <= 0 {

@@ -5,35 +5,37 @@
 /// between that token's value (score minus price) and its second-best value plus ε, taking it
 /// from whichever expert held it. Deterministic: ties go to the lowest token and expert index.
 public enum BalancedAssignment {
-    /// scores: [N, E] row-major (N a multiple of E). Returns the expert of every token.
-    public static func solve(scores: [Double], tokens: Int, experts: Int, epsilonFraction: Double) -> [Int] {
+    /// Scores are compared on a fixed grid of `resolution`, as integers: prices and values are
+    /// then exact, so the auction's many near-ties (prices equalise values) become exact ties,
+    /// broken by index the same way on every rank and for any rank count. Last-bit differences of
+    /// the scores (another rank count sums in another order) change a quantised score only when
+    /// it sits within an ulp of a grid boundary.
+    public static let resolution = 1.0 / 1024
+
+    /// scores: [N, E] row-major (N a multiple of E); epsilon: the auction's bid increment (the
+    /// result is within N·ε of the optimal total score). Returns the expert of every token.
+    public static func solve(scores: [Double], tokens: Int, experts: Int, epsilon: Double) -> [Int] {
         precondition(tokens % experts == 0, "balanced assignment needs N divisible by E")
         precondition(scores.count == tokens * experts)
         guard tokens > 0 else { return [] }
-        let finite = scores.filter(\.isFinite)
-        let low = finite.min() ?? 0, high = finite.max() ?? 0
-        let cleaned = scores.map { $0.isFinite ? $0 : low }   // non-finite scores count as the worst
-        let epsilon = max((high - low) * epsilonFraction, 1e-4)
+        let low = scores.filter(\.isFinite).min() ?? 0
+        // Non-finite scores count as the worst.
+        let units = scores.map { Int64((($0.isFinite ? $0 : low) / resolution).rounded()) }
+        let step = max(1, Int64((epsilon / resolution).rounded()))
         let perExpert = tokens / experts
-        var price = [Double](repeating: 0, count: tokens)
+        var price = [Int64](repeating: 0, count: tokens)
         var owner = [Int](repeating: -1, count: tokens)
         var free = [Int](repeating: perExpert, count: experts)
         var expert = 0
         while true {
             // The lowest-index expert with a free slot bids.
-            while expert < experts && free[expert] == 0 { expert += 1 }
-            if expert == experts {
-                expert = 0
-                while expert < experts && free[expert] == 0 { expert += 1 }
-                if expert == experts { break }
-            }
-            var best = -1, bestValue = -Double.infinity, secondValue = -Double.infinity
+            if let next = (0..<experts).first(where: { free[$0] > 0 }) { expert = next } else { break }
+            var best = -1, bestValue = Int64.min, secondValue = Int64.min
             for s in 0..<tokens {
-                let value = cleaned[s * experts + expert] - price[s]
+                let value = units[s * experts + expert] - price[s]
                 if value > bestValue { secondValue = bestValue; bestValue = value; best = s } else if value > secondValue { secondValue = value }
             }
-            let increment = (secondValue.isFinite ? bestValue - secondValue : 0) + epsilon
-            price[best] += increment
+            price[best] += (secondValue == Int64.min ? 0 : bestValue - secondValue) + step
             if owner[best] >= 0 { free[owner[best]] += 1 }
             owner[best] = expert
             free[expert] -= 1
@@ -50,7 +52,7 @@ public enum BalancedAssignment {
 /// Shapes: x [N, C], centroids [C, E], scores [N, E].
 public final class BalancedGate<T: Scalar>: Gate {
     public let centroids: Parameter<T, Replicated>
-    public let epsilonFraction: Double
+    public let epsilon: Double
     public var expertCount: Int { centroids.columns }
 
     let scores = Tensor<T>()
@@ -58,9 +60,9 @@ public final class BalancedGate<T: Scalar>: Gate {
     var globalScores: [Double] = []
     let dLogits = Tensor<T>()
 
-    public init(centroids: Parameter<T, Replicated>, epsilonFraction: Double) {
+    public init(centroids: Parameter<T, Replicated>, epsilon: Double) {
         self.centroids = centroids
-        self.epsilonFraction = epsilonFraction
+        self.epsilon = epsilon
     }
 
     /// Orthogonal centroids with gain 0.1 (Gram-Schmidt of normal columns, keyed by seed and layer).
@@ -83,8 +85,7 @@ public final class BalancedGate<T: Scalar>: Gate {
             for index in globalScores.indices { globalScores[index] = 0 }
             for s in 0..<rows { for e in 0..<experts { globalScores[(context.firstGlobalToken + s) * experts + e] = Double(scores[s, e]) } }
             try context.communicator.allReduce(&globalScores)
-            let owners = BalancedAssignment.solve(scores: globalScores, tokens: padded, experts: experts,
-                                                  epsilonFraction: epsilonFraction)
+            let owners = BalancedAssignment.solve(scores: globalScores, tokens: padded, experts: experts, epsilon: epsilon)
             for s in 0..<rows { assigned[s] = owners[context.firstGlobalToken + s] }
         } else {
             for s in 0..<rows {

@@ -168,7 +168,7 @@ public final class GPTModel<T: Scalar> {
                             balancedBy: run.gates.hashTable == "balanced" ? (tokenFrequencies ?? []) : nil)
         case "base":
             let centroids = store.add("\(name).centroids", rows: width, columns: experts, weightDecay: false, initialization: .zeros)
-            return BalancedGate(centroids: centroids, epsilonFraction: run.gates.baseEpsilon)
+            return BalancedGate(centroids: centroids, epsilon: run.gates.baseEpsilon)
         case "stablemoe":
             let dimension = run.gates.stableDistillDimension
             let centroids = store.add("\(name).centroids", rows: width, columns: experts, weightDecay: false, initialization: .zeros)

@@ -83,6 +83,11 @@ public final class ParameterStore<T: Scalar, Kind> {
         entry(named: name).map { Parameter(store: self, offset: $0.offset, rows: $0.rows, columns: $0.columns) }
     }
 
+    /// The registered name of a parameter handle.
+    public func name(of parameter: Parameter<T, Kind>) -> String {
+        entries.first { $0.offset == parameter.offset }?.name ?? ""
+    }
+
     public func zeroGradients() { gradients.update(repeating: 0, count: count) }
 
     /// Fills every parameter from its initialisation rule, keyed by its name: the same name

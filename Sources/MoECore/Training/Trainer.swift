@@ -27,6 +27,11 @@ public struct StepReport: Sendable {
     public var moeLayers: [MoELayerStatistics]
     /// Where this rank's time went.
     public var profile: StepProfile
+    /// The gate's temperature at this step (dts, activation_dts).
+    public var temperature: Double?
+    /// The training phase: "dense" (EvoMoE before the spawn), "soft"/"hard" (DTS selection),
+    /// "stage1"/"stage2" (StableMoE) or "sparse".
+    public var phase: String
 }
 
 /// Owns the model, its optimizers and the data; `step()` is the one place a training step is
@@ -96,9 +101,11 @@ public final class Trainer {
         trainData.trainingBatch(step: step, rank: rank, batchSize: batchSize, inputs: &inputs, targets: &targets)
         // 2-3. forward and its adjoint
         model.zeroGradients()
+        let phase = self.phase
+        prepareGates()
         let forward = try model.forward(tokens: inputs, targets: targets, batch: batchSize, length: context, training: true,
                                         globalTokens: globalTokens, firstGlobalToken: rank * localTokens,
-                                        noiseKey: routingKey.derive(step))
+                                        noiseKey: routingKey.derive(step), step: step)
         try model.backward(globalTokens: globalTokens)
         // 4. replicated gradients: each rank holds its tokens' share of d(global mean loss), so
         //    the sum over ranks is the full gradient. Expert gradients are already complete on
@@ -131,9 +138,60 @@ public final class Trainer {
         profile.total = Double(Clock.nanoseconds() - started) * 1e-9
         let report = StepReport(step: step, loss: scalars[0] / Double(globalTokens), auxiliaryLoss: forward.auxiliaryLoss,
                                 learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: forward.moeLayers,
-                                profile: profile)
+                                profile: profile, temperature: model.moeLayers.first?.gate.temperature(step: step),
+                                phase: phase)
+        adaptGates(forward.moeLayers)
         step += 1
+        if step == GPTModel<Float>.spawnStep(config) { spawnExperts() }
         return report
+    }
+
+    /// The phase the next step trains in.
+    public var phase: String {
+        guard let layer = model.moeLayers.first else { return "dense" }
+        if layer.isDense { return "dense" }
+        if let gate = layer.gate as? DenseToSparseGate<Float> { return gate.schedule.isHard(step: step) ? "hard" : "soft" }
+        if let gate = layer.gate as? StableMoEGate<Float> { return gate.isStage2(step: step) ? "stage2" : "stage1" }
+        return "sparse"
+    }
+
+    /// StableMoE stage 2 freezes the distilled router (no updates, no weight decay).
+    func prepareGates() {
+        for layer in model.moeLayers {
+            guard let gate = layer.gate as? StableMoEGate<Float> else { continue }
+            let frozen = gate.isStage2(step: step)
+            for name in [model.replicated.name(of: gate.distilledTable), model.replicated.name(of: gate.distilledCentroids)] {
+                replicatedOptimizer.freeze(name, frozen)
+            }
+        }
+    }
+
+    /// ReLU routing's controller: λ follows the global fraction of zero routing weights over all
+    /// MoE layers (identical on every rank: the counts are global).
+    func adaptGates(_ statistics: [MoELayerStatistics]) {
+        let gates = model.moeLayers.compactMap { $0.gate as? ReLUGate<Float> }
+        guard !gates.isEmpty else { return }
+        let active = statistics.map { $0.activeExperts }.reduce(0, +) / Double(statistics.count)
+        let sparsity = 1 - active / Double(config.moe.experts)
+        for gate in gates { gate.adapt(sparsity: sparsity) }
+    }
+
+    /// EvoMoE: spawn the experts from the dense FFNs; new tensors restart their AdamW state, the
+    /// dense FFNs are frozen from here on.
+    func spawnExperts() {
+        let (fresh, retired) = model.spawnExperts(seed: config.train.seed, settings: config.evomoe)
+        replicatedOptimizer.reset(entries: fresh)
+        expertOptimizer.reset(entries: Set(model.experts.entries.map(\.name)))
+        for name in retired { replicatedOptimizer.freeze(name) }
+    }
+
+    /// After loading a checkpoint saved at `step`: the EvoMoE phase and frozen tensors.
+    public func restorePhase() {
+        model.restorePhase(step: step)
+        if step >= GPTModel<Float>.spawnStep(config) {
+            for entry in model.replicated.entries where entry.name.contains(".moe.dense.") { replicatedOptimizer.freeze(entry.name) }
+        }
+        prepareGates()
     }
 
     /// Replicated parameters must be bit-identical on every rank (they receive identical
@@ -156,11 +214,11 @@ public final class Trainer {
     public func evaluate(batches: Int? = nil) throws -> Double? {
         guard let validationData else { return nil }
         return try Trainer.evaluate(model: model, data: validationData, batches: batches ?? config.train.evalBatches,
-                                    batchSize: batchSize, communicator: communicator)
+                                    batchSize: batchSize, communicator: communicator, step: step)
     }
 
     public static func evaluate(model: GPTModel<Float>, data: TokenBatches, batches: Int, batchSize: Int,
-                                communicator: Communicator) throws -> Double {
+                                communicator: Communicator, step: Int = 0) throws -> Double {
         /// The ranks holding copies of this rank's experts (R > E only): their gradients are
     /// all-reduced within this group.
     let replicaCommunicator: Communicator?
@@ -172,7 +230,7 @@ public final class Trainer {
                                  batchSize: batchSize, inputs: &inputs, targets: &targets)
             let result = try model.forward(tokens: inputs, targets: targets, batch: batchSize, length: length, training: false,
                                            globalTokens: globalTokens, firstGlobalToken: communicator.rank * localTokens,
-                                           noiseKey: RandomKey(0).derive("evaluation").derive(index))
+                                           noiseKey: RandomKey(0).derive("evaluation").derive(index), step: step)
             lossSum += result.localLossSum
         }
         return try communicator.allReduce(lossSum) / Double(batches * globalTokens)

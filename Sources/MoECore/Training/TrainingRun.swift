@@ -58,6 +58,11 @@ public final class TrainingRun {
             try Checkpoint.load(checkpoint.directory, manifest: checkpoint.manifest, model: trainer.model,
                                 replicatedOptimizer: trainer.replicatedOptimizer, expertOptimizer: trainer.expertOptimizer)
             trainer.step = checkpoint.manifest.step
+            trainer.restorePhase()
+            if let saved = checkpoint.manifest.temperature, let now = trainer.model.moeLayers.first?.gate.temperature(step: trainer.step),
+               abs(saved - now) > 1e-12 * max(1, abs(saved)) {
+                throw CheckpointError.incompatible(path: checkpoint.directory, reason: "its temperature \(saved) differs from the schedule's \(now) at step \(trainer.step)")
+            }
             log("resumed from \(checkpoint.directory) at step \(trainer.step) (saved on \(checkpoint.manifest.worldSize) ranks)")
         }
         if communicator.rank == 0 {
@@ -107,9 +112,12 @@ public final class TrainingRun {
                 let tokensPerSecond = Double(intervalTokens) / max(intervalSeconds, 1e-9)
                 record(report, tokensPerSecond: tokensPerSecond)
                 let remaining = Double(steps - trainer.step) * totalSeconds / Double(timedSteps)
+                let active = report.moeLayers.isEmpty ? 0 : report.moeLayers.map(\.activeExperts).reduce(0, +) / Double(report.moeLayers.count)
+                let gateText = (report.temperature.map { String(format: " | tau %.3f", $0) } ?? "")
+                    + String(format: " | %@ %.2f experts/token", report.phase, active)
                 log(String(format: "step %\(String(steps).count)d/%d | loss %.4f | aux %.4f | lr %.2e | norm %.2f | %@ tok/s | %@ left",
                            report.step, steps, report.loss, report.auxiliaryLoss, report.learningRate, report.gradientNorm,
-                           format(Int(tokensPerSecond)), duration(remaining)))
+                           format(Int(tokensPerSecond)), duration(remaining)) + gateText)
                 intervalSeconds = 0
                 intervalTokens = 0
             }
@@ -160,6 +168,8 @@ public final class TrainingRun {
         object.add("expert_load", layers.map(\.expertLoad))
         object.add("active_experts", layers.isEmpty ? 0 : layers.map(\.activeExperts).reduce(0, +) / Double(layers.count))
         object.add("grad_norm", report.gradientNorm)
+        if let temperature = report.temperature { object.add("temperature", temperature) }
+        object.add("phase", report.phase)
         metrics.write(object)
     }
 

@@ -1,0 +1,162 @@
+import Foundation
+import XCTest
+@testable import MoECore
+import MoEComm
+import MoEIO
+
+/// The defining property of each gate (ALGORITHMS.md), on standalone gates in Double.
+final class GateTests: XCTestCase {
+    let communicator = SingleRankCommunicator()
+
+    func context(rows: Int, tokenIds: UnsafePointer<Int32>? = nil, training: Bool = true, step: Int = 0,
+                 noise: UInt64 = 5) -> RoutingContext {
+        RoutingContext(training: training, communicator: communicator, globalTokens: rows, firstGlobalToken: 0,
+                       tokenIds: tokenIds, noiseKey: RandomKey(noise), step: step)
+    }
+
+    func counts(_ routing: Routing<Double>, experts: Int) -> [Int] {
+        var counts = [Int](repeating: 0, count: experts)
+        for e in routing.experts { counts[Int(e)] += 1 }
+        return counts
+    }
+
+    func testBaseGivesEveryExpertExactlyItsShareAndIsNearOptimal() throws {
+        let store = ParameterStore<Double, Replicated>()
+        let centroids = store.add("c", rows: 6, columns: 4, weightDecay: false, initialization: .zeros)
+        let gate = BalancedGate(centroids: centroids, epsilon: 0.0078125)
+        gate.initializeState(seed: 1, layer: 0)
+        let x = randomTensor(rows: 32, columns: 6, seed: 3)
+        let routing = Routing<Double>()
+        try gate.forward(x.pointer, rows: 32, context: context(rows: 32), into: routing)
+        XCTAssertEqual(counts(routing, experts: 4), [8, 8, 8, 8])
+        XCTAssertEqual(routing.tokens.map(Int.init).sorted(), Array(0..<32), "each token exactly once")
+        // Orthogonal centroids of norm 0.1.
+        for a in 0..<4 { for b in 0..<4 {
+            let dot = (0..<6).reduce(0.0) { $0 + centroids.value[$1 * 4 + a] * centroids.value[$1 * 4 + b] }
+            XCTAssertEqual(dot, a == b ? 0.01 : 0, accuracy: 1e-12)
+        } }
+        // Against brute force on 8 tokens, 2 experts: within N * eps of the optimum.
+        let key = RandomKey(9)
+        let scores = (0..<16).map { key.normal($0) }
+        let owners = BalancedAssignment.solve(scores: scores, tokens: 8, experts: 2, epsilon: 1.0 / 1024)
+        XCTAssertEqual(owners.filter { $0 == 0 }.count, 4)
+        let value = (0..<8).reduce(0.0) { $0 + scores[$1 * 2 + owners[$1]] }
+        var best = -Double.infinity
+        for mask in 0..<256 where mask.nonzeroBitCount == 4 {
+            best = max(best, (0..<8).reduce(0.0) { $0 + scores[$1 * 2 + ((mask >> $1) & 1)] })
+        }
+        // Within N (ε + grid) of the optimum.
+        XCTAssertGreaterThanOrEqual(value, best - 8 * (2.0 / 1024))
+    }
+
+    func testHashRoutingDependsOnlyOnTheTokenIdAndBalancedTablesAreBalanced() throws {
+        let store = ParameterStore<Double, Replicated>()
+        let table = store.add("t", rows: 1, columns: 50, weightDecay: false, initialization: .zeros)
+        let frequencies = (0..<50).map { ($0 * 37) % 23 }
+        let gate = HashGate(table: table, expertCount: 4, balancedBy: frequencies)
+        gate.initializeState(seed: 1, layer: 0)
+        var mass = [Int](repeating: 0, count: 4)
+        for v in 0..<50 { mass[Int(table.value[v])] += frequencies[v] }
+        XCTAssertLessThanOrEqual(mass.max()! - mass.min()!, frequencies.max()!)
+        let ids: [Int32] = [3, 7, 3, 49, 0, 7]
+        let first = Routing<Double>(), second = Routing<Double>()
+        try ids.withUnsafeBufferPointer { pointer in
+            try gate.forward(randomTensor(rows: 6, columns: 4, seed: 1).pointer, rows: 6, context: context(rows: 6, tokenIds: pointer.baseAddress), into: first)
+            try gate.forward(randomTensor(rows: 6, columns: 4, seed: 2).pointer, rows: 6, context: context(rows: 6, tokenIds: pointer.baseAddress, step: 9, noise: 7), into: second)
+        }
+        XCTAssertEqual(first.experts, second.experts, "other hidden states, step and noise: same routing")
+        XCTAssertEqual(first.experts[0], first.experts[2])
+        XCTAssertEqual(first.weights, Array(repeating: 1, count: 6))
+    }
+
+    func testExpertChoiceFillsEveryExpertExactly() throws {
+        let store = ParameterStore<Double, Replicated>()
+        let router = store.add("r", rows: 5, columns: 4, weightDecay: false, initialization: .normal(standardDeviation: 1))
+        store.initialize(key: RandomKey(2))
+        let gate = ExpertChoiceGate(router: router, capacityFactor: 2)
+        let routing = Routing<Double>()
+        try gate.forward(randomTensor(rows: 20, columns: 5, seed: 4).pointer, rows: 20, context: context(rows: 20), into: routing)
+        XCTAssertEqual(counts(routing, experts: 4), [10, 10, 10, 10], "C = ceil(20 * 2 / 4)")
+    }
+
+    func dtsGate(tauMax: Double, hardStep: Int?, store: ParameterStore<Double, Replicated>) -> DenseToSparseGate<Double> {
+        let router = store.add("r\(store.entries.count)", rows: 5, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
+        store.initialize(key: RandomKey(3))
+        let schedule = TemperatureSchedule(kind: .linear, maximum: tauMax, minimum: 0.05, annealSteps: 100, hardStep: hardStep, startStep: 0)
+        return DenseToSparseGate(router: router, bias: nil, variant: .gumbel(weightsFromGumbel: false), schedule: schedule,
+                                 threshold: 0.001, auxiliaryCoefficient: 0.01)
+    }
+
+    /// DTS: (nearly) all experts at the start, fewer as τ anneals (monotone on fixed logits and
+    /// noise), exactly one after the hard switch; at τ = 1e4 all are selected, L_aux = λ E and
+    /// its router gradient is zero.
+    func testDenseToSparseAnnealsFromDenseToOneExpert() throws {
+        let store = ParameterStore<Double, Replicated>()
+        let gate = dtsGate(tauMax: 2, hardStep: 120, store: store)
+        let x = randomTensor(rows: 64, columns: 5, seed: 5)
+        var previous = Double.infinity, means: [Double] = []
+        for step in stride(from: 0, through: 140, by: 20) {
+            let routing = Routing<Double>()
+            try gate.forward(x.pointer, rows: 64, context: context(rows: 64, step: step), into: routing)
+            let mean = Double(routing.count) / 64
+            means.append(mean)
+            XCTAssertLessThanOrEqual(mean, previous + 1e-12, "active experts never rise as τ falls: \(means)")
+            previous = mean
+        }
+        XCTAssertGreaterThan(means[0], 7, "τ = 2 starts (nearly) dense: \(means)")
+        XCTAssertEqual(means.last!, 1, "hard top-1 after H")
+        let hot = dtsGate(tauMax: 1e4, hardStep: nil, store: store)
+        let routing = Routing<Double>()
+        try hot.forward(x.pointer, rows: 64, context: context(rows: 64), into: routing)
+        XCTAssertEqual(routing.count, 64 * 8)
+        XCTAssertEqual(routing.auxiliaryLoss, 0.01 * 8 * 1, accuracy: 1e-12, "λ E Σ me ce with ce = 1 and Σ me = 1")
+        // Gradient of L_aux alone (dw = 0): zero on the router.
+        store.zeroGradients()
+        let dx = Tensor<Double>(rows: 64, columns: 5)
+        let zeros = [Double](repeating: 0, count: routing.count)
+        hot.backward(x.pointer, rows: 64, dWeights: zeros, dx: dx.pointer, routing: routing)
+        for index in 0..<hot.router.count { XCTAssertEqual(hot.router.gradient[index], 0, accuracy: 1e-15) }
+    }
+
+    func testActivationGateBreaksTheTemperatureSymmetryAndHasItsLowerBound() throws {
+        func weights(scale: Double, tau: Double) throws -> [Double] {
+            let store = ParameterStore<Double, Replicated>()
+            let router = store.add("r", rows: 5, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
+            let bias = store.add("b", rows: 1, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
+            store.initialize(key: RandomKey(3))
+            for index in 0..<store.count { store.values[index] *= scale }
+            let schedule = TemperatureSchedule(kind: .constant, maximum: tau, minimum: tau, annealSteps: 1, hardStep: nil, startStep: 0)
+            let gate = DenseToSparseGate(router: router, bias: bias, variant: .activation(tanh: false), schedule: schedule,
+                                         threshold: 0.001, auxiliaryCoefficient: 0)
+            let routing = Routing<Double>()
+            try gate.forward(randomTensor(rows: 16, columns: 5, seed: 8).pointer, rows: 16, context: context(rows: 16), into: routing)
+            XCTAssertEqual(routing.count, 16 * 8, "every expert is selected at a high temperature")
+            let bound = 1 / (1 + 7 * exp(1 / tau))
+            for weight in routing.weights { XCTAssertGreaterThanOrEqual(weight, bound - 1e-12) }
+            return routing.weights
+        }
+        let base = try weights(scale: 1, tau: 1), scaled = try weights(scale: 2, tau: 2)
+        XCTAssertGreaterThan(zip(base, scaled).map { abs($0 - $1) }.max()!, 1e-3, "(W, b, τ) -> 2 (W, b, τ) changes G")
+    }
+
+    func testGShardWeightsSumToOneAndFirstChoicesFillFirst() throws {
+        let store = ParameterStore<Double, Replicated>()
+        let router = store.add("r", rows: 5, columns: 4, weightDecay: false, initialization: .normal(standardDeviation: 1))
+        store.initialize(key: RandomKey(6))
+        for policy in SecondChoicePolicy.allCases {
+            let gate = TopKGate(router: router, k: 2, renormalization: .afterDrop, capacityFactor: 0.6, evalCapacityFactor: 1,
+                                minimumCapacity: 1, balanceCoefficient: 0.01, zLossCoefficient: 0, secondChoice: policy)
+            let routing = Routing<Double>()
+            try gate.forward(randomTensor(rows: 40, columns: 5, seed: 7).pointer, rows: 40, context: context(rows: 40), into: routing)
+            var sums = [Double](repeating: 0, count: 40)
+            for j in 0..<routing.count { sums[Int(routing.tokens[j])] += routing.weights[j] }
+            for sum in sums { XCTAssertTrue(abs(sum - 1) < 1e-12 || sum == 0, "\(policy): weights sum to \(sum)") }
+            // An expert that kept any second choice kept all its first choices.
+            for e in 0..<4 {
+                let firsts = (0..<40).filter { Int(gate.selectedExpert[$0 * 2]) == e }
+                let secondsKept = (0..<40).filter { Int(gate.selectedExpert[$0 * 2 + 1]) == e && gate.keptIndex[$0 * 2 + 1] >= 0 }
+                if !secondsKept.isEmpty { XCTAssertTrue(firsts.allSatisfy { gate.keptIndex[$0 * 2] >= 0 }, "\(policy) expert \(e)") }
+            }
+        }
+    }
+}
