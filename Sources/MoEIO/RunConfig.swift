@@ -20,7 +20,7 @@ public struct MoEConfig: Equatable, Sendable {
     public static let gates = ["topk", "switch", "gshard", "dts", "hash", "base", "stablemoe", "expert_choice", "relu", "activation_dts"]
     public var experts = 8
     public var topK = 2
-    public var gate = "topk"
+    public var gate = "dts"
     public var capacityFactor: Double? = 1.25
     public var evalCapacityFactor: Double? = 2.0
     public var minCapacity = 4
@@ -35,7 +35,7 @@ public struct MoEConfig: Equatable, Sendable {
 /// then spawn the experts from it. Works with any gate; `configs/shakespeare.yaml` pairs it with dts.
 public struct EvoMoEConfig: Equatable, Sendable {
     public init() {}
-    public var spawnFraction = 0.0
+    public var spawnFraction = 0.05
     public var maskRatio = 0.5
     public var noise = 0.01
     public var rescale = true
@@ -107,8 +107,9 @@ public struct CheckpointConfig: Equatable, Sendable {
     public var keep = 2
 }
 
-/// A whole run's configuration. The defaults are the embedded main job (EvoMoE-free top-k
-/// MoE on Shakespeare); `configs/shakespeare.yaml` spells the same values out.
+/// A whole run's configuration. The defaults are the embedded main job (EvoMoE on Shakespeare:
+/// 5% dense, then 8 experts under the Dense-To-Sparse gate); `configs/shakespeare.yaml` spells
+/// the same values out.
 public struct RunConfig: Equatable, Sendable {
     public var model = ModelConfig()
     public var moe = MoEConfig()

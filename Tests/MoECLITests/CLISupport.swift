@@ -103,6 +103,7 @@ final class Workspace {
         train: {steps: 12, batch_size: 2, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 6, eval_batches: 2}
         data: {train: data/train.bin, val: data/val.bin}
         checkpoint: {every: 6, keep: 2}
+        evomoe: {spawn_fraction: 0}
         """
 }
 

@@ -15,6 +15,7 @@ final class MPITests: XCTestCase {
         train: {steps: 20, batch_size: 8, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 10, eval_batches: 2, consistency_check_every: 5}
         data: {train: data/train.bin, val: data/val.bin}
         checkpoint: {every: 0, keep: 1}
+        evomoe: {spawn_fraction: 0}
         """
 
     struct Run {

@@ -91,6 +91,7 @@ final class DistributedTrainingTests: XCTestCase {
         config.train.batchSize = globalBatch / ranks
         config.train.steps = 20; config.train.warmupSteps = 2; config.train.learningRate = 1e-2; config.train.minLearningRate = 1e-3
         config.train.consistencyCheckEvery = 5
+        config.evomoe.spawnFraction = 0
         configure(&config)
         return config
     }

@@ -11,6 +11,7 @@ final class ModelGradientTests: XCTestCase {
         run.model.context = 6; run.model.width = 8; run.model.layers = 2; run.model.heads = 2; run.model.ffnHidden = 10
         run.moe.experts = 4; run.moe.topK = 2; run.moe.capacityFactor = nil; run.moe.zLoss = 0.001
         run.train.steps = 100
+        run.moe.gate = "topk"; run.evomoe.spawnFraction = 0   // the tests' baseline: plain top-k
         configure(&run)
         let gpt = try GPTModel<Double>(run, vocabularySize: 11, communicator: SingleRankCommunicator(),
                                        tokenFrequencies: (0..<11).map { $0 * 3 % 7 })
