@@ -4,5 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 launch/install-deps.sh
+# The reference safetensors reader, to check our checkpoint files open in it (skipped if offline).
+python3 -m pip install --quiet --disable-pip-version-check safetensors numpy 2>/dev/null \
+    || echo "note: could not install the Python safetensors package; that check will be skipped"
 swift build --build-tests
 swift test --skip-build

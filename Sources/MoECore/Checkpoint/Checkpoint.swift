@@ -102,7 +102,8 @@ public enum Checkpoint {
         try agree(communicator) {
             guard model.placement.groupBase == 0 else { return }
             let record = try writeDurably(try encode(model.experts, trainer.expertOptimizer),
-                                          to: (directory as NSString).appendingPathComponent(expertFileName(rank: rank)))
+                                          to: (directory as NSString).appendingPathComponent(expertFileName(rank: rank)),
+                                          beforeRename: { FaultInjection.trigger(.killDuringSave, faults: trainer.faults, step: trainer.step) })
             reports[rank * 6] = 1
             reports[rank * 6 + 1] = Int64(record.bytes)
             for word in 0..<4 { reports[rank * 6 + 2 + word] = digestWord(record.sha256, word) }
@@ -196,11 +197,12 @@ public enum Checkpoint {
     }
 
     /// Writes to a temporary name, fsyncs, renames: a reader sees the old file or the whole new one.
-    static func writeDurably(_ data: Data, to path: String) throws -> CheckpointManifest.FileRecord {
+    static func writeDurably(_ data: Data, to path: String, beforeRename: () -> Void = {}) throws -> CheckpointManifest.FileRecord {
         let temporary = path + ".partial"
         guard FileManager.default.createFile(atPath: temporary, contents: data) else {
             throw CheckpointError.corrupt(path: path, reason: "cannot create it (permissions or disk full?)")
         }
+        beforeRename()
         guard let handle = FileHandle(forWritingAtPath: temporary) else {
             throw CheckpointError.corrupt(path: path, reason: "cannot reopen it to sync")
         }

@@ -1,23 +1,36 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Deliberate faults for testing failure handling end to end (`moe train --inject-fault`,
-/// hidden from the help). Written `KIND@RANK`, e.g. `dispatch-count@1`.
+/// hidden from the help). Written `KIND@RANK` or `KIND@RANK:STEP`, e.g. `dispatch-count@1` or
+/// `kill-during-save@1:10`.
 public struct FaultInjection: Equatable, Sendable {
     public enum Kind: String, CaseIterable, Sendable {
         /// Announce one row more than routed in every MoE layer's dispatch.
         case dispatchCount = "dispatch-count"
+        /// SIGKILL this rank while it writes the checkpoint of STEP (its shard half written).
+        case killDuringSave = "kill-during-save"
     }
 
     public var kind: Kind
     public var rank: Int
+    public var step: Int?
 
-    public init(kind: Kind, rank: Int) {
+    public init(kind: Kind, rank: Int, step: Int? = nil) {
         self.kind = kind
         self.rank = rank
+        self.step = step
     }
 
     public init?(_ text: String) {
         let parts = text.split(separator: "@")
-        guard parts.count == 2, let kind = Kind(rawValue: String(parts[0])), let rank = Int(parts[1]), rank >= 0 else { return nil }
-        self.init(kind: kind, rank: rank)
+        guard parts.count == 2, let kind = Kind(rawValue: String(parts[0])) else { return nil }
+        let target = parts[1].split(separator: ":")
+        guard let rank = Int(target[0]), rank >= 0, target.count <= 2 else { return nil }
+        var step: Int?
+        if target.count == 2 { guard let value = Int(target[1]), value >= 0 else { return nil }; step = value }
+        self.init(kind: kind, rank: rank, step: step)
     }
 
     /// Arms the fault on `trainer` if it runs on the targeted rank.
@@ -25,6 +38,14 @@ public struct FaultInjection: Equatable, Sendable {
         guard trainer.communicator.rank == rank else { return }
         switch kind {
         case .dispatchCount: for layer in trainer.model.moeLayers { layer.injectedCountError = 1 }
+        case .killDuringSave: trainer.faults.append(self)
+        }
+    }
+
+    /// Called at the fault's point of action; kills the process when it is due.
+    static func trigger(_ kind: Kind, faults: [FaultInjection], step: Int) {
+        for fault in faults where fault.kind == kind && (fault.step == nil || fault.step == step) {
+            raise(SIGKILL)
         }
     }
 }

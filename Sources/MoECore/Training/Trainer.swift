@@ -49,6 +49,8 @@ public final class Trainer {
     public let validationData: TokenBatches?
     /// The next step to run (0-based); equals the number of updates applied.
     public internal(set) var step = 0
+    /// Armed test faults (see FaultInjection).
+    public internal(set) var faults: [FaultInjection] = []
 
     /// The ranks holding copies of this rank's experts (R > E only): their gradients are
     /// all-reduced within this group.

@@ -23,9 +23,14 @@ public final class TrainingRun {
         }
     }
 
-    /// Keys that fix the shape of the model and its routing: they come from the checkpoint on
+    /// Keys that fix the shape of the model and its routing (and how the routing evolves): they come from the checkpoint on
     /// resume, and a config that changes them is an error.
-    public static let architectureSections: Set<String> = ["model", "moe"]
+    public static let architectureSections: Set<String> = ["model", "moe", "evomoe", "dts", "gates"]
+    /// Sections taken from the checkpoint on resume (the model and its routing, the EvoMoE and
+    /// gate settings that shaped it).
+    static let checkpointedSections: [(inout RunConfig, RunConfig) -> Void] = [
+        { $0.model = $1.model }, { $0.moe = $1.moe }, { $0.evomoe = $1.evomoe }, { $0.dts = $1.dts }, { $0.gates = $1.gates },
+    ]
 
     /// Builds the run: resolves the config against a checkpoint when resuming, reads the data,
     /// builds the trainer and loads its state. `log` receives rank 0's human-readable lines.
@@ -36,27 +41,46 @@ public final class TrainingRun {
         self.log = log
         var config = requested
         var checkpoint: (directory: String, manifest: CheckpointManifest)?
-        if resume {
-            if let directory = Checkpoint.complete(in: runDirectory).last {
-                let manifest = try Checkpoint.readManifest(directory)
-                let saved = try Checkpoint.config(of: manifest, directory: directory)
-                var comparable = requested
-                if comparable.model.vocabularySize == 0 { comparable.model.vocabularySize = saved.model.vocabularySize }
-                let conflicts = comparable.differingKeys(from: saved, sections: TrainingRun.architectureSections)
-                guard conflicts.isEmpty else { throw RunError.architectureConflict(checkpoint: directory, keys: conflicts) }
-                config.model = saved.model
-                config.moe = saved.moe
-                checkpoint = (directory, manifest)
-            } else {
-                log("--resume: no complete checkpoint in \(runDirectory)/checkpoints; starting from step 0")
-            }
+        // Newest complete checkpoint first; the architecture comes from it.
+        let candidates = resume ? Array(Checkpoint.complete(in: runDirectory).reversed()) : []
+        if resume && candidates.isEmpty {
+            log("--resume: no complete checkpoint in \(runDirectory)/checkpoints; starting from step 0")
+        }
+        if let newest = candidates.first {
+            let manifest = try Checkpoint.readManifest(newest)
+            let saved = try Checkpoint.config(of: manifest, directory: newest)
+            var comparable = requested
+            if comparable.model.vocabularySize == 0 { comparable.model.vocabularySize = saved.model.vocabularySize }
+            let conflicts = comparable.differingKeys(from: saved, sections: TrainingRun.architectureSections)
+            guard conflicts.isEmpty else { throw RunError.architectureConflict(checkpoint: newest, keys: conflicts) }
+            for section in TrainingRun.checkpointedSections { section(&config, saved) }
         }
         let trainFile = try TokenFile.read(config.data.train)
         let validationFile = config.data.val.isEmpty ? nil : try TokenFile.read(config.data.val)
         trainer = try Trainer(config: config, communicator: communicator, trainFile: trainFile, validationFile: validationFile)
+        // Load the newest checkpoint every rank can read and verify; a damaged one (truncated,
+        // flipped bytes, missing shard) is skipped with a warning, on every rank together.
+        for directory in candidates {
+            var failure: Error?
+            var manifest: CheckpointManifest?
+            do {
+                let read = try Checkpoint.readManifest(directory)
+                manifest = read
+                try Checkpoint.load(directory, manifest: read, model: trainer.model,
+                                    replicatedOptimizer: trainer.replicatedOptimizer, expertOptimizer: trainer.expertOptimizer)
+            } catch { failure = error }
+            let failedRank = try communicator.allReduce(Int64(failure == nil ? Int64.max : Int64(communicator.rank)), op: .min)
+            if failedRank == Int64.max, let manifest { checkpoint = (directory, manifest); break }
+            let reason = failure.map { "\($0)" } ?? "rank \(failedRank) could not load it"
+            log("warning: skipping checkpoint \(directory): \(reason); trying the previous one")
+            if failure != nil && communicator.size > 1 {
+                FileHandle.standardError.write(Data("warning (rank \(communicator.rank)): \(reason)\n".utf8))
+            }
+        }
+        if resume && !candidates.isEmpty && checkpoint == nil {
+            throw CheckpointError.notACheckpoint(path: runDirectory, reason: "none of its \(candidates.count) complete checkpoints could be loaded (see the warnings)")
+        }
         if let checkpoint {
-            try Checkpoint.load(checkpoint.directory, manifest: checkpoint.manifest, model: trainer.model,
-                                replicatedOptimizer: trainer.replicatedOptimizer, expertOptimizer: trainer.expertOptimizer)
             trainer.step = checkpoint.manifest.step
             trainer.restorePhase()
             if let saved = checkpoint.manifest.temperature, let now = trainer.model.moeLayers.first?.gate.temperature(step: trainer.step),
