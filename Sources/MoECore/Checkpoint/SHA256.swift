@@ -6,6 +6,7 @@ public struct SHA256 {
     ]
     private var pending: [UInt8] = []
     private var length: UInt64 = 0
+    private var schedule = [UInt32](repeating: 0, count: 64)   // reused by every block
 
     private static let roundConstants: [UInt32] = [
         0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
@@ -30,7 +31,10 @@ public struct SHA256 {
         for byte in bytes {
             pending.append(byte)
             length &+= 1
-            if pending.count == 64 { compress(); pending.removeAll(keepingCapacity: true) }
+            if pending.count == 64 {
+                pending.withUnsafeBytes { compress($0.baseAddress!) }
+                pending.removeAll(keepingCapacity: true)
+            }
         }
     }
 
@@ -39,10 +43,8 @@ public struct SHA256 {
         var index = 0
         while !pending.isEmpty && index < buffer.count { update(CollectionOfOne(buffer[index])); index += 1 }
         while index + 64 <= buffer.count {
-            pending.append(contentsOf: buffer[index..<index + 64])
             length &+= 64
-            compress()
-            pending.removeAll(keepingCapacity: true)
+            compress(buffer.baseAddress! + index)
             index += 64
         }
         update(buffer[index...])
@@ -59,11 +61,12 @@ public struct SHA256 {
         return text
     }
 
-    private mutating func compress() {
-        var w = [UInt32](repeating: 0, count: 64)
-        for t in 0..<16 {
-            w[t] = UInt32(pending[4 * t]) << 24 | UInt32(pending[4 * t + 1]) << 16 | UInt32(pending[4 * t + 2]) << 8 | UInt32(pending[4 * t + 3])
-        }
+    /// One 64-byte block at `block`.
+    private mutating func compress(_ block: UnsafeRawPointer) {
+        var w = schedule
+        schedule = []   // keep `w` uniquely referenced: no copy on write
+        defer { schedule = w }
+        for t in 0..<16 { w[t] = UInt32(bigEndian: block.loadUnaligned(fromByteOffset: 4 * t, as: UInt32.self)) }
         for t in 16..<64 {
             let s0 = rotate(w[t - 15], 7) ^ rotate(w[t - 15], 18) ^ (w[t - 15] >> 3)
             let s1 = rotate(w[t - 2], 17) ^ rotate(w[t - 2], 19) ^ (w[t - 2] >> 10)

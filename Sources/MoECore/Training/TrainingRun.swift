@@ -60,6 +60,7 @@ public final class TrainingRun {
         trainer = try Trainer(config: config, communicator: communicator, trainFile: trainFile, validationFile: validationFile)
         // Load the newest checkpoint every rank can read and verify; a damaged one (truncated,
         // flipped bytes, missing shard) is skipped with a warning, on every rank together.
+        let loadStarted = DispatchTime.now().uptimeNanoseconds
         for directory in candidates {
             var failure: Error?
             var manifest: CheckpointManifest?
@@ -87,7 +88,8 @@ public final class TrainingRun {
                abs(saved - now) > 1e-12 * max(1, abs(saved)) {
                 throw CheckpointError.incompatible(path: checkpoint.directory, reason: "its temperature \(saved) differs from the schedule's \(now) at step \(trainer.step)")
             }
-            log("resumed from \(checkpoint.directory) at step \(trainer.step) (saved on \(checkpoint.manifest.worldSize) ranks)")
+            log(String(format: "resumed from %@ at step %d (saved on %d ranks), loaded and verified in %.2f s", checkpoint.directory,
+                       trainer.step, checkpoint.manifest.worldSize, Double(DispatchTime.now().uptimeNanoseconds - loadStarted) / 1e9))
         }
         if communicator.rank == 0 {
             do {
