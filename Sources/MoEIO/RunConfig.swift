@@ -93,6 +93,10 @@ public struct TrainConfig: Equatable, Sendable {
     public var evalEvery = 250
     public var evalBatches = 16
     public var consistencyCheckEvery = 100
+    public var maxConsecutiveSkips = 5
+    public var stallSeconds = 300.0
+    public var stallFactor = 20.0
+    public var healthWindow = 100
 }
 
 public struct DataConfig: Equatable, Sendable {
@@ -201,6 +205,11 @@ public struct RunConfig: Equatable, Sendable {
             .int("eval_batches", \.evalBatches, min: 1, "validation batches per evaluation"),
             .int("consistency_check_every", \.consistencyCheckEvery, min: 0,
                  "every n steps, ranks compare a checksum of their replicated parameters and stop if they diverged (0: never)"),
+            .int("max_consecutive_skips", \.maxConsecutiveSkips, min: 0,
+                 "updates with a non-finite loss or gradient are skipped; stop after more than this many in a row"),
+            .double("stall_seconds", \.stallSeconds, 1...1e7, "watchdog: an operation may last max(stall_seconds, stall_factor x median step time) before the job is aborted"),
+            .double("stall_factor", \.stallFactor, 1...1e6, "watchdog: see stall_seconds"),
+            .int("health_window", \.healthWindow, min: 1, "warn when an expert receives no tokens for this many steps, or one takes most of the load"),
         ]),
         ConfigSection("data", \.data, help: "Token files (llm.c format, see `moe prepare`). Relative paths are relative to the working directory.", [
             .string("train", \.train, allowEmpty: false, "training token file"),

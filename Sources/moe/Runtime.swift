@@ -29,15 +29,26 @@ enum Runtime {
         do {
             try body(communicator)
         } catch {
+            // Every rank raised it together: end cleanly. Otherwise other ranks may be waiting in
+            // a collective for this one, so the whole job is aborted.
+            if error is AgreedFailure {
+                report("\(error)", communicator: communicator)
+                mpi?.finalize()
+                exit(1)
+            }
             fail("\(error)", rank: communicator.rank, communicator: communicator)
         }
         mpi?.finalize()
         exit(0)
     }
 
-    static func fail(_ message: String, rank: Int?, communicator: Communicator?) -> Never {
-        let prefix = (communicator?.size ?? 1) > 1 ? "error (rank \(rank ?? -1)): " : "error: "
+    static func report(_ message: String, communicator: Communicator?) {
+        let prefix = (communicator?.size ?? 1) > 1 ? "error (rank \(communicator!.rank)): " : "error: "
         FileHandle.standardError.write(Data((prefix + message.replacingOccurrences(of: "\n", with: " ") + "\n").utf8))
+    }
+
+    static func fail(_ message: String, rank: Int?, communicator: Communicator?) -> Never {
+        report(message, communicator: communicator)
         if let communicator, communicator.size > 1 { communicator.abort(code: 1) }
         exit(1)
     }

@@ -44,7 +44,8 @@ struct TrainCommand: ParsableCommand {
     func run() throws {
         Runtime.run { communicator in
             let log = Runtime.logger(communicator)
-            let resolved = try RunConfig.load(file: config, overrides: overrides)
+            // Agreed, so a config file unreadable on one node stops every rank with its message.
+            let resolved = try communicator.agree { try RunConfig.load(file: config, overrides: overrides) }
             if printConfig {
                 log(resolved.yaml().trimmingCharacters(in: .newlines))
                 return
@@ -54,7 +55,8 @@ struct TrainCommand: ParsableCommand {
                 throw ValidationError("run directory '\(directory)' already holds checkpoints (newest \(existing)); pass --resume to continue it or choose another --run-dir")
             }
             Runtime.announceEnvironment(log)
-            let run = try TrainingRun(config: resolved, runDirectory: directory, resume: resume, communicator: communicator, log: log)
+            let run = try TrainingRun(config: resolved, runDirectory: directory, resume: resume, communicator: communicator,
+                                      faults: faults.compactMap(FaultInjection.init), log: log)
             for fault in faults.compactMap(FaultInjection.init) { fault.arm(run.trainer) }
             Runtime.installTerminationHandler()
             try run.run(stopAt: stopAt, stopRequested: { Runtime.terminationFlag.pointee != 0 })

@@ -39,6 +39,8 @@ public struct CheckpointManifest: Codable, Equatable {
     public var spawnStep: Int?
     /// Gate state outside the parameters, by layer (ReLU routing's λ).
     public var gateState: [String: [String: Double]]?
+    /// Updates skipped for non-finite values so far (schedules count applied updates).
+    public var skippedUpdates: Int?
 }
 
 public enum CheckpointError: Error, CustomStringConvertible {
@@ -138,7 +140,7 @@ public enum Checkpoint {
                 spawnStep: GPTModel<Float>.spawnStep(trainer.config),
                 gateState: Dictionary(uniqueKeysWithValues: model.moeLayers.compactMap { layer in
                     layer.gate.state.isEmpty ? nil : ("blocks.\(layer.layerIndex)", layer.gate.state)
-                }))
+                }), skippedUpdates: trainer.skippedUpdates)
             let encoder = JSONEncoder()
             encoder.keyEncodingStrategy = .convertToSnakeCase
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -72,7 +72,7 @@ public final class DenseToSparseGate<T: Scalar>: Gate {
     var temperature = 1.0
     var globalTokens = 0
     var training = false
-    var statistics: [Double] = []      // Σ m (E values), Σ w (E values)
+    var statistics: [Double] = []      // Σ m (E values), Σ w (E values), Σ entropy(p_s)
     let dLogits = Tensor<T>()
 
     public init(router: Parameter<T, Replicated>, bias: Parameter<T, Replicated>?, variant: Variant,
@@ -106,7 +106,7 @@ public final class DenseToSparseGate<T: Scalar>: Gate {
         let hard = schedule.isHard(step: context.step)
         for tensor in [probabilities, gumbelSoftmax, activated] { tensor.resize(rows: rows, columns: experts) }
         if mask.count != rows * experts { mask = Array(repeating: 0, count: rows * experts); keptIndex = Array(repeating: -1, count: rows * experts) }
-        if statistics.count != 2 * experts { statistics = Array(repeating: 0, count: 2 * experts); selectionFraction = Array(repeating: 0, count: experts) }
+        if statistics.count != 2 * experts + 1 { statistics = Array(repeating: 0, count: 2 * experts + 1); selectionFraction = Array(repeating: 0, count: experts) }
         for index in statistics.indices { statistics[index] = 0 }
         // Logits l = x W_g (+ b): kept in `activated` until transformed.
         gemm(m: rows, n: experts, k: router.rows, a: x, b: router.value, c: activated.pointer)
@@ -140,6 +140,7 @@ public final class DenseToSparseGate<T: Scalar>: Gate {
                     }
                 }
             }
+            for e in 0..<experts where p[e] > 0 { statistics[2 * experts] -= Double(p[e]) * _log(Double(p[e])) }
             var any = false
             for e in 0..<experts where mask[m + e] != 0 { any = true }
             if !any { mask[m + argmaxIndex] = 1 }   // soft selection always keeps at least one expert
@@ -163,6 +164,7 @@ public final class DenseToSparseGate<T: Scalar>: Gate {
             auxiliary += (statistics[experts + e] / n) * (statistics[e] / n)
         }
         routing.auxiliaryLoss = context.training ? auxiliaryCoefficient * Double(experts) * auxiliary : 0
+        routing.routerEntropy = statistics[2 * experts] / n
     }
 
     public func backward(_ x: UnsafePointer<T>, rows: Int, dWeights: UnsafePointer<T>,

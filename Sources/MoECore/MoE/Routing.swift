@@ -17,6 +17,8 @@ public final class Routing<T: Scalar> {
     public internal(set) var selectedCount: Int64 = 0
     public internal(set) var keptCount: Int64 = 0
     public internal(set) var globalTokens = 0
+    /// Mean entropy of the router's probabilities over the global batch, when the gate has them.
+    public internal(set) var routerEntropy: Double?
 
     public init() {}
 
@@ -28,6 +30,7 @@ public final class Routing<T: Scalar> {
         weights.removeAll(keepingCapacity: true)
         if keptPerExpert.count != expertCount { keptPerExpert = Array(repeating: 0, count: expertCount) }
         auxiliaryLoss = 0
+        routerEntropy = nil
         selectedCount = 0
         keptCount = 0
     }

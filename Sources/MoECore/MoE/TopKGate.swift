@@ -53,7 +53,7 @@ public final class TopKGate<T: Scalar>: Gate {
     var localCounts: [Int64] = []          // [k, E] per choice rank and expert
     var countsBefore: [Int64] = []
     var countsTotal: [Int64] = []
-    var statistics: [Double] = []          // Σ_s p_{s,e} (E values), Σ_s lse_s²
+    var statistics: [Double] = []          // Σ_s p_{s,e} (E values), Σ_s lse_s², Σ_s entropy(p_s)
     let dLogits = Tensor<T>()
     // Jitter: the router's input x ⊙ u and the factors u, [N, C] each; dx scratch.
     let jitteredInput = Tensor<T>(), jitterFactors = Tensor<T>(), dRouterInput = Tensor<T>()
@@ -116,7 +116,10 @@ public final class TopKGate<T: Scalar>: Gate {
             let lse = Kernels.softmaxRow(p, count: experts)
             logSumExp[s] = lse
             statistics[experts] += Double(lse * lse)
-            for e in 0..<experts { statistics[e] += Double(p[e]) }
+            for e in 0..<experts {
+                statistics[e] += Double(p[e])
+                if p[e] > 0 { statistics[experts + 1] -= Double(p[e]) * _log(Double(p[e])) }
+            }
         }
         // 2. The k largest probabilities per token (ties: lowest expert index).
         for index in localCounts.indices { localCounts[index] = 0 }
@@ -211,6 +214,7 @@ public final class TopKGate<T: Scalar>: Gate {
         balance *= Double(experts)
         let zLoss = statistics[experts] / n
         routing.auxiliaryLoss = balanceCoefficient * balance + zLossCoefficient * zLoss
+        routing.routerEntropy = statistics[experts + 1] / n
         routing.globalTokens = context.globalTokens
     }
 
@@ -229,7 +233,7 @@ public final class TopKGate<T: Scalar>: Gate {
         }
         if localCounts.count != k * expertCount { localCounts = Array(repeating: 0, count: k * expertCount) }
         if balanceFraction.count != expertCount { balanceFraction = Array(repeating: 0, count: expertCount) }
-        if statistics.count != expertCount + 1 { statistics = Array(repeating: 0, count: expertCount + 1) }
+        if statistics.count != expertCount + 2 { statistics = Array(repeating: 0, count: expertCount + 2) }
     }
 
     public func backward(_ x: UnsafePointer<T>, rows: Int, dWeights: UnsafePointer<T>,

@@ -22,6 +22,8 @@ public struct MoELayerStatistics: Sendable {
     public var droppedFraction: Double
     /// Mean experts processing each token.
     public var activeExperts: Double
+    /// Mean entropy of the router's softmax over the global batch (gates that have one).
+    public var routerEntropy: Double? = nil
 }
 
 public struct ForwardResult: Sendable {
@@ -308,7 +310,8 @@ public final class GPTModel<T: Scalar> {
                     auxiliaryLoss: routing.auxiliaryLoss,
                     expertLoad: routing.keptPerExpert.map { Double($0) / kept },
                     droppedFraction: routing.selectedCount == 0 ? 0 : 1 - Double(routing.keptCount) / Double(routing.selectedCount),
-                    activeExperts: Double(routing.keptCount) / Double(max(globalTokens, 1))))
+                    activeExperts: Double(routing.keptCount) / Double(max(globalTokens, 1)),
+                    routerEntropy: routing.routerEntropy))
                 auxiliary += routing.auxiliaryLoss
             }
             let output = residual[layer + 1]
@@ -385,6 +388,14 @@ public final class GPTModel<T: Scalar> {
         tokens.withUnsafeBufferPointer {
             embedding.backward(tokens: $0.baseAddress!, batch: batch, length: length, dOut: dResidual.pointer)
         }
+    }
+
+    /// The first activation of the last forward that is not finite, named for error messages.
+    public func firstNonFiniteActivation() -> String? {
+        for (index, tensor) in residual.enumerated() where !Kernels.isFinite(tensor.pointer, count: tensor.count) {
+            return index == 0 ? "the embedding output" : "the output of block \(index - 1)"
+        }
+        return Kernels.isFinite(logits.pointer, count: logits.count) ? nil : "the output projection"
     }
 
     /// Attention and MoE-layer times accumulated since the previous call; resets them.

@@ -11,6 +11,14 @@ public struct FaultInjection: Equatable, Sendable {
         case dispatchCount = "dispatch-count"
         /// SIGKILL this rank while it writes the checkpoint of STEP (its shard half written).
         case killDuringSave = "kill-during-save"
+        /// SIGKILL this rank in the middle of step STEP (between forward and backward).
+        case kill
+        /// This rank stops for an hour in the middle of step STEP (a hung node).
+        case sleep
+        /// This rank's gradient gets a NaN at step STEP (before the all-reduce).
+        case nanGradient = "nan-gradient"
+        /// This rank cannot read its training data.
+        case dataUnreadable = "data-unreadable"
     }
 
     public var kind: Kind
@@ -38,14 +46,18 @@ public struct FaultInjection: Equatable, Sendable {
         guard trainer.communicator.rank == rank else { return }
         switch kind {
         case .dispatchCount: for layer in trainer.model.moeLayers { layer.injectedCountError = 1 }
-        case .killDuringSave: trainer.faults.append(self)
+        case .killDuringSave, .kill, .sleep, .nanGradient: trainer.faults.append(self)
+        case .dataUnreadable: break   // acted on while the run reads its data
         }
     }
 
-    /// Called at the fault's point of action; kills the process when it is due.
+    static func due(_ kind: Kind, faults: [FaultInjection], step: Int) -> Bool {
+        faults.contains { $0.kind == kind && ($0.step == nil || $0.step == step) }
+    }
+
+    /// Called at the fault's point of action: kills or stalls the process when it is due.
     static func trigger(_ kind: Kind, faults: [FaultInjection], step: Int) {
-        for fault in faults where fault.kind == kind && (fault.step == nil || fault.step == step) {
-            raise(SIGKILL)
-        }
+        guard due(kind, faults: faults, step: step) else { return }
+        if kind == .sleep { Glibc.sleep(3600) } else { raise(SIGKILL) }
     }
 }

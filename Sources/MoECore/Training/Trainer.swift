@@ -4,12 +4,16 @@ import Glibc
 import MoEComm
 import MoEIO
 
-public enum TrainingError: Error, CustomStringConvertible {
+/// Training failures every rank detects together (their inputs are global values).
+public enum TrainingError: Error, CustomStringConvertible, AgreedFailure {
     case replicasDiverged(step: Int, rank: Int, checksum: String)
+    case nonFinite(skips: Int, firstStep: Int, location: String)
     public var description: String {
         switch self {
         case let .replicasDiverged(step, rank, checksum):
             return "replicated parameters differ between ranks after step \(step) (rank \(rank) has checksum \(checksum)); ranks are no longer training the same model"
+        case let .nonFinite(skips, firstStep, location):
+            return "stopping: \(skips) updates in a row had a non-finite loss or gradient (first at step \(firstStep), in \(location)); the last complete checkpoint is unchanged; lower train.lr or check the data"
         }
     }
 }
@@ -32,6 +36,8 @@ public struct StepReport: Sendable {
     /// The training phase: "dense" (EvoMoE before the spawn), "soft"/"hard" (DTS selection),
     /// "stage1"/"stage2" (StableMoE) or "sparse".
     public var phase: String
+    /// The update was skipped: the loss or the gradient was not finite.
+    public var skipped = false
 }
 
 /// Owns the model, its optimizers and the data; `step()` is the one place a training step is
@@ -105,10 +111,16 @@ public final class Trainer {
         model.zeroGradients()
         let phase = self.phase
         prepareGates()
+        heartbeat.beat("forward", step: step)
         let forward = try model.forward(tokens: inputs, targets: targets, batch: batchSize, length: context, training: true,
                                         globalTokens: globalTokens, firstGlobalToken: rank * localTokens,
-                                        noiseKey: routingKey.derive(step), step: step)
+                                        noiseKey: routingKey.derive(step), step: step - skippedUpdates)
+        heartbeat.beat("backward", step: step)
+        FaultInjection.trigger(.kill, faults: faults, step: step)
+        FaultInjection.trigger(.sleep, faults: faults, step: step)
         try model.backward(globalTokens: globalTokens)
+        if FaultInjection.due(.nanGradient, faults: faults, step: step) { model.replicated.gradients[0] = .nan }
+        heartbeat.beat("gradient all-reduce", step: step)
         // 4. replicated gradients: each rank holds its tokens' share of d(global mean loss), so
         //    the sum over ranks is the full gradient. Expert gradients are already complete on
         //    their host (every token routed to an expert reached it through the all-to-all).
@@ -127,9 +139,24 @@ public final class Trainer {
         let clip = config.train.gradClip
         let gradientScale = clip > 0 && gradientNorm > clip ? clip / gradientNorm : 1
         let learningRate = schedule.learningRate(at: step)
-        Clock.measure(&optimizerSeconds) {
-            replicatedOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
-            expertOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
+        // Loss and norm are global values, so every rank takes the same branch.
+        let lossSum = scalars[0]
+        let skipped = !lossSum.isFinite || !gradientNorm.isFinite
+        if skipped {
+            skippedUpdates += 1
+            consecutiveSkips += 1
+            if consecutiveSkips == 1 { firstNonFinite = (step, locateNonFinite(loss: lossSum)) }
+            if consecutiveSkips > config.train.maxConsecutiveSkips {
+                throw TrainingError.nonFinite(skips: consecutiveSkips, firstStep: firstNonFinite?.step ?? step,
+                                              location: firstNonFinite?.location ?? "?")
+            }
+        } else {
+            consecutiveSkips = 0
+            heartbeat.beat("optimizer", step: step)
+            Clock.measure(&optimizerSeconds) {
+                replicatedOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
+                expertOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
+            }
         }
         if config.train.consistencyCheckEvery > 0 && (step + 1) % config.train.consistencyCheckEvery == 0 {
             try Clock.measure(&allReduceSeconds) { try checkReplicasAgree() }
@@ -140,12 +167,33 @@ public final class Trainer {
         profile.total = Double(Clock.nanoseconds() - started) * 1e-9
         let report = StepReport(step: step, loss: scalars[0] / Double(globalTokens), auxiliaryLoss: forward.auxiliaryLoss,
                                 learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: forward.moeLayers,
-                                profile: profile, temperature: model.moeLayers.first?.gate.temperature(step: step),
-                                phase: phase)
+                                profile: profile, temperature: model.moeLayers.first?.gate.temperature(step: step - skippedUpdates),
+                                phase: phase, skipped: skipped)
         adaptGates(forward.moeLayers)
         step += 1
         if step == GPTModel<Float>.spawnStep(config) { spawnExperts() }
         return report
+    }
+
+    /// Updates skipped because the loss or gradient was not finite (all, and in a row).
+    public internal(set) var skippedUpdates = 0
+    public internal(set) var consecutiveSkips = 0
+    var firstNonFinite: (step: Int, location: String)?
+    /// Names the operation in progress, for the stall watchdog.
+    public let heartbeat = Heartbeat()
+
+    /// Where the first non-finite value is: the first block whose output is not finite, else
+    /// the first parameter whose gradient is not.
+    func locateNonFinite(loss: Double) -> String {
+        if let block = model.firstNonFiniteActivation() { return block }
+        if !loss.isFinite { return "the loss" }
+        for entry in model.replicated.entries where !Kernels.isFinite(model.replicated.gradients + entry.offset, count: entry.count) {
+            return "the gradient of \(entry.name)"
+        }
+        for entry in model.experts.entries where !Kernels.isFinite(model.experts.gradients + entry.offset, count: entry.count) {
+            return "the gradient of \(entry.name) (rank \(communicator.rank))"
+        }
+        return "an expert on another rank"
     }
 
     /// The phase the next step trains in.

@@ -10,6 +10,7 @@ public final class TrainingRun {
     let communicator: Communicator
     let log: (String) -> Void
     let metrics: MetricsLog?
+    var health = ExpertHealth()
 
     public enum RunError: Error, CustomStringConvertible {
         case architectureConflict(checkpoint: String, keys: [String])
@@ -35,7 +36,7 @@ public final class TrainingRun {
     /// Builds the run: resolves the config against a checkpoint when resuming, reads the data,
     /// builds the trainer and loads its state. `log` receives rank 0's human-readable lines.
     public init(config requested: RunConfig, runDirectory: String, resume: Bool, communicator: Communicator,
-                log: @escaping (String) -> Void) throws {
+                faults: [FaultInjection] = [], log: @escaping (String) -> Void) throws {
         self.runDirectory = runDirectory
         self.communicator = communicator
         self.log = log
@@ -55,8 +56,15 @@ public final class TrainingRun {
             guard conflicts.isEmpty else { throw RunError.architectureConflict(checkpoint: newest, keys: conflicts) }
             for section in TrainingRun.checkpointedSections { section(&config, saved) }
         }
-        let trainFile = try TokenFile.read(config.data.train)
-        let validationFile = config.data.val.isEmpty ? nil : try TokenFile.read(config.data.val)
+        // Every rank reads the data itself; a file one node cannot read stops every rank with
+        // that node's message (before any other collective).
+        let dataConfig = config.data
+        let (trainFile, validationFile) = try communicator.agree {
+            if faults.contains(where: { $0.kind == .dataUnreadable && $0.rank == communicator.rank }) {
+                throw TokenFile.ReadError.unreadable(path: dataConfig.train)
+            }
+            return (try TokenFile.read(dataConfig.train), dataConfig.val.isEmpty ? nil : try TokenFile.read(dataConfig.val))
+        }
         trainer = try Trainer(config: config, communicator: communicator, trainFile: trainFile, validationFile: validationFile)
         // Load the newest checkpoint every rank can read and verify; a damaged one (truncated,
         // flipped bytes, missing shard) is skipped with a warning, on every rank together.
@@ -83,6 +91,7 @@ public final class TrainingRun {
         }
         if let checkpoint {
             trainer.step = checkpoint.manifest.step
+            trainer.skippedUpdates = checkpoint.manifest.skippedUpdates ?? 0
             trainer.restorePhase()
             if let saved = checkpoint.manifest.temperature, let now = trainer.model.moeLayers.first?.gate.temperature(step: trainer.step),
                abs(saved - now) > 1e-12 * max(1, abs(saved)) {
@@ -123,6 +132,8 @@ public final class TrainingRun {
             + "\(trainer.globalBatchTokens) tokens, steps \(trainer.step)..<\(steps), run directory \(runDirectory)")
         var lastValidation: Double?
         var intervalSeconds = 0.0, intervalTokens = 0, totalSeconds = 0.0, timedSteps = 0
+        StallWatchdog(heartbeat: trainer.heartbeat, rank: communicator.rank, minimumSeconds: config.train.stallSeconds,
+                      factor: config.train.stallFactor).start()
         while trainer.step < end {
             if config.train.evalEvery > 0 && trainer.step % config.train.evalEvery == 0 {
                 lastValidation = try evaluate()
@@ -130,6 +141,11 @@ public final class TrainingRun {
             let started = DispatchTime.now().uptimeNanoseconds
             let report = try trainer.trainStep()
             let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
+            trainer.heartbeat.finishedStep(seconds: seconds)
+            health.observe(report, window: config.train.healthWindow, log: log)
+            if report.skipped {
+                log("warning: step \(report.step) skipped: non-finite loss or gradient (\(trainer.consecutiveSkips) in a row, \(trainer.skippedUpdates) in all)")
+            }
             intervalSeconds += seconds
             intervalTokens += trainer.globalBatchTokens
             totalSeconds += seconds
@@ -163,6 +179,7 @@ public final class TrainingRun {
     }
 
     func evaluate() throws -> Double? {
+        trainer.heartbeat.beat("evaluation", step: trainer.step)
         guard let loss = try trainer.evaluate() else { return nil }
         var object = JSONObject()
         object.add("step", trainer.step)
@@ -175,6 +192,7 @@ public final class TrainingRun {
     func saveCheckpoint() throws {
         // Never rewrite a complete checkpoint (a resume that has nothing left to do).
         if Checkpoint.complete(in: runDirectory).last?.hasSuffix(Checkpoint.directoryName(step: trainer.step)) == true { return }
+        trainer.heartbeat.beat("checkpoint save", step: trainer.step)
         let started = DispatchTime.now().uptimeNanoseconds
         let directory = try Checkpoint.save(trainer, runDirectory: runDirectory)
         log(String(format: "saved %@ in %.2f s", directory, Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
@@ -196,6 +214,9 @@ public final class TrainingRun {
         object.add("grad_norm", report.gradientNorm)
         if let temperature = report.temperature { object.add("temperature", temperature) }
         object.add("phase", report.phase)
+        object.add("skipped_updates", trainer.skippedUpdates)
+        object.add("load_cv", layers.map { ExpertHealth.coefficientOfVariation($0.expertLoad) })
+        if layers.contains(where: { $0.routerEntropy != nil }) { object.add("router_entropy", layers.map { $0.routerEntropy ?? .nan }) }
         metrics.write(object)
     }
 
