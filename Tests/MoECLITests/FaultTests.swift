@@ -1,0 +1,120 @@
+import Foundation
+import XCTest
+import MoECore
+
+/// Faults injected under `mpirun -np 2 --timeout`: each ends promptly with a message naming the
+/// rank (or skips the step), never hangs, and the last complete checkpoint still verifies and
+/// resumes.
+final class FaultTests: XCTestCase {
+    override func setUpWithError() throws {
+        try XCTSkipUnless(CLI.hasMPI, "mpirun is not installed (launch/install-deps.sh installs it)")
+    }
+
+    static let config = """
+        model: {context: 16, width: 16, layers: 2, heads: 2, ffn_hidden: 32, moe_every: 1}
+        moe: {experts: 4, top_k: 2, gate: topk}
+        evomoe: {spawn_fraction: 0}
+        train: {steps: 20, batch_size: 4, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 0, eval_batches: 2, stall_seconds: 4}
+        data: {train: data/train.bin, val: data/val.bin}
+        checkpoint: {every: 5, keep: 5}
+        """
+
+    func run(_ workspace: Workspace, _ arguments: [String]) throws -> (CommandResult, TimeInterval) {
+        let started = Date()
+        let result = try CLI.mpirun(ranks: 2, ["train", "--config", "c.yaml", "--run-dir", "run"] + arguments, in: workspace.url,
+                                    timeout: 90)
+        return (result, Date().timeIntervalSince(started))
+    }
+
+    /// After a failed job: the last complete checkpoint verifies and the run resumes from it.
+    func assertRecoverable(_ workspace: Workspace, from step: Int, file: StaticString = #filePath, line: UInt = #line) throws {
+        let directory = "run/checkpoints/" + Checkpoint.directoryName(step: step)
+        let verify = try CLI.run(["checkpoint", "verify", directory], in: workspace.url)
+        XCTAssertEqual(verify.status, 0, verify.stderr, file: file, line: line)
+        let (resumed, _) = try run(workspace, ["--resume"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr, file: file, line: line)
+        XCTAssertTrue(resumed.stdout.contains("resumed from \(directory)"), resumed.stdout, file: file, line: line)
+    }
+
+    func testKilledRankEndsTheJobPromptly() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let (result, seconds) = try run(workspace, ["--inject-fault", "kill@1:7"])
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertNotEqual(result.status, 110, "mpirun's timeout fired: the job hung")
+        XCTAssertLessThan(seconds, 30)
+        XCTAssertTrue((result.stdout + result.stderr).contains("rank 1"), result.stderr)
+        try assertRecoverable(workspace, from: 5)
+    }
+
+    func testSleepingRankIsCaughtByTheWatchdog() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let (result, seconds) = try run(workspace, ["--inject-fault", "sleep@1:7"])
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertNotEqual(result.status, 110, "mpirun's timeout fired: the job hung")
+        XCTAssertLessThan(seconds, 45)
+        XCTAssertTrue(result.stderr.contains("stalled for") && result.stderr.contains("at step 7"), result.stderr)
+        try assertRecoverable(workspace, from: 5)
+    }
+
+    func testDataOneRankCannotReadStopsEveryRankWithItsMessage() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let (result, seconds) = try run(workspace, ["--inject-fault", "data-unreadable@1"])
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertLessThan(seconds, 30)
+        XCTAssertTrue(result.stderr.contains("error (rank 1): token file 'data/train.bin': cannot read it"), result.stderr)
+        XCTAssertTrue(result.stderr.contains("error (rank 0): rank 1 failed: token file 'data/train.bin'"), result.stderr)
+        XCTAssertFalse(result.stderr.contains("MPI_ABORT"), "agreed errors end cleanly: \(result.stderr)")
+    }
+
+    func testNaNGradientOnOneRankSkipsTheStepOnAllRanks() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let (result, _) = try run(workspace, ["--inject-fault", "nan-gradient@1:7"])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        XCTAssertTrue(result.stdout.contains("warning: step 7 skipped"), result.stdout)
+        let metrics = try readMetrics(workspace.path("run/metrics.jsonl")).filter { $0["loss"] != nil }
+        XCTAssertEqual(metrics.last?["skipped_updates"] as? Int, 1)
+        // With no skips allowed, the run stops naming where the NaN appeared.
+        let stop = try Workspace()
+        try stop.write("c.yaml", Self.config)
+        let (stopped, _) = try run(stop, ["--inject-fault", "nan-gradient@1:7", "--set", "train.max_consecutive_skips=0"])
+        XCTAssertNotEqual(stopped.status, 0)
+        XCTAssertTrue(stopped.stderr.contains("first at step 7, in the gradient of embedding.token"), stopped.stderr)
+        try assertRecoverable(stop, from: 5)
+    }
+
+    /// Random bytes where a config, a token file or a manifest belongs: an error line, never a
+    /// crash by signal.
+    func testHostileFilesNeverCrash() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        try CLI.run(["train", "--config", "c.yaml", "--run-dir", "good", "--set", "train.steps=5"], in: workspace.url)
+        var state: UInt64 = 0x2545_F491_4F6C_DD1D
+        func bytes(_ count: Int) -> [UInt8] {
+            (0..<count).map { _ in state ^= state << 13; state ^= state >> 7; state ^= state << 17; return UInt8(truncatingIfNeeded: state) }
+        }
+        let manifest = workspace.path("good/checkpoints/step_00000005/manifest.json")
+        let original = try XCTUnwrap(FileManager.default.contents(atPath: manifest))
+        for trial in 0..<12 {
+            let size = [0, 7, 100, 1024, 1030, 5000][trial % 6]
+            try workspace.write("hostile.yaml", bytes: bytes(size))
+            try workspace.write("data/hostile.bin", bytes: trial % 2 == 0 ? bytes(size) : Array(original.prefix(1024)) + bytes(size))
+            var mangled = original
+            for _ in 0..<(1 + trial) { mangled[Int(state % UInt64(mangled.count))] = bytes(1)[0] }
+            try (trial % 3 == 0 ? Data(bytes(size)) : mangled).write(to: URL(fileURLWithPath: manifest))
+            for arguments in [["train", "--config", "hostile.yaml", "--run-dir", "h"],
+                              ["train", "--config", "c.yaml", "--run-dir", "h", "--set", "data.train=data/hostile.bin"],
+                              ["checkpoint", "verify", "good/checkpoints/step_00000005"],
+                              ["eval", "--checkpoint", "good/checkpoints/step_00000005"]] {
+                let result = try CLI.run(arguments, in: workspace.url)
+                XCTAssertTrue(result.status == 0 || result.status == 1, "\(arguments) trial \(trial): status \(result.status) \(result.stderr)")
+                if result.status != 0 {
+                    XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, "\(arguments): \(result.stderr)")
+                }
+            }
+        }
+    }
+}
