@@ -9,6 +9,6 @@ struct MoECommand: ParsableCommand {
             Run under `mpirun -np R moe ...` to use R ranks (experts are sharded across them);
             without mpirun everything runs in one process.
             """,
-        subcommands: [TrainCommand.self, EvalCommand.self, GenerateCommand.self, PrepareCommand.self, BenchCommand.self, CompareCommand.self,
+        subcommands: [TrainCommand.self, EvalCommand.self, GenerateCommand.self, PrepareCommand.self, BenchCommand.self, CompareCommand.self, ReportCommand.self,
                       CheckpointCommand.self])
 }

@@ -75,6 +75,19 @@ final class TrainingRunTests: XCTestCase {
         XCTAssertEqual(first.stdout, again.stdout)
         XCTAssertNotEqual(first.stdout, other.stdout)
 
+        // The run report and the comparison table read metrics.jsonl.
+        let report = try CLI.run(["report", "run"], in: workspace.url)
+        XCTAssertEqual(report.status, 0, report.stderr)
+        let html = try String(contentsOfFile: workspace.path("run/report.html"), encoding: .utf8)
+        for part in ["<svg", "Expert load, MoE layer 0", "Expert load, MoE layer 1", "Loss", "Throughput", "gate: topk"] {
+            XCTAssertTrue(html.contains(part), "report lacks \(part)")
+        }
+        XCTAssertFalse(html.contains("<script"), "the report is static")
+        let compare = try CLI.run(["compare", "run", "--output", "cmp"], in: workspace.url)
+        XCTAssertEqual(compare.status, 0, compare.stderr)
+        XCTAssertTrue(compare.stdout.contains("| run | final val loss"), compare.stdout)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("cmp/validation.svg")))
+
         // A flipped byte in a checkpoint file is caught by verify.
         let path = workspace.path("run/checkpoints/step_00000012/replicated.safetensors")
         var bytes = try XCTUnwrap(FileManager.default.contents(atPath: path))

@@ -91,6 +91,8 @@ public struct LineChart {
     public var xLabel: String
     public var yLabel: String
     public var series: [Series]
+    /// Vertical dashed lines (phase boundaries), with labels.
+    public var markers: [(x: Double, label: String)] = []
     public var width = 720.0
     public var height = 420.0
 
@@ -121,6 +123,10 @@ public struct LineChart {
         }
         out += "<text x=\"\(left + plotWidth / 2)\" y=\"\(height - 8)\" text-anchor=\"middle\">\(escape(xLabel))</text>\n"
         out += "<text x=\"14\" y=\"\(top + plotHeight / 2)\" text-anchor=\"middle\" transform=\"rotate(-90 14 \(top + plotHeight / 2))\">\(escape(yLabel))</text>\n"
+        for marker in markers where marker.x >= minX && marker.x <= maxX {
+            out += "<line x1=\"\(px(marker.x))\" x2=\"\(px(marker.x))\" y1=\"\(top)\" y2=\"\(top + plotHeight)\" stroke=\"#555\" stroke-dasharray=\"4 3\"/>\n"
+            out += "<text x=\"\(px(marker.x) + 3)\" y=\"\(top + 12)\" fill=\"#555\">\(escape(marker.label))</text>\n"
+        }
         for (index, line) in series.enumerated() {
             let color = LineChart.palette[index % LineChart.palette.count]
             let path = line.points.filter { $0.y.isFinite }.map { String(format: "%.1f,%.1f", px($0.x), py($0.y)) }.joined(separator: " ")
