@@ -72,6 +72,7 @@ extension Communicator {
         try values.withUnsafeMutableBufferPointer { try allReduce($0, op: op) }
     }
 
+    /// One value (allocates a one-element array: not for per-step hot paths).
     public func allReduce<T: CommElement>(_ value: T, op: ReduceOp = .sum) throws -> T {
         var values = [value]
         try allReduce(&values, op: op)

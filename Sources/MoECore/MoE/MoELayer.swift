@@ -22,11 +22,14 @@ public final class MoELayer<T: Scalar> {
     // Plan (reused every step).
     var order: [Int32] = []                // sorted position -> routing index
     var expertStart: [Int] = []            // global expert -> first sorted position
+    var nextSlot: [Int] = []               // counting-sort cursor per expert
     var sendCounts: [Int64] = []           // [R, E_loc] rows to each (rank, local expert)
     var receiveCounts: [Int64] = []        // [R, E_loc] rows from each (source, local expert)
     var sendRows: [Int] = [], sendOffsets: [Int] = [], receiveRows: [Int] = [], receiveOffsets: [Int] = []
     var rowsPerLocalExpert: [Int] = []
     var receivedRowCount = 0
+    /// Byte splits of one exchange, [R] each (stored arrays, updated in place).
+    var sendBytes: [Int] = [], sendByteOffsets: [Int] = [], receiveBytes: [Int] = [], receiveByteOffsets: [Int] = []
     /// [E] rows received per global expert, summed over ranks for the consistency check.
     var receivedPerExpert: [Int64] = []
     /// Test hook: added to this rank's first send count after routing, to prove that a
@@ -191,11 +194,12 @@ public final class MoELayer<T: Scalar> {
         for j in 0..<assignments { expertStart[Int(routing.experts[j]) + 1] += 1 }
         for e in 0..<experts { expertStart[e + 1] += expertStart[e] }
         if order.count < assignments { order = Array(repeating: 0, count: assignments) }
-        var next = expertStart
+        if nextSlot.count != experts + 1 { nextSlot = expertStart }
+        for e in 0...experts { nextSlot[e] = expertStart[e] }
         for j in 0..<assignments {
             let e = Int(routing.experts[j])
-            order[next[e]] = Int32(j)
-            next[e] += 1
+            order[nextSlot[e]] = Int32(j)
+            nextSlot[e] += 1
         }
         // Rows for every (destination rank, local expert); zero outside this rank's group.
         if sendCounts.count != ranks * perRank {
@@ -266,14 +270,23 @@ public final class MoELayer<T: Scalar> {
     private func exchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool) throws {
         let started = Clock.nanoseconds()
         defer { profile.dispatch += Double(Clock.nanoseconds() - started) * 1e-9 }
-        let width = self.width
-        try communicator.allToAllV(
-            send: UnsafeBufferPointer(start: source.pointer, count: source.count),
-            sendCounts: (reverse ? receiveRows : sendRows).map { $0 * width },
-            sendOffsets: (reverse ? receiveOffsets : sendOffsets).map { $0 * width },
-            recv: UnsafeMutableBufferPointer(start: destination.pointer, count: destination.count),
-            recvCounts: (reverse ? sendRows : receiveRows).map { $0 * width },
-            recvOffsets: (reverse ? sendOffsets : receiveOffsets).map { $0 * width })
+        // Byte splits of the plan, filled in place (no allocation per exchange).
+        let rowBytes = width * MemoryLayout<T>.stride
+        let ranks = placement.rankCount
+        if sendBytes.count != ranks {
+            sendBytes = Array(repeating: 0, count: ranks)
+            sendByteOffsets = sendBytes; receiveBytes = sendBytes; receiveByteOffsets = sendBytes
+        }
+        for rank in 0..<ranks {
+            sendBytes[rank] = (reverse ? receiveRows[rank] : sendRows[rank]) * rowBytes
+            sendByteOffsets[rank] = (reverse ? receiveOffsets[rank] : sendOffsets[rank]) * rowBytes
+            receiveBytes[rank] = (reverse ? sendRows[rank] : receiveRows[rank]) * rowBytes
+            receiveByteOffsets[rank] = (reverse ? sendOffsets[rank] : receiveOffsets[rank]) * rowBytes
+        }
+        try communicator.allToAllV(send: UnsafeRawBufferPointer(start: source.pointer, count: source.count * MemoryLayout<T>.stride),
+                                   sendCounts: sendBytes, sendOffsets: sendByteOffsets,
+                                   recv: UnsafeMutableRawBufferPointer(start: destination.pointer, count: destination.count * MemoryLayout<T>.stride),
+                                   recvCounts: receiveBytes, recvOffsets: receiveByteOffsets)
     }
 
     /// Moves blocks between (source, local expert) order and (local expert, source) order.

@@ -53,6 +53,7 @@ public final class TopKGate<T: Scalar>: Gate {
     var localCounts: [Int64] = []          // [k, E] per choice rank and expert
     var countsBefore: [Int64] = []
     var countsTotal: [Int64] = []
+    var running: [Int64] = []              // next free slot per (choice rank, expert)
     var statistics: [Double] = []          // Σ_s p_{s,e} (E values), Σ_s lse_s², Σ_s entropy(p_s)
     let dLogits = Tensor<T>()
     // Jitter: the router's input x ⊙ u and the factors u, [N, C] each; dx scratch.
@@ -158,15 +159,17 @@ public final class TopKGate<T: Scalar>: Gate {
             }
         }
         // 3. Global slot offsets: ranks below this one, and all earlier choice ranks.
-        countsBefore = localCounts
-        countsTotal = localCounts
+        if countsBefore.count != localCounts.count {
+            countsBefore = localCounts; countsTotal = localCounts; running = localCounts
+        }
+        for index in localCounts.indices { countsBefore[index] = localCounts[index]; countsTotal[index] = localCounts[index] }
         try countsBefore.withUnsafeMutableBufferPointer { try context.communicator.exclusiveScanSum($0) }
         try context.communicator.allReduce(&countsTotal)
         try context.communicator.allReduce(&statistics)
 
         // 4. Keep assignments whose slot is below capacity; weights; routing list.
         let capacity = capacity(globalTokens: context.globalTokens, training: context.training) ?? Int.max
-        var running = countsBefore
+        for index in countsBefore.indices { running[index] = countsBefore[index] }
         for c in 1..<k {
             for e in 0..<experts { running[c * experts + e] += (0..<c).reduce(0) { $0 + countsTotal[$1 * experts + e] } }
         }

@@ -255,9 +255,9 @@ public final class GPTModel<T: Scalar> {
         for layer in moeLayers where layer.dense != nil { layer.isDense = step < spawn }
     }
 
-    public var moeLayers: [MoELayer<T>] {
+    /// The MoE layers in block order (built once: read every step).
+    public private(set) lazy var moeLayers: [MoELayer<T>] =
         blocks.compactMap { if case let .moe(layer) = $0.feedForward { return layer } else { return nil } }
-    }
 
     /// Forward over B sequences of T tokens. `targets` nil: no loss (generation), logits kept.
     /// routing: the step's random key and whether capacity uses the training factor.
@@ -271,7 +271,12 @@ public final class GPTModel<T: Scalar> {
         self.length = length
         tokens = tokenIds
         targets = targetIds ?? []
-        for tensor in residual + attentionNormed + middle + feedForwardNormed { tensor.resize(rows: rows, columns: width) }
+        for tensor in residual { tensor.resize(rows: rows, columns: width) }
+        for layer in 0..<config.layers {
+            attentionNormed[layer].resize(rows: rows, columns: width)
+            middle[layer].resize(rows: rows, columns: width)
+            feedForwardNormed[layer].resize(rows: rows, columns: width)
+        }
         scratch.resize(rows: rows, columns: width)
         tokenIds.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: batch, length: length, into: residual[0].pointer) }
         var statistics: [MoELayerStatistics] = []

@@ -6,12 +6,18 @@ public struct RandomKey: Hashable, Sendable {
 
     public init(_ value: UInt64) { self.value = value }
 
-    /// A key derived from this one and a list of integers (for example step and layer).
-    public func derive(_ parts: Int...) -> RandomKey {
-        var state = value
-        for part in parts { state = RandomKey.mix(state ^ RandomKey.mix(UInt64(bitPattern: Int64(part)) &+ 0x9E37_79B9_7F4A_7C15)) }
-        return RandomKey(state)
+    /// A key derived from this one and an integer (for example a step, a layer or a token).
+    /// Overloads rather than a variadic: this runs per token in gates, and variadics allocate.
+    @inline(__always)
+    public func derive(_ part: Int) -> RandomKey {
+        RandomKey(RandomKey.mix(value ^ RandomKey.mix(UInt64(bitPattern: Int64(part)) &+ 0x9E37_79B9_7F4A_7C15)))
     }
+
+    @inline(__always)
+    public func derive(_ first: Int, _ second: Int) -> RandomKey { derive(first).derive(second) }
+
+    @inline(__always)
+    public func derive(_ first: Int, _ second: Int, _ third: Int) -> RandomKey { derive(first).derive(second).derive(third) }
 
     /// A key derived from a name (FNV-1a of its UTF-8 bytes), e.g. a parameter's name.
     public func derive(_ name: String) -> RandomKey {
