@@ -31,6 +31,22 @@ public enum Benchmark {
         return 6 * Double(model.parameterCounts.active) + 6 * Double(config.layers * config.context * config.width)
     }
 
+    /// The documented memory model, in MiB, for this rank: 16 bytes per parameter held
+    /// (value, gradient, two AdamW moments) plus the activations and scratch kept per token,
+    /// in floats: per layer 12C (residual stream and norms 4C, QKV and head outputs 4C, their
+    /// gradient scratch 4C) + nh·T (attention probabilities) + k(9C + 3H) (dispatched, received,
+    /// regrouped and returned rows and their gradients; hidden pre-activation, GELU output and
+    /// its gradient); plus 3C + V per token outside the layers.
+    public static func memoryModelMiB(_ trainer: Trainer) -> Double {
+        let model = trainer.model, config = model.config
+        let c = Double(config.width), h = Double(config.ffnHidden), k = Double(model.moeConfig.topK)
+        let tokens = Double(trainer.batchSize * config.context)
+        let parameters = Double(model.replicated.count + model.experts.count) * 16
+        let perLayer = 12 * c + Double(config.heads * config.context) + k * (9 * c + 3 * h)
+        let activations = tokens * (Double(config.layers) * perLayer + 3 * c + Double(model.vocabularySize)) * 4
+        return (parameters + activations) / 1_048_576
+    }
+
     /// Peak resident memory of this process, in MiB.
     public static func peakResidentMiB() -> Double {
         var usage = rusage()
@@ -78,6 +94,9 @@ public enum Benchmark {
         object.add("sgemm_peak_gflops", (sums[0] * 10).rounded() / 10)
         object.add("mfu", (achieved / sums[0] * 1000).rounded() / 1000)
         object.add("peak_rss_mib", peakMemory.rounded())
+        let modelled = try communicator.allReduce(memoryModelMiB(trainer), op: .max)
+        object.add("memory_model_mib", modelled.rounded())
+        object.add("memory_ratio", (peakMemory / modelled * 100).rounded() / 100)
         object.add("step_ms", (seconds / Double(steps) * 1e4).rounded() / 10)
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, (value / Double(steps) * 1e4).rounded() / 10) }
