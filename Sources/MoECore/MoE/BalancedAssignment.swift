@@ -14,6 +14,12 @@ public enum BalancedAssignment {
 
     /// scores: [N, E] row-major (N a multiple of E); epsilon: the auction's bid increment (the
     /// result is within N·ε of the optimal total score). Returns the expert of every token.
+    ///
+    /// Tokens bid for experts, each expert holding N/E slots (Bertsekas' auction for similar
+    /// objects): an unassigned token values expert e at score − price_e, where price_e is the
+    /// lowest bid among e's holders once e is full (0 before); it bids for its best expert the
+    /// difference to its second best plus ε, evicting that expert's lowest bidder when full.
+    /// Tokens wait in a queue in index order; ties go to the lowest index.
     public static func solve(scores: [Double], tokens: Int, experts: Int, epsilon: Double) -> [Int] {
         precondition(tokens % experts == 0, "balanced assignment needs N divisible by E")
         precondition(scores.count == tokens * experts)
@@ -22,23 +28,56 @@ public enum BalancedAssignment {
         // Non-finite scores count as the worst.
         let units = scores.map { Int64((($0.isFinite ? $0 : low) / resolution).rounded()) }
         let step = max(1, Int64((epsilon / resolution).rounded()))
-        let perExpert = tokens / experts
-        var price = [Int64](repeating: 0, count: tokens)
+        let slots = tokens / experts
         var owner = [Int](repeating: -1, count: tokens)
-        var free = [Int](repeating: perExpert, count: experts)
-        var expert = 0
-        while true {
-            // The lowest-index expert with a free slot bids.
-            if let next = (0..<experts).first(where: { free[$0] > 0 }) { expert = next } else { break }
-            var best = -1, bestValue = Int64.min, secondValue = Int64.min
-            for s in 0..<tokens {
-                let value = units[s * experts + expert] - price[s]
-                if value > bestValue { secondValue = bestValue; bestValue = value; best = s } else if value > secondValue { secondValue = value }
+        // Holders of each expert, as (bid, token) in a min-heap: the root is the cheapest slot.
+        var holders = [[(bid: Int64, token: Int)]](repeating: [], count: experts)
+        for e in 0..<experts { holders[e].reserveCapacity(slots) }
+        var queue = Array(0..<tokens)
+        var head = 0
+        func price(_ e: Int) -> Int64 { holders[e].count < slots ? 0 : holders[e][0].bid }
+        func below(_ a: (bid: Int64, token: Int), _ b: (bid: Int64, token: Int)) -> Bool { (a.bid, -a.token) < (b.bid, -b.token) }
+        func siftDown(_ e: Int, _ start: Int) {
+            var i = start
+            while true {
+                let l = 2 * i + 1, r = l + 1
+                var m = i
+                if l < holders[e].count && below(holders[e][l], holders[e][m]) { m = l }
+                if r < holders[e].count && below(holders[e][r], holders[e][m]) { m = r }
+                if m == i { return }
+                holders[e].swapAt(i, m)
+                i = m
             }
-            price[best] += (secondValue == Int64.min ? 0 : bestValue - secondValue) + step
-            if owner[best] >= 0 { free[owner[best]] += 1 }
-            owner[best] = expert
-            free[expert] -= 1
+        }
+        func siftUp(_ e: Int, _ start: Int) {
+            var i = start
+            while i > 0 {
+                let parent = (i - 1) / 2
+                guard below(holders[e][i], holders[e][parent]) else { return }
+                holders[e].swapAt(i, parent)
+                i = parent
+            }
+        }
+        while head < queue.count {
+            let s = queue[head]
+            head += 1
+            var best = 0, bestValue = Int64.min, secondValue = Int64.min
+            for e in 0..<experts {
+                let value = units[s * experts + e] - price(e)
+                if value > bestValue { secondValue = bestValue; bestValue = value; best = e } else if value > secondValue { secondValue = value }
+            }
+            let offer = price(best) + (secondValue == Int64.min ? 0 : bestValue - secondValue) + step
+            if holders[best].count == slots {
+                let evicted = holders[best][0].token
+                owner[evicted] = -1
+                holders[best][0] = (offer, s)
+                siftDown(best, 0)
+                queue.append(evicted)
+            } else {
+                holders[best].append((offer, s))
+                siftUp(best, holders[best].count - 1)
+            }
+            owner[s] = best
         }
         return owner
     }
