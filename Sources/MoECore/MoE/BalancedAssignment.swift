@@ -133,16 +133,8 @@ public final class BalancedGate<T: Scalar>: Gate {
                 assigned[s] = best
             }
         }
-        var counts = [Int64](repeating: 0, count: experts)
-        for s in 0..<rows {
-            let e = assigned[s]
-            routing.append(token: s, expert: e, weight: sigmoid(scores[s, e]))
-            counts[e] += 1
-        }
-        try context.communicator.allReduce(&counts)
-        routing.keptPerExpert = counts
-        routing.selectedCount = counts.reduce(0, +)
-        routing.keptCount = routing.selectedCount
+        for s in 0..<rows { routing.append(token: s, expert: assigned[s], weight: sigmoid(scores[s, assigned[s]])) }
+        try routing.recordGlobalCounts(communicator: context.communicator)
     }
 
     /// w = α = σ(A[s, a]): dA[s, a] = dw α (1 - α); the assignment itself is constant.

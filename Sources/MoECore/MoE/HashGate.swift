@@ -42,16 +42,8 @@ public final class HashGate<T: Scalar>: Gate {
         guard let ids = context.tokenIds else { preconditionFailure("hash routing needs the token ids") }
         routing.reset(expertCount: expertCount)
         routing.globalTokens = context.globalTokens
-        var counts = [Int64](repeating: 0, count: expertCount)
-        for s in 0..<rows {
-            let expert = Int(table.value[Int(ids[s])].rounded())
-            routing.append(token: s, expert: expert, weight: 1)
-            counts[expert] += 1
-        }
-        try context.communicator.allReduce(&counts)
-        routing.keptPerExpert = counts
-        routing.selectedCount = counts.reduce(0, +)
-        routing.keptCount = routing.selectedCount
+        for s in 0..<rows { routing.append(token: s, expert: Int(table.value[Int(ids[s])].rounded()), weight: 1) }
+        try routing.recordGlobalCounts(communicator: context.communicator)
     }
 
     /// The weights are constants and there is no router: nothing to propagate.

@@ -35,6 +35,16 @@ public final class Routing<T: Scalar> {
         keptCount = 0
     }
 
+    /// For dropless gates with one assignment per token: the global count of each expert (all
+    /// kept) from the assignments already appended. Collective.
+    func recordGlobalCounts(communicator: Communicator) throws {
+        for e in keptPerExpert.indices { keptPerExpert[e] = 0 }
+        for e in experts { keptPerExpert[Int(e)] += 1 }
+        try communicator.allReduce(&keptPerExpert)
+        selectedCount = keptPerExpert.reduce(0, +)
+        keptCount = selectedCount
+    }
+
     func append(token: Int, expert: Int, weight: T) {
         tokens.append(Int32(token))
         experts.append(Int32(expert))
