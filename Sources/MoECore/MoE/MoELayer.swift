@@ -41,6 +41,8 @@ public final class MoELayer<T: Scalar> {
     public private(set) var profile = StepProfile()
 
     public func resetProfile() { profile = StepProfile() }
+    /// Benchmarks: a barrier before each exchange, timed as `waiting` (see StepProfile).
+    public var separateWaiting = false
 
     // Activations [A, C] / [A_recv, C|H].
     let sendBuffer = Tensor<T>(), receiveBuffer = Tensor<T>(), expertInput = Tensor<T>()
@@ -268,6 +270,7 @@ public final class MoELayer<T: Scalar> {
 
     /// All-to-all-v of whole rows. Forward direction sends `sendRows`; reverse swaps the splits.
     private func exchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool) throws {
+        if separateWaiting { try Clock.measure(&profile.waiting) { try communicator.barrier() } }
         let started = Clock.nanoseconds()
         defer { profile.dispatch += Double(Clock.nanoseconds() - started) * 1e-9 }
         // Byte splits of the plan, filled in place (no allocation per exchange).

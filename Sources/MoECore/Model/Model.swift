@@ -413,7 +413,8 @@ public final class GPTModel<T: Scalar> {
             profile.gate += times.gate
             profile.dispatch += times.dispatch
             profile.experts += times.experts
-            profile.combine += times.total - times.gate - times.dispatch - times.experts
+            profile.waiting += times.waiting
+            profile.combine += times.total - times.gate - times.dispatch - times.experts - times.waiting
             layer.resetProfile()
         }
         return profile

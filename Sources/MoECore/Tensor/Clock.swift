@@ -34,20 +34,25 @@ public struct StepProfile: Sendable {
     /// Gradient all-reduces and the other small collectives of the trainer.
     public var allReduce = 0.0
     public var optimizer = 0.0
+    /// With `Trainer.separateWaiting`: time spent in a barrier before each exchange and
+    /// all-reduce, i.e. waiting for the slowest rank (load imbalance), so that `dispatch` and
+    /// `allReduce` are the transfers alone.
+    public var waiting = 0.0
     public var total = 0.0
 
     public init() {}
 
-    public var other: Double { max(0, total - attention - gate - dispatch - experts - combine - allReduce - optimizer) }
+    public var other: Double { max(0, total - attention - gate - dispatch - experts - combine - allReduce - optimizer - waiting) }
 
     public static func += (lhs: inout StepProfile, rhs: StepProfile) {
         lhs.attention += rhs.attention; lhs.gate += rhs.gate; lhs.dispatch += rhs.dispatch; lhs.experts += rhs.experts
         lhs.combine += rhs.combine; lhs.allReduce += rhs.allReduce; lhs.optimizer += rhs.optimizer; lhs.total += rhs.total
+        lhs.waiting += rhs.waiting
     }
 
     /// Named parts, for reports.
     public var parts: [(String, Double)] {
         [("attention", attention), ("gate", gate), ("dispatch", dispatch), ("experts", experts), ("combine", combine),
-         ("all_reduce", allReduce), ("optimizer", optimizer), ("other", other)]
+         ("all_reduce", allReduce), ("optimizer", optimizer), ("waiting", waiting), ("other", other)]
     }
 }

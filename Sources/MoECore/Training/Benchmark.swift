@@ -61,6 +61,7 @@ public enum Benchmark {
         let batch = trainer.config.train.batchSize * trainer.config.model.context
         let peak = try sgemmPeak(m: batch, n: trainer.config.model.ffnHidden, k: trainer.config.model.width,
                                  communicator: communicator)
+        trainer.separateWaiting = communicator.size > 1
         for _ in 0..<warmup { _ = try trainer.trainStep() }
         try communicator.barrier()
         var profile = StepProfile()
@@ -70,7 +71,7 @@ public enum Benchmark {
         let seconds = Double(Clock.nanoseconds() - started) * 1e-9
         // Per-part times averaged over ranks; peaks summed; memory maximum.
         var sums = [peak, profile.attention, profile.gate, profile.dispatch, profile.experts, profile.combine,
-                    profile.allReduce, profile.optimizer, profile.total]
+                    profile.allReduce, profile.optimizer, profile.total, profile.waiting]
         try communicator.allReduce(&sums)
         let peakMemory = try communicator.allReduce(peakResidentMiB(), op: .max)
         let ranks = Double(communicator.size)
@@ -78,6 +79,7 @@ public enum Benchmark {
         (mean.attention, mean.gate, mean.dispatch, mean.experts, mean.combine, mean.allReduce, mean.optimizer, mean.total) =
             (sums[1] / ranks, sums[2] / ranks, sums[3] / ranks, sums[4] / ranks, sums[5] / ranks, sums[6] / ranks,
              sums[7] / ranks, sums[8] / ranks)
+        mean.waiting = sums[9] / ranks
         let tokensPerSecond = Double(steps * trainer.globalBatchTokens) / seconds
         let flopsPerToken = modelFlopsPerToken(trainer.model)
         let achieved = tokensPerSecond * flopsPerToken / 1e9

@@ -124,6 +124,8 @@ public final class Trainer {
         // 4. replicated gradients: each rank holds its tokens' share of d(global mean loss), so
         //    the sum over ranks is the full gradient. Expert gradients are already complete on
         //    their host (every token routed to an expert reached it through the all-to-all).
+        var waitSeconds = 0.0
+        if separateWaiting { try Clock.measure(&waitSeconds) { try communicator.barrier() } }
         try Clock.measure(&allReduceSeconds) {
             try communicator.allReduce(UnsafeMutableBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
             //    With replicated experts (R > E) each copy saw only its group's tokens: sum the copies.
@@ -163,6 +165,7 @@ public final class Trainer {
         }
         var profile = model.takeProfile()
         profile.allReduce = allReduceSeconds
+        profile.waiting += waitSeconds
         profile.optimizer = optimizerSeconds
         profile.total = Double(Clock.nanoseconds() - started) * 1e-9
         let report = StepReport(step: step, loss: scalars[0] / Double(globalTokens), auxiliaryLoss: forward.auxiliaryLoss,
@@ -179,6 +182,11 @@ public final class Trainer {
     public internal(set) var skippedUpdates = 0
     public internal(set) var consecutiveSkips = 0
     var firstNonFinite: (step: Int, location: String)?
+    /// Benchmarks: time the wait for the slowest rank apart from the transfers (a barrier before
+    /// each exchange and the gradient all-reduce; see StepProfile.waiting).
+    public var separateWaiting = false {
+        didSet { for layer in model.moeLayers { layer.separateWaiting = separateWaiting } }
+    }
     /// Names the operation in progress, for the stall watchdog.
     public let heartbeat = Heartbeat()
 
