@@ -430,8 +430,10 @@ public final class GPTModel<T: Scalar> {
     public var parameterCounts: (total: Int, active: Int) {
         let perExpert = 2 * config.width * config.ffnHidden + config.ffnHidden + config.width
         let moeLayers = self.moeLayers.count
+        // EvoMoE's dense FFNs are used only before the spawn: not counted as active.
+        let dense = replicated.entries.filter { $0.name.contains(".moe.dense.") }.reduce(0) { $0 + $1.count }
         let total = replicated.count + moeLayers * moeConfig.experts * perExpert
-        let active = replicated.count + moeLayers * moeConfig.topK * perExpert
+        let active = replicated.count - dense + moeLayers * moeConfig.topK * perExpert
         return (total, active)
     }
 }
