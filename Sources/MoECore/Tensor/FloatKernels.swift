@@ -98,9 +98,11 @@ enum FloatKernels {
         return total
     }
 
-    static func adamWUpdate(values: UnsafeMutablePointer<Float>, gradients: UnsafePointer<Float>,
+    /// AdamW on the whole 16-lane blocks of [count]; returns how many elements it updated (the
+    /// caller finishes the tail with the reference loop).
+    static func adamWBlocks(values: UnsafeMutablePointer<Float>, gradients: UnsafePointer<Float>,
                             first: UnsafeMutablePointer<Float>, second: UnsafeMutablePointer<Float>, count: Int,
-                            beta1: Float, beta2: Float, stepSize: Float, epsilon: Float, decay: Float, gradientScale: Float) {
+                            beta1: Float, beta2: Float, stepSize: Float, epsilon: Float, decay: Float, gradientScale: Float) -> Int {
         let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
         var index = 0
         while index + 16 <= count {
@@ -112,13 +114,7 @@ enum FloatKernels {
             store(load(values + index) * decay - stepSize * m / (v.squareRoot() + epsilon), values + index)
             index += 16
         }
-        while index < count {
-            let g = gradients[index] * gradientScale
-            first[index] = first[index] * beta1 + g * oneMinusBeta1
-            second[index] = second[index] * beta2 + g * g * oneMinusBeta2
-            values[index] = values[index] * decay - stepSize * first[index] / (second[index].squareRoot() + epsilon)
-            index += 1
-        }
+        return index
     }
 }
 

@@ -92,26 +92,16 @@ public final class AdamW<T: Scalar, Kind> {
     static func updateRange(values: UnsafeMutablePointer<T>, gradients: UnsafePointer<T>,
                             first: UnsafeMutablePointer<T>, second: UnsafeMutablePointer<T>, count: Int,
                             beta1: T, beta2: T, stepSize: T, epsilon: T, decay: T, gradientScale: T) {
-        if T.self == Float.self {
-            return FloatKernels.adamWUpdate(values: asFloat(values), gradients: asFloat(gradients), first: asFloat(first),
-                                            second: asFloat(second), count: count, beta1: beta1 as! Float, beta2: beta2 as! Float,
-                                            stepSize: stepSize as! Float, epsilon: epsilon as! Float, decay: decay as! Float,
-                                            gradientScale: gradientScale as! Float)
-        }
-        let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
         var index = 0
-        while index + 16 <= count {
-            let g = loadVector(gradients + index, lanes: 16) * gradientScale
-            let m = loadVector(first + index, lanes: 16) * beta1 + g * oneMinusBeta1
-            let v = loadVector(second + index, lanes: 16) * beta2 + g * g * oneMinusBeta2
-            let p = loadVector(values + index, lanes: 16) * decay
-            let denominator: SIMD16<T> = v.squareRoot() + epsilon
-            let updated: SIMD16<T> = p - stepSize * m / denominator
-            storeVector(m, first + index, lanes: 16)
-            storeVector(v, second + index, lanes: 16)
-            storeVector(updated, values + index, lanes: 16)
-            index += 16
+        if T.self == Float.self {
+            // Whole 16-lane blocks in vector code; the tail below.
+            index = FloatKernels.adamWBlocks(values: asFloat(values), gradients: asFloat(gradients), first: asFloat(first),
+                                             second: asFloat(second), count: count, beta1: beta1 as! Float, beta2: beta2 as! Float,
+                                             stepSize: stepSize as! Float, epsilon: epsilon as! Float, decay: decay as! Float,
+                                             gradientScale: gradientScale as! Float)
         }
+        // The reference update, element by element (Float's tail; all of Double, for the tests).
+        let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
         while index < count {
             let g = gradients[index] * gradientScale
             first[index] = first[index] * beta1 + g * oneMinusBeta1
