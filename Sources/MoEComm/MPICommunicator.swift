@@ -26,10 +26,12 @@ public final class MPICommunicator: Communicator {
             throw CommError.mpi(operation: "MPI_Init", rank: -1, code: code, message: "cannot start MPI")
         }
         let world = swiftmoe_comm_world()
-        MPI_Comm_set_errhandler(world, swiftmoe_errors_return())
         var rank: Int32 = 0, size: Int32 = 0
-        MPI_Comm_rank(world, &rank)
-        MPI_Comm_size(world, &size)
+        for (code, operation) in [(MPI_Comm_set_errhandler(world, swiftmoe_errors_return()), "MPI_Comm_set_errhandler"),
+                                  (MPI_Comm_rank(world, &rank), "MPI_Comm_rank"), (MPI_Comm_size(world, &size), "MPI_Comm_size")]
+        where code != swiftmoe_success() {
+            throw CommError.mpi(operation: operation, rank: Int(rank), code: code, message: "cannot set up MPI_COMM_WORLD")
+        }
         return MPICommunicator(world: world, rank: Int(rank), size: Int(size))
     }
 
@@ -120,10 +122,10 @@ public final class MPICommunicator: Communicator {
     public func split(color: Int, key: Int) throws -> Communicator {
         var child: MPI_Comm?
         try check(MPI_Comm_split(world, Int32(color), Int32(key), &child), "MPI_Comm_split")
-        MPI_Comm_set_errhandler(child, swiftmoe_errors_return())
+        try check(MPI_Comm_set_errhandler(child, swiftmoe_errors_return()), "MPI_Comm_set_errhandler")
         var childRank: Int32 = 0, childSize: Int32 = 0
-        MPI_Comm_rank(child, &childRank)
-        MPI_Comm_size(child, &childSize)
+        try check(MPI_Comm_rank(child, &childRank), "MPI_Comm_rank")
+        try check(MPI_Comm_size(child, &childSize), "MPI_Comm_size")
         return MPICommunicator(world: child, rank: Int(childRank), size: Int(childSize))
     }
 
