@@ -66,6 +66,7 @@ public final class GPTModel<T: Scalar> {
     var batch = 0, length = 0
     /// Attention time since the last `takeProfile()`.
     var attentionSeconds = 0.0
+    var layerStatistics: [MoELayerStatistics] = []
 
     /// Builds the model of `run` (its model, moe, gate and EvoMoE sections). `tokenFrequencies`
     /// (training-token counts per id) feed the balanced hash table.
@@ -279,7 +280,29 @@ public final class GPTModel<T: Scalar> {
         }
         scratch.resize(rows: rows, columns: width)
         tokenIds.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: batch, length: length, into: residual[0].pointer) }
-        var statistics: [MoELayerStatistics] = []
+        // Reused from step to step (updated in place, so no allocation once the previous
+        // step's report is gone).
+        var statistics = layerStatistics
+        layerStatistics = []
+        defer { layerStatistics = statistics }
+        var moeIndex = 0
+        func record(_ value: MoELayerStatistics, load: Routing<T>?) {
+            if moeIndex == statistics.count { statistics.append(value) } else {
+                let expertLoad = statistics[moeIndex].expertLoad
+                statistics[moeIndex] = value
+                statistics[moeIndex].expertLoad = expertLoad
+            }
+            if let load {
+                let kept = Double(max(load.keptCount, 1))
+                if statistics[moeIndex].expertLoad.count != load.keptPerExpert.count {
+                    statistics[moeIndex].expertLoad = Array(repeating: 0, count: load.keptPerExpert.count)
+                }
+                for e in load.keptPerExpert.indices { statistics[moeIndex].expertLoad[e] = Double(load.keptPerExpert[e]) / kept }
+            } else {
+                statistics[moeIndex].expertLoad.removeAll(keepingCapacity: true)
+            }
+            moeIndex += 1
+        }
         var auxiliary = 0.0
         for (layer, block) in blocks.enumerated() {
             let input = residual[layer], mid = middle[layer]
@@ -305,18 +328,16 @@ public final class GPTModel<T: Scalar> {
                 }
                 let routing = moe.routing
                 if moe.isDense {
-                    statistics.append(MoELayerStatistics(auxiliaryLoss: 0, expertLoad: [], droppedFraction: 0, activeExperts: 1))
+                    record(MoELayerStatistics(auxiliaryLoss: 0, expertLoad: [], droppedFraction: 0, activeExperts: 1), load: nil)
                     let output = residual[layer + 1]
                     Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
                     continue
                 }
-                let kept = Double(max(routing.keptCount, 1))
-                statistics.append(MoELayerStatistics(
-                    auxiliaryLoss: routing.auxiliaryLoss,
-                    expertLoad: routing.keptPerExpert.map { Double($0) / kept },
+                record(MoELayerStatistics(
+                    auxiliaryLoss: routing.auxiliaryLoss, expertLoad: [],
                     droppedFraction: routing.selectedCount == 0 ? 0 : 1 - Double(routing.keptCount) / Double(routing.selectedCount),
                     activeExperts: Double(routing.keptCount) / Double(max(globalTokens, 1)),
-                    routerEntropy: routing.routerEntropy))
+                    routerEntropy: routing.routerEntropy), load: routing)
                 auxiliary += routing.auxiliaryLoss
             }
             let output = residual[layer + 1]
