@@ -197,6 +197,19 @@ final class DistributedTrainingTests: XCTestCase {
         }
     }
 
+    /// Every gate trains on 2 ranks (8 steps): finite losses that go down.
+    func testEveryGateTrainsOnTwoRanks() throws {
+        for gate in MoEConfig.gates {
+            let config = Self.config(experts: 4, globalBatch: 8, ranks: 2, gate: gate, topK: gate == "switch" ? 1 : 2) {
+                $0.train.steps = 8
+                $0.gates.allowNonCausal = true
+            }
+            let outcome = try Self.train(config, ranks: 2)
+            XCTAssertTrue(outcome.losses.allSatisfy(\.isFinite), "\(gate): \(outcome.losses)")
+            XCTAssertLessThan(outcome.losses.last!, outcome.losses.first!, "\(gate) learns")
+        }
+    }
+
     func testDispatchWithWrongCountsIsCaughtOnEveryRank() {
         var config = Self.config(experts: 4, globalBatch: 8, ranks: 2)
         config.train.steps = 2
