@@ -92,7 +92,7 @@ public enum Checkpoint {
         let directory = ((runDirectory as NSString).appendingPathComponent("checkpoints") as NSString)
             .appendingPathComponent(directoryName(step: trainer.step))
         // Rank 0 prepares an empty directory (a leftover without DONE is an interrupted save).
-        try agree(communicator) {
+        try communicator.agree {
             guard rank == 0 else { return }
             if FileManager.default.fileExists(atPath: directory) { try FileManager.default.removeItem(atPath: directory) }
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -101,7 +101,7 @@ public enum Checkpoint {
         // as [present, bytes, 4 x 64-bit digest words] per rank through one all-reduce.
         let model = trainer.model
         var reports = [Int64](repeating: 0, count: ranks * 6)
-        try agree(communicator) {
+        try communicator.agree {
             guard model.placement.groupBase == 0 else { return }
             let record = try writeDurably(try encode(model.experts, trainer.expertOptimizer),
                                           to: (directory as NSString).appendingPathComponent(expertFileName(rank: rank)),
@@ -111,7 +111,7 @@ public enum Checkpoint {
             for word in 0..<4 { reports[rank * 6 + 2 + word] = digestWord(record.sha256, word) }
         }
         try communicator.allReduce(&reports)
-        try agree(communicator) {
+        try communicator.agree {
             guard rank == 0 else { return }
             var files: [String: CheckpointManifest.FileRecord] = [:]
             files[replicatedFile] = try writeDurably(try encode(model.replicated, trainer.replicatedOptimizer),
@@ -150,18 +150,6 @@ public enum Checkpoint {
             try prune(runDirectory: runDirectory, keep: trainer.config.checkpoint.keep)
         }
         return directory
-    }
-
-    /// Runs `body` on every rank and agrees on the outcome: if any rank failed, every rank
-    /// throws the lowest failing rank's error (each rank reports its own message).
-    static func agree(_ communicator: Communicator, _ body: () throws -> Void) throws {
-        var failure: Error?
-        do { try body() } catch { failure = error }
-        let failedRank = try communicator.allReduce(Int64(failure == nil ? Int64.max : Int64(communicator.rank)), op: .min)
-        if let failure { throw failure }
-        if failedRank != Int64.max {
-            throw CheckpointError.saveFailed(rank: Int(failedRank), reason: "see that rank's error")
-        }
     }
 
     /// AdamW step counters: one per replicated entry, one for all experts (they are created and
@@ -212,22 +200,14 @@ public enum Checkpoint {
         try handle.close()
         if FileManager.default.fileExists(atPath: path) { try FileManager.default.removeItem(atPath: path) }
         try FileManager.default.moveItem(atPath: temporary, toPath: path)
-        return CheckpointManifest.FileRecord(bytes: data.count, sha256: data.withUnsafeBytes { raw in
-            var hasher = SHA256()
-            hasher.update(raw)
-            return hasher.finalizeHex()
-        })
+        return CheckpointManifest.FileRecord(bytes: data.count, sha256: SHA256.hex(of: data))
     }
 
     static func record(of path: String) throws -> CheckpointManifest.FileRecord {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw CheckpointError.corrupt(path: path, reason: "missing or unreadable")
         }
-        return CheckpointManifest.FileRecord(bytes: data.count, sha256: data.withUnsafeBytes { raw in
-            var hasher = SHA256()
-            hasher.update(raw)
-            return hasher.finalizeHex()
-        })
+        return CheckpointManifest.FileRecord(bytes: data.count, sha256: SHA256.hex(of: data))
     }
 
     static func syncDirectory(_ path: String) {
@@ -287,7 +267,7 @@ public enum Checkpoint {
         guard data.count == expected.bytes else {
             throw CheckpointError.corrupt(path: path, reason: "\(data.count) bytes, the manifest says \(expected.bytes) (truncated?)")
         }
-        let digest = data.withUnsafeBytes { raw in var hasher = SHA256(); hasher.update(raw); return hasher.finalizeHex() }
+        let digest = SHA256.hex(of: data)
         guard digest == expected.sha256 else {
             throw CheckpointError.corrupt(path: path, reason: "SHA-256 \(digest) does not match the manifest's \(expected.sha256)")
         }

@@ -1,3 +1,5 @@
+import Foundation
+
 /// SHA-256 (FIPS 180-4), for checkpoint file digests. Small enough to own rather than pull in a
 /// cryptography package; checked against the standard test vectors in the tests.
 public struct SHA256 {
@@ -24,6 +26,13 @@ public struct SHA256 {
     public static func hex<Bytes: Sequence>(of bytes: Bytes) -> String where Bytes.Element == UInt8 {
         var hasher = SHA256()
         hasher.update(bytes)
+        return hasher.finalizeHex()
+    }
+
+    /// The digest of a whole buffer (checkpoint files), read in 64-byte blocks.
+    public static func hex(of data: Data) -> String {
+        var hasher = SHA256()
+        data.withUnsafeBytes { hasher.update($0) }
         return hasher.finalizeHex()
     }
 

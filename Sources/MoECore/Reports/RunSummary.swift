@@ -64,11 +64,8 @@ public struct RunSummary {
     public var loadCoefficientOfVariation: Double {
         var total = 0.0, count = 0
         for layers in expertLoad {
-            for load in layers where !load.isEmpty {
-                let mean = load.reduce(0, +) / Double(load.count)
-                guard mean > 0 else { continue }
-                let variance = load.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(load.count)
-                total += variance.squareRoot() / mean
+            for load in layers where load.contains(where: { $0 > 0 }) {
+                total += ExpertHealth.coefficientOfVariation(load)
                 count += 1
             }
         }
@@ -138,9 +135,12 @@ public struct LineChart {
         return out + "</svg>\n"
     }
 
-    func escape(_ text: String) -> String {
-        text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
-    }
+    func escape(_ text: String) -> String { htmlEscape(text) }
+}
+
+/// Text made safe inside SVG and HTML.
+func htmlEscape(_ text: String) -> String {
+    text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
 }
 
 /// The gate comparison: a Markdown table and a chart of the validation curves.

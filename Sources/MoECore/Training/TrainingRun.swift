@@ -69,21 +69,19 @@ public final class TrainingRun {
         // Load the newest checkpoint every rank can read and verify; a damaged one (truncated,
         // flipped bytes, missing shard) is skipped with a warning, on every rank together.
         let loadStarted = DispatchTime.now().uptimeNanoseconds
+        let trainer = self.trainer
         for directory in candidates {
-            var failure: Error?
-            var manifest: CheckpointManifest?
             do {
-                let read = try Checkpoint.readManifest(directory)
-                manifest = read
-                try Checkpoint.load(directory, manifest: read, model: trainer.model,
-                                    replicatedOptimizer: trainer.replicatedOptimizer, expertOptimizer: trainer.expertOptimizer)
-            } catch { failure = error }
-            let failedRank = try communicator.allReduce(Int64(failure == nil ? Int64.max : Int64(communicator.rank)), op: .min)
-            if failedRank == Int64.max, let manifest { checkpoint = (directory, manifest); break }
-            let reason = failure.map { "\($0)" } ?? "rank \(failedRank) could not load it"
-            log("warning: skipping checkpoint \(directory): \(reason); trying the previous one")
-            if failure != nil && communicator.size > 1 {
-                FileHandle.standardError.write(Data("warning (rank \(communicator.rank)): \(reason)\n".utf8))
+                let manifest = try communicator.agree {
+                    let manifest = try Checkpoint.readManifest(directory)
+                    try Checkpoint.load(directory, manifest: manifest, model: trainer.model,
+                                        replicatedOptimizer: trainer.replicatedOptimizer, expertOptimizer: trainer.expertOptimizer)
+                    return manifest
+                }
+                checkpoint = (directory, manifest)
+                break
+            } catch let failure as AgreedFailure {
+                log("warning: skipping checkpoint \(directory): \(failure); trying the previous one")
             }
         }
         if resume && !candidates.isEmpty && checkpoint == nil {
