@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs SwiftMoE's system dependencies (Debian/Ubuntu): OpenMPI and OpenBLAS.
+# Installs SwiftMoE's system dependencies (Debian/Ubuntu): OpenMPI, OpenBLAS and oneDNN.
 # Swift itself (6.x) must already be on PATH. Skips apt when everything is present.
 set -euo pipefail
-packages=(libopenmpi-dev openmpi-bin libopenblas-dev pkg-config iproute2 util-linux)
+packages=(libopenmpi-dev openmpi-bin libopenblas-dev libdnnl-dev pkg-config iproute2 util-linux)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

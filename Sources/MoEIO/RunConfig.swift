@@ -97,6 +97,7 @@ public struct TrainConfig: Equatable, Sendable {
     public var stallSeconds = 300.0
     public var stallFactor = 20.0
     public var healthWindow = 100
+    public var precision = "auto"
 }
 
 public struct DataConfig: Equatable, Sendable {
@@ -210,6 +211,8 @@ public struct RunConfig: Equatable, Sendable {
             .double("stall_seconds", \.stallSeconds, 1...1e7, "watchdog: an operation may last max(stall_seconds, stall_factor x median step time) before the job is aborted"),
             .double("stall_factor", \.stallFactor, 1...1e6, "watchdog: see stall_seconds"),
             .int("health_window", \.healthWindow, min: 1, "warn when an expert receives no tokens for this many steps, or one takes most of the load"),
+            .choice("precision", \.precision, ["auto", "fp32", "bf16"],
+                    "matrix products: fp32 (OpenBLAS), bf16 (oneDNN: bf16 inputs, fp32 accumulation; master weights, optimizer state, norms, softmax and router stay fp32), auto = bf16 where the CPU has AVX512-BF16/AMX"),
         ]),
         ConfigSection("data", \.data, help: "Token files (llm.c format, see `moe prepare`). Relative paths are relative to the working directory.", [
             .string("train", \.train, allowEmpty: false, "training token file"),

@@ -13,7 +13,10 @@ struct BenchCommand: ParsableCommand {
             used if present, else the embedded defaults (the same model). When data.train is missing the steps run on
             random bytes, which times the same work. Fields: ranks, blas_core, blas_threads, tokens_per_sec (global),
             model_flops_per_token (6 x active parameters + 6 L T C), achieved_gflops, sgemm_peak_gflops (summed over
-            ranks), mfu (achieved / peak), peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks).
+            ranks), bf16_peak_gflops (oneDNN on bf16 inputs, where the CPU has it), precision, mfu (achieved / the peak of
+            the precision trained in), peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks).
+            With --precision both, one object {"fp32": {...}, "bf16": {...}, "bf16_speedup": tokens/s ratio}, both runs
+            in the same process after the same peak measurements.
             """)
 
     @Option(help: ArgumentHelp("YAML run config (default: configs/bench.yaml).", valueName: "file"))
@@ -21,6 +24,9 @@ struct BenchCommand: ParsableCommand {
 
     @Option(name: .customLong("set"), help: ArgumentHelp("Override one config key (repeatable).", valueName: "key=value"))
     var overrides: [String] = []
+
+    @Option(help: ArgumentHelp("fp32, bf16, both, or auto (default: the config's train.precision).", valueName: "precision"))
+    var precision: String?
 
     @Option(help: "Timed steps.")
     var steps: Int = 20
@@ -30,6 +36,9 @@ struct BenchCommand: ParsableCommand {
 
     func validate() throws {
         guard steps > 0, warmup >= 0 else { throw ValidationError("--steps must be > 0 and --warmup >= 0") }
+        if let precision, !["auto", "fp32", "bf16", "both"].contains(precision) {
+            throw ValidationError("--precision '\(precision)': expected auto, fp32, bf16 or both")
+        }
     }
 
     func run() throws {
@@ -51,8 +60,24 @@ struct BenchCommand: ParsableCommand {
                 trainFile = TokenFile(path: "synthetic", tokens: tokens, vocabularySize: 256)
                 description = "synthetic random bytes"
             }
-            let trainer = try Trainer(config: resolved, communicator: communicator, trainFile: trainFile, validationFile: nil)
-            let line = try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description)
+            let peaks = try Benchmark.Peaks.measure(resolved, communicator: communicator)
+            func bench(_ precision: String) throws -> (json: JSONObject, tokensPerSecond: Double) {
+                var config = resolved
+                config.train.precision = precision
+                let trainer = try Trainer(config: config, communicator: communicator, trainFile: trainFile, validationFile: nil)
+                return try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: peaks)
+            }
+            let line: String
+            if precision == "both" {
+                let fp32 = try bench("fp32"), bf16 = try bench("bf16")
+                var object = JSONObject()
+                object.addRaw("fp32", fp32.json.text)
+                object.addRaw("bf16", bf16.json.text)
+                object.add("bf16_speedup", (bf16.tokensPerSecond / fp32.tokensPerSecond * 1000).rounded() / 1000)
+                line = object.text
+            } else {
+                line = try bench(precision ?? resolved.train.precision).json.text
+            }
             if communicator.rank == 0 { print(line) }
         }
     }

@@ -12,7 +12,7 @@ final class MPITests: XCTestCase {
     static let config = """
         model: {context: 16, width: 16, layers: 2, heads: 2, ffn_hidden: 32, moe_every: 1}
         moe: {experts: 4, top_k: 2, gate: topk, capacity_factor: 1.25, min_capacity: 2}
-        train: {steps: 20, batch_size: 8, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 10, eval_batches: 2, consistency_check_every: 5}
+        train: {steps: 20, batch_size: 8, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 10, eval_batches: 2, consistency_check_every: 5, precision: fp32}
         data: {train: data/train.bin, val: data/val.bin}
         checkpoint: {every: 0, keep: 1}
         evomoe: {spawn_fraction: 0}

@@ -3,7 +3,10 @@
 /// Shapes: B sequences of T tokens, C = width, nh heads of hd = C / nh.
 /// x: [B*T, C] -> qkv: [B*T, 3C] (row = q | k | v, head h in columns h*hd ..< (h+1)*hd of each)
 /// -> probabilities: [B*nh*T, T] -> heads: [B*T, C] -> out: [B*T, C].
-/// Every product is one GEMM per (sequence, head) on strided views: no transposes, no copies.
+/// fp32: every product is one GEMM per (sequence, head) on strided views: no transposes, no
+/// copies. bf16: each product is one batched oneDNN matmul over all (sequence, head) pairs on
+/// the same strided views of the rounded QKV rows (per-pair products of 128 x 128 x 64 are too
+/// small to run at speed one by one).
 public struct CausalSelfAttention<T: Scalar> {
     public let qkv: Linear<T, Replicated>
     public let projection: Linear<T, Replicated>
@@ -13,6 +16,9 @@ public struct CausalSelfAttention<T: Scalar> {
         let qkv = Tensor<T>(), probabilities = Tensor<T>(), headOutputs = Tensor<T>()
         // Backward scratch, kept to avoid allocating every step.
         let dQKV = Tensor<T>(), dHeadOutputs = Tensor<T>(), dScores = Tensor<T>()
+        // bf16 mode: rounded QKV and probabilities (kept for backward), rounded gradients.
+        let roundedQKV = BFloat16Buffer(), roundedProbabilities = BFloat16Buffer()
+        let roundedHeadGradient = BFloat16Buffer(), roundedScoreGradient = BFloat16Buffer()
         public init() {}
     }
 
@@ -31,6 +37,10 @@ public struct CausalSelfAttention<T: Scalar> {
         cache.probabilities.resize(rows: batch * heads * length, columns: length)
         cache.headOutputs.resize(rows: rows, columns: width)
         qkv.forward(x, rows: rows, into: cache.qkv.pointer)
+        if let matmul = qkv.weight.store.bfloat16Matmul {
+            forwardBFloat16(matmul, batch: batch, length: length, cache: cache)
+            return projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
+        }
         for b in 0..<batch {
             for h in 0..<heads {
                 let q = cache.qkv.pointer + b * length * 3 * width + h * headSize
@@ -39,11 +49,7 @@ public struct CausalSelfAttention<T: Scalar> {
                 // scores[t, j] = scale * q_t · k_j
                 gemm(transposeB: true, m: length, n: length, k: headSize, alpha: scale,
                      a: q, lda: 3 * width, b: k, ldb: 3 * width, c: scores)
-                for t in 0..<length {
-                    let row = scores + t * length
-                    Kernels.softmaxRow(row, count: t + 1)
-                    for j in (t + 1)..<length { row[j] = 0 }
-                }
+                causalSoftmax(scores, rows: length, length: length)
                 // heads[t, h] = Σ_j p[t, j] v_j
                 gemm(m: length, n: headSize, k: length, a: scores, lda: length, b: v, ldb: 3 * width,
                      c: cache.headOutputs.pointer + b * length * width + h * headSize, ldc: width)
@@ -61,6 +67,10 @@ public struct CausalSelfAttention<T: Scalar> {
         cache.dQKV.resize(rows: rows, columns: 3 * width, zero: true)
         cache.dScores.resize(rows: length, columns: length)
         projection.backward(cache.headOutputs.pointer, dOut, rows: rows, dx: cache.dHeadOutputs.pointer)
+        if let matmul = qkv.weight.store.bfloat16Matmul {
+            backwardBFloat16(matmul, batch: batch, length: length, cache: cache)
+            return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
+        }
         let dScores = cache.dScores.pointer
         for b in 0..<batch {
             for h in 0..<heads {
@@ -88,5 +98,77 @@ public struct CausalSelfAttention<T: Scalar> {
             }
         }
         qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
+    }
+
+    /// Causal softmax of every row of `scores` [B*nh*T, T] in place (row t keeps keys j <= t).
+    private func causalSoftmax(_ scores: UnsafeMutablePointer<T>, rows: Int, length: Int) {
+        for row in 0..<rows {
+            let t = row % length, values = scores + row * length
+            Kernels.softmaxRow(values, count: t + 1)
+            for j in (t + 1)..<length { values[j] = 0 }
+        }
+    }
+
+    // Strides (sequence, head, row, column) in elements of the views the batched products use:
+    // q, k, v inside QKV rows [B, T, 3C]; heads inside [B, T, C]; probabilities [B, nh, T, T].
+    private func qkvView(length: Int, width: Int, transposed: Bool = false) -> SIMD4<Int> {
+        let headSize = width / heads
+        return transposed ? SIMD4(length * 3 * width, headSize, 1, 3 * width) : SIMD4(length * 3 * width, headSize, 3 * width, 1)
+    }
+    private func headView(length: Int, width: Int) -> SIMD4<Int> { SIMD4(length * width, width / heads, width, 1) }
+    private func scoreView(length: Int, transposed: Bool = false) -> SIMD4<Int> {
+        transposed ? SIMD4(heads * length * length, length * length, 1, length) : SIMD4(heads * length * length, length * length, length, 1)
+    }
+
+    /// bf16 forward of the per-head products: S = scale Q Kᵀ, P = softmax(S) (fp32), heads = P V.
+    private func forwardBFloat16(_ matmul: BFloat16Matmul, batch: Int, length: Int, cache: Cache) {
+        let width = projection.inputSize, headSize = width / heads
+        let qkvRounded = cache.roundedQKV.round(asFloat(UnsafePointer(cache.qkv.pointer)), count: cache.qkv.count)
+        let scores = asFloat(cache.probabilities.pointer)
+        matmul.batchedGemm(batch: (batch, heads), m: length, n: length, k: headSize, alpha: 1 / Float(headSize).squareRoot(),
+                           a: qkvRounded, aStrides: qkvView(length: length, width: width),
+                           b: qkvRounded + width, bStrides: qkvView(length: length, width: width, transposed: true),
+                           c: scores, cStrides: scoreView(length: length))
+        causalSoftmax(cache.probabilities.pointer, rows: batch * heads * length, length: length)
+        let probabilities = cache.roundedProbabilities.round(scores, count: cache.probabilities.count)
+        matmul.batchedGemm(batch: (batch, heads), m: length, n: headSize, k: length,
+                           a: probabilities, aStrides: scoreView(length: length),
+                           b: qkvRounded + 2 * width, bStrides: qkvView(length: length, width: width),
+                           c: asFloat(cache.headOutputs.pointer), cStrides: headView(length: length, width: width))
+    }
+
+    /// Adjoint of `forwardBFloat16`, from dHeads (in `cache.dHeadOutputs`) to dQKV.
+    private func backwardBFloat16(_ matmul: BFloat16Matmul, batch: Int, length: Int, cache: Cache) {
+        let width = projection.inputSize, headSize = width / heads, pairs = (batch, heads)
+        let qkvRounded = UnsafePointer(cache.roundedQKV.pointer), probabilities = UnsafePointer(cache.roundedProbabilities.pointer)
+        let dHeads = cache.roundedHeadGradient.round(asFloat(UnsafePointer(cache.dHeadOutputs.pointer)), count: cache.dHeadOutputs.count)
+        let dQKV = asFloat(cache.dQKV.pointer)
+        cache.dScores.resize(rows: batch * heads * length, columns: length)
+        // heads = P V  =>  dP = dHeads Vᵀ, dV = Pᵀ dHeads
+        matmul.batchedGemm(batch: pairs, m: length, n: length, k: headSize,
+                           a: dHeads, aStrides: headView(length: length, width: width),
+                           b: qkvRounded + 2 * width, bStrides: qkvView(length: length, width: width, transposed: true),
+                           c: asFloat(cache.dScores.pointer), cStrides: scoreView(length: length))
+        matmul.batchedGemm(batch: pairs, m: length, n: headSize, k: length,
+                           a: probabilities, aStrides: scoreView(length: length, transposed: true),
+                           b: dHeads, bStrides: headView(length: length, width: width),
+                           c: dQKV + 2 * width, cStrides: qkvView(length: length, width: width))
+        // P = softmax(S) over j <= t, in fp32 with the fp32 probabilities
+        for row in 0..<batch * heads * length {
+            let t = row % length, dRow = cache.dScores.row(row)
+            Kernels.softmaxBackwardRow(probabilities: cache.probabilities.row(row), dRow, count: t + 1)
+            for j in (t + 1)..<length { dRow[j] = 0 }
+        }
+        // S = scale Q Kᵀ  =>  dQ = scale dS K, dK = scale dSᵀ Q
+        let dScores = cache.roundedScoreGradient.round(asFloat(UnsafePointer(cache.dScores.pointer)), count: cache.dScores.count)
+        let scale = 1 / Float(headSize).squareRoot()
+        matmul.batchedGemm(batch: pairs, m: length, n: headSize, k: length, alpha: scale,
+                           a: dScores, aStrides: scoreView(length: length),
+                           b: qkvRounded + width, bStrides: qkvView(length: length, width: width),
+                           c: dQKV, cStrides: qkvView(length: length, width: width))
+        matmul.batchedGemm(batch: pairs, m: length, n: headSize, k: length, alpha: scale,
+                           a: dScores, aStrides: scoreView(length: length, transposed: true),
+                           b: qkvRounded, bStrides: qkvView(length: length, width: width),
+                           c: dQKV + width, cStrides: qkvView(length: length, width: width))
     }
 }

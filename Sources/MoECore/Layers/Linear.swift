@@ -23,14 +23,52 @@ public struct Linear<T: Scalar, Kind> {
 
     /// y = x W + b (overwrites y).
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>) {
-        gemm(m: rows, n: outputSize, k: inputSize, a: x, b: weight.value, c: y)
+        matrixProduct(weight.store.bfloat16Matmul, m: rows, n: outputSize, k: inputSize, a: .values(x), b: weight.operand, c: y)
         if let bias { Kernels.addBias(bias.value, to: y, rows: rows, columns: outputSize) }
     }
 
     /// Adjoint of `forward`: dW += xᵀ dy, db += Σ_rows dy, dx += dy Wᵀ (if dx is given).
+    /// In bf16 mode x is rounded again here rather than kept from forward (a pass over memory
+    /// instead of its memory for the whole step), and dy is rounded once for both products.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>?) {
-        gemm(transposeA: true, m: inputSize, n: outputSize, k: rows, a: x, b: dy, beta: 1, c: weight.gradient)
         if let bias { Kernels.addColumnSums(dy, rows: rows, columns: outputSize, into: bias.gradient) }
-        if let dx { gemm(transposeB: true, m: rows, n: inputSize, k: outputSize, a: dy, b: weight.value, beta: 1, c: dx) }
+        let matmul = weight.store.bfloat16Matmul
+        let dyRounded = matmul.map { UnsafePointer($0.right.round(asFloat(dy), count: rows * outputSize)) }
+        matrixProduct(matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: .values(x),
+                      b: .prerounded(dy, dyRounded), beta: 1, c: weight.gradient)
+        if let dx {
+            matrixProduct(matmul, transposeB: true, m: rows, n: inputSize, k: outputSize, a: .prerounded(dy, dyRounded),
+                          b: weight.operand, beta: 1, c: dx)
+        }
     }
+}
+
+/// An operand of `matrixProduct`: fp32 values that bf16 mode rounds on the fly, or values
+/// whose bf16 copy already exists (weights, refreshed once per forward pass).
+public enum ProductOperand<T: Scalar> {
+    case values(UnsafePointer<T>)
+    case prerounded(UnsafePointer<T>, UnsafePointer<BFloat16>?)
+
+    var values: UnsafePointer<T> {
+        switch self { case let .values(pointer), let .prerounded(pointer, _): return pointer }
+    }
+}
+
+/// Row-major `C[m,n] = op(A) op(B) + beta C` on packed operands, in the model's precision:
+/// `cblas_sgemm`/`dgemm` without a bf16 engine, else oneDNN on bf16 inputs with fp32
+/// accumulation (operands without a bf16 copy are rounded into the engine's scratch: A into
+/// `left`, B into `right`, so a caller must not pass those buffers as the other operand).
+public func matrixProduct<T: Scalar>(_ matmul: BFloat16Matmul?, transposeA: Bool = false, transposeB: Bool = false,
+                                     m: Int, n: Int, k: Int, a: ProductOperand<T>, b: ProductOperand<T>,
+                                     beta: T = 0, c: UnsafeMutablePointer<T>) {
+    guard let matmul else {
+        return gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, a: a.values, b: b.values, beta: beta, c: c)
+    }
+    func rounded(_ operand: ProductOperand<T>, count: Int, into scratch: BFloat16Buffer) -> UnsafePointer<BFloat16> {
+        if case let .prerounded(_, copy?) = operand { return copy }
+        return UnsafePointer(scratch.round(asFloat(operand.values), count: count))
+    }
+    matmul.gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k,
+                a: rounded(a, count: m * k, into: matmul.left), b: rounded(b, count: k * n, into: matmul.right),
+                beta: Float(beta), c: asFloat(c))
 }

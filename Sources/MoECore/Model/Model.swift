@@ -53,6 +53,11 @@ public final class GPTModel<T: Scalar> {
     /// Output projection [C, V] when embeddings are not tied.
     public let head: Parameter<T, Replicated>?
     let communicator: Communicator
+    /// The format of the large matrix products (`train.precision` resolved on this CPU; always
+    /// fp32 for Double models, which exist for gradient checks).
+    public private(set) var precision = Precision.fp32
+    /// Why `auto` fell back to fp32, for the run's log.
+    public private(set) var precisionNote: String?
 
     // Activations, per block l: residual[l] is the block's input, residual[L] the final stream.
     var residual: [Tensor<T>] = [], attentionNormed: [Tensor<T>] = [], middle: [Tensor<T>] = [], feedForwardNormed: [Tensor<T>] = []
@@ -119,6 +124,14 @@ public final class GPTModel<T: Scalar> {
         finalNorm = LayerNorm(store: replicated, name: "final_norm", width: width, decay: decayNorms)
         head = config.tieEmbeddings ? nil : replicated.add("head.weight", rows: width, columns: vocabularySize,
                                                           weightDecay: true, initialization: .normal(standardDeviation: 0.02))
+        if T.self == Float.self {
+            (precision, precisionNote) = try Precision.resolve(run.train.precision)
+            if precision == .bf16 {
+                let matmul = try BFloat16Matmul()
+                replicated.enableBFloat16(matmul)
+                experts.enableBFloat16(matmul)
+            }
+        }
         for _ in 0...config.layers { residual.append(Tensor()) }
         for _ in 0..<config.layers {
             attentionNormed.append(Tensor()); middle.append(Tensor()); feedForwardNormed.append(Tensor())
@@ -279,6 +292,9 @@ public final class GPTModel<T: Scalar> {
             feedForwardNormed[layer].resize(rows: rows, columns: width)
         }
         scratch.resize(rows: rows, columns: width)
+        // bf16: the weights' bf16 copies, once per forward pass (= per optimizer step).
+        replicated.refreshBFloat16()
+        experts.refreshBFloat16()
         tokenIds.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: batch, length: length, into: residual[0].pointer) }
         // Reused from step to step (updated in place, so no allocation once the previous
         // step's report is gone).
@@ -346,11 +362,12 @@ public final class GPTModel<T: Scalar> {
         finalNormed.resize(rows: rows, columns: width)
         finalNorm.forward(residual[config.layers].pointer, rows: rows, into: finalNormed.pointer, cache: finalNormCache)
         logits.resize(rows: rows, columns: vocabularySize)
+        let matmul = replicated.bfloat16Matmul
         if let head {
-            gemm(m: rows, n: vocabularySize, k: width, a: finalNormed.pointer, b: head.value, c: logits.pointer)
+            matrixProduct(matmul, m: rows, n: vocabularySize, k: width, a: .values(finalNormed.pointer), b: head.operand, c: logits.pointer)
         } else {
-            gemm(transposeB: true, m: rows, n: vocabularySize, k: width, a: finalNormed.pointer,
-                 b: embedding.tokenTable.value, c: logits.pointer)
+            matrixProduct(matmul, transposeB: true, m: rows, n: vocabularySize, k: width, a: .values(finalNormed.pointer),
+                          b: embedding.tokenTable.operand, c: logits.pointer)
         }
         guard let targetIds else {
             return ForwardResult(localLoss: 0, localLossSum: 0, auxiliaryLoss: auxiliary, moeLayers: statistics)
@@ -376,14 +393,24 @@ public final class GPTModel<T: Scalar> {
         }
         // logits = ln_f(x) W  =>  d ln_f(x) = dlogits Wᵀ, dW += ln_f(x)ᵀ dlogits
         dScratch.resize(rows: rows, columns: width)
+        let matmul = replicated.bfloat16Matmul
+        let dLogits = ProductOperand<T>.prerounded(logits.pointer, matmul.map {
+            UnsafePointer($0.right.round(asFloat(UnsafePointer(logits.pointer)), count: rows * vocabularySize))
+        })
         if let head {
-            gemm(transposeA: true, m: width, n: vocabularySize, k: rows, a: finalNormed.pointer, b: logits.pointer,
-                 beta: 1, c: head.gradient)
-            gemm(transposeB: true, m: rows, n: width, k: vocabularySize, a: logits.pointer, b: head.value, c: dScratch.pointer)
+            matrixProduct(matmul, transposeA: true, m: width, n: vocabularySize, k: rows, a: .values(finalNormed.pointer),
+                          b: dLogits, beta: 1, c: head.gradient)
+            matrixProduct(matmul, transposeB: true, m: rows, n: width, k: vocabularySize, a: dLogits, b: head.operand,
+                          c: dScratch.pointer)
         } else {
-            gemm(transposeA: true, m: vocabularySize, n: width, k: rows, a: logits.pointer, b: finalNormed.pointer,
-                 beta: 1, c: embedding.tokenTable.gradient)
-            gemm(m: rows, n: width, k: vocabularySize, a: logits.pointer, b: embedding.tokenTable.value, c: dScratch.pointer)
+            // dLogits is A here, so finalNormed (B) goes through `left`: round it explicitly.
+            let normed = ProductOperand<T>.prerounded(finalNormed.pointer, matmul.map {
+                UnsafePointer($0.left.round(asFloat(UnsafePointer(finalNormed.pointer)), count: rows * width))
+            })
+            matrixProduct(matmul, transposeA: true, m: vocabularySize, n: width, k: rows, a: dLogits, b: normed,
+                          beta: 1, c: embedding.tokenTable.gradient)
+            matrixProduct(matmul, m: rows, n: width, k: vocabularySize, a: dLogits, b: embedding.tokenTable.operand,
+                          c: dScratch.pointer)
         }
         dResidual.resize(rows: rows, columns: width, zero: true)
         finalNorm.backward(residual[config.layers].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer, cache: finalNormCache)

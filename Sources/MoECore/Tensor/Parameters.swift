@@ -47,6 +47,27 @@ public final class ParameterStore<T: Scalar, Kind> {
     deinit {
         values.deallocate()
         gradients.deallocate()
+        bfloat16Values?.deallocate()
+    }
+
+    /// bf16 mode: a bf16 copy of `values` (same layout) and the engine that multiplies with it.
+    /// nil in fp32 mode and for Double stores.
+    public private(set) var bfloat16Values: UnsafeMutablePointer<BFloat16>?
+    public private(set) var bfloat16Matmul: BFloat16Matmul?
+
+    /// Switches the store's matrix products to bf16 (after the model is built: the slab is final).
+    public func enableBFloat16(_ matmul: BFloat16Matmul) {
+        precondition(T.self == Float.self, "bf16 products need Float master weights")
+        bfloat16Values?.deallocate()
+        bfloat16Values = .allocate(capacity: max(count, 1))
+        bfloat16Matmul = matmul
+        refreshBFloat16()
+    }
+
+    /// Re-rounds the bf16 copy from the fp32 master values (once per forward pass).
+    public func refreshBFloat16() {
+        guard let bfloat16Values else { return }
+        BFloat16.round(asFloat(UnsafePointer(values)), into: bfloat16Values, count: count)
     }
 
     /// Adds a parameter. Only while building a model: the slab may move, so hold `Parameter`
@@ -54,6 +75,7 @@ public final class ParameterStore<T: Scalar, Kind> {
     public func add(_ name: String, rows: Int, columns: Int, weightDecay: Bool,
                     initialization: Initialization) -> Parameter<T, Kind> {
         precondition(indexByName[name] == nil, "duplicate parameter \(name)")
+        precondition(bfloat16Values == nil, "parameters are added before bf16 is enabled")
         let entry = ParameterEntry(name: name, rows: rows, columns: columns, offset: count,
                                    weightDecay: weightDecay, initialization: initialization)
         reserve(count + entry.count)
@@ -124,4 +146,8 @@ public struct Parameter<T: Scalar, Kind> {
     public var count: Int { rows * columns }
     @inline(__always) public var value: UnsafeMutablePointer<T> { store.values + offset }
     @inline(__always) public var gradient: UnsafeMutablePointer<T> { store.gradients + offset }
+    /// The bf16 copy of the value, in bf16 mode.
+    @inline(__always) public var bfloat16Value: UnsafeMutablePointer<BFloat16>? { store.bfloat16Values.map { $0 + offset } }
+    /// The value as a product operand (with its bf16 copy in bf16 mode).
+    public var operand: ProductOperand<T> { .prerounded(value, bfloat16Value.map { UnsafePointer($0) }) }
 }

@@ -1,4 +1,5 @@
 import CBLAS
+import CDNNL
 import MoEComm
 
 /// The floating-point types the numeric code runs in: `Float` for training, `Double` for
@@ -105,5 +106,9 @@ public func gemm<T: Scalar>(transposeA: Bool = false, transposeB: Bool = false, 
 public enum BLASInfo {
     public static var coreName: String { String(cString: openblas_get_corename()) }
     public static var threads: Int { Int(openblas_get_num_threads()) }
-    public static func setThreads(_ count: Int) { openblas_set_num_threads(Int32(count)) }
+    /// Threads of both matrix libraries: OpenBLAS and oneDNN (OpenMP) for this thread.
+    public static func setThreads(_ count: Int) {
+        openblas_set_num_threads(Int32(count))
+        omp_set_num_threads(Int32(count))
+    }
 }

@@ -2,7 +2,9 @@
 ///
 /// Higher-rank activations are flattened into rows, with the full shape named in the doc
 /// comment of whoever owns them (e.g. attention scores `[B*nh*T, T]`). `resize` reallocates only
-/// when the new size exceeds the capacity, so per-step buffers stop allocating after warm-up.
+/// when the new size exceeds the capacity, and then grows it by half again: buffers whose size
+/// varies from step to step (an expert's received rows) stop allocating after a few steps
+/// instead of reallocating, and page-faulting fresh memory, at every new maximum.
 public final class Tensor<T: Scalar> {
     public private(set) var rows: Int
     public private(set) var columns: Int
@@ -33,9 +35,9 @@ public final class Tensor<T: Scalar> {
         let needed = rows * columns
         if needed > capacity {
             pointer.deallocate()
-            capacity = needed
-            pointer = .allocate(capacity: needed)
-            pointer.initialize(repeating: 0, count: needed)
+            capacity = max(needed, capacity + capacity / 2)
+            pointer = .allocate(capacity: capacity)
+            pointer.initialize(repeating: 0, count: capacity)
         } else if zero {
             pointer.update(repeating: 0, count: needed)
         }

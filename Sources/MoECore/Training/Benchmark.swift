@@ -6,22 +6,46 @@ import MoEIO
 
 /// `moe bench`: this process's sgemm peak, then timed training steps, as one JSON object.
 public enum Benchmark {
-    /// Best-of-repeats GFLOP/s of a row-major sgemm [m, k] x [k, n], the shape of the model's
-    /// largest GEMMs (B*T tokens against the width and the expert hidden size). All ranks
-    /// measure at the same time, so the figure includes the contention of a real step.
-    public static func sgemmPeak(m: Int, n: Int, k: Int, repeats: Int = 20, communicator: Communicator) throws -> Double {
+    /// Best-of-repeats GFLOP/s of a row-major product [m, k] x [k, n], the shape of the model's
+    /// largest GEMMs (B*T tokens against the width and the expert hidden size): OpenBLAS sgemm
+    /// for fp32, oneDNN on bf16 inputs for bf16. All ranks measure at the same time, so the
+    /// figure includes the contention of a real step.
+    public static func gemmPeak(_ precision: Precision, m: Int, n: Int, k: Int, repeats: Int = 20,
+                                communicator: Communicator) throws -> Double {
         let a = Tensor<Float>(rows: m, columns: k), b = Tensor<Float>(rows: k, columns: n), c = Tensor<Float>(rows: m, columns: n)
         for index in 0..<a.count { a.pointer[index] = Float(index % 7) * 0.01 }
         for index in 0..<b.count { b.pointer[index] = Float(index % 5) * 0.01 }
-        for _ in 0..<3 { gemm(m: m, n: n, k: k, a: a.pointer, b: b.pointer, c: c.pointer) }
+        let product: () -> Void
+        switch precision {
+        case .fp32: product = { gemm(m: m, n: n, k: k, a: a.pointer, b: b.pointer, c: c.pointer) }
+        case .bf16:
+            let matmul = try BFloat16Matmul()
+            let left = matmul.left.round(a.pointer, count: a.count), right = matmul.right.round(b.pointer, count: b.count)
+            product = { matmul.gemm(m: m, n: n, k: k, a: left, b: right, c: c.pointer) }
+        }
+        for _ in 0..<3 { product() }
         try communicator.barrier()
         var best = Double.infinity
         for _ in 0..<repeats {
             let started = Clock.nanoseconds()
-            gemm(m: m, n: n, k: k, a: a.pointer, b: b.pointer, c: c.pointer)
+            product()
             best = min(best, Double(Clock.nanoseconds() - started) * 1e-9)
         }
         return 2 * Double(m * n * k) / best / 1e9
+    }
+
+    /// GEMM peaks of this machine, GFLOP/s summed over ranks: fp32 always, bf16 where the CPU
+    /// has it.
+    public struct Peaks {
+        public var fp32: Double
+        public var bf16: Double?
+
+        public static func measure(_ config: RunConfig, communicator: Communicator) throws -> Peaks {
+            let (m, n, k) = (config.train.batchSize * config.model.context, config.model.ffnHidden, config.model.width)
+            let fp32 = try communicator.allReduce(gemmPeak(.fp32, m: m, n: n, k: k, communicator: communicator))
+            guard BFloat16Support.current.supported else { return Peaks(fp32: fp32, bf16: nil) }
+            return Peaks(fp32: fp32, bf16: try communicator.allReduce(gemmPeak(.bf16, m: m, n: n, k: k, communicator: communicator)))
+        }
     }
 
     /// Model FLOPs per token: 6 x active parameters (forward 2, backward 4 per multiply-add)
@@ -54,13 +78,12 @@ public enum Benchmark {
         return Double(usage.ru_maxrss) / 1024   // Linux reports KiB
     }
 
-    /// Times `steps` training steps after `warmup` untimed ones. Returns the JSON line (the
-    /// same on every rank; rank 0 prints it).
-    public static func run(trainer: Trainer, steps: Int, warmup: Int, dataDescription: String) throws -> String {
+    /// Times `steps` training steps after `warmup` untimed ones. Returns the JSON object (the
+    /// same on every rank; rank 0 prints it). MFU is against the peak of the precision trained in.
+    public static func run(trainer: Trainer, steps: Int, warmup: Int, dataDescription: String, peaks: Peaks) throws -> (json: JSONObject, tokensPerSecond: Double) {
         let communicator = trainer.communicator
-        let batch = trainer.config.train.batchSize * trainer.config.model.context
-        let peak = try sgemmPeak(m: batch, n: trainer.config.model.ffnHidden, k: trainer.config.model.width,
-                                 communicator: communicator)
+        let precision = trainer.model.precision
+        let peak = precision == .bf16 ? peaks.bf16 ?? peaks.fp32 : peaks.fp32
         trainer.separateWaiting = communicator.size > 1
         for _ in 0..<warmup { _ = try trainer.trainStep() }
         try communicator.barrier()
@@ -70,7 +93,7 @@ public enum Benchmark {
         try communicator.barrier()
         let seconds = Double(Clock.nanoseconds() - started) * 1e-9
         // Per-part times averaged over ranks; peaks summed; memory maximum.
-        var sums = [peak, profile.attention, profile.gate, profile.dispatch, profile.experts, profile.combine,
+        var sums = [0, profile.attention, profile.gate, profile.dispatch, profile.experts, profile.combine,
                     profile.allReduce, profile.optimizer, profile.total, profile.waiting]
         try communicator.allReduce(&sums)
         let peakMemory = try communicator.allReduce(peakResidentMiB(), op: .max)
@@ -87,14 +110,17 @@ public enum Benchmark {
         object.add("ranks", communicator.size)
         object.add("blas_core", BLASInfo.coreName)
         object.add("blas_threads", BLASInfo.threads)
+        object.add("precision", precision.rawValue)
+        object.add("bf16_isa", BFloat16Support.current.isa)
         object.add("steps", steps)
         object.add("global_batch_tokens", trainer.globalBatchTokens)
         object.add("data", dataDescription)
         object.add("tokens_per_sec", tokensPerSecond.rounded())
         object.add("model_flops_per_token", flopsPerToken)
         object.add("achieved_gflops", (achieved * 10).rounded() / 10)
-        object.add("sgemm_peak_gflops", (sums[0] * 10).rounded() / 10)
-        object.add("mfu", (achieved / sums[0] * 1000).rounded() / 1000)
+        object.add("sgemm_peak_gflops", (peaks.fp32 * 10).rounded() / 10)
+        if let bf16 = peaks.bf16 { object.add("bf16_peak_gflops", (bf16 * 10).rounded() / 10) }
+        object.add("mfu", (achieved / peak * 1000).rounded() / 1000)
         object.add("peak_rss_mib", peakMemory.rounded())
         let modelled = try communicator.allReduce(memoryModelMiB(trainer), op: .max)
         object.add("memory_model_mib", modelled.rounded())
@@ -103,6 +129,6 @@ public enum Benchmark {
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, (value / Double(steps) * 1e4).rounded() / 10) }
         object.addRaw("step_ms_by_part", parts.text)
-        return object.text
+        return (object, tokensPerSecond)
     }
 }

@@ -126,6 +126,8 @@ public final class TrainingRun {
         log("model: \(format(counts.total)) parameters, \(format(counts.active)) active per token; "
             + "\(trainer.model.moeLayers.count) MoE layers of \(config.moe.experts) experts (gate \(config.moe.gate), top-\(config.moe.topK)); "
             + "vocabulary \(trainer.model.vocabularySize)")
+        log(trainer.model.precisionNote ?? "precision \(trainer.model.precision.rawValue) (train.precision \(config.train.precision); "
+            + (trainer.model.precision == .bf16 ? "bf16 products through oneDNN, fp32 master weights and optimizer state)" : "products through OpenBLAS sgemm)"))
         log("ranks \(communicator.size), global batch \(communicator.size)x\(config.train.batchSize)x\(config.model.context) = "
             + "\(trainer.globalBatchTokens) tokens, steps \(trainer.step)..<\(steps), run directory \(runDirectory)")
         var lastValidation: Double?

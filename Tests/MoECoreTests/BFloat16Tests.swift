@@ -1,0 +1,190 @@
+import XCTest
+@testable import MoECore
+import MoEComm
+import MoEIO
+
+/// bf16 mode against its fp32 twin. The bounds come from bf16's 8 significant bits:
+/// rounding a value costs at most u = 2^-8 of it, so a product of two rounded inputs is off by
+/// at most (2u + u²)|a||b|, and a dot product of K such terms (accumulated in fp32 by both
+/// paths, whose own error is below K 2^-24 of Σ|a||b|) by at most (2u + u² + 2K 2^-24) Σ|a_i||b_i|.
+/// That element-wise bound is rigorous for one product; chains of products (attention, the
+/// model) are compared in the root-mean-square sense, where independent rounding errors add
+/// in quadrature: each product contributes at most 2u of the RMS of its output.
+final class BFloat16Tests: XCTestCase {
+    let u = Double(BFloat16.unitRoundoff)
+
+    override func setUpWithError() throws {
+        try XCTSkipUnless(BFloat16Support.current.supported, "this CPU has no bf16 products (oneDNN: \(BFloat16Support.current.isa))")
+        BLASInfo.setThreads(1)
+    }
+
+    func testRoundingIsToNearestEvenAndKeepsSpecialValues() {
+        XCTAssertEqual(BFloat16(1).bitPattern, 0x3F80)
+        XCTAssertEqual(BFloat16(1 + 0x1p-8).bitPattern, 0x3F80, "a tie rounds to the even neighbour 1")
+        XCTAssertEqual(BFloat16(1 + 3 * 0x1p-8).bitPattern, 0x3F82, "a tie rounds to the even neighbour 1 + 2^-6")
+        XCTAssertEqual(BFloat16(1 + 0x1p-8 + 0x1p-20).bitPattern, 0x3F81, "above the tie rounds up")
+        XCTAssertEqual(BFloat16(-0.0).bitPattern, 0x8000)
+        XCTAssertEqual(BFloat16(.infinity).bitPattern, 0x7F80)
+        XCTAssertEqual(BFloat16(.greatestFiniteMagnitude).float, .infinity, "beyond bf16's largest rounds to infinity")
+        XCTAssertTrue(BFloat16(.nan).float.isNaN)
+        XCTAssertTrue(BFloat16(Float(bitPattern: 0x7F80_0001)).float.isNaN, "a NaN whose payload is in the low bits stays NaN")
+        // The vector path agrees with the scalar rule, tails included.
+        let count = 1000
+        let key = RandomKey(3)
+        var values = (0..<count).map { Float(key.normal($0) * pow(2, Double($0 % 40) - 20)) }
+        values[5] = .nan; values[17] = -.infinity; values[18] = Float(bitPattern: 0x7FC0_0001); values[999] = 3.0e38
+        var rounded = [BFloat16](repeating: BFloat16(bitPattern: 0), count: count)
+        BFloat16.round(values, into: &rounded, count: count)
+        for index in 0..<count where !(values[index].isNaN && rounded[index].float.isNaN) {
+            XCTAssertEqual(rounded[index].bitPattern, BFloat16(values[index]).bitPattern, "value \(values[index]) at \(index)")
+            if values[index].isFinite, abs(values[index]) < 1e38 {
+                XCTAssertLessThanOrEqual(abs(Double(rounded[index].float) - Double(values[index])), u * Double(abs(values[index])))
+            }
+        }
+    }
+
+    /// Element-wise: |bf16 - fp32| <= (2u + u² + 2K 2^-24) (|A||B|)_ij for each of the three products.
+    func testLinearMatchesItsFP32TwinWithinTheRoundingBound() throws {
+        let rows = 37, input = 64, output = 48
+        let store = ParameterStore<Float, Replicated>()
+        let linear = Linear(store: store, name: "linear", inputSize: input, outputSize: output, deviation: 0.3)
+        store.initialize(key: RandomKey(11))
+        let x = floatTensor(rows: rows, columns: input, seed: 12), dy = floatTensor(rows: rows, columns: output, seed: 13)
+        func products() -> (y: [Float], dW: [Float], dx: [Float]) {
+            let y = Tensor<Float>(rows: rows, columns: output), dx = Tensor<Float>(rows: rows, columns: input)
+            store.zeroGradients()
+            linear.forward(x.pointer, rows: rows, into: y.pointer)
+            linear.backward(x.pointer, dy.pointer, rows: rows, dx: dx.pointer)
+            return (y.array, Array(UnsafeBufferPointer(start: linear.weight.gradient, count: input * output)), dx.array)
+        }
+        let reference = products()
+        store.enableBFloat16(try BFloat16Matmul())
+        let rounded = products()
+        let w = Tensor<Float>(rows: input, columns: output, values: Array(UnsafeBufferPointer(start: linear.weight.value, count: input * output)))
+        // Magnitudes |A||B| of each product, in fp32 (exact enough for a bound with margin 2K 2^-24).
+        let magnitudeY = absoluteProduct(x, w, transposeA: false, transposeB: false)
+        let magnitudeW = absoluteProduct(x, dy, transposeA: true, transposeB: false)
+        let magnitudeX = absoluteProduct(dy, w, transposeA: false, transposeB: true)
+        for (label, expected, actual, magnitude, k) in [("y = xW", reference.y, rounded.y, magnitudeY, input),
+                                                        ("dW = xᵀdy", reference.dW, rounded.dW, magnitudeW, rows),
+                                                        ("dx = dy Wᵀ", reference.dx, rounded.dx, magnitudeX, output)] {
+            let factor = 2 * u + u * u + 2 * Double(k) * 0x1p-24
+            var worst = 0.0, largest = 0.0
+            for index in expected.indices {
+                let error = abs(Double(actual[index]) - Double(expected[index]))
+                worst = max(worst, error / (factor * Double(magnitude[index]) + 1e-30))
+                largest = max(largest, error)
+            }
+            XCTAssertLessThanOrEqual(worst, 1, "\(label): error exceeds the bf16 rounding bound (worst ratio \(worst))")
+            XCTAssertGreaterThan(largest, 0, "\(label): identical to fp32, so the bf16 path did not run")
+        }
+    }
+
+    /// Attention chains five products with a softmax between: forward output and dx within 16u
+    /// in RMS (five products at 2u each add in quadrature to about 4.5u; a factor of 3.5 of margin),
+    /// and not identical to fp32.
+    func testAttentionMatchesItsFP32TwinInRMS() throws {
+        let batch = 3, length = 10, width = 32, heads = 4, rows = batch * length
+        let store = ParameterStore<Float, Replicated>()
+        let attention = CausalSelfAttention(store: store, name: "attention", width: width, heads: heads, residualDeviation: 0.1)
+        store.initialize(key: RandomKey(21))
+        // Larger QKV weights than at initialisation, so attention is peaked and the score path's
+        // gradients (dQ, dK) are as large as the value path's instead of vanishing beside it.
+        for index in 0..<attention.qkv.weight.count { attention.qkv.weight.value[index] *= 15 }
+        let x = floatTensor(rows: rows, columns: width, seed: 22), dy = floatTensor(rows: rows, columns: width, seed: 23)
+        func run() -> (y: [Float], dx: [Float], dQKV: [Float]) {
+            let y = Tensor<Float>(rows: rows, columns: width), dx = Tensor<Float>(rows: rows, columns: width)
+            let cache = CausalSelfAttention<Float>.Cache()
+            store.zeroGradients()
+            attention.forward(x.pointer, batch: batch, length: length, into: y.pointer, cache: cache)
+            attention.backward(x.pointer, dy.pointer, batch: batch, length: length, dx: dx.pointer, cache: cache)
+            return (y.array, dx.array, Array(UnsafeBufferPointer(start: attention.qkv.weight.gradient, count: width * 3 * width)))
+        }
+        let reference = run()
+        store.enableBFloat16(try BFloat16Matmul())
+        let rounded = run()
+        // The weight gradient's q, k and v column blocks separately: each comes from another product.
+        func block(_ gradient: [Float], _ part: Int) -> [Float] {
+            var columns: [Float] = []
+            for row in 0..<width {
+                let start = row * 3 * width + part * width
+                columns += gradient[start..<(start + width)]
+            }
+            return columns
+        }
+        var comparisons: [(String, [Float], [Float])] = [("output", reference.y, rounded.y), ("dx", reference.dx, rounded.dx)]
+        for (part, name) in ["dWq", "dWk", "dWv"].enumerated() {
+            comparisons.append((name, block(reference.dQKV, part), block(rounded.dQKV, part)))
+        }
+        for (label, expected, actual) in comparisons {
+            let relative = rmsDifference(expected, actual) / rms(expected)
+            XCTAssertLessThanOrEqual(relative, 16 * u, "\(label): RMS error \(relative) beyond 16u")
+            XCTAssertGreaterThan(relative, 0, "\(label): identical to fp32, so the bf16 path did not run")
+        }
+    }
+
+    /// The whole model on one batch: the loss within 16u relative (cross-entropy averages many
+    /// token losses, so rounding errors mostly cancel), the gradient within 16u in RMS.
+    func testModelLossAndGradientMatchFP32() throws {
+        var run = RunConfig()
+        run.model.context = 16; run.model.width = 32; run.model.layers = 2; run.model.heads = 2; run.model.ffnHidden = 64
+        run.moe.experts = 4; run.moe.topK = 2; run.moe.gate = "topk"; run.moe.capacityFactor = 4
+        run.evomoe.spawnFraction = 0
+        let tokens: [Int32] = (0..<64).map { (index: Int) -> Int32 in Int32((index * 37 + index / 3) % 256) }
+        let targets: [Int32] = tokens.map { ($0 + 1) % 256 }
+        func lossAndGradient(_ precision: String) throws -> (Double, [Float]) {
+            run.train.precision = precision
+            let model = try GPTModel<Float>(run, vocabularySize: 256, communicator: SingleRankCommunicator())
+            XCTAssertEqual(model.precision.rawValue, precision)
+            model.initializeParameters(seed: 5)
+            model.zeroGradients()
+            let result = try model.forward(tokens: tokens, targets: targets, batch: 4, length: 16, training: true, globalTokens: 64,
+                                           firstGlobalToken: 0, noiseKey: RandomKey(1))
+            try model.backward(globalTokens: 64)
+            let replicated = Array(UnsafeBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
+            let experts = Array(UnsafeBufferPointer(start: model.experts.gradients, count: model.experts.count))
+            return (result.localLoss, replicated + experts)
+        }
+        let (loss32, gradient32) = try lossAndGradient("fp32")
+        let (loss16, gradient16) = try lossAndGradient("bf16")
+        XCTAssertEqual(loss16, loss32, accuracy: 16 * u * loss32)
+        XCTAssertNotEqual(loss16, loss32)
+        XCTAssertLessThanOrEqual(rmsDifference(gradient32, gradient16) / rms(gradient32), 16 * u)
+    }
+
+    func testExplicitBF16OnACPUWithoutItNamesTheMissingFeature() {
+        let without = BFloat16Support(isa: "avx512_core", supported: false)
+        XCTAssertThrowsError(try Precision.resolve("bf16", support: without)) { error in
+            XCTAssertTrue("\(error)".contains("AVX512-BF16") && "\(error)".contains("avx512_core"), "\(error)")
+        }
+        let (precision, note) = try! Precision.resolve("auto", support: without)
+        XCTAssertEqual(precision, .fp32)
+        XCTAssertTrue(note?.contains("lacks AVX512-BF16") == true, note ?? "no note")
+        XCTAssertEqual(try! Precision.resolve("auto", support: BFloat16Support(isa: "avx512_core_bf16", supported: true)).0, .bf16)
+    }
+
+    // MARK: helpers
+
+    func floatTensor(rows: Int, columns: Int, seed: Int) -> Tensor<Float> {
+        let key = RandomKey(UInt64(seed))
+        return Tensor(rows: rows, columns: columns, values: (0..<rows * columns).map { Float(key.normal($0)) })
+    }
+
+    /// |op(A)| |op(B)| in fp32.
+    func absoluteProduct(_ a: Tensor<Float>, _ b: Tensor<Float>, transposeA: Bool, transposeB: Bool) -> [Float] {
+        let absA = Tensor(rows: a.rows, columns: a.columns, values: a.array.map(abs))
+        let absB = Tensor(rows: b.rows, columns: b.columns, values: b.array.map(abs))
+        let m = transposeA ? a.columns : a.rows, k = transposeA ? a.rows : a.columns, n = transposeB ? b.rows : b.columns
+        let c = Tensor<Float>(rows: m, columns: n)
+        gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, a: absA.pointer, b: absB.pointer, c: c.pointer)
+        return c.array
+    }
+
+    func rms(_ values: [Float]) -> Double {
+        (values.reduce(0) { $0 + Double($1) * Double($1) } / Double(values.count)).squareRoot()
+    }
+
+    func rmsDifference(_ a: [Float], _ b: [Float]) -> Double {
+        (zip(a, b).reduce(0) { $0 + (Double($1.0) - Double($1.1)) * (Double($1.0) - Double($1.1)) } / Double(a.count)).squareRoot()
+    }
+}
