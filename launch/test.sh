@@ -7,5 +7,9 @@ launch/install-deps.sh
 # The reference safetensors reader, to check our checkpoint files open in it (skipped if offline).
 python3 -m pip install --quiet --disable-pip-version-check safetensors numpy 2>/dev/null \
     || echo "note: could not install the Python safetensors package; that check will be skipped"
+# The release binary too: the bf16-vs-fp32 training comparison runs the reference model for
+# 300 steps, which the debug build cannot do in reasonable time.
+swift build -c release
+export MOE_RELEASE_BINARY="$(swift build -c release --show-bin-path)/moe"
 swift build --build-tests
 swift test --skip-build

@@ -22,9 +22,11 @@ enum Runtime {
         } catch {
             fail("\(error)", rank: nil, communicator: nil)
         }
-        // One BLAS thread per rank when several ranks share the machine, unless the user chose.
-        if communicator.size > 1 && getenv("OPENBLAS_NUM_THREADS") == nil && getenv("OMP_NUM_THREADS") == nil {
-            BLASInfo.setThreads(1)
+        // One thread per rank for each matrix library when several ranks share the machine,
+        // unless the user chose with that library's variable.
+        if communicator.size > 1 {
+            if getenv("OPENBLAS_NUM_THREADS") == nil { BLASInfo.setBLASThreads(1) }
+            if getenv("OMP_NUM_THREADS") == nil { BLASInfo.setOneDNNThreads(1) }
         }
         do {
             try body(communicator)
@@ -78,7 +80,8 @@ enum Runtime {
 
     /// Start-up facts every run and benchmark should show (see the OPENBLAS_CORETYPE trap).
     static func announceEnvironment(_ log: (String) -> Void) {
-        var line = "OpenBLAS core \(BLASInfo.coreName), \(BLASInfo.threads) thread(s) per rank"
+        var line = "OpenBLAS core \(BLASInfo.coreName), \(BLASInfo.threads) thread(s) per rank; oneDNN \(BFloat16Support.current.isa), "
+            + "\(BLASInfo.oneDNNThreads) thread(s) per rank"
         if let forced = getenv("OPENBLAS_CORETYPE") {
             line += "; warning: OPENBLAS_CORETYPE=\(String(cString: forced)) is set and overrides CPU detection (unset it for full speed)"
         }

@@ -22,7 +22,8 @@ enum CLI {
 
     /// Runs `moe` (or, with `mpirun` ranks, `mpirun -np R moe`) in `directory`.
     @discardableResult
-    static func run(_ arguments: [String], in directory: URL, environment: [String: String] = [:]) throws -> CommandResult {
+    static func run(_ arguments: [String], in directory: URL, environment: [String: String] = [:],
+                    executable: URL = CLI.executable, timeout: Double = defaultTimeout) throws -> CommandResult {
         let process = Process()
         process.executableURL = executable
         process.arguments = arguments
@@ -33,14 +34,25 @@ enum CLI {
         env["OPENBLAS_NUM_THREADS"] = "1"
         for (key, value) in environment { env[key] = value }
         process.environment = env
-        return try capture(process)
+        return try capture(process, timeout: timeout)
     }
 
-    static func capture(_ process: Process) throws -> CommandResult {
+    /// Seconds a subprocess may run before it is killed and the test fails: a hang must fail
+    /// the test, never stall CI. (mpirun jobs also carry their own, shorter `--timeout`.)
+    static let defaultTimeout = 600.0
+
+    static func capture(_ process: Process, timeout: Double = defaultTimeout,
+                        file: StaticString = #filePath, line: UInt = #line) throws -> CommandResult {
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
         process.standardError = err
         try process.run()
+        final class Flag: @unchecked Sendable { var value = false }
+        let timedOut = Flag()
+        let pid = process.processIdentifier
+        let watchdog = DispatchWorkItem { timedOut.value = true; kill(pid, SIGKILL) }
+        DispatchQueue.global().asyncAfter(deadline: .now() + timeout, execute: watchdog)
+        defer { watchdog.cancel() }
         // Read both pipes before waiting, or a full pipe blocks the child.
         final class Box: @unchecked Sendable { var data = Data() }
         let errData = Box()
@@ -50,6 +62,10 @@ enum CLI {
         let outData = out.fileHandleForReading.readDataToEndOfFile()
         group.wait()
         process.waitUntilExit()
+        watchdog.cancel()
+        if timedOut.value {
+            XCTFail("\(process.executableURL?.lastPathComponent ?? "process") \(process.arguments?.joined(separator: " ") ?? "") was killed after \(Int(timeout)) s", file: file, line: line)
+        }
         return CommandResult(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
                              stderr: String(decoding: errData.data, as: UTF8.self))
     }
@@ -119,18 +135,34 @@ extension CLI {
     /// `mpirun -np ranks moe ...` with a timeout, so a hang fails the test instead of CI.
     @discardableResult
     static func mpirun(ranks: Int, _ arguments: [String], in directory: URL, transport: [String] = [],
-                       timeout: Int = 120) throws -> CommandResult {
+                       timeout: Int = 120, executable: URL = CLI.executable) throws -> CommandResult {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--timeout", "\(timeout)", "-np", "\(ranks)"]
+        process.executableURL = URL(fileURLWithPath: try requireMPI())
+        process.arguments = ["--allow-run-as-root", "--oversubscribe", "--timeout", "\(timeout)", "-np", "\(ranks)"]
             + transport + [executable.path] + arguments
         process.currentDirectoryURL = directory
         var env = ProcessInfo.processInfo.environment
         for key in env.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { env.removeValue(forKey: key) }
         env["OPENBLAS_NUM_THREADS"] = "1"
         process.environment = env
-        return try capture(process)
+        return try capture(process, timeout: Double(timeout + 30))
     }
 
-    static var hasMPI: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/mpirun") }
+    /// `mpirun` on PATH. Missing, it skips the test on a developer's machine but fails it in CI
+    /// (CI=true), where launch/test.sh installs it: a silent skip there would hide every MPI test.
+    static func requireMPI() throws -> String {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        if let found = path.split(separator: ":").map({ "\($0)/mpirun" }).first(where: FileManager.default.isExecutableFile) {
+            return found
+        }
+        if ProcessInfo.processInfo.environment["CI"] == "true" {
+            throw CIFailure("mpirun is not on PATH (\(path)); launch/install-deps.sh installs openmpi-bin")
+        }
+        throw XCTSkip("mpirun is not on PATH (launch/install-deps.sh installs it)")
+    }
+}
+
+struct CIFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }

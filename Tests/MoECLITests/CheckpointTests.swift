@@ -5,7 +5,7 @@ import MoECore
 /// Checkpoints through the binary: exact resume, resharding, crash safety, damaged files.
 final class CheckpointTests: XCTestCase {
     override func setUpWithError() throws {
-        try XCTSkipUnless(CLI.hasMPI, "mpirun is not installed (launch/install-deps.sh installs it)")
+        _ = try CLI.requireMPI()
     }
 
     /// The DTS gate with EvoMoE's spawn at step 4, so resume must restore the phase, the

@@ -7,7 +7,7 @@ import MoECore
 /// resumes.
 final class FaultTests: XCTestCase {
     override func setUpWithError() throws {
-        try XCTSkipUnless(CLI.hasMPI, "mpirun is not installed (launch/install-deps.sh installs it)")
+        _ = try CLI.requireMPI()
     }
 
     static let config = """

@@ -6,7 +6,7 @@ import MoECore
 /// over TCP, and failures that end the job instead of hanging it. Every mpirun has a timeout.
 final class MPITests: XCTestCase {
     override func setUpWithError() throws {
-        try XCTSkipUnless(CLI.hasMPI, "mpirun is not installed (launch/install-deps.sh installs it)")
+        _ = try CLI.requireMPI()
     }
 
     static let config = """

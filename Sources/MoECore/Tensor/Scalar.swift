@@ -106,9 +106,13 @@ public func gemm<T: Scalar>(transposeA: Bool = false, transposeB: Bool = false, 
 public enum BLASInfo {
     public static var coreName: String { String(cString: openblas_get_corename()) }
     public static var threads: Int { Int(openblas_get_num_threads()) }
-    /// Threads of both matrix libraries: OpenBLAS and oneDNN (OpenMP) for this thread.
+    /// Threads of both matrix libraries: OpenBLAS and oneDNN.
     public static func setThreads(_ count: Int) {
-        openblas_set_num_threads(Int32(count))
-        omp_set_num_threads(Int32(count))
+        setBLASThreads(count)
+        setOneDNNThreads(count)
     }
+    public static func setBLASThreads(_ count: Int) { openblas_set_num_threads(Int32(count)) }
+    /// oneDNN threads through OpenMP (Debian builds it on libgomp), for the calling thread.
+    public static func setOneDNNThreads(_ count: Int) { omp_set_num_threads(Int32(count)) }
+    public static var oneDNNThreads: Int { Int(omp_get_max_threads()) }
 }
