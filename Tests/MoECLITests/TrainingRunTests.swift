@@ -114,9 +114,17 @@ final class TrainingRunTests: XCTestCase {
         XCTAssertNotEqual(a[5], c[5])
     }
 
+    /// In both precisions: auto is bf16 on CPUs with it (the development and CI machines).
     func testStopAndResumeContinuesExactly() throws {
+        for precision in ["auto", "fp32"] {
+            try stopAndResume(precision: precision)
+        }
+    }
+
+    func stopAndResume(precision: String) throws {
         let workspace = try Workspace()
-        try workspace.write("tiny.yaml", Workspace.tinyConfig)
+        try workspace.write("tiny.yaml", Workspace.tinyConfig.replacingOccurrences(of: "eval_batches: 2}",
+                                                                          with: "eval_batches: 2, precision: \(precision)}"))
         let straight = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "straight"], in: workspace.url)
         XCTAssertEqual(straight.status, 0, straight.stderr)
         let stopped = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "resumed", "--stop-at", "5"], in: workspace.url)
