@@ -19,9 +19,16 @@ struct GradientChecker {
     /// the analytic gradient must already be in `gradients`.
     func check(_ name: String, values: UnsafeMutablePointer<Double>, gradients: UnsafePointer<Double>, count: Int,
                loss: () throws -> Double, file: StaticString = #filePath, line: UInt = #line) rethrows {
-        let stride = max(1, count / samplesPerTensor)
-        var worst = 0.0
-        for index in Swift.stride(from: 0, to: count, by: stride) {
+        if let failure = try firstMismatch(name, values: values, gradients: gradients, count: count, loss: loss) {
+            XCTFail(failure, file: file, line: line)
+        }
+    }
+
+    /// The first probed coordinate whose analytic and numeric derivatives disagree, or nil.
+    /// NaN on either side is a mismatch (`!(error <= allowed)`: a NaN compares false to anything).
+    func firstMismatch(_ name: String, values: UnsafeMutablePointer<Double>, gradients: UnsafePointer<Double>, count: Int,
+                       loss: () throws -> Double) rethrows -> String? {
+        for index in Self.probes(count: count, samples: samplesPerTensor) {
             let saved = values[index]
             values[index] = saved + step
             let plus = try loss()
@@ -32,14 +39,23 @@ struct GradientChecker {
             let analytic = gradients[index]
             let error = abs(numeric - analytic)
             let allowed = absoluteTolerance + relativeTolerance * max(abs(numeric), abs(analytic))
-            worst = max(worst, error / allowed)
-            if error > allowed {
-                XCTFail("\(name)[\(index)]: analytic \(analytic) vs numeric \(numeric) (error \(error), allowed \(allowed))",
-                        file: file, line: line)
-                return
+            if !(error <= allowed) {
+                return "\(name)[\(index)]: analytic \(analytic) vs numeric \(numeric) (error \(error), allowed \(allowed))"
             }
         }
-        XCTAssertLessThanOrEqual(worst, 1, file: file, line: line)
+        return nil
+    }
+
+    /// Up to `samples` distinct coordinates i·s mod count, with the stride s ≥ count / samples
+    /// coprime to count. Coprime to count means coprime to any row width w that divides it, so
+    /// the probes fall in distinct columns and cover all w columns once samples ≥ w (an even
+    /// stride over a tensor with w columns could probe a single column, or every other one).
+    static func probes(count: Int, samples: Int) -> [Int] {
+        guard count > samples else { return Array(0..<count) }
+        func gcd(_ a: Int, _ b: Int) -> Int { b == 0 ? a : gcd(b, a % b) }
+        var stride = max(1, count / samples)
+        while gcd(stride, count) != 1 { stride += 1 }
+        return (0..<samples).map { $0 * stride % count }
     }
 }
 
@@ -52,4 +68,28 @@ func randomTensor(rows: Int, columns: Int, seed: Int, scale: Double = 1) -> Tens
 /// Σ y ⊙ R: a loss whose gradient with respect to y is R.
 func projectedLoss(_ y: Tensor<Double>, _ projection: Tensor<Double>) -> Double {
     zip(y.array, projection.array).reduce(0) { $0 + $1.0 * $1.1 }
+}
+
+/// The checker itself: it must fail on what it is there to catch.
+final class GradientCheckerTests: XCTestCase {
+    func testANaNGradientIsAMismatch() {
+        let values = UnsafeMutablePointer<Double>.allocate(capacity: 4)
+        defer { values.deallocate() }
+        values.initialize(repeating: 1, count: 4)
+        let gradients: [Double] = [2, .nan, 2, 2]   // loss = Σ x², so the gradient is 2x = 2
+        let loss = { (0..<4).reduce(0.0) { $0 + values[$1] * values[$1] } }
+        let failure = GradientChecker().firstMismatch("x", values: values, gradients: gradients, count: 4, loss: loss)
+        XCTAssertTrue(failure?.contains("x[1]") == true, failure ?? "a NaN analytic gradient passed")
+    }
+
+    /// A gradient wrong in one column only is found, for any tensor width up to the sample count.
+    func testProbesCoverEveryColumn() {
+        let checker = GradientChecker()
+        for columns in 1...checker.samplesPerTensor {
+            for rows in [3, 8, 64, 128] {
+                let probed = Set(GradientChecker.probes(count: rows * columns, samples: checker.samplesPerTensor).map { $0 % columns })
+                XCTAssertEqual(probed.count, columns, "\(rows) x \(columns): columns \(probed.sorted()) probed")
+            }
+        }
+    }
 }
