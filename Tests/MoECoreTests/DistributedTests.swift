@@ -100,6 +100,9 @@ final class DistributedTrainingTests: XCTestCase {
     struct Outcome {
         var losses: [Double] = []
         var auxiliary: [Double] = []
+        /// Global gradient norm before clipping: a gradient-scale bug on R ranks would be hidden
+        /// from the losses by clipping and Adam's normalisation, not from this.
+        var gradientNorms: [Double] = []
         var parameters: [String: [Float]] = [:]
     }
 
@@ -114,17 +117,19 @@ final class DistributedTrainingTests: XCTestCase {
         try ThreadedCommunicator.run(size: ranks) { comm in
             let trainer = try Trainer(config: config, communicator: comm, trainFile: tokens, validationFile: nil)
             prepare?(trainer)
-            var losses: [Double] = [], auxiliary: [Double] = []
+            var losses: [Double] = [], auxiliary: [Double] = [], norms: [Double] = []
             for _ in 0..<config.train.steps {
                 let report = try trainer.trainStep()
                 losses.append(report.loss)
                 auxiliary.append(report.auxiliaryLoss)
+                norms.append(report.gradientNorm)
             }
             collector.lock.lock()
             defer { collector.lock.unlock() }
             if comm.rank == 0 {
                 collector.outcome.losses = losses
                 collector.outcome.auxiliary = auxiliary
+                collector.outcome.gradientNorms = norms
                 for entry in trainer.model.replicated.entries {
                     collector.outcome.parameters[entry.name] = Array(UnsafeBufferPointer(start: trainer.model.replicated.values + entry.offset, count: entry.count))
                 }
@@ -145,6 +150,10 @@ final class DistributedTrainingTests: XCTestCase {
         XCTAssertEqual(expected.losses.count, actual.losses.count)
         for (step, (a, b)) in zip(expected.losses, actual.losses).enumerated() {
             XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a), "\(label): loss at step \(step)")
+        }
+        XCTAssertEqual(expected.gradientNorms.count, actual.gradientNorms.count)
+        for (step, (a, b)) in zip(expected.gradientNorms, actual.gradientNorms).enumerated() {
+            XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a), "\(label): gradient norm before clipping at step \(step)")
         }
         for (step, (a, b)) in zip(expected.auxiliary, actual.auxiliary).enumerated() {
             XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a) + 1e-9, "\(label): aux loss at step \(step)")
@@ -181,15 +190,23 @@ final class DistributedTrainingTests: XCTestCase {
         assertEquivalent(single, multi, "4 ranks, 2 experts")
     }
 
-    /// The gates the gates issue names, on 1 and 2 ranks (BASE assigns the global batch, so it is
-    /// rank-invariant too); dts runs the whole EvoMoE recipe: dense phase, spawn at step 4, anneal.
+    /// Every gate on 1 and 2 ranks (BASE and expert choice assign over the global batch, so they
+    /// are rank-invariant too); dts runs the whole EvoMoE recipe: dense phase, spawn at step 4,
+    /// anneal; stablemoe crosses into stage 2 at step 10.
     func testGatesTrainTheSameModelOnOneAndTwoRanks() throws {
         let variants: [(String, (inout RunConfig) -> Void)] = [
+            ("topk", { $0.moe.gate = "topk" }),
+            ("switch", { $0.moe.gate = "switch"; $0.moe.topK = 1 }),
             ("gshard", { $0.moe.gate = "gshard"; $0.moe.capacityFactor = 1.0 }),
             ("dts", { $0.moe.gate = "dts"; $0.evomoe.spawnFraction = 0.2; $0.dts.hardFraction = 0.8 }),
+            ("activation_dts", { $0.moe.gate = "activation_dts"; $0.dts.hardFraction = 0.8 }),
             ("base", { $0.moe.gate = "base" }),
             ("hash", { $0.moe.gate = "hash"; $0.gates.hashTable = "balanced" }),
+            ("stablemoe", { $0.moe.gate = "stablemoe"; $0.gates.stableStage2Fraction = 0.5 }),
+            ("expert_choice", { $0.moe.gate = "expert_choice"; $0.gates.allowNonCausal = true }),
+            ("relu", { $0.moe.gate = "relu" }),
         ]
+        XCTAssertEqual(Set(variants.map(\.0)), Set(MoEConfig.gates), "every gate is covered")
         for (name, configure) in variants {
             let single = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1, configure), ranks: 1)
             let double = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 2, configure), ranks: 2)
