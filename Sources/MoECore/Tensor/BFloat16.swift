@@ -47,11 +47,6 @@ public struct BFloat16: Sendable, Equatable {
             index += 1
         }
     }
-
-    /// Widens `count` bf16 values to Float (exact).
-    public static func widen(_ source: UnsafePointer<BFloat16>, into destination: UnsafeMutablePointer<Float>, count: Int) {
-        for index in 0..<count { destination[index] = source[index].float }
-    }
 }
 
 /// A growable bf16 buffer for per-step conversions; like `Tensor`, it reallocates only when a

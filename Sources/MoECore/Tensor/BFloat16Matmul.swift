@@ -72,9 +72,6 @@ public final class BFloat16Matmul {
         dnnl_engine_destroy(engine)
     }
 
-    /// Primitives created so far (each shape class once).
-    public var primitiveCount: Int { primitives.count }
-
     /// Row-major `C[m,n] = alpha op(A)[m,k] op(B)[k,n] + beta C`, beta 0 or 1; the same contract
     /// as `gemm` for Float, with bf16 A and B.
     public func gemm(transposeA: Bool = false, transposeB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,

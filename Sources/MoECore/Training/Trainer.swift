@@ -277,10 +277,7 @@ public final class Trainer {
 
     public static func evaluate(model: GPTModel<Float>, data: TokenBatches, batches: Int, batchSize: Int,
                                 communicator: Communicator, step: Int = 0) throws -> Double {
-        /// The ranks holding copies of this rank's experts (R > E only): their gradients are
-    /// all-reduced within this group.
-    let replicaCommunicator: Communicator?
-    var inputs: [Int32] = [], targets: [Int32] = []
+        var inputs: [Int32] = [], targets: [Int32] = []
         let length = data.length, localTokens = batchSize * length, globalTokens = communicator.size * localTokens
         var lossSum = 0.0
         for index in 0..<batches {
