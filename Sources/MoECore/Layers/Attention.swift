@@ -85,11 +85,7 @@ public struct CausalSelfAttention<T: Scalar> {
                 gemm(transposeA: true, m: length, n: headSize, k: length, a: probabilities, lda: length,
                      b: dHeads, ldb: width, beta: 1, c: dv, ldc: 3 * width)
                 // P = softmax(S) over j <= t
-                for t in 0..<length {
-                    let row = dScores + t * length
-                    Kernels.softmaxBackwardRow(probabilities: probabilities + t * length, row, count: t + 1)
-                    for j in (t + 1)..<length { row[j] = 0 }
-                }
+                causalSoftmaxBackward(probabilities: probabilities, dScores, rows: length, length: length)
                 // S = scale Q Kᵀ  =>  dQ += scale dS K, dK += scale dSᵀ Q
                 gemm(m: length, n: headSize, k: length, alpha: scale, a: dScores, lda: length, b: k, ldb: 3 * width,
                      beta: 1, c: dq, ldc: 3 * width)
@@ -106,6 +102,16 @@ public struct CausalSelfAttention<T: Scalar> {
             let t = row % length, values = scores + row * length
             Kernels.softmaxRow(values, count: t + 1)
             for j in (t + 1)..<length { values[j] = 0 }
+        }
+    }
+
+    /// Adjoint of `causalSoftmax`: every row of dScores [B*nh*T, T] becomes dS in place, given
+    /// the probabilities of the same rows.
+    private func causalSoftmaxBackward(probabilities: UnsafePointer<T>, _ dScores: UnsafeMutablePointer<T>, rows: Int, length: Int) {
+        for row in 0..<rows {
+            let t = row % length, dRow = dScores + row * length
+            Kernels.softmaxBackwardRow(probabilities: probabilities + row * length, dRow, count: t + 1)
+            for j in (t + 1)..<length { dRow[j] = 0 }
         }
     }
 
@@ -154,11 +160,8 @@ public struct CausalSelfAttention<T: Scalar> {
                            b: dHeads, bStrides: headView(length: length, width: width),
                            c: dQKV + 2 * width, cStrides: qkvView(length: length, width: width))
         // P = softmax(S) over j <= t, in fp32 with the fp32 probabilities
-        for row in 0..<batch * heads * length {
-            let t = row % length, dRow = cache.dScores.row(row)
-            Kernels.softmaxBackwardRow(probabilities: cache.probabilities.row(row), dRow, count: t + 1)
-            for j in (t + 1)..<length { dRow[j] = 0 }
-        }
+        causalSoftmaxBackward(probabilities: cache.probabilities.pointer, cache.dScores.pointer,
+                              rows: batch * heads * length, length: length)
         // S = scale Q Kᵀ  =>  dQ = scale dS K, dK = scale dSᵀ Q
         let dScores = cache.roundedScoreGradient.round(asFloat(UnsafePointer(cache.dScores.pointer)), count: cache.dScores.count)
         let scale = 1 / Float(headSize).squareRoot()

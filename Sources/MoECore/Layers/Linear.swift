@@ -33,11 +33,11 @@ public struct Linear<T: Scalar, Kind> {
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>?) {
         if let bias { Kernels.addColumnSums(dy, rows: rows, columns: outputSize, into: bias.gradient) }
         let matmul = weight.store.bfloat16Matmul
-        let dyRounded = matmul.map { UnsafePointer($0.right.round(asFloat(dy), count: rows * outputSize)) }
+        let dyOperand = ProductOperand.roundedOnce(dy, count: rows * outputSize, into: matmul?.right)
         matrixProduct(matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: .values(x),
-                      b: .prerounded(dy, dyRounded), beta: 1, c: weight.gradient)
+                      b: dyOperand, beta: 1, c: weight.gradient)
         if let dx {
-            matrixProduct(matmul, transposeB: true, m: rows, n: inputSize, k: outputSize, a: .prerounded(dy, dyRounded),
+            matrixProduct(matmul, transposeB: true, m: rows, n: inputSize, k: outputSize, a: dyOperand,
                           b: weight.operand, beta: 1, c: dx)
         }
     }
@@ -51,6 +51,12 @@ public enum ProductOperand<T: Scalar> {
 
     var values: UnsafePointer<T> {
         switch self { case let .values(pointer), let .prerounded(pointer, _): return pointer }
+    }
+
+    /// `values` rounded now into `scratch` (in bf16 mode, where a scratch is given), so that
+    /// several products can share one rounding.
+    static func roundedOnce(_ values: UnsafePointer<T>, count: Int, into scratch: BFloat16Buffer?) -> ProductOperand<T> {
+        .prerounded(values, scratch.map { UnsafePointer($0.round(asFloat(values), count: count)) })
     }
 }
 

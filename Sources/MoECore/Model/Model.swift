@@ -394,9 +394,7 @@ public final class GPTModel<T: Scalar> {
         // logits = ln_f(x) W  =>  d ln_f(x) = dlogits Wᵀ, dW += ln_f(x)ᵀ dlogits
         dScratch.resize(rows: rows, columns: width)
         let matmul = replicated.bfloat16Matmul
-        let dLogits = ProductOperand<T>.prerounded(logits.pointer, matmul.map {
-            UnsafePointer($0.right.round(asFloat(UnsafePointer(logits.pointer)), count: rows * vocabularySize))
-        })
+        let dLogits = ProductOperand<T>.roundedOnce(logits.pointer, count: rows * vocabularySize, into: matmul?.right)
         if let head {
             matrixProduct(matmul, transposeA: true, m: width, n: vocabularySize, k: rows, a: .values(finalNormed.pointer),
                           b: dLogits, beta: 1, c: head.gradient)
@@ -404,9 +402,7 @@ public final class GPTModel<T: Scalar> {
                           c: dScratch.pointer)
         } else {
             // dLogits is A here, so finalNormed (B) goes through `left`: round it explicitly.
-            let normed = ProductOperand<T>.prerounded(finalNormed.pointer, matmul.map {
-                UnsafePointer($0.left.round(asFloat(UnsafePointer(finalNormed.pointer)), count: rows * width))
-            })
+            let normed = ProductOperand<T>.roundedOnce(finalNormed.pointer, count: rows * width, into: matmul?.left)
             matrixProduct(matmul, transposeA: true, m: vocabularySize, n: width, k: rows, a: dLogits, b: normed,
                           beta: 1, c: embedding.tokenTable.gradient)
             matrixProduct(matmul, m: rows, n: width, k: vocabularySize, a: dLogits, b: embedding.tokenTable.operand,

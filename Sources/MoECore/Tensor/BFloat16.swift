@@ -73,7 +73,7 @@ public final class BFloat16Buffer {
     public func reserve(_ count: Int) {
         guard count > capacity else { return }
         pointer.deallocate()
-        capacity = max(count, capacity + capacity / 2)   // as Tensor: few reallocations for varying sizes
+        capacity = grownCapacity(count, from: capacity)
         pointer = .allocate(capacity: capacity)
     }
 }

@@ -35,7 +35,7 @@ public final class Tensor<T: Scalar> {
         let needed = rows * columns
         if needed > capacity {
             pointer.deallocate()
-            capacity = max(needed, capacity + capacity / 2)
+            capacity = grownCapacity(needed, from: capacity)
             pointer = .allocate(capacity: capacity)
             pointer.initialize(repeating: 0, count: capacity)
         } else if zero {
@@ -56,3 +56,8 @@ public final class Tensor<T: Scalar> {
 
     public var array: [T] { Array(UnsafeBufferPointer(start: pointer, count: count)) }
 }
+
+/// The capacity a growing buffer reallocates to: what is needed, but at least half again the
+/// old capacity, so sizes that vary from step to step settle after a few reallocations.
+@inline(__always)
+func grownCapacity(_ needed: Int, from capacity: Int) -> Int { max(needed, capacity + capacity / 2) }
