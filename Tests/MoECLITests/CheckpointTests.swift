@@ -37,25 +37,58 @@ final class CheckpointTests: XCTestCase {
         return result
     }
 
+    /// Stopped at step 10 (after the spawn) and at step 2 (in EvoMoE's dense phase, so the
+    /// resumed run must spawn the experts itself at step 4).
     func testExactResumeOnOneAndTwoRanksWithTheDTSGate() throws {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)
         for ranks in [1, 2] {
             try train(workspace, ranks: ranks, ["--run-dir", "straight\(ranks)"])
-            try train(workspace, ranks: ranks, ["--run-dir", "resumed\(ranks)", "--stop-at", "10"])
-            let resumed = try train(workspace, ranks: ranks, ["--run-dir", "resumed\(ranks)", "--resume"])
-            XCTAssertTrue(resumed.stdout.contains("resumed from"), resumed.stdout)
-            let straight = try losses(workspace, "straight\(ranks)"), again = try losses(workspace, "resumed\(ranks)")
-            XCTAssertEqual(straight.count, 20)
-            for step in 10..<20 { XCTAssertEqual(straight[step], again[step], "\(ranks) ranks, step \(step): not bit-identical") }
-            let final = "/checkpoints/step_00000020/"
-            for file in try FileManager.default.contentsOfDirectory(atPath: workspace.path("straight\(ranks)" + final))
-            where file.hasSuffix(".safetensors") {
-                XCTAssertEqual(FileManager.default.contents(atPath: workspace.path("straight\(ranks)" + final + file)),
-                               FileManager.default.contents(atPath: workspace.path("resumed\(ranks)" + final + file)),
-                               "\(ranks) ranks: \(file) differs after resume")
+            for stop in [10, 2] {
+                try assertResumesExactly(workspace, ranks: ranks, straight: "straight\(ranks)", stopAt: stop)
             }
         }
+    }
+
+    /// Stops `run` at `stopAt`, resumes it to the end, and compares every later loss and the
+    /// final checkpoint's files bit for bit with the uninterrupted run `straight`.
+    func assertResumesExactly(_ workspace: Workspace, ranks: Int, straight: String, stopAt: Int, extra: [String] = [],
+                              file: StaticString = #filePath, line: UInt = #line) throws {
+        let run = "\(straight)-stop\(stopAt)"
+        try train(workspace, ranks: ranks, ["--run-dir", run, "--stop-at", "\(stopAt)"] + extra)
+        let resumed = try train(workspace, ranks: ranks, ["--run-dir", run, "--resume"] + extra)
+        XCTAssertTrue(resumed.stdout.contains("resumed from \(run)/checkpoints/\(Checkpoint.directoryName(step: stopAt))"),
+                      resumed.stdout, file: file, line: line)
+        let expected = try losses(workspace, straight), again = try losses(workspace, run)
+        XCTAssertEqual(expected.count, 20, file: file, line: line)
+        for step in stopAt..<20 {
+            XCTAssertEqual(expected[step], again[step], "\(run), \(ranks) ranks, step \(step): not bit-identical", file: file, line: line)
+        }
+        let final = "/checkpoints/step_00000020/"
+        for name in try FileManager.default.contentsOfDirectory(atPath: workspace.path(straight + final)) where name.hasSuffix(".safetensors") {
+            XCTAssertEqual(FileManager.default.contents(atPath: workspace.path(straight + final + name)),
+                           FileManager.default.contents(atPath: workspace.path(run + final + name)),
+                           "\(run), \(ranks) ranks: \(name) differs after resume", file: file, line: line)
+        }
+    }
+
+    /// State outside the parameters survives a resume: ReLU routing's adaptive λ (the gate
+    /// state in the manifest), and StableMoE's stage 2 (from step 6: frozen distilled router,
+    /// whose AdamW counters stop) when stopped before and after the switch.
+    func testGateStateSurvivesResume() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let cases: [(name: String, settings: [String], stops: [Int])] = [
+            ("relu", ["--set", "moe.gate=relu", "--set", "evomoe.spawn_fraction=0"], [10]),
+            ("stablemoe", ["--set", "moe.gate=stablemoe", "--set", "evomoe.spawn_fraction=0",
+                           "--set", "gates.stable_stage2_fraction=0.3"], [4, 10]),
+        ]
+        for (name, settings, stops) in cases {
+            try train(workspace, ranks: 2, ["--run-dir", name] + settings)
+            for stop in stops { try assertResumesExactly(workspace, ranks: 2, straight: name, stopAt: stop, extra: settings) }
+        }
+        let manifest = try Checkpoint.readManifest(workspace.path("relu/checkpoints/step_00000020"))
+        XCTAssertNotNil(manifest.gateState?["blocks.0"]?["lambda"], "the manifest carries λ")
     }
 
     /// Saved on 4 ranks, resumed on 2 and on 1 (and saved on 1, resumed on 4): experts and their
@@ -98,23 +131,71 @@ final class CheckpointTests: XCTestCase {
         for step in 5..<20 { XCTAssertEqual(expected[step], actual[step], "step \(step)") }
     }
 
-    /// Each kind of damage to the newest checkpoint is reported naming the file, `checkpoint
-    /// verify` fails, and --resume falls back to the previous complete checkpoint.
+    /// Rank 0 killed after writing the manifest of step 10 and before DONE: the directory is
+    /// ignored and --resume continues from step 5, exactly.
+    func testRankZeroCrashBetweenManifestAndDone() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let killed = try train(workspace, ranks: 2, ["--run-dir", "run", "--inject-fault", "kill-before-done@0:10"], expectSuccess: false)
+        XCTAssertNotEqual(killed.status, 0)
+        XCTAssertNotEqual(killed.status, 110, "mpirun's timeout fired: the job hung")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000010/manifest.json")))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000010/DONE")))
+        let resumed = try train(workspace, ranks: 2, ["--run-dir", "run", "--resume"])
+        XCTAssertTrue(resumed.stdout.contains("resumed from run/checkpoints/step_00000005"), resumed.stdout)
+        try train(workspace, ranks: 2, ["--run-dir", "straight"])
+        let expected = try losses(workspace, "straight"), actual = try losses(workspace, "run")
+        for step in 5..<20 { XCTAssertEqual(expected[step], actual[step], "step \(step)") }
+    }
+
+    /// Rank 0 killed while pruning (keep 1: saving step 10 deletes step 5), one file of step 5
+    /// already gone: no directory may look complete with files missing. Every checkpoint with
+    /// DONE verifies, --resume continues from step 10 exactly, and the next save removes the
+    /// leftover.
+    func testRankZeroCrashWhilePruning() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let keepOne = ["--set", "checkpoint.keep=1"]
+        let killed = try train(workspace, ranks: 2, ["--run-dir", "run", "--inject-fault", "kill-during-prune@0:10"] + keepOne,
+                               expectSuccess: false)
+        XCTAssertNotEqual(killed.status, 0)
+        XCTAssertNotEqual(killed.status, 110, "mpirun's timeout fired: the job hung")
+        let root = workspace.path("run/checkpoints")
+        let left = try FileManager.default.contentsOfDirectory(atPath: root).sorted()
+        XCTAssertEqual(left, ["step_00000005", "step_00000010"], "the kill came midway through deleting step 5")
+        for name in left where FileManager.default.fileExists(atPath: "\(root)/\(name)/DONE") {
+            let verify = try CLI.run(["checkpoint", "verify", "run/checkpoints/\(name)"], in: workspace.url)
+            XCTAssertEqual(verify.status, 0, "\(name) has DONE but does not verify: \(verify.stderr)")
+        }
+        let resumed = try train(workspace, ranks: 2, ["--run-dir", "run", "--resume"] + keepOne)
+        XCTAssertTrue(resumed.stdout.contains("resumed from run/checkpoints/step_00000010"), resumed.stdout)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: root), ["step_00000020"])
+        try train(workspace, ranks: 2, ["--run-dir", "straight"] + keepOne)
+        let expected = try losses(workspace, "straight"), actual = try losses(workspace, "run")
+        for step in 10..<20 { XCTAssertEqual(expected[step], actual[step], "step \(step)") }
+    }
+
+    /// Each kind of damage to the newest checkpoint (saved on 2 ranks) is reported naming the
+    /// file and the reason, `checkpoint verify` fails, and --resume on 1 rank and on 2 ranks falls
+    /// back to the previous complete checkpoint. Rank 1's shard is the damaged one, so on 2
+    /// ranks the error is rank 1's and must still reach rank 0's log.
     func testDamagedCheckpointsAreRefusedAndResumeFallsBack() throws {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config + "\n")
-        try train(workspace, ranks: 1, ["--run-dir", "base", "--stop-at", "15"])
+        try train(workspace, ranks: 2, ["--run-dir", "base", "--stop-at", "15"])
         let newest = "checkpoints/step_00000015/"
-        typealias Damage = (name: String, file: String, reported: String, apply: (String) throws -> Void)
+        typealias Damage = (name: String, file: String, reported: String, reason: String, apply: (String) throws -> Void)
         func rewrite(_ path: String, _ change: (inout Data) -> Void) throws {
             var data = try XCTUnwrap(FileManager.default.contents(atPath: path))
             change(&data)
             try data.write(to: URL(fileURLWithPath: path))
         }
+        let shard = "experts-rank-00001.safetensors", digestMismatch = "does not match the manifest's"
         let damages: [Damage] = [
-            ("truncated file", "replicated.safetensors", "replicated.safetensors", { path in try rewrite(path) { $0 = $0.prefix($0.count / 2) } }),
-            ("flipped byte", "experts-rank-00000.safetensors", "experts-rank-00000.safetensors", { path in try rewrite(path) { $0[$0.count - 10] ^= 0x01 } }),
-            ("wrong digest in the manifest", "manifest.json", "experts-rank-00000.safetensors", { path in   // the first digest listed
+            ("truncated file", "replicated.safetensors", "replicated.safetensors", "(truncated?)",
+             { path in try rewrite(path) { $0 = $0.prefix($0.count / 2) } }),
+            ("flipped byte", shard, shard, digestMismatch, { path in try rewrite(path) { $0[$0.count - 10] ^= 0x01 } }),
+            ("wrong digest in the manifest", "manifest.json", "experts-rank-00000.safetensors", digestMismatch, { path in   // the first digest listed
                 try rewrite(path) { data in
                     var text = String(decoding: data, as: UTF8.self)
                     let range = text.range(of: "\"sha256\" : \"")!
@@ -122,8 +203,9 @@ final class CheckpointTests: XCTestCase {
                     data = Data(text.utf8)
                 }
             }),
-            ("missing shard", "experts-rank-00000.safetensors", "experts-rank-00000.safetensors", { path in try FileManager.default.removeItem(atPath: path) }),
-            ("header offsets past the end", "replicated.safetensors", "replicated.safetensors", { path in
+            ("missing shard", shard, shard, "missing or unreadable", { path in try FileManager.default.removeItem(atPath: path) }),
+            // Rewritten through a String, the binary payload's invalid UTF-8 grows: a size mismatch.
+            ("header offsets past the end", "replicated.safetensors", "replicated.safetensors", "bytes, the manifest says", { path in
                 try rewrite(path) { data in
                     var text = String(decoding: data, as: UTF8.self)
                     let range = text.range(of: "\"data_offsets\":[0,")!
@@ -131,22 +213,26 @@ final class CheckpointTests: XCTestCase {
                     data = Data(text.utf8)
                 }
             }),
-            ("absurd header length", "replicated.safetensors", "replicated.safetensors", { path in
+            ("absurd header length", "replicated.safetensors", "replicated.safetensors", digestMismatch, { path in
                 try rewrite(path) { data in withUnsafeBytes(of: UInt64(1) << 60) { data.replaceSubrange(0..<8, with: $0) } }
             }),
         ]
-        for damage in damages {
-            let run = "damaged-\(damages.firstIndex { $0.name == damage.name }!)"
-            try? FileManager.default.removeItem(atPath: workspace.path(run))
+        for (index, damage) in damages.enumerated() {
+            let run = "damaged-\(index)"
             try FileManager.default.copyItem(atPath: workspace.path("base"), toPath: workspace.path(run))
             try damage.apply(workspace.path(run + "/" + newest + damage.file))
             let verify = try CLI.run(["checkpoint", "verify", run + "/" + newest], in: workspace.url)
             XCTAssertNotEqual(verify.status, 0, "\(damage.name): verify passed")
-            XCTAssertTrue(verify.stderr.contains(damage.reported), "\(damage.name): \(verify.stderr)")
-            let resumed = try train(workspace, ranks: 1, ["--run-dir", run, "--resume"])
-            XCTAssertTrue(resumed.stdout.contains("warning: skipping checkpoint") && resumed.stdout.contains(damage.reported),
-                          "\(damage.name): \(resumed.stdout)")
-            XCTAssertTrue(resumed.stdout.contains("resumed from \(run)/checkpoints/step_00000010"), "\(damage.name): \(resumed.stdout)")
+            XCTAssertTrue(verify.stderr.contains(damage.reported) && verify.stderr.contains(damage.reason), "\(damage.name): \(verify.stderr)")
+            for ranks in [1, 2] {
+                let attempt = "\(run)-on-\(ranks)"
+                try FileManager.default.copyItem(atPath: workspace.path(run), toPath: workspace.path(attempt))
+                let resumed = try train(workspace, ranks: ranks, ["--run-dir", attempt, "--resume", "--stop-at", "11"])
+                let warning = resumed.stdout.split(separator: "\n").first { $0.contains("warning: skipping checkpoint") } ?? ""
+                XCTAssertTrue(warning.contains(damage.reported) && warning.contains(damage.reason), "\(damage.name), \(ranks) ranks: \(resumed.stdout)")
+                XCTAssertTrue(resumed.stdout.contains("resumed from \(attempt)/checkpoints/step_00000010"),
+                              "\(damage.name), \(ranks) ranks: \(resumed.stdout)")
+            }
         }
     }
 

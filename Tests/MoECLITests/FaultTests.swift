@@ -10,11 +10,14 @@ final class FaultTests: XCTestCase {
         _ = try CLI.requireMPI()
     }
 
+    /// stall_seconds 15: the watchdog must catch the sleeping rank well inside mpirun's 90 s
+    /// timeout, yet never mistake a checkpoint save on a slow disk (each file is fsynced) for a
+    /// stall; saves here take milliseconds on a local disk and seconds on a busy CI volume.
     static let config = """
         model: {context: 16, width: 16, layers: 2, heads: 2, ffn_hidden: 32, moe_every: 1}
         moe: {experts: 4, top_k: 2, gate: topk}
         evomoe: {spawn_fraction: 0}
-        train: {steps: 20, batch_size: 4, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 0, eval_batches: 2, stall_seconds: 4}
+        train: {steps: 20, batch_size: 4, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 1, eval_every: 0, eval_batches: 2, stall_seconds: 15}
         data: {train: data/train.bin, val: data/val.bin}
         checkpoint: {every: 5, keep: 5}
         """
@@ -84,6 +87,70 @@ final class FaultTests: XCTestCase {
         XCTAssertNotEqual(stopped.status, 0)
         XCTAssertTrue(stopped.stderr.contains("first at step 7, in the gradient of embedding.token"), stopped.stderr)
         try assertRecoverable(stop, from: 5)
+    }
+
+    /// SIGTERM (what Slurm sends before a time limit) to one rank of two: both finish the same
+    /// step, write a checkpoint and exit 0; --resume then continues exactly.
+    func testSIGTERMFinishesTheStepCheckpointsAndExitsCleanly() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let long = ["--set", "train.steps=100000", "--set", "checkpoint.every=0"]
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try CLI.requireMPI())
+        process.arguments = ["--allow-run-as-root", "--timeout", "120", "-np", "2", CLI.executable.path,
+                             "train", "--config", "c.yaml", "--run-dir", "run"] + long
+        process.currentDirectoryURL = workspace.url
+        var environment = ProcessInfo.processInfo.environment
+        for key in environment.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { environment.removeValue(forKey: key) }
+        environment["OPENBLAS_NUM_THREADS"] = "1"
+        process.environment = environment
+        process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try process.run()
+        defer { if process.isRunning { process.terminate() } }
+        // Wait for a few logged steps, then signal one rank (a child of mpirun).
+        let metrics = workspace.path("run/metrics.jsonl")
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline, ((try? readMetrics(metrics))?.filter { $0["loss"] != nil }.count ?? 0) < 3 {
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        let children = try CLI.capture(shell("pgrep -P \(process.processIdentifier)")).stdout
+            .split(separator: "\n").compactMap { Int32($0) }
+        XCTAssertEqual(children.count, 2, "mpirun's two ranks")
+        let signalled = try XCTUnwrap(children.last)
+        XCTAssertEqual(kill(signalled, SIGTERM), 0)
+        let waitLimit = Date().addingTimeInterval(60)
+        while process.isRunning && Date() < waitLimit { Thread.sleep(forTimeInterval: 0.05) }
+        XCTAssertFalse(process.isRunning, "the job did not stop within 60 s of SIGTERM")
+        XCTAssertEqual(process.terminationStatus, 0, "a requested stop exits 0")
+        let steps = try readMetrics(metrics).compactMap { $0["step"] as? Int }
+        let stopped = try XCTUnwrap(steps.max()) + 1
+        let checkpoint = "run/checkpoints/" + Checkpoint.directoryName(step: stopped)
+        XCTAssertEqual(try Checkpoint.readManifest(workspace.path(checkpoint)).step, stopped, "the checkpoint is of the last finished step")
+        XCTAssertEqual(try CLI.run(["checkpoint", "verify", checkpoint], in: workspace.url).status, 0)
+        // The stopped run, resumed for 3 more steps, equals an uninterrupted run to that step.
+        let end = ["--stop-at", "\(stopped + 3)"]
+        let resumed = try CLI.mpirun(ranks: 2, ["train", "--config", "c.yaml", "--run-dir", "run", "--resume"] + long + end,
+                                     in: workspace.url)
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        let straight = try CLI.mpirun(ranks: 2, ["train", "--config", "c.yaml", "--run-dir", "straight"] + long + end, in: workspace.url)
+        XCTAssertEqual(straight.status, 0, straight.stderr)
+        func losses(_ run: String) throws -> [Int: Double] {
+            var losses: [Int: Double] = [:]
+            for object in try readMetrics(workspace.path("\(run)/metrics.jsonl")) {
+                if let step = object["step"] as? Int, let loss = object["loss"] as? Double { losses[step] = loss }
+            }
+            return losses
+        }
+        let expected = try losses("straight"), actual = try losses("run")
+        for step in stopped..<(stopped + 3) { XCTAssertEqual(expected[step], actual[step], "step \(step) after the resume") }
+    }
+
+    func shell(_ command: String) -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command]
+        return process
     }
 
     /// Random bytes where a config, a token file or a manifest belongs: an error line, never a

@@ -104,6 +104,8 @@ final class DistributedTrainingTests: XCTestCase {
         /// from the losses by clipping and Adam's normalisation, not from this.
         var gradientNorms: [Double] = []
         var parameters: [String: [Float]] = [:]
+        /// Every rank's copy of every expert tensor (R > E holds several), by global name.
+        var expertCopies: [String: [[Float]]] = [:]
     }
 
     /// Trains `steps` steps on `ranks` thread-ranks; returns rank 0's losses and every
@@ -135,7 +137,9 @@ final class DistributedTrainingTests: XCTestCase {
                 }
             }
             for entry in trainer.model.experts.entries {
-                collector.outcome.parameters[entry.name] = Array(UnsafeBufferPointer(start: trainer.model.experts.values + entry.offset, count: entry.count))
+                let values = Array(UnsafeBufferPointer(start: trainer.model.experts.values + entry.offset, count: entry.count))
+                collector.outcome.parameters[entry.name] = values
+                collector.outcome.expertCopies[entry.name, default: []].append(values)
             }
         }
         return collector.outcome
@@ -188,6 +192,24 @@ final class DistributedTrainingTests: XCTestCase {
         let single = try Self.train(Self.config(experts: 2, globalBatch: 8, ranks: 1), ranks: 1)
         let multi = try Self.train(Self.config(experts: 2, globalBatch: 8, ranks: 4), ranks: 4)
         assertEquivalent(single, multi, "4 ranks, 2 experts")
+        // Each expert's two copies (one per group) must be bit-identical, not merely close: they
+        // start equal and receive the same all-reduced gradients.
+        XCTAssertEqual(multi.expertCopies.count, single.expertCopies.count)
+        for (name, copies) in multi.expertCopies {
+            XCTAssertEqual(copies.count, 2, "\(name): one copy per group")
+            XCTAssertTrue(copies.allSatisfy { $0 == copies[0] }, "\(name): the copies of the expert differ")
+        }
+    }
+
+    /// The production guard covers expert copies too: a perturbed copy on one rank ends the run.
+    func testDivergedExpertCopiesAreDetected() {
+        var config = Self.config(experts: 2, globalBatch: 8, ranks: 4)
+        config.train.steps = 5
+        XCTAssertThrowsError(try Self.train(config, ranks: 4) { trainer in
+            if trainer.communicator.rank == 3 { trainer.model.experts.values[7] += 1e-3 }
+        }) { error in
+            XCTAssertTrue("\(error)".contains("the copies of an expert differ between ranks after step 5"), "\(error)")
+        }
     }
 
     /// Every gate on 1 and 2 ranks (BASE and expert choice assign over the global batch, so they

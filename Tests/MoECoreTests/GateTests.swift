@@ -49,6 +49,39 @@ final class GateTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(value, best - 8 * (2.0 / 1024))
     }
 
+    /// N = 10 tokens over E = 4 experts (not a multiple): the global problem is padded to 12
+    /// rows with constant-score dummies, so every real token gets exactly one expert, no expert
+    /// more than ceil(N/E) = 3 tokens, and 2 ranks of 5 tokens assign exactly as 1 rank of 10.
+    func testBaseWithTokensNotAMultipleOfTheExperts() throws {
+        final class Box: @unchecked Sendable { var experts: [[Int32]] = [[], []]; var kept: [Int64] = [] }
+        func assign(ranks: Int) throws -> ([Int32], [Int64]) {
+            let box = Box()
+            let x = randomTensor(rows: 10, columns: 6, seed: 4)
+            try ThreadedCommunicator.run(size: ranks) { comm in
+                let store = ParameterStore<Double, Replicated>()
+                let gate = BalancedGate(centroids: store.add("c", rows: 6, columns: 4, weightDecay: false, initialization: .zeros),
+                                        epsilon: 0.0078125)
+                gate.initializeState(seed: 1, layer: 0)
+                let rows = 10 / ranks, first = comm.rank * rows
+                let routing = Routing<Double>()
+                let context = RoutingContext(training: true, communicator: comm, globalTokens: 10, firstGlobalToken: first,
+                                             tokenIds: nil, noiseKey: RandomKey(5))
+                try gate.forward(x.pointer + first * 6, rows: rows, context: context, into: routing)
+                guard routing.tokens.map(Int.init) == Array(0..<rows) else { throw TestFailure("rank \(comm.rank): \(routing.tokens)") }
+                box.experts[comm.rank] = routing.experts
+                if comm.rank == 0 { box.kept = routing.keptPerExpert }
+            }
+            return (box.experts.flatMap { $0 }, box.kept)
+        }
+        let (single, kept) = try assign(ranks: 1)
+        var counts = [Int64](repeating: 0, count: 4)
+        for e in single { counts[Int(e)] += 1 }
+        XCTAssertEqual(single.count, 10, "every real token is assigned once")
+        XCTAssertTrue(counts.allSatisfy { $0 <= 3 }, "no expert above ceil(N/E): \(counts)")
+        XCTAssertEqual(kept, counts, "the global counts the dispatch checks against")
+        XCTAssertEqual(try assign(ranks: 2).0, single, "2 ranks assign as 1")
+    }
+
     func testHashRoutingDependsOnlyOnTheTokenIdAndBalancedTablesAreBalanced() throws {
         let store = ParameterStore<Double, Replicated>()
         let table = store.add("t", rows: 1, columns: 50, weightDecay: false, initialization: .zeros)

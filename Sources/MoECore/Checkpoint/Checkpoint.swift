@@ -145,9 +145,11 @@ public enum Checkpoint {
             encoder.keyEncodingStrategy = .convertToSnakeCase
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             _ = try writeDurably(try encoder.encode(manifest), to: (directory as NSString).appendingPathComponent(manifestFile))
+            FaultInjection.trigger(.killBeforeDone, faults: trainer.faults, step: trainer.step)
             _ = try writeDurably(Data("step \(trainer.step)\n".utf8), to: (directory as NSString).appendingPathComponent(doneFile))
             syncDirectory(directory)
-            try prune(runDirectory: runDirectory, keep: trainer.config.checkpoint.keep)
+            try prune(runDirectory: runDirectory, keep: trainer.config.checkpoint.keep,
+                      midway: { FaultInjection.trigger(.killDuringPrune, faults: trainer.faults, step: trainer.step) })
         }
         return directory
     }
@@ -217,15 +219,29 @@ public enum Checkpoint {
 
     /// Keeps the newest `keep` complete checkpoints; incomplete directories older than the
     /// newest complete one are leftovers of interrupted saves and go too.
-    static func prune(runDirectory: String, keep: Int) throws {
+    static func prune(runDirectory: String, keep: Int, midway: () -> Void = {}) throws {
         let completed = complete(in: runDirectory)
         guard let newest = completed.last else { return }
-        for old in completed.dropLast(keep) { try FileManager.default.removeItem(atPath: old) }
+        for old in completed.dropLast(keep) { try remove(checkpoint: old, midway: midway) }
         let root = (runDirectory as NSString).appendingPathComponent("checkpoints")
         for name in (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [] where name.hasPrefix("step_") {
             let path = (root as NSString).appendingPathComponent(name)
             if path < newest && !completed.contains(path) { try? FileManager.default.removeItem(atPath: path) }
         }
+    }
+
+    /// Deletes a checkpoint so that a crash at any point never leaves it looking complete with
+    /// files missing: DONE goes first (durably), then the files. `midway` runs after the first
+    /// file (a test fault kills the process there).
+    static func remove(checkpoint directory: String, midway: () -> Void = {}) throws {
+        let done = (directory as NSString).appendingPathComponent(doneFile)
+        if FileManager.default.fileExists(atPath: done) { try FileManager.default.removeItem(atPath: done) }
+        syncDirectory(directory)
+        for (index, name) in try FileManager.default.contentsOfDirectory(atPath: directory).sorted().enumerated() {
+            try FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(name))
+            if index == 0 { midway() }
+        }
+        try FileManager.default.removeItem(atPath: directory)
     }
 
     // MARK: loading

@@ -11,6 +11,11 @@ public struct FaultInjection: Equatable, Sendable {
         case dispatchCount = "dispatch-count"
         /// SIGKILL this rank while it writes the checkpoint of STEP (its shard half written).
         case killDuringSave = "kill-during-save"
+        /// SIGKILL rank 0 after it wrote the manifest of STEP's checkpoint and before DONE.
+        case killBeforeDone = "kill-before-done"
+        /// SIGKILL rank 0 while it prunes old checkpoints after saving STEP (one file of the
+        /// oldest checkpoint removed, the rest still there).
+        case killDuringPrune = "kill-during-prune"
         /// SIGKILL this rank in the middle of step STEP (between forward and backward).
         case kill
         /// This rank stops for an hour in the middle of step STEP (a hung node).
@@ -46,7 +51,7 @@ public struct FaultInjection: Equatable, Sendable {
         guard trainer.communicator.rank == rank else { return }
         switch kind {
         case .dispatchCount: for layer in trainer.model.moeLayers { layer.injectedCountError = 1 }
-        case .killDuringSave, .kill, .sleep, .nanGradient: trainer.faults.append(self)
+        case .killDuringSave, .killBeforeDone, .killDuringPrune, .kill, .sleep, .nanGradient: trainer.faults.append(self)
         case .dataUnreadable: break   // acted on while the run reads its data
         }
     }

@@ -7,11 +7,14 @@ import MoEIO
 /// Training failures every rank detects together (their inputs are global values).
 public enum TrainingError: Error, CustomStringConvertible, AgreedFailure {
     case replicasDiverged(step: Int, rank: Int, checksum: String)
+    case expertCopiesDiverged(step: Int, rank: Int, checksum: String)
     case nonFinite(skips: Int, firstStep: Int, location: String)
     public var description: String {
         switch self {
         case let .replicasDiverged(step, rank, checksum):
             return "replicated parameters differ between ranks after step \(step) (rank \(rank) has checksum \(checksum)); ranks are no longer training the same model"
+        case let .expertCopiesDiverged(step, rank, checksum):
+            return "the copies of an expert differ between ranks after step \(step) (rank \(rank) has checksum \(checksum)); the expert replicas are no longer training the same experts"
         case let .nonFinite(skips, firstStep, location):
             return "stopping: \(skips) updates in a row had a non-finite loss or gradient (first at step \(firstStep), in \(location)); the last complete checkpoint is unchanged; lower train.lr or check the data"
         }
@@ -253,18 +256,40 @@ public final class Trainer {
     }
 
     /// Replicated parameters must be bit-identical on every rank (they receive identical
-    /// all-reduced gradients). A checksum of their bits, compared by min/max all-reduce, catches
-    /// a rank that diverged (a bug, a bit flip, a mismatched binary) before it poisons a run.
+    /// all-reduced gradients), and so must the copies of each expert when R > E (they receive
+    /// gradients all-reduced within their replica group). A checksum of their bits, compared by
+    /// min/max all-reduce, catches a rank that diverged (a bug, a bit flip, a mismatched binary)
+    /// before it poisons a run.
     public func checkReplicasAgree() throws {
-        var checksum: UInt64 = 0xcbf2_9ce4_8422_2325
-        let words = UnsafeRawPointer(model.replicated.values).assumingMemoryBound(to: UInt32.self)
-        for index in 0..<model.replicated.count { checksum = (checksum ^ UInt64(words[index])) &* 0x100_0000_01b3 }
-        var extremes = [Int64(bitPattern: checksum), ~Int64(bitPattern: checksum)]   // max of ~x is ~min of x
-        try communicator.allReduce(&extremes, op: .max)
-        guard extremes[0] == ~extremes[1] else {
+        if try !Trainer.bitsAgree(model.replicated.values, count: model.replicated.count, over: communicator) {
             throw TrainingError.replicasDiverged(step: step + 1, rank: communicator.rank,
-                                                 checksum: String(checksum, radix: 16))
+                                                 checksum: Trainer.checksum(model.replicated.values, count: model.replicated.count))
         }
+        if let replicaCommunicator,
+           try !Trainer.bitsAgree(model.experts.values, count: model.experts.count, over: replicaCommunicator) {
+            throw TrainingError.expertCopiesDiverged(step: step + 1, rank: communicator.rank,
+                                                     checksum: Trainer.checksum(model.experts.values, count: model.experts.count))
+        }
+    }
+
+    /// FNV-1a over the bit patterns of `count` floats, as hex.
+    static func checksum(_ values: UnsafePointer<Float>, count: Int) -> String {
+        String(fnv1a(values, count: count), radix: 16)
+    }
+
+    static func fnv1a(_ values: UnsafePointer<Float>, count: Int) -> UInt64 {
+        var checksum: UInt64 = 0xcbf2_9ce4_8422_2325
+        let words = UnsafeRawPointer(values).assumingMemoryBound(to: UInt32.self)
+        for index in 0..<count { checksum = (checksum ^ UInt64(words[index])) &* 0x100_0000_01b3 }
+        return checksum
+    }
+
+    /// Collective over `communicator`: true on every rank when all ranks hold the same bits.
+    static func bitsAgree(_ values: UnsafePointer<Float>, count: Int, over communicator: Communicator) throws -> Bool {
+        let checksum = Int64(bitPattern: fnv1a(values, count: count))
+        var extremes = [checksum, ~checksum]   // max of ~x is ~min of x
+        try communicator.allReduce(&extremes, op: .max)
+        return extremes[0] == ~extremes[1]
     }
 
     /// Mean cross-entropy over the validation file's fixed evaluation windows
