@@ -66,6 +66,18 @@ public struct ConfigField<Root> {
         }, write: { ConfigValue.quote($0[keyPath: path]) })
     }
 
+    /// A typed choice: the YAML string must be one of `Choice`'s raw values.
+    public static func choice<Choice: RawRepresentable & CaseIterable>(_ key: String, _ path: WritableKeyPath<Root, Choice>,
+                                                                      _ help: String) -> ConfigField where Choice.RawValue == String {
+        let allowed = Choice.allCases.map(\.rawValue)
+        return ConfigField(key: key, help: help, read: { root, value, name in
+            guard let text = value as? String, let choice = Choice(rawValue: text) else {
+                throw ConfigError.invalid(key: name, value: value, expected: "one of \(allowed.joined(separator: ", "))")
+            }
+            root[keyPath: path] = choice
+        }, write: { $0[keyPath: path].rawValue })
+    }
+
     public static func choice(_ key: String, _ path: WritableKeyPath<Root, String>, _ allowed: [String],
                               _ help: String) -> ConfigField {
         ConfigField(key: key, help: help, read: { root, value, name in

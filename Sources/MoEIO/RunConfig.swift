@@ -17,21 +17,20 @@ public struct ModelConfig: Equatable, Sendable {
 /// The mixture-of-experts blocks and their gate.
 public struct MoEConfig: Equatable, Sendable {
     public init() {}
-    public static let gates = ["topk", "switch", "gshard", "dts", "hash", "base", "stablemoe", "expert_choice", "relu", "activation_dts"]
     public var experts = 8
     public var topK = 2
-    public var gate = "dts"
+    public var gate = GateKind.dts
     public var capacityFactor: Double? = 1.25
     public var evalCapacityFactor: Double? = 2.0
     public var minCapacity = 4
-    public var renormalize = "before_drop"
+    public var renormalize = Renormalization.beforeDrop
     public var balanceLoss = 0.01
     public var zLoss = 0.0
     public var jitter = 0.0
-    public var gshardSecond = "sampling"
+    public var gshardSecond = SecondChoicePolicy.sampling
 }
 
-/// EvoMoE's expert-diversify phase (ALGORITHMS.md 4.1): train one dense FFN per MoE position,
+/// EvoMoE's expert-diversify phase (docs/ALGORITHMS.md 4.1): train one dense FFN per MoE position,
 /// then spawn the experts from it. Works with any gate; `configs/shakespeare.yaml` pairs it with dts.
 public struct EvoMoEConfig: Equatable, Sendable {
     public init() {}
@@ -41,26 +40,26 @@ public struct EvoMoEConfig: Equatable, Sendable {
     public var rescale = true
 }
 
-/// The Dense-To-Sparse gates' schedule and selection (ALGORITHMS.md 4.2 and 10).
+/// The Dense-To-Sparse gates' schedule and selection (docs/ALGORITHMS.md 4.2 and 10).
 public struct DenseToSparseConfig: Equatable, Sendable {
     public init() {}
     public var tauMax = 2.0
     public var tauMin = 0.5
-    public var schedule = "linear"
+    public var schedule = TemperatureScheduleKind.linear
     public var annealFraction = 0.5
     public var hardFraction = 0.75
     public var threshold = 0.001
-    public var weights = "probability"
+    public var weights = DenseToSparseWeights.probability
     public var auxLoss = 0.01
     public var activationTauMax = 1.0
     public var activationTauMin = 0.05
-    public var activation = "sigmoid"
+    public var activation = GateActivation.sigmoid
 }
 
-/// Parameters of the other gates (ALGORITHMS.md 5-9).
+/// Parameters of the other gates (docs/ALGORITHMS.md 5-9).
 public struct GateOptionsConfig: Equatable, Sendable {
     public init() {}
-    public var hashTable = "random"
+    public var hashTable = HashTableKind.random
     public var baseEpsilon = 0.0078125
     public var stableStage2Fraction = 0.06
     public var stableDistillDimension = 50
@@ -97,7 +96,7 @@ public struct TrainConfig: Equatable, Sendable {
     public var stallSeconds = 300.0
     public var stallFactor = 20.0
     public var healthWindow = 100
-    public var precision = "auto"
+    public var precision = PrecisionSetting.auto
 }
 
 public struct DataConfig: Equatable, Sendable {
@@ -138,20 +137,20 @@ public struct RunConfig: Equatable, Sendable {
             .int("moe_every", \.moeEvery, min: 0, "every n-th block's FFN is an MoE layer (1: all, 2: blocks 2, 4, ...; 0: none)"),
             .bool("tie_embeddings", \.tieEmbeddings, "share the token embedding with the output projection"),
         ]),
-        ConfigSection("moe", \.moe, help: "Mixture-of-experts layers and their gate (see ALGORITHMS in the README).", [
+        ConfigSection("moe", \.moe, help: "Mixture-of-experts layers and their gate (docs/ALGORITHMS.md).", [
             .int("experts", \.experts, min: 1, "experts per MoE layer (E)"),
             .int("top_k", \.topK, min: 1, "experts per token (k); at most experts"),
-            .choice("gate", \.gate, MoEConfig.gates, "router: topk (softmax top-k), switch (top-1, raw probability weights)"),
+            .choice("gate", \.gate, "router: topk (softmax top-k), switch (top-1, raw probability weights)"),
             .optionalDouble("capacity_factor", \.capacityFactor, 0.01...1e6,
                             "training capacity factor CF: slots per expert = max(min_capacity, ceil(k*CF*N/E)); none = dropless"),
             .optionalDouble("eval_capacity_factor", \.evalCapacityFactor, 0.01...1e6, "capacity factor for evaluation and generation; none = dropless"),
             .int("min_capacity", \.minCapacity, min: 0, "lower bound on slots per expert"),
-            .choice("renormalize", \.renormalize, ["none", "before_drop", "after_drop"],
+            .choice("renormalize", \.renormalize,
                     "top-k weights: none (raw p), before_drop (softmax over the k), after_drop (over the kept)"),
             .double("balance_loss", \.balanceLoss, 0...100, "coefficient of the Switch load-balancing loss"),
             .double("z_loss", \.zLoss, 0...100, "coefficient of the router z-loss (ST-MoE); 1e-3 is typical"),
             .double("jitter", \.jitter, 0...0.5, "topk/switch/gshard: the router sees x * U(1-j, 1+j) while training (Switch's 0.01); 0 = off"),
-            .choice("gshard_second", \.gshardSecond, ["sampling", "argmax", "random"],
+            .choice("gshard_second", \.gshardSecond,
                     "gshard's second expert: sampling (Gumbel over the rest), argmax, or random (kept with probability 2 p2/(p1+p2))"),
         ]),
         ConfigSection("evomoe", \.evomoe, help: "EvoMoE expert-diversify: a dense FFN per MoE position first, then E experts spawned from it.", [
@@ -163,18 +162,18 @@ public struct RunConfig: Equatable, Sendable {
         ConfigSection("dts", \.dts, help: "Dense-To-Sparse gates (dts and activation_dts): temperature schedule, threshold selection, hard top-1.", [
             .double("tau_max", \.tauMax, 1e-3...1e4, "dts: starting temperature"),
             .double("tau_min", \.tauMin, 1e-3...1e4, "dts: final temperature"),
-            .choice("schedule", \.schedule, ["linear", "exp", "constant"], "how the temperature falls from tau_max to tau_min"),
+            .choice("schedule", \.schedule, "how the temperature falls from tau_max to tau_min"),
             .double("anneal_fraction", \.annealFraction, 1e-6...1, "D: annealing length as a fraction of train.steps, counted from the spawn"),
             .double("hard_fraction", \.hardFraction, 0...1, "H: from this fraction of train.steps after the spawn on, hard top-1 (1 = never)"),
             .double("threshold", \.threshold, 0...1, "gamma: an expert is selected when its Gumbel-softmax weight exceeds this"),
-            .choice("weights", \.weights, ["probability", "gumbel"], "combine weights m*p (probability) or m*q (gumbel)"),
+            .choice("weights", \.weights, "combine weights m*p (probability) or m*q (gumbel)"),
             .double("aux_loss", \.auxLoss, 0...100, "coefficient of EvoMoE's balance loss E * sum(me * ce)"),
             .double("activation_tau_max", \.activationTauMax, 1e-4...1e4, "activation_dts: starting temperature"),
             .double("activation_tau_min", \.activationTauMin, 1e-4...1e4, "activation_dts: final temperature"),
-            .choice("activation", \.activation, ["sigmoid", "tanh"], "activation_dts: phi in softmax(phi(l + b) / tau)"),
+            .choice("activation", \.activation, "activation_dts: phi in softmax(phi(l + b) / tau)"),
         ]),
         ConfigSection("gates", \.gates, help: "Parameters of the hash, base, stablemoe, expert_choice and relu gates.", [
-            .choice("hash_table", \.hashTable, ["random", "balanced"], "hash: uniform random table, or balanced by training-token frequency"),
+            .choice("hash_table", \.hashTable, "hash: uniform random table, or balanced by training-token frequency"),
             .double("base_epsilon", \.baseEpsilon, 0.0009765625...1, "base: the auction's bid step (the assignment's total score is within N * eps of optimal; scores are compared on a 1/1024 grid)"),
             .double("stable_stage2_fraction", \.stableStage2Fraction, 0...1, "stablemoe: stage 2 (frozen distilled routing) from this fraction of train.steps"),
             .int("stable_distill_dim", \.stableDistillDimension, min: 1, "stablemoe: width of the distilled router"),
@@ -211,7 +210,7 @@ public struct RunConfig: Equatable, Sendable {
             .double("stall_seconds", \.stallSeconds, 1...1e7, "watchdog: an operation may last max(stall_seconds, stall_factor x median step time) before the job is aborted"),
             .double("stall_factor", \.stallFactor, 1...1e6, "watchdog: see stall_seconds"),
             .int("health_window", \.healthWindow, min: 1, "warn when an expert receives no tokens for this many steps, or one takes most of the load"),
-            .choice("precision", \.precision, ["auto", "fp32", "bf16"],
+            .choice("precision", \.precision,
                     "matrix products: fp32 (OpenBLAS), bf16 (oneDNN: bf16 inputs, fp32 accumulation; master weights, optimizer state, norms, softmax and router stay fp32), auto = bf16 where the CPU has AVX512-BF16/AMX"),
         ]),
         ConfigSection("data", \.data, help: "Token files (llm.c format, see `moe prepare`). Relative paths are relative to the working directory.", [
@@ -285,13 +284,13 @@ public struct RunConfig: Equatable, Sendable {
         if moe.topK > moe.experts {
             throw ConfigError.inconsistent("moe.top_k (\(moe.topK)) cannot exceed moe.experts (\(moe.experts))")
         }
-        if moe.gate == "switch" && moe.topK != 1 {
+        if moe.gate == .switch && moe.topK != 1 {
             throw ConfigError.inconsistent("moe.gate switch routes each token to one expert: set moe.top_k to 1 (got \(moe.topK))")
         }
-        if moe.gate == "gshard" && moe.topK != 2 {
+        if moe.gate == .gshard && moe.topK != 2 {
             throw ConfigError.inconsistent("moe.gate gshard routes each token to two experts: set moe.top_k to 2 (got \(moe.topK))")
         }
-        if moe.gate == "expert_choice" && !gates.allowNonCausal {
+        if moe.gate == .expertChoice && !gates.allowNonCausal {
             throw ConfigError.inconsistent("moe.gate expert_choice lets each expert pick its tokens from the whole batch, so a token's routing depends on later tokens: this leaks the future in a causal language model and cannot be reproduced when generating; set gates.allow_non_causal: true to use it anyway")
         }
         if dts.tauMin > dts.tauMax || dts.activationTauMin > dts.activationTauMax {

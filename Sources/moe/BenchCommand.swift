@@ -61,7 +61,7 @@ struct BenchCommand: ParsableCommand {
                 description = "synthetic random bytes"
             }
             let peaks = try Benchmark.Peaks.measure(resolved, communicator: communicator)
-            func bench(_ precision: String) throws -> (json: JSONObject, tokensPerSecond: Double) {
+            func bench(_ precision: PrecisionSetting) throws -> (json: JSONObject, tokensPerSecond: Double) {
                 var config = resolved
                 config.train.precision = precision
                 let trainer = try Trainer(config: config, communicator: communicator, trainFile: trainFile, validationFile: nil)
@@ -69,14 +69,14 @@ struct BenchCommand: ParsableCommand {
             }
             let line: String
             if precision == "both" {
-                let fp32 = try bench("fp32"), bf16 = try bench("bf16")
+                let fp32 = try bench(.fp32), bf16 = try bench(.bf16)
                 var object = JSONObject()
                 object.addRaw("fp32", fp32.json.text)
                 object.addRaw("bf16", bf16.json.text)
                 object.add("bf16_speedup", (bf16.tokensPerSecond / fp32.tokensPerSecond * 1000).rounded() / 1000)
                 line = object.text
             } else {
-                line = try bench(precision ?? resolved.train.precision).json.text
+                line = try bench(precision.flatMap(PrecisionSetting.init(rawValue:)) ?? resolved.train.precision).json.text
             }
             if communicator.rank == 0 { print(line) }
         }

@@ -23,7 +23,7 @@ struct CheckpointCommand: ParsableCommand {
                 print("step \(manifest.step), tokens seen \(manifest.tokensSeen), saved on \(manifest.worldSize) rank(s), seed \(manifest.seed), next lr \(manifest.learningRate)")
                 let counts = model.parameterCounts
                 print("parameters: \(counts.total) total, \(counts.active) active per token (replicated \(model.replicated.count), experts \(model.experts.count))")
-                print("model: width \(loaded.config.model.width), layers \(loaded.config.model.layers), heads \(loaded.config.model.heads), vocabulary \(model.vocabularySize); moe: \(loaded.config.moe.experts) experts, gate \(loaded.config.moe.gate), top-\(loaded.config.moe.topK)")
+                print("model: width \(loaded.config.model.width), layers \(loaded.config.model.layers), heads \(loaded.config.model.heads), vocabulary \(model.vocabularySize); moe: \(loaded.config.moe.experts) experts, gate \(loaded.config.moe.gate.rawValue), top-\(loaded.config.moe.topK)")
                 for (name, record) in manifest.files.sorted(by: { $0.key < $1.key }) {
                     print("  \(name): \(record.bytes) bytes, sha256 \(record.sha256)")
                 }

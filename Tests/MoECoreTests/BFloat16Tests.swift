@@ -128,12 +128,12 @@ final class BFloat16Tests: XCTestCase {
     func testModelLossAndGradientMatchFP32() throws {
         var run = RunConfig()
         run.model.context = 16; run.model.width = 32; run.model.layers = 2; run.model.heads = 2; run.model.ffnHidden = 64
-        run.moe.experts = 4; run.moe.topK = 2; run.moe.gate = "topk"; run.moe.capacityFactor = 4
+        run.moe.experts = 4; run.moe.topK = 2; run.moe.gate = .topk; run.moe.capacityFactor = 4
         run.evomoe.spawnFraction = 0
         let tokens: [Int32] = (0..<64).map { (index: Int) -> Int32 in Int32((index * 37 + index / 3) % 256) }
         let targets: [Int32] = tokens.map { ($0 + 1) % 256 }
         func lossAndGradient(_ precision: String) throws -> (Double, [String: [Float]]) {
-            run.train.precision = precision
+            run.train.precision = PrecisionSetting(rawValue: precision)!
             let model = try GPTModel<Float>(run, vocabularySize: 256, communicator: SingleRankCommunicator())
             XCTAssertEqual(model.precision.rawValue, precision)
             model.initializeParameters(seed: 5)
@@ -166,13 +166,13 @@ final class BFloat16Tests: XCTestCase {
 
     func testExplicitBF16OnACPUWithoutItNamesTheMissingFeature() {
         let without = BFloat16Support(isa: "avx512_core", supported: false)
-        XCTAssertThrowsError(try Precision.resolve("bf16", support: without)) { error in
+        XCTAssertThrowsError(try Precision.resolve(.bf16, support: without)) { error in
             XCTAssertTrue("\(error)".contains("AVX512-BF16") && "\(error)".contains("avx512_core"), "\(error)")
         }
-        let (precision, note) = try! Precision.resolve("auto", support: without)
+        let (precision, note) = try! Precision.resolve(.auto, support: without)
         XCTAssertEqual(precision, .fp32)
         XCTAssertTrue(note?.contains("lacks AVX512-BF16") == true, note ?? "no note")
-        XCTAssertEqual(try! Precision.resolve("auto", support: BFloat16Support(isa: "avx512_core_bf16", supported: true)).0, .bf16)
+        XCTAssertEqual(try! Precision.resolve(.auto, support: BFloat16Support(isa: "avx512_core_bf16", supported: true)).0, .bf16)
     }
 
     // MARK: helpers

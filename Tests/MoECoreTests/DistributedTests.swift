@@ -81,7 +81,7 @@ final class DistributedTrainingTests: XCTestCase {
         return TokenFile(path: "generated", tokens: text, vocabularySize: 256)
     }()
 
-    static func config(experts: Int, globalBatch: Int, ranks: Int, gate: String = "topk", topK: Int = 2,
+    static func config(experts: Int, globalBatch: Int, ranks: Int, gate: GateKind = .topk, topK: Int = 2,
                        _ configure: (inout RunConfig) -> Void = { _ in }) -> RunConfig {
         var config = RunConfig()
         config.model = ModelConfig()
@@ -92,7 +92,7 @@ final class DistributedTrainingTests: XCTestCase {
         config.train.steps = 20; config.train.warmupSteps = 2; config.train.learningRate = 1e-2; config.train.minLearningRate = 1e-3
         config.train.consistencyCheckEvery = 5
         config.evomoe.spawnFraction = 0
-        config.train.precision = "fp32"   // the fp32 invariants; bf16 has its own tests and tolerance
+        config.train.precision = .fp32   // the fp32 invariants; bf16 has its own tests and tolerance
         configure(&config)
         return config
     }
@@ -217,18 +217,18 @@ final class DistributedTrainingTests: XCTestCase {
     /// anneal; stablemoe crosses into stage 2 at step 10.
     func testGatesTrainTheSameModelOnOneAndTwoRanks() throws {
         let variants: [(String, (inout RunConfig) -> Void)] = [
-            ("topk", { $0.moe.gate = "topk" }),
-            ("switch", { $0.moe.gate = "switch"; $0.moe.topK = 1 }),
-            ("gshard", { $0.moe.gate = "gshard"; $0.moe.capacityFactor = 1.0 }),
-            ("dts", { $0.moe.gate = "dts"; $0.evomoe.spawnFraction = 0.2; $0.dts.hardFraction = 0.8 }),
-            ("activation_dts", { $0.moe.gate = "activation_dts"; $0.dts.hardFraction = 0.8 }),
-            ("base", { $0.moe.gate = "base" }),
-            ("hash", { $0.moe.gate = "hash"; $0.gates.hashTable = "balanced" }),
-            ("stablemoe", { $0.moe.gate = "stablemoe"; $0.gates.stableStage2Fraction = 0.5 }),
-            ("expert_choice", { $0.moe.gate = "expert_choice"; $0.gates.allowNonCausal = true }),
-            ("relu", { $0.moe.gate = "relu" }),
+            ("topk", { $0.moe.gate = .topk }),
+            ("switch", { $0.moe.gate = .switch; $0.moe.topK = 1 }),
+            ("gshard", { $0.moe.gate = .gshard; $0.moe.capacityFactor = 1.0 }),
+            ("dts", { $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.2; $0.dts.hardFraction = 0.8 }),
+            ("activation_dts", { $0.moe.gate = .activationDTS; $0.dts.hardFraction = 0.8 }),
+            ("base", { $0.moe.gate = .base }),
+            ("hash", { $0.moe.gate = .hash; $0.gates.hashTable = .balanced }),
+            ("stablemoe", { $0.moe.gate = .stablemoe; $0.gates.stableStage2Fraction = 0.5 }),
+            ("expert_choice", { $0.moe.gate = .expertChoice; $0.gates.allowNonCausal = true }),
+            ("relu", { $0.moe.gate = .relu }),
         ]
-        XCTAssertEqual(Set(variants.map(\.0)), Set(MoEConfig.gates), "every gate is covered")
+        XCTAssertEqual(Set(variants.map(\.0)), Set(GateKind.allCases.map(\.rawValue)), "every gate is covered")
         for (name, configure) in variants {
             let single = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1, configure), ranks: 1)
             let double = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 2, configure), ranks: 2)
@@ -239,8 +239,8 @@ final class DistributedTrainingTests: XCTestCase {
 
     /// Every gate trains on 2 ranks (8 steps): finite losses that go down.
     func testEveryGateTrainsOnTwoRanks() throws {
-        for gate in MoEConfig.gates {
-            let config = Self.config(experts: 4, globalBatch: 8, ranks: 2, gate: gate, topK: gate == "switch" ? 1 : 2) {
+        for gate in GateKind.allCases {
+            let config = Self.config(experts: 4, globalBatch: 8, ranks: 2, gate: gate, topK: gate == .switch ? 1 : 2) {
                 $0.train.steps = 8
                 $0.gates.allowNonCausal = true
             }
@@ -259,7 +259,7 @@ final class DistributedTrainingTests: XCTestCase {
     /// all-reduce (each moves the loss by more than 1e-2 here).
     func testBFloat16TrainsTheSameModelOnOneAndTwoRanks() throws {
         try XCTSkipUnless(BFloat16Support.current.supported, "no bf16 on this CPU")
-        let bf16: (inout RunConfig) -> Void = { $0.train.precision = "bf16" }
+        let bf16: (inout RunConfig) -> Void = { $0.train.precision = .bf16 }
         let single = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1, bf16), ranks: 1)
         let double = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 2, bf16), ranks: 2)
         XCTAssertLessThan(single.losses.last!, single.losses.first! - 1, "the run must learn something to compare")

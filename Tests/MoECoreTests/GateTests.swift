@@ -4,7 +4,7 @@ import XCTest
 import MoEComm
 import MoEIO
 
-/// The defining property of each gate (ALGORITHMS.md), on standalone gates in Double.
+/// The defining property of each gate (docs/ALGORITHMS.md), on standalone gates in Double.
 final class GateTests: XCTestCase {
     let communicator = SingleRankCommunicator()
 
@@ -23,7 +23,7 @@ final class GateTests: XCTestCase {
     func testBaseGivesEveryExpertExactlyItsShareAndIsNearOptimal() throws {
         let store = ParameterStore<Double, Replicated>()
         let centroids = store.add("c", rows: 6, columns: 4, weightDecay: false, initialization: .zeros)
-        let gate = BalancedGate(centroids: centroids, epsilon: 0.0078125)
+        let gate = TestGates.base(centroids: centroids, epsilon: 0.0078125)
         gate.initializeState(seed: 1, layer: 0)
         let x = randomTensor(rows: 32, columns: 6, seed: 3)
         let routing = Routing<Double>()
@@ -59,8 +59,8 @@ final class GateTests: XCTestCase {
             let x = randomTensor(rows: 10, columns: 6, seed: 4)
             try ThreadedCommunicator.run(size: ranks) { comm in
                 let store = ParameterStore<Double, Replicated>()
-                let gate = BalancedGate(centroids: store.add("c", rows: 6, columns: 4, weightDecay: false, initialization: .zeros),
-                                        epsilon: 0.0078125)
+                let gate = TestGates.base(centroids: store.add("c", rows: 6, columns: 4, weightDecay: false, initialization: .zeros),
+                                          epsilon: 0.0078125)
                 gate.initializeState(seed: 1, layer: 0)
                 let rows = 10 / ranks, first = comm.rank * rows
                 let routing = Routing<Double>()
@@ -86,7 +86,7 @@ final class GateTests: XCTestCase {
         let store = ParameterStore<Double, Replicated>()
         let table = store.add("t", rows: 1, columns: 50, weightDecay: false, initialization: .zeros)
         let frequencies = (0..<50).map { ($0 * 37) % 23 }
-        let gate = HashGate(table: table, expertCount: 4, balancedBy: frequencies)
+        let gate = TestGates.hash(table: table, expertCount: 4, balancedBy: frequencies)
         gate.initializeState(seed: 1, layer: 0)
         var mass = [Int](repeating: 0, count: 4)
         for v in 0..<50 { mass[Int(table.value[v])] += frequencies[v] }
@@ -106,18 +106,18 @@ final class GateTests: XCTestCase {
         let store = ParameterStore<Double, Replicated>()
         let router = store.add("r", rows: 5, columns: 4, weightDecay: false, initialization: .normal(standardDeviation: 1))
         store.initialize(key: RandomKey(2))
-        let gate = ExpertChoiceGate(router: router, capacityFactor: 2)
+        let gate = TestGates.expertChoice(router: router, capacityFactor: 2)
         let routing = Routing<Double>()
         try gate.forward(randomTensor(rows: 20, columns: 5, seed: 4).pointer, rows: 20, context: context(rows: 20), into: routing)
         XCTAssertEqual(counts(routing, experts: 4), [10, 10, 10, 10], "C = ceil(20 * 2 / 4)")
     }
 
-    func dtsGate(tauMax: Double, hardStep: Int?, store: ParameterStore<Double, Replicated>) -> DenseToSparseGate<Double> {
+    func dtsGate(tauMax: Double, hardStep: Int?, store: ParameterStore<Double, Replicated>) -> (gate: Gate<Double>, router: Parameter<Double, Replicated>) {
         let router = store.add("r\(store.entries.count)", rows: 5, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
         store.initialize(key: RandomKey(3))
         let schedule = TemperatureSchedule(kind: .linear, maximum: tauMax, minimum: 0.05, annealSteps: 100, hardStep: hardStep, startStep: 0)
-        return DenseToSparseGate(router: router, bias: nil, variant: .gumbel(weightsFromGumbel: false), schedule: schedule,
-                                 threshold: 0.001, auxiliaryCoefficient: 0.01)
+        return (TestGates.denseToSparse(router: router, bias: nil, transform: .gumbelSoftmax(weightsFromGumbel: false), schedule: schedule,
+                                        threshold: 0.001, auxiliaryCoefficient: 0.01), router)
     }
 
     /// DTS: (nearly) all experts at the start, fewer as τ anneals (monotone on fixed logits and
@@ -125,7 +125,7 @@ final class GateTests: XCTestCase {
     /// its router gradient is zero.
     func testDenseToSparseAnnealsFromDenseToOneExpert() throws {
         let store = ParameterStore<Double, Replicated>()
-        let gate = dtsGate(tauMax: 2, hardStep: 120, store: store)
+        let gate = dtsGate(tauMax: 2, hardStep: 120, store: store).gate
         let x = randomTensor(rows: 64, columns: 5, seed: 5)
         var previous = Double.infinity, means: [Double] = []
         for step in stride(from: 0, through: 140, by: 20) {
@@ -138,7 +138,7 @@ final class GateTests: XCTestCase {
         }
         XCTAssertGreaterThan(means[0], 7, "τ = 2 starts (nearly) dense: \(means)")
         XCTAssertEqual(means.last!, 1, "hard top-1 after H")
-        let hot = dtsGate(tauMax: 1e4, hardStep: nil, store: store)
+        let (hot, hotRouter) = dtsGate(tauMax: 1e4, hardStep: nil, store: store)
         let routing = Routing<Double>()
         try hot.forward(x.pointer, rows: 64, context: context(rows: 64), into: routing)
         XCTAssertEqual(routing.count, 64 * 8)
@@ -146,9 +146,9 @@ final class GateTests: XCTestCase {
         // Gradient of L_aux alone (dw = 0): zero on the router.
         store.zeroGradients()
         let dx = Tensor<Double>(rows: 64, columns: 5)
-        let zeros = [Double](repeating: 0, count: routing.count)
-        hot.backward(x.pointer, rows: 64, dWeights: zeros, dx: dx.pointer, routing: routing)
-        for index in 0..<hot.router.count { XCTAssertEqual(hot.router.gradient[index], 0, accuracy: 1e-15) }
+        var zeros = [Double](repeating: 0, count: routing.count)
+        hot.backward(x.pointer, rows: 64, dWeights: &zeros, dx: dx.pointer, routing: routing)
+        for index in 0..<hotRouter.count { XCTAssertEqual(hotRouter.gradient[index], 0, accuracy: 1e-15) }
     }
 
     func testActivationGateBreaksTheTemperatureSymmetryAndHasItsLowerBound() throws {
@@ -159,8 +159,8 @@ final class GateTests: XCTestCase {
             store.initialize(key: RandomKey(3))
             for index in 0..<store.count { store.values[index] *= scale }
             let schedule = TemperatureSchedule(kind: .constant, maximum: tau, minimum: tau, annealSteps: 1, hardStep: nil, startStep: 0)
-            let gate = DenseToSparseGate(router: router, bias: bias, variant: .activation(tanh: false), schedule: schedule,
-                                         threshold: 0.001, auxiliaryCoefficient: 0)
+            let gate = TestGates.denseToSparse(router: router, bias: bias, transform: .activation(tanh: false), schedule: schedule,
+                                               threshold: 0.001, auxiliaryCoefficient: 0)
             let routing = Routing<Double>()
             try gate.forward(randomTensor(rows: 16, columns: 5, seed: 8).pointer, rows: 16, context: context(rows: 16), into: routing)
             XCTAssertEqual(routing.count, 16 * 8, "every expert is selected at a high temperature")
@@ -177,8 +177,8 @@ final class GateTests: XCTestCase {
         let router = store.add("r", rows: 5, columns: 4, weightDecay: false, initialization: .normal(standardDeviation: 1))
         store.initialize(key: RandomKey(6))
         for policy in SecondChoicePolicy.allCases {
-            let gate = TopKGate(router: router, k: 2, renormalization: .afterDrop, capacityFactor: 0.6, evalCapacityFactor: 1,
-                                minimumCapacity: 1, balanceCoefficient: 0.01, zLossCoefficient: 0, secondChoice: policy)
+            let (gate, selection) = TestGates.topK(router: router, k: 2, renormalization: .afterDrop, capacityFactor: 0.6, evalCapacityFactor: 1,
+                                                   minimumCapacity: 1, balanceCoefficient: 0.01, zLossCoefficient: 0, secondChoice: policy)
             let routing = Routing<Double>()
             try gate.forward(randomTensor(rows: 40, columns: 5, seed: 7).pointer, rows: 40, context: context(rows: 40), into: routing)
             var sums = [Double](repeating: 0, count: 40)
@@ -186,9 +186,9 @@ final class GateTests: XCTestCase {
             for sum in sums { XCTAssertTrue(abs(sum - 1) < 1e-12 || sum == 0, "\(policy): weights sum to \(sum)") }
             // An expert that kept any second choice kept all its first choices.
             for e in 0..<4 {
-                let firsts = (0..<40).filter { Int(gate.selectedExpert[$0 * 2]) == e }
-                let secondsKept = (0..<40).filter { Int(gate.selectedExpert[$0 * 2 + 1]) == e && gate.keptIndex[$0 * 2 + 1] >= 0 }
-                if !secondsKept.isEmpty { XCTAssertTrue(firsts.allSatisfy { gate.keptIndex[$0 * 2] >= 0 }, "\(policy) expert \(e)") }
+                let firsts = (0..<40).filter { Int(selection.selectedExpert[$0 * 2]) == e }
+                let secondsKept = (0..<40).filter { Int(selection.selectedExpert[$0 * 2 + 1]) == e && selection.keptIndex[$0 * 2 + 1] >= 0 }
+                if !secondsKept.isEmpty { XCTAssertTrue(firsts.allSatisfy { selection.keptIndex[$0 * 2] >= 0 }, "\(policy) expert \(e)") }
             }
         }
     }

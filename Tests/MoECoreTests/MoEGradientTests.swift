@@ -8,7 +8,9 @@ final class MoEFixture {
     let replicated = ParameterStore<Double, Replicated>()
     let expertStore = ParameterStore<Double, ExpertSharded>()
     let layer: MoELayer<Double>
-    let gate: TopKGate<Double>
+    let gate: Gate<Double>
+    let policy: TopKPolicy<Double>
+    let router: Parameter<Double, Replicated>
     let rows: Int, width: Int
     let communicator = SingleRankCommunicator()
 
@@ -18,9 +20,10 @@ final class MoEFixture {
         self.width = width
         let router = replicated.add("router", rows: width, columns: experts, weightDecay: false,
                                     initialization: .normal(standardDeviation: 0.8))
-        gate = TopKGate(router: router, k: k, renormalization: renormalization, capacityFactor: capacityFactor,
-                        evalCapacityFactor: capacityFactor, minimumCapacity: minimumCapacity,
-                        balanceCoefficient: balance, zLossCoefficient: zLoss)
+        self.router = router
+        (gate, policy) = TestGates.topK(router: router, k: k, renormalization: renormalization, capacityFactor: capacityFactor,
+                                        evalCapacityFactor: capacityFactor, minimumCapacity: minimumCapacity,
+                                        balanceCoefficient: balance, zLossCoefficient: zLoss)
         let placement = try ExpertPlacement(expertCount: experts, rankCount: 1, rank: 0)
         let store = expertStore
         let ffns = (0..<experts).map {
@@ -65,8 +68,8 @@ final class MoEGradientTests: XCTestCase {
         }
         try fixture.layer.backward(x.pointer, projection.pointer, rows: fixture.rows, dx: dx.pointer)
         let loss = { try fixture.loss(x, projection, y) }
-        try checker.check("router", values: fixture.gate.router.value, gradients: fixture.gate.router.gradient,
-                          count: fixture.gate.router.count, loss: loss, file: file, line: line)
+        try checker.check("router", values: fixture.router.value, gradients: fixture.router.gradient,
+                          count: fixture.router.count, loss: loss, file: file, line: line)
         for entry in fixture.expertStore.entries {
             try checker.check(entry.name, values: fixture.expertStore.values + entry.offset,
                               gradients: fixture.expertStore.gradients + entry.offset, count: entry.count, loss: loss,
@@ -95,18 +98,18 @@ final class MoEGradientTests: XCTestCase {
         try checkMoE(experts: 5, k: 3, renormalization: .none, capacityFactor: nil, expectDrops: false)
     }
 
-    /// ALGORITHMS.md 3: B = 1 when f is uniform, and Z = (ln E)² when the router is zero.
+    /// docs/ALGORITHMS.md 3: B = 1 when f is uniform, and Z = (ln E)² when the router is zero.
     func testAuxiliaryLossIdentities() throws {
         let fixture = try MoEFixture(experts: 4, k: 1, renormalization: .none, capacityFactor: nil, rows: 8,
                                      balance: 1, zLoss: 0)
-        fixture.gate.router.value.update(repeating: 0, count: fixture.gate.router.count)
+        fixture.router.value.update(repeating: 0, count: fixture.router.count)
         let x = randomTensor(rows: 8, columns: fixture.width, seed: 30)
         let y = Tensor<Double>(rows: 8, columns: fixture.width)
         try fixture.layer.forward(x.pointer, rows: 8, into: y.pointer, context: fixture.context())
         XCTAssertEqual(fixture.layer.routing.auxiliaryLoss, 1, accuracy: 1e-12, "uniform p gives B = 1")
         let zFixture = try MoEFixture(experts: 4, k: 1, renormalization: .none, capacityFactor: nil, rows: 8,
                                       balance: 0, zLoss: 1)
-        zFixture.gate.router.value.update(repeating: 0, count: zFixture.gate.router.count)
+        zFixture.router.value.update(repeating: 0, count: zFixture.router.count)
         try zFixture.layer.forward(x.pointer, rows: 8, into: y.pointer, context: zFixture.context())
         XCTAssertEqual(zFixture.layer.routing.auxiliaryLoss, log(4) * log(4), accuracy: 1e-12)
     }
@@ -119,7 +122,7 @@ final class MoEGradientTests: XCTestCase {
         let y = Tensor<Double>(rows: 40, columns: fixture.width)
         try fixture.layer.forward(x.pointer, rows: 40, into: y.pointer, context: fixture.context())
         let routing = fixture.layer.routing
-        let capacity = fixture.gate.capacity(globalTokens: 40, training: true)!
+        let capacity = fixture.policy.capacity(globalTokens: 40, training: true)!
         XCTAssertEqual(capacity, 12)   // ceil(2 * 0.6 * 40 / 4)
         var perExpert = [Int](repeating: 0, count: 4), weightSums = [Double](repeating: 0, count: 40)
         for j in 0..<routing.count {
@@ -162,7 +165,7 @@ final class MoEGradientTests: XCTestCase {
         XCTAssertEqual(yMoE.array, yDense.array)
         XCTAssertEqual(dxMoE.array, dxDense.array)
         for index in 0..<denseStore.count { XCTAssertEqual(fixture.expertStore.gradients[index], denseStore.gradients[index]) }
-        XCTAssertTrue((0..<fixture.gate.router.count).allSatisfy { fixture.gate.router.gradient[$0] == 0 },
+        XCTAssertTrue((0..<fixture.router.count).allSatisfy { fixture.router.gradient[$0] == 0 },
                       "with one expert the router gets no gradient")
     }
 }

@@ -11,12 +11,12 @@ final class ModelGradientTests: XCTestCase {
         run.model.context = 6; run.model.width = 8; run.model.layers = 2; run.model.heads = 2; run.model.ffnHidden = 10
         run.moe.experts = 4; run.moe.topK = 2; run.moe.capacityFactor = nil; run.moe.zLoss = 0.001
         run.train.steps = 100
-        run.moe.gate = "topk"; run.evomoe.spawnFraction = 0   // the tests' baseline: plain top-k
+        run.moe.gate = .topk; run.evomoe.spawnFraction = 0   // the tests' baseline: plain top-k
         configure(&run)
         let gpt = try GPTModel<Double>(run, vocabularySize: 11, communicator: SingleRankCommunicator(),
                                        tokenFrequencies: (0..<11).map { $0 * 3 % 7 })
         gpt.initializeParameters(seed: 3)
-        gpt.restorePhase(step: step)
+        EvoMoERecipe(run).restore(gpt, step: step)
         // Larger weights than the init so every path carries a visible gradient.
         for entry in gpt.replicated.entries where !entry.name.hasSuffix("hash_table") {
             for i in entry.offset..<entry.offset + entry.count { gpt.replicated.values[i] *= 8 }
@@ -49,31 +49,31 @@ final class ModelGradientTests: XCTestCase {
     }
     func testDenseOnly() throws { try checkModel { $0.model.moeEvery = 0 } }
     func testSwitchWithJitter() throws {
-        try checkModel { $0.moe.gate = "switch"; $0.moe.topK = 1; $0.moe.jitter = 0.1; $0.moe.capacityFactor = 1.5 }
+        try checkModel { $0.moe.gate = .switch; $0.moe.topK = 1; $0.moe.jitter = 0.1; $0.moe.capacityFactor = 1.5 }
     }
     func testGShardEveryPolicy() throws {
         for policy in SecondChoicePolicy.allCases {
-            try checkModel { $0.moe.gate = "gshard"; $0.moe.gshardSecond = policy.rawValue; $0.moe.capacityFactor = 1.0 }
+            try checkModel { $0.moe.gate = .gshard; $0.moe.gshardSecond = policy; $0.moe.capacityFactor = 1.0 }
         }
     }
     func testDenseToSparseSoftHardAndGumbelWeights() throws {
-        try checkModel { $0.moe.gate = "dts"; $0.dts.tauMax = 1.0 }
-        try checkModel(step: 90) { $0.moe.gate = "dts"; $0.dts.hardFraction = 0.5 }
-        try checkModel { $0.moe.gate = "dts"; $0.dts.weights = "gumbel"; $0.dts.threshold = 0.05 }
+        try checkModel { $0.moe.gate = .dts; $0.dts.tauMax = 1.0 }
+        try checkModel(step: 90) { $0.moe.gate = .dts; $0.dts.hardFraction = 0.5 }
+        try checkModel { $0.moe.gate = .dts; $0.dts.weights = .gumbel; $0.dts.threshold = 0.05 }
     }
     func testActivationDenseToSparse() throws {
-        try checkModel { $0.moe.gate = "activation_dts"; $0.dts.activationTauMax = 0.3; $0.dts.threshold = 0.05 }
-        try checkModel { $0.moe.gate = "activation_dts"; $0.dts.activation = "tanh"; $0.dts.threshold = 0.05 }
+        try checkModel { $0.moe.gate = .activationDTS; $0.dts.activationTauMax = 0.3; $0.dts.threshold = 0.05 }
+        try checkModel { $0.moe.gate = .activationDTS; $0.dts.activation = .tanh; $0.dts.threshold = 0.05 }
     }
-    func testHash() throws { try checkModel { $0.moe.gate = "hash" } }
-    func testBase() throws { try checkModel { $0.moe.gate = "base" } }
+    func testHash() throws { try checkModel { $0.moe.gate = .hash } }
+    func testBase() throws { try checkModel { $0.moe.gate = .base } }
     func testStableMoEBothStages() throws {
-        try checkModel { $0.moe.gate = "stablemoe"; $0.gates.stableDistillDimension = 3; $0.gates.stableCapacityFactor = 1.0 }
-        try checkModel(step: 50) { $0.moe.gate = "stablemoe"; $0.gates.stableDistillDimension = 3 }
+        try checkModel { $0.moe.gate = .stablemoe; $0.gates.stableDistillDimension = 3; $0.gates.stableCapacityFactor = 1.0 }
+        try checkModel(step: 50) { $0.moe.gate = .stablemoe; $0.gates.stableDistillDimension = 3 }
     }
     func testExpertChoice() throws {
-        try checkModel { $0.moe.gate = "expert_choice"; $0.gates.allowNonCausal = true; $0.gates.expertChoiceCapacity = 1.5 }
+        try checkModel { $0.moe.gate = .expertChoice; $0.gates.allowNonCausal = true; $0.gates.expertChoiceCapacity = 1.5 }
     }
-    func testReLU() throws { try checkModel { $0.moe.gate = "relu"; $0.gates.reluInitialLambda = 0.5 } }
-    func testEvoMoEDensePhase() throws { try checkModel { $0.moe.gate = "dts"; $0.evomoe.spawnFraction = 0.1 } }
+    func testReLU() throws { try checkModel { $0.moe.gate = .relu; $0.gates.reluInitialLambda = 0.5 } }
+    func testEvoMoEDensePhase() throws { try checkModel { $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.1 } }
 }

@@ -14,14 +14,14 @@ final class RecipeTests: XCTestCase {
                            validationFile: nil)
     }
 
-    /// ALGORITHMS.md 4.1: with r = 0, no noise and a zero router, the MoE right after the spawn
+    /// docs/ALGORITHMS.md 4.1: with r = 0, no noise and a zero router, the MoE right after the spawn
     /// computes exactly what the dense FFN computed right before it (top-k weights sum to 1).
     func testSpawnWithoutMaskOrNoiseEqualsTheDenseModel() throws {
         let trainer = try trainer {
             $0.evomoe.spawnFraction = 0.1; $0.evomoe.maskRatio = 0; $0.evomoe.noise = 0
             $0.moe.capacityFactor = nil; $0.train.steps = 20
         }
-        XCTAssertEqual(trainer.phase, "dense")
+        XCTAssertEqual(trainer.phase, .dense)
         _ = try trainer.trainStep()
         let tokens = Array(DistributedTrainingTests.tokens.tokens[0..<64].map(Int32.init))
         func loss() throws -> Double {
@@ -29,12 +29,12 @@ final class RecipeTests: XCTestCase {
                                       firstGlobalToken: 0, noiseKey: RandomKey(1), step: trainer.step).localLoss
         }
         let dense = try loss()
-        _ = trainer.model.spawnExperts(seed: 1, settings: trainer.config.evomoe)
+        _ = trainer.recipe.spawn(trainer.model, seed: 1)
         for layer in trainer.model.moeLayers {
-            guard let gate = layer.gate as? TopKGate<Float> else { return XCTFail("topk expected") }
-            gate.router.value.update(repeating: 0, count: gate.router.count)
+            guard let router = layer.gate.router as? LinearRouter<Float> else { return XCTFail("a linear router expected") }
+            router.weight.value.update(repeating: 0, count: router.weight.count)
         }
-        XCTAssertEqual(trainer.phase, "sparse")
+        XCTAssertEqual(trainer.phase, .sparse)
         XCTAssertEqual(try loss(), dense, accuracy: 1e-6 * dense)
     }
 
@@ -42,10 +42,10 @@ final class RecipeTests: XCTestCase {
     /// (nearly) dense to one expert per token after H; the phases and temperature are reported.
     func testEvoMoERecipeGoesFromDenseToSparse() throws {
         let trainer = try trainer {
-            $0.moe.gate = "dts"; $0.evomoe.spawnFraction = 0.1; $0.dts.annealFraction = 0.5; $0.dts.hardFraction = 0.7
+            $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.1; $0.dts.annealFraction = 0.5; $0.dts.hardFraction = 0.7
             $0.train.steps = 40
         }
-        var phases: [String] = [], active: [Double] = [], temperatures: [Double] = []
+        var phases: [TrainingPhase] = [], active: [Double] = [], temperatures: [Double] = []
         for _ in 0..<40 {
             let report = try trainer.trainStep()
             phases.append(report.phase)
@@ -57,9 +57,9 @@ final class RecipeTests: XCTestCase {
                 XCTAssertEqual(trainer.replicatedOptimizer.stepCounts[router], 0)
             }
         }
-        XCTAssertEqual(Array(phases[0..<4]), Array(repeating: "dense", count: 4))
-        XCTAssertEqual(phases[4], "soft")
-        XCTAssertEqual(phases.last, "hard")
+        XCTAssertEqual(Array(phases[0..<4]), Array(repeating: .dense, count: 4))
+        XCTAssertEqual(phases[4], .soft)
+        XCTAssertEqual(phases.last, .hard)
         XCTAssertGreaterThan(active[4], 3, "just after the spawn the DTS gate is nearly dense: \(active)")
         XCTAssertEqual(active.last!, 1, "hard top-1 at the end")
         XCTAssertEqual(temperatures[4], 2.0, accuracy: 1e-12)
@@ -68,9 +68,9 @@ final class RecipeTests: XCTestCase {
 
     /// StableMoE stage 2: routing is a fixed function of the token id while the model trains.
     func testStableMoEStage2RoutingIsFrozen() throws {
-        let trainer = try trainer { $0.moe.gate = "stablemoe"; $0.gates.stableStage2Fraction = 0.25; $0.train.steps = 20 }
+        let trainer = try trainer { $0.moe.gate = .stablemoe; $0.gates.stableStage2Fraction = 0.25; $0.train.steps = 20 }
         for _ in 0..<5 { _ = try trainer.trainStep() }
-        XCTAssertEqual(trainer.phase, "stage2")
+        XCTAssertEqual(trainer.phase, .stage2)
         var routingByToken: [Int32: [Int32]] = [:]
         let tokens = Array(DistributedTrainingTests.tokens.tokens[0..<64].map(Int32.init))
         for _ in 0..<6 {
@@ -78,7 +78,7 @@ final class RecipeTests: XCTestCase {
             _ = try trainer.model.forward(tokens: tokens, targets: tokens, batch: 4, length: 16, training: true, globalTokens: 64,
                                           firstGlobalToken: 0, noiseKey: RandomKey(1), step: trainer.step)
             for layer in trainer.model.moeLayers {
-                let gate = layer.gate as! StableMoEGate<Float>
+                let gate = layer.gate.policy as! StableMoEPolicy<Float>
                 for (token, expert) in zip(tokens, gate.choice) {
                     routingByToken[token, default: []].append(Int32(expert) + 100 * Int32(layer.layerIndex))
                 }
@@ -92,7 +92,7 @@ final class RecipeTests: XCTestCase {
     /// ReLU routing's controller drives the fraction of zero weights toward 1 - k/E (here k = 1:
     /// 0.75, one active expert of 4, from about half active at initialisation).
     func testReLUSparsityApproachesItsTarget() throws {
-        let trainer = try trainer { $0.moe.gate = "relu"; $0.moe.topK = 1; $0.train.steps = 200; $0.gates.reluInitialLambda = 1e-3 }
+        let trainer = try trainer { $0.moe.gate = .relu; $0.moe.topK = 1; $0.train.steps = 200; $0.gates.reluInitialLambda = 1e-3 }
         var active: [Double] = []
         for _ in 0..<200 {
             let report = try trainer.trainStep()

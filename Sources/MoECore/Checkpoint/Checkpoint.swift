@@ -2,7 +2,7 @@ import Foundation
 import MoEComm
 import MoEIO
 
-/// `manifest.json` of a checkpoint directory (DESIGN.md 2, "Run directory").
+/// `manifest.json` of a checkpoint directory (docs/ARCHITECTURE.md, "Checkpoints").
 public struct CheckpointManifest: Codable, Equatable {
     public struct FileRecord: Codable, Equatable {
         public var bytes: Int
@@ -136,8 +136,8 @@ public enum Checkpoint {
                 expertFiles: expertFiles, learningRate: trainer.schedule.learningRate(at: trainer.step),
                 optimizerSteps: optimizerSteps(trainer),
                 seed: trainer.config.train.seed, config: trainer.config.yaml(withHelp: false), files: files,
-                phase: trainer.phase, temperature: model.moeLayers.first?.gate.temperature(step: trainer.step),
-                spawnStep: GPTModel<Float>.spawnStep(trainer.config),
+                phase: trainer.phase.rawValue, temperature: model.moeLayers.first?.gate.temperature(step: trainer.step),
+                spawnStep: trainer.recipe.spawnStep,
                 gateState: Dictionary(uniqueKeysWithValues: model.moeLayers.compactMap { layer in
                     layer.gate.state.isEmpty ? nil : ("blocks.\(layer.layerIndex)", layer.gate.state)
                 }), skippedUpdates: trainer.skippedUpdates)
@@ -321,7 +321,7 @@ public enum Checkpoint {
         for layer in model.moeLayers {
             if let state = manifest.gateState?["blocks.\(layer.layerIndex)"] { layer.gate.state = state }
         }
-        model.restorePhase(step: manifest.step)
+        EvoMoERecipe(model.run).restore(model, step: manifest.step)
     }
 
     static func read<Kind>(_ store: ParameterStore<Float, Kind>, optimizer: AdamW<Float, Kind>?, from files: [Safetensors.File]) throws {

@@ -1,4 +1,4 @@
-/// Balanced assignment for BASE layers (ALGORITHMS.md 6): give every expert exactly N/E tokens,
+/// Balanced assignment for BASE layers (docs/ALGORITHMS.md 6): give every expert exactly N/E tokens,
 /// maximising Σ_s A[s, a(s)], by an ε-auction whose result is within N·ε of the optimum.
 ///
 /// Slots bid for tokens: an expert with a free slot offers its best token s* the difference
@@ -30,138 +30,130 @@ public enum BalancedAssignment {
         let step = max(1, Int64((epsilon / resolution).rounded()))
         let slots = tokens / experts
         var owner = [Int](repeating: -1, count: tokens)
-        // Holders of each expert, as (bid, token) in a min-heap: the root is the cheapest slot.
-        var holders = [[(bid: Int64, token: Int)]](repeating: [], count: experts)
-        for e in 0..<experts { holders[e].reserveCapacity(slots) }
+        var holders = (0..<experts).map { _ in Holders(capacity: slots) }
         var queue = Array(0..<tokens)
         var head = 0
-        func price(_ e: Int) -> Int64 { holders[e].count < slots ? 0 : holders[e][0].bid }
-        func below(_ a: (bid: Int64, token: Int), _ b: (bid: Int64, token: Int)) -> Bool { (a.bid, -a.token) < (b.bid, -b.token) }
-        func siftDown(_ e: Int, _ start: Int) {
-            var i = start
-            while true {
-                let l = 2 * i + 1, r = l + 1
-                var m = i
-                if l < holders[e].count && below(holders[e][l], holders[e][m]) { m = l }
-                if r < holders[e].count && below(holders[e][r], holders[e][m]) { m = r }
-                if m == i { return }
-                holders[e].swapAt(i, m)
-                i = m
-            }
-        }
-        func siftUp(_ e: Int, _ start: Int) {
-            var i = start
-            while i > 0 {
-                let parent = (i - 1) / 2
-                guard below(holders[e][i], holders[e][parent]) else { return }
-                holders[e].swapAt(i, parent)
-                i = parent
-            }
-        }
         while head < queue.count {
             let s = queue[head]
             head += 1
             var best = 0, bestValue = Int64.min, secondValue = Int64.min
             for e in 0..<experts {
-                let value = units[s * experts + e] - price(e)
+                let value = units[s * experts + e] - holders[e].price
                 if value > bestValue { secondValue = bestValue; bestValue = value; best = e } else if value > secondValue { secondValue = value }
             }
-            let offer = price(best) + (secondValue == Int64.min ? 0 : bestValue - secondValue) + step
-            if holders[best].count == slots {
-                let evicted = holders[best][0].token
+            let offer = holders[best].price + (secondValue == Int64.min ? 0 : bestValue - secondValue) + step
+            if let evicted = holders[best].take(token: s, bid: offer) {
                 owner[evicted] = -1
-                holders[best][0] = (offer, s)
-                siftDown(best, 0)
                 queue.append(evicted)
-            } else {
-                holders[best].append((offer, s))
-                siftUp(best, holders[best].count - 1)
             }
             owner[s] = best
         }
         return owner
     }
+
+    /// The tokens holding one expert's slots, as (bid, token) in a min-heap: the root is the
+    /// cheapest slot, whose bid is the expert's price once it is full (0 before).
+    struct Holders {
+        let capacity: Int
+        var heap: [(bid: Int64, token: Int)] = []
+
+        init(capacity: Int) {
+            self.capacity = capacity
+            heap.reserveCapacity(capacity)
+        }
+
+        var price: Int64 { heap.count < capacity ? 0 : heap[0].bid }
+
+        /// Gives a slot to `token`; returns the evicted lowest bidder when the expert was full.
+        mutating func take(token: Int, bid: Int64) -> Int? {
+            guard heap.count == capacity else {
+                heap.append((bid, token))
+                siftUp(heap.count - 1)
+                return nil
+            }
+            let evicted = heap[0].token
+            heap[0] = (bid, token)
+            siftDown(0)
+            return evicted
+        }
+
+        /// Lower bid first; among equal bids the higher token index is evicted first.
+        private func below(_ a: Int, _ b: Int) -> Bool { (heap[a].bid, -heap[a].token) < (heap[b].bid, -heap[b].token) }
+
+        private mutating func siftDown(_ start: Int) {
+            var i = start
+            while true {
+                let l = 2 * i + 1, r = l + 1
+                var m = i
+                if l < heap.count && below(l, m) { m = l }
+                if r < heap.count && below(r, m) { m = r }
+                if m == i { return }
+                heap.swapAt(i, m)
+                i = m
+            }
+        }
+
+        private mutating func siftUp(_ start: Int) {
+            var i = start
+            while i > 0 {
+                let parent = (i - 1) / 2
+                guard below(i, parent) else { return }
+                heap.swapAt(i, parent)
+                i = parent
+            }
+        }
+    }
 }
 
-/// BASE layers (`base`, ALGORITHMS.md 6) in SwiftMoE's block: the MoE output is
-/// α_s F_{a(s)}(x_s) with α_s = σ(x_s · c_{a(s)}), added to the residual, which equals BASE's
-/// α f(x) + (1 - α) x for a residual expert f(x) = x + F(x). Training assigns the **global**
-/// batch (all ranks' tokens) so every expert gets exactly N_global / E tokens and results do
+/// BASE layers' policy (`base`, docs/ALGORITHMS.md 6), in SwiftMoE's block: the MoE output is
+/// α_s F_{a(s)}(x_s) with α_s = σ(A[s, a(s)]) and A = X C the centroid scores, added to the
+/// residual, which equals BASE's α f(x) + (1 - α) x for a residual expert f(x) = x + F(x).
+/// Training assigns the **global** batch (all ranks' tokens, padded to a multiple of E with
+/// constant-score dummies) so every expert gets its share of N_global / E tokens and results do
 /// not depend on the number of ranks; evaluation takes the greedy argmax.
-/// Shapes: x [N, C], centroids [C, E], scores [N, E].
-public final class BalancedGate<T: Scalar>: Gate {
-    public let centroids: Parameter<T, Replicated>
+public final class BalancedAssignmentPolicy<T: Scalar>: SelectionPolicy {
+    public let expertCount: Int
     public let epsilon: Double
-    public var expertCount: Int { centroids.columns }
-
-    let scores = Tensor<T>()
-    var assigned: [Int] = []          // [N] expert of each local token
     var globalScores: [Double] = []
-    let dLogits = Tensor<T>()
 
-    public init(centroids: Parameter<T, Replicated>, epsilon: Double) {
-        self.centroids = centroids
+    public init(expertCount: Int, epsilon: Double) {
+        self.expertCount = expertCount
         self.epsilon = epsilon
     }
 
-    /// Orthogonal centroids with gain 0.1 (Gram-Schmidt of normal columns, keyed by seed and layer).
-    public func initializeState(seed: Int, layer: Int) {
-        orthogonalColumns(centroids, gain: 0.1, key: RandomKey(UInt64(seed)).derive("centroids").derive(layer))
-    }
-
-    public func forward(_ x: UnsafePointer<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
-        let experts = expertCount
-        routing.reset(expertCount: experts)
-        routing.globalTokens = context.globalTokens
-        scores.resize(rows: rows, columns: experts)
-        gemm(m: rows, n: experts, k: centroids.rows, a: x, b: centroids.value, c: scores.pointer)   // A = X C
-        if assigned.count != rows { assigned = Array(repeating: 0, count: rows) }
-        if context.training {
-            // Every rank solves the same global problem: rows padded to a multiple of E with
-            // constant-score dummies whose assignments are discarded.
-            let padded = (context.globalTokens + experts - 1) / experts * experts
-            if globalScores.count != padded * experts { globalScores = Array(repeating: 0, count: padded * experts) }
-            for index in globalScores.indices { globalScores[index] = 0 }
-            for s in 0..<rows { for e in 0..<experts { globalScores[(context.firstGlobalToken + s) * experts + e] = Double(scores[s, e]) } }
-            try context.communicator.allReduce(&globalScores)
-            let owners = BalancedAssignment.solve(scores: globalScores, tokens: padded, experts: experts, epsilon: epsilon)
-            for s in 0..<rows { assigned[s] = owners[context.firstGlobalToken + s] }
-        } else {
+    public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
+        let experts = expertCount, a = scores.logits
+        guard context.training else {
             for s in 0..<rows {
                 var best = 0
-                for e in 1..<experts where scores[s, e] > scores[s, best] { best = e }
-                assigned[s] = best
+                for e in 1..<experts where a[s, e] > a[s, best] { best = e }
+                routing.append(token: s, expert: best, weight: sigmoid(a[s, best]))
             }
+            return
         }
-        for s in 0..<rows { routing.append(token: s, expert: assigned[s], weight: sigmoid(scores[s, assigned[s]])) }
-        try routing.recordGlobalCounts(communicator: context.communicator)
+        // Every rank solves the same global problem; the dummies' assignments are discarded.
+        let padded = (context.globalTokens + experts - 1) / experts * experts
+        if globalScores.count != padded * experts { globalScores = Array(repeating: 0, count: padded * experts) }
+        for index in globalScores.indices { globalScores[index] = 0 }
+        for s in 0..<rows { for e in 0..<experts { globalScores[(context.firstGlobalToken + s) * experts + e] = Double(a[s, e]) } }
+        try context.communicator.allReduce(&globalScores)
+        let owners = BalancedAssignment.solve(scores: globalScores, tokens: padded, experts: experts, epsilon: epsilon)
+        for s in 0..<rows {
+            let e = owners[context.firstGlobalToken + s]
+            routing.append(token: s, expert: e, weight: sigmoid(a[s, e]))
+        }
     }
 
     /// w = α = σ(A[s, a]): dA[s, a] = dw α (1 - α); the assignment itself is constant.
-    public func backward(_ x: UnsafePointer<T>, rows: Int, dWeights: UnsafePointer<T>,
-                         dx: UnsafeMutablePointer<T>, routing: Routing<T>) {
-        dLogits.resize(rows: rows, columns: expertCount, zero: true)
-        for j in 0..<routing.count {
-            let s = Int(routing.tokens[j]), e = Int(routing.experts[j]), alpha = routing.weights[j]
-            dLogits[s, e] = dWeights[j] * alpha * (1 - alpha)
-        }
-        routerBackward(centroids, input: x, dLogits: dLogits.pointer, rows: rows, dx: dx)
+    public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {
+        sigmoidWeightsBackward(dWeights, routing: routing, into: dLogits)
     }
 }
 
-/// Fills `parameter` [rows, columns] with orthonormal columns (times `gain`): Gram-Schmidt on
-/// normal draws. Needs columns <= rows.
-func orthogonalColumns<T: Scalar>(_ parameter: Parameter<T, Replicated>, gain: Double, key: RandomKey) {
-    let rows = parameter.rows, columns = parameter.columns
-    var basis: [[Double]] = []
-    for column in 0..<columns {
-        var v = (0..<rows).map { key.derive(column).normal($0) }
-        for previous in basis {
-            let projection = zip(v, previous).reduce(0) { $0 + $1.0 * $1.1 }
-            for i in 0..<rows { v[i] -= projection * previous[i] }
-        }
-        let norm = v.reduce(0) { $0 + $1 * $1 }.squareRoot()
-        basis.append(v.map { $0 / max(norm, 1e-12) })
+/// dl[s, e] += dw α (1 - α) for routing weights α = σ(l[s, e]) (BASE, StableMoE).
+func sigmoidWeightsBackward<T: Scalar>(_ dWeights: UnsafePointer<T>, routing: Routing<T>, into dLogits: Tensor<T>) {
+    for j in 0..<routing.count {
+        let alpha = routing.weights[j]
+        dLogits[Int(routing.tokens[j]), Int(routing.experts[j])] += dWeights[j] * alpha * (1 - alpha)
     }
-    for column in 0..<columns { for row in 0..<rows { parameter.value[row * columns + column] = T(gain * basis[column][row]) } }
 }

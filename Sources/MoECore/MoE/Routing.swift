@@ -1,57 +1,5 @@
 import MoEComm
 
-/// What a gate decided for one MoE layer on this rank: the assignments that survive capacity,
-/// in token order (then choice order), plus statistics over the global batch.
-public final class Routing<T: Scalar> {
-    /// Kept assignment j sends token `tokens[j]` to global expert `experts[j]` with combine
-    /// weight `weights[j]`.
-    public internal(set) var tokens: [Int32] = []
-    public internal(set) var experts: [Int32] = []
-    public internal(set) var weights: [T] = []
-
-    /// Weighted auxiliary loss this layer adds to the training loss (global value).
-    public internal(set) var auxiliaryLoss = 0.0
-    /// Kept assignments per expert over the global batch (what each expert processed).
-    public internal(set) var keptPerExpert: [Int64] = []
-    /// Assignments the gate selected (before capacity) and kept, over the global batch.
-    public internal(set) var selectedCount: Int64 = 0
-    public internal(set) var keptCount: Int64 = 0
-    public internal(set) var globalTokens = 0
-    /// Mean entropy of the router's probabilities over the global batch, when the gate has them.
-    public internal(set) var routerEntropy: Double?
-
-    public init() {}
-
-    public var count: Int { tokens.count }
-
-    func reset(expertCount: Int) {
-        tokens.removeAll(keepingCapacity: true)
-        experts.removeAll(keepingCapacity: true)
-        weights.removeAll(keepingCapacity: true)
-        if keptPerExpert.count != expertCount { keptPerExpert = Array(repeating: 0, count: expertCount) }
-        auxiliaryLoss = 0
-        routerEntropy = nil
-        selectedCount = 0
-        keptCount = 0
-    }
-
-    /// For dropless gates with one assignment per token: the global count of each expert (all
-    /// kept) from the assignments already appended. Collective.
-    func recordGlobalCounts(communicator: Communicator) throws {
-        for e in keptPerExpert.indices { keptPerExpert[e] = 0 }
-        for e in experts { keptPerExpert[Int(e)] += 1 }
-        try communicator.allReduce(&keptPerExpert)
-        selectedCount = keptPerExpert.reduce(0, +)
-        keptCount = selectedCount
-    }
-
-    func append(token: Int, expert: Int, weight: T) {
-        tokens.append(Int32(token))
-        experts.append(Int32(expert))
-        weights.append(weight)
-    }
-}
-
 /// Everything a gate may need besides the token vectors.
 public struct RoutingContext {
     public var training: Bool
@@ -60,7 +8,7 @@ public struct RoutingContext {
     public var globalTokens: Int
     /// Global index of this rank's first token, so noise keyed by token is rank-invariant.
     public var firstGlobalToken: Int
-    /// Input token ids [N] (hash routing needs them).
+    /// Input token ids [N] (hash routing and StableMoE's distilled router need them).
     public var tokenIds: UnsafePointer<Int32>?
     /// Key for this layer's random draws at this step.
     public var noiseKey: RandomKey
@@ -79,32 +27,150 @@ public struct RoutingContext {
     }
 }
 
-/// A router: decides which experts process which tokens, and with what weights.
-///
-/// `forward` fills `routing`; `backward` receives dL/dweight for every kept assignment (same
-/// order as `routing`), adds the auxiliary losses' gradients, accumulates the router's
-/// parameter gradients and adds the router's contribution to dx.
-public protocol Gate<Element>: AnyObject {
-    associatedtype Element: Scalar
-    var expertCount: Int { get }
-    func forward(_ x: UnsafePointer<Element>, rows: Int, context: RoutingContext, into routing: Routing<Element>) throws
-    func backward(_ x: UnsafePointer<Element>, rows: Int, dWeights: UnsafePointer<Element>,
-                  dx: UnsafeMutablePointer<Element>, routing: Routing<Element>)
-    /// Fills parameters a plain random initialisation cannot (hash tables, orthogonal
-    /// centroids), after the store's own initialisation. Keyed by seed and layer only.
-    func initializeState(seed: Int, layer: Int)
-    /// The gate's temperature at update `step`, for gates that have one (logged).
-    func temperature(step: Int) -> Double?
-    /// Scalar state that evolves during training outside the parameters (ReLU routing's λ);
-    /// saved in checkpoints and restored on resume.
-    var state: [String: Double] { get set }
+/// One MoE layer's routing statistics for one step, over the global batch (identical on every
+/// rank). Computed once, by the gate's single all-reduce of its sums.
+public struct RoutingStatistics: Sendable, Equatable {
+    /// Σ of the gate's weighted auxiliary losses.
+    public var auxiliaryLoss = 0.0
+    /// Kept assignments per expert (what each expert processed); empty in EvoMoE's dense phase.
+    public var keptPerExpert: [Int64] = []
+    /// Assignments the policy selected (before capacity) and kept.
+    public var selectedCount: Int64 = 0
+    public var keptCount: Int64 = 0
+    public var globalTokens = 0
+    /// Mean entropy of the router's probabilities, for gates whose policy has them.
+    public var routerEntropy: Double?
+
+    public init() {}
+
+    /// EvoMoE's dense phase: every token through the one dense FFN.
+    public static func dense(globalTokens: Int) -> RoutingStatistics {
+        var statistics = RoutingStatistics()
+        statistics.globalTokens = globalTokens
+        statistics.selectedCount = Int64(globalTokens)
+        statistics.keptCount = Int64(globalTokens)
+        return statistics
+    }
+
+    /// Fraction of the kept assignments each expert processed.
+    public var expertLoad: [Double] {
+        let kept = Double(max(keptCount, 1))
+        return keptPerExpert.map { Double($0) / kept }
+    }
+
+    public var droppedFraction: Double { selectedCount == 0 ? 0 : 1 - Double(keptCount) / Double(selectedCount) }
+    /// Mean experts processing each token.
+    public var activeExperts: Double { Double(keptCount) / Double(max(globalTokens, 1)) }
 }
 
-extension Gate {
-    public func initializeState(seed: Int, layer: Int) {}
-    public func temperature(step: Int) -> Double? { nil }
-    public var state: [String: Double] {
-        get { [:] }
-        set {}
+/// What a gate decided for one MoE layer on this rank: the assignments that survive capacity,
+/// in token order (then choice order), and the statistics over the global batch.
+public final class Routing<T: Scalar> {
+    /// Kept assignment j sends token `tokens[j]` to global expert `experts[j]` with combine
+    /// weight `weights[j]`.
+    public internal(set) var tokens: [Int32] = []
+    public internal(set) var experts: [Int32] = []
+    public internal(set) var weights: [T] = []
+    public internal(set) var statistics = RoutingStatistics()
+    /// The forward ran in training mode (auxiliary losses that exist only in training read it).
+    public internal(set) var training = false
+    /// Selections per expert before capacity [E], and first choices [E]: this rank's counts,
+    /// filled by a policy that drops (for the others the kept counts are the selections).
+    var selectedPerExpert: [Int64] = []
+    var firstChoicesPerExpert: [Int64] = []
+    /// After the gate's all-reduce: the global selections and first choices per expert.
+    public internal(set) var globalSelectedPerExpert: [Int64] = []
+    public internal(set) var globalFirstChoicesPerExpert: [Int64] = []
+
+    public init() {}
+
+    public var count: Int { tokens.count }
+    public var auxiliaryLoss: Double { statistics.auxiliaryLoss }
+    public var keptPerExpert: [Int64] { statistics.keptPerExpert }
+    public var selectedCount: Int64 { statistics.selectedCount }
+    public var keptCount: Int64 { statistics.keptCount }
+
+    func reset(expertCount: Int, context: RoutingContext) {
+        tokens.removeAll(keepingCapacity: true)
+        experts.removeAll(keepingCapacity: true)
+        weights.removeAll(keepingCapacity: true)
+        for counts in [\Routing.selectedPerExpert, \.firstChoicesPerExpert, \.globalSelectedPerExpert, \.globalFirstChoicesPerExpert] {
+            if self[keyPath: counts].count != expertCount { self[keyPath: counts] = Array(repeating: 0, count: expertCount) }
+            for e in 0..<expertCount { self[keyPath: counts][e] = 0 }
+        }
+        // In place: the per-expert array is reused from step to step.
+        if statistics.keptPerExpert.count != expertCount { statistics.keptPerExpert = Array(repeating: 0, count: expertCount) }
+        for e in 0..<expertCount { statistics.keptPerExpert[e] = 0 }
+        statistics.auxiliaryLoss = 0
+        statistics.selectedCount = 0
+        statistics.keptCount = 0
+        statistics.routerEntropy = nil
+        statistics.globalTokens = context.globalTokens
+        training = context.training
     }
+
+    /// Dense phase: no assignments, no experts.
+    func resetDense(globalTokens: Int) {
+        tokens.removeAll(keepingCapacity: true)
+        experts.removeAll(keepingCapacity: true)
+        weights.removeAll(keepingCapacity: true)
+        statistics = .dense(globalTokens: globalTokens)
+    }
+
+    @inline(__always) func append(token: Int, expert: Int, weight: T) {
+        tokens.append(Int32(token))
+        experts.append(Int32(expert))
+        weights.append(weight)
+    }
+}
+
+/// The router's output for one forward: logits [N, E], and the probabilities over experts
+/// [N, E] when the policy computes them (softmax(l) row by row; activation_dts stores its G).
+public final class RouterScores<T: Scalar> {
+    public let logits = Tensor<T>()
+    public let probabilities = Tensor<T>()
+    /// log Σ_e exp(l_e) per row, with the softmax (the z-loss reads it).
+    public internal(set) var logSumExp: [T] = []
+    public internal(set) var hasProbabilities = false
+
+    public init() {}
+
+    /// p = softmax(l) for every row (once per forward: later calls reuse it).
+    func softmax(rows: Int) {
+        guard !hasProbabilities else { return }
+        let experts = logits.columns
+        probabilities.resize(rows: rows, columns: experts)
+        if logSumExp.count != rows { logSumExp = Array(repeating: 0, count: rows) }
+        for s in 0..<rows {
+            let p = probabilities.row(s)
+            p.update(from: logits.row(s), count: experts)
+            logSumExp[s] = Kernels.softmaxRow(p, count: experts)
+        }
+        hasProbabilities = true
+    }
+
+    /// The policy filled `probabilities` itself.
+    func markProbabilitiesFilled() { hasProbabilities = true }
+}
+
+/// Sums over the global batch that the parts of a gate need, all-reduced together: one small
+/// collective per layer and step, however many losses the gate composes.
+final class GlobalSums {
+    private(set) var values: [Double] = []
+
+    func reset(count: Int) {
+        if values.count != count { values = Array(repeating: 0, count: count) }
+        for index in values.indices { values[index] = 0 }
+    }
+
+    subscript(index: Int) -> Double {
+        get { values[index] }
+        set { values[index] = newValue }
+    }
+
+    func withSlots<R>(from offset: Int, _ body: (UnsafeMutablePointer<Double>) throws -> R) rethrows -> R {
+        try values.withUnsafeMutableBufferPointer { try body($0.baseAddress! + offset) }
+    }
+
+    func allReduce(_ communicator: Communicator) throws { try communicator.allReduce(&values) }
 }

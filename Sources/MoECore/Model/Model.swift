@@ -14,18 +14,6 @@ public struct TransformerBlock<T: Scalar> {
     public let feedForward: FeedForwardBlock<T>
 }
 
-/// Statistics of one MoE layer for one step (global over ranks).
-public struct MoELayerStatistics: Sendable {
-    public var auxiliaryLoss: Double
-    /// Fraction of the kept assignments each expert processed.
-    public var expertLoad: [Double]
-    public var droppedFraction: Double
-    /// Mean experts processing each token.
-    public var activeExperts: Double
-    /// Mean entropy of the router's softmax over the global batch (gates that have one).
-    public var routerEntropy: Double? = nil
-}
-
 public struct ForwardResult: Sendable {
     /// Mean cross-entropy over this rank's tokens (nats per token).
     public var localLoss: Double
@@ -33,7 +21,8 @@ public struct ForwardResult: Sendable {
     public var localLossSum: Double
     /// Σ over MoE layers of their weighted auxiliary losses (global values).
     public var auxiliaryLoss: Double
-    public var moeLayers: [MoELayerStatistics]
+    /// Each MoE layer's routing statistics, in block order.
+    public var moeLayers: [RoutingStatistics]
 }
 
 /// A GPT-style pre-norm decoder:
@@ -68,10 +57,10 @@ public final class GPTModel<T: Scalar> {
     let logits = Tensor<T>()
     let scratch = Tensor<T>(), dResidual = Tensor<T>(), dScratch = Tensor<T>(), dHidden = Tensor<T>()
     var tokens: [Int32] = [], targets: [Int32] = []
+    var layerStatistics: [RoutingStatistics] = []
     var batch = 0, length = 0
     /// Attention time since the last `takeProfile()`.
     var attentionSeconds = 0.0
-    var layerStatistics: [MoELayerStatistics] = []
 
     /// Builds the model of `run` (its model, moe, gate and EvoMoE sections). `tokenFrequencies`
     /// (training-token counts per id) feed the balanced hash table.
@@ -87,6 +76,7 @@ public final class GPTModel<T: Scalar> {
         let width = config.width
         let residualDeviation = 0.02 / (2.0 * Double(config.layers)).squareRoot()
         let decayNorms = training.decayNormsAndBiases
+        let moeLayerCount = (0..<config.layers).filter { GPTModel.isMoE(layer: $0, every: config.moeEvery) }.count
         let replicated = self.replicated
         embedding = Embedding(store: replicated, vocabularySize: vocabularySize, context: config.context, width: width,
                               decay: training.decayEmbeddings)
@@ -98,9 +88,9 @@ public final class GPTModel<T: Scalar> {
             let feedForwardNorm = LayerNorm(store: replicated, name: "\(name).ffn_norm", width: width, decay: decayNorms)
             let feedForward: FeedForwardBlock<T>
             if GPTModel.isMoE(layer: layer, every: config.moeEvery) {
-                let gate = try GPTModel.makeGate(run, name: "\(name).moe", store: replicated, vocabularySize: vocabularySize,
-                                                 moeLayerCount: (0..<config.layers).filter { GPTModel.isMoE(layer: $0, every: config.moeEvery) }.count,
-                                                 tokenFrequencies: tokenFrequencies)
+                let gate = GateRegistry(run: run, store: replicated, name: "\(name).moe", vocabularySize: vocabularySize,
+                                        moeLayerCount: moeLayerCount, tokenFrequencies: tokenFrequencies,
+                                        spawnStep: EvoMoERecipe.spawnStep(for: run)).makeGate()
                 let expertStore = experts
                 let local = placement.localExperts.map { expert in
                     FeedForward(store: expertStore, name: "\(name).moe.experts.\(expert)", width: width,
@@ -143,130 +133,11 @@ public final class GPTModel<T: Scalar> {
     /// Blocks 1-based n, 2n, ... are MoE (with moe_every = 1: all; 0: none).
     public static func isMoE(layer: Int, every: Int) -> Bool { every > 0 && (layer + 1) % every == 0 }
 
-    /// The router of `run.moe.gate` with its parameters registered under `name` (ALGORITHMS.md).
-    static func makeGate(_ run: RunConfig, name: String, store: ParameterStore<T, Replicated>, vocabularySize: Int,
-                         moeLayerCount: Int, tokenFrequencies: [Int]?) throws -> any Gate<T> {
-        let moe = run.moe, width = run.model.width, experts = moe.experts, steps = run.train.steps
-        func router() -> Parameter<T, Replicated> {
-            store.add("\(name).router", rows: width, columns: experts, weightDecay: false,
-                      initialization: .truncatedNormal(standardDeviation: (0.1 / Double(width)).squareRoot()))
-        }
-        let spawnStep = spawnStep(run)
-        let schedule = { (maximum: Double, minimum: Double) in
-            TemperatureSchedule(kind: TemperatureSchedule.Kind(rawValue: run.dts.schedule)!, maximum: maximum, minimum: minimum,
-                                annealSteps: Int((run.dts.annealFraction * Double(steps)).rounded()),
-                                hardStep: run.dts.hardFraction >= 1 ? nil : Int((run.dts.hardFraction * Double(steps)).rounded()),
-                                startStep: spawnStep)
-        }
-        switch moe.gate {
-        case "topk", "switch", "gshard":
-            let renormalization: Renormalization = moe.gate == "switch" ? .none
-                : moe.gate == "gshard" ? .afterDrop : Renormalization(rawValue: moe.renormalize)!
-            return TopKGate(router: router(), k: moe.topK, renormalization: renormalization,
-                            capacityFactor: moe.capacityFactor, evalCapacityFactor: moe.evalCapacityFactor,
-                            minimumCapacity: moe.minCapacity, balanceCoefficient: moe.balanceLoss,
-                            zLossCoefficient: moe.zLoss,
-                            secondChoice: moe.gate == "gshard" ? SecondChoicePolicy(rawValue: moe.gshardSecond)! : nil,
-                            jitter: moe.jitter)
-        case "dts":
-            return DenseToSparseGate(router: router(), bias: nil,
-                                     variant: .gumbel(weightsFromGumbel: run.dts.weights == "gumbel"),
-                                     schedule: schedule(run.dts.tauMax, run.dts.tauMin), threshold: run.dts.threshold,
-                                     auxiliaryCoefficient: run.dts.auxLoss)
-        case "activation_dts":
-            let bias = store.add("\(name).router_bias", rows: 1, columns: experts, weightDecay: false, initialization: .zeros)
-            return DenseToSparseGate(router: router(), bias: bias, variant: .activation(tanh: run.dts.activation == "tanh"),
-                                     schedule: schedule(run.dts.activationTauMax, run.dts.activationTauMin),
-                                     threshold: run.dts.threshold, auxiliaryCoefficient: run.dts.auxLoss)
-        case "hash":
-            let table = store.add("\(name).hash_table", rows: 1, columns: vocabularySize, weightDecay: false, initialization: .zeros)
-            return HashGate(table: table, expertCount: experts,
-                            balancedBy: run.gates.hashTable == "balanced" ? (tokenFrequencies ?? []) : nil)
-        case "base":
-            let centroids = store.add("\(name).centroids", rows: width, columns: experts, weightDecay: false, initialization: .zeros)
-            return BalancedGate(centroids: centroids, epsilon: run.gates.baseEpsilon)
-        case "stablemoe":
-            let dimension = run.gates.stableDistillDimension
-            let centroids = store.add("\(name).centroids", rows: width, columns: experts, weightDecay: false, initialization: .zeros)
-            let table = store.add("\(name).distilled_table", rows: vocabularySize, columns: dimension, weightDecay: false,
-                                  initialization: .normal(standardDeviation: 0.02))
-            let distilledCentroids = store.add("\(name).distilled_centroids", rows: dimension, columns: experts, weightDecay: false,
-                                               initialization: .zeros)
-            return StableMoEGate(centroids: centroids, distilledTable: table, distilledCentroids: distilledCentroids,
-                                 stage2Step: Int((run.gates.stableStage2Fraction * Double(steps)).rounded()),
-                                 capacityFactor: run.gates.stableCapacityFactor, balanceCoefficient: run.gates.stableBalance,
-                                 distillCoefficient: run.gates.stableDistill)
-        case "expert_choice":
-            return ExpertChoiceGate(router: router(), capacityFactor: run.gates.expertChoiceCapacity)
-        case "relu":
-            return ReLUGate(router: router(), targetActive: moe.topK, initialLambda: run.gates.reluInitialLambda,
-                            multiplier: run.gates.reluMultiplier, targetSparsity: run.gates.reluTargetSparsity,
-                            layerCount: moeLayerCount)
-        default:
-            throw ConfigError.invalidValue(key: "moe.gate", detail: "'\(moe.gate)' is not available; choose one of \(MoEConfig.gates.joined(separator: ", "))")
-        }
-    }
-
-    /// T_s: the update at which EvoMoE spawns the experts (0: no dense phase).
-    public static func spawnStep(_ run: RunConfig) -> Int {
-        run.evomoe.spawnFraction > 0 ? max(1, Int((run.evomoe.spawnFraction * Double(run.train.steps)).rounded())) : 0
-    }
-
     public func initializeParameters(seed: Int) {
         let key = RandomKey(UInt64(seed)).derive("parameters")
         replicated.initialize(key: key)
         experts.initialize(key: key)
         for layer in moeLayers { layer.gate.initializeState(seed: seed, layer: layer.layerIndex) }
-    }
-
-    /// EvoMoE's expert-diversify step (ALGORITHMS.md 4.1): every expert e of layer L becomes
-    /// (W ⊙ M)/(1 - r) + ξ of the layer's dense FFN W, with M ~ Bernoulli(1 - r) and
-    /// ξ ~ N(0, (noise · rms W)²) keyed by (seed, layer, e, tensor), biases copied; the router is
-    /// drawn afresh from U(±1/√d). Returns the replicated entries that are new (their optimizer
-    /// state must restart) and those now unused (to freeze).
-    public func spawnExperts(seed: Int, settings: EvoMoEConfig) -> (fresh: Set<String>, retired: Set<String>) {
-        var fresh: Set<String> = [], retired: Set<String> = []
-        let key = RandomKey(UInt64(seed)).derive("spawn")
-        for layer in moeLayers {
-            guard let dense = layer.dense, layer.isDense else { continue }
-            for (local, expert) in layer.experts.enumerated() {
-                let global = placement.localExperts.lowerBound + local
-                for (tensor, (source, target)) in [(dense.up.weight, expert.up.weight), (dense.down.weight, expert.down.weight)].enumerated() {
-                    let count = source.count
-                    let rms = (Kernels.sumOfSquares(source.value, count: count) / Double(count)).squareRoot()
-                    let stream = key.derive(layer.layerIndex, global, tensor)
-                    let scale = settings.rescale && settings.maskRatio < 1 ? 1 / (1 - settings.maskRatio) : 1
-                    for index in 0..<count {
-                        let keep = stream.uniform(2 * index) >= settings.maskRatio
-                        let noise = settings.noise * rms * stream.normal(2 * index + 1)
-                        target.value[index] = T((keep ? Double(source.value[index]) * scale : 0) + noise)
-                    }
-                }
-                for (source, target) in [(dense.up.bias, expert.up.bias), (dense.down.bias, expert.down.bias)] {
-                    if let source, let target { target.value.update(from: source.value, count: source.count) }
-                }
-            }
-            let routerKey = key.derive("router").derive(layer.layerIndex)
-            let prefix = "blocks.\(layer.layerIndex).moe."
-            for entry in replicated.entries where entry.name.hasPrefix(prefix) {
-                if entry.name.hasPrefix(prefix + "dense.") { retired.insert(entry.name); continue }
-                guard entry.name == prefix + "router" || entry.name == prefix + "router_bias" else { continue }
-                let bound = 1 / Double(config.width).squareRoot()
-                let values = replicated.values + entry.offset
-                for index in 0..<entry.count {
-                    values[index] = entry.name.hasSuffix("bias") ? 0 : T((2 * routerKey.uniform(index) - 1) * bound)
-                }
-                fresh.insert(entry.name)
-            }
-            layer.isDense = false
-        }
-        return (fresh, retired)
-    }
-
-    /// Marks the EvoMoE phase after loading a checkpoint saved at `step`.
-    public func restorePhase(step: Int) {
-        let spawn = GPTModel.spawnStep(run)
-        for layer in moeLayers where layer.dense != nil { layer.isDense = step < spawn }
     }
 
     /// The MoE layers in block order (built once: read every step).
@@ -296,29 +167,12 @@ public final class GPTModel<T: Scalar> {
         replicated.refreshBFloat16()
         experts.refreshBFloat16()
         tokenIds.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: batch, length: length, into: residual[0].pointer) }
-        // Reused from step to step (updated in place, so no allocation once the previous
+        // Reused from step to step (moved out and back, so no allocation once the previous
         // step's report is gone).
         var statistics = layerStatistics
         layerStatistics = []
+        statistics.removeAll(keepingCapacity: true)
         defer { layerStatistics = statistics }
-        var moeIndex = 0
-        func record(_ value: MoELayerStatistics, load: Routing<T>?) {
-            if moeIndex == statistics.count { statistics.append(value) } else {
-                let expertLoad = statistics[moeIndex].expertLoad
-                statistics[moeIndex] = value
-                statistics[moeIndex].expertLoad = expertLoad
-            }
-            if let load {
-                let kept = Double(max(load.keptCount, 1))
-                if statistics[moeIndex].expertLoad.count != load.keptPerExpert.count {
-                    statistics[moeIndex].expertLoad = Array(repeating: 0, count: load.keptPerExpert.count)
-                }
-                for e in load.keptPerExpert.indices { statistics[moeIndex].expertLoad[e] = Double(load.keptPerExpert[e]) / kept }
-            } else {
-                statistics[moeIndex].expertLoad.removeAll(keepingCapacity: true)
-            }
-            moeIndex += 1
-        }
         var auxiliary = 0.0
         for (layer, block) in blocks.enumerated() {
             let input = residual[layer], mid = middle[layer]
@@ -342,19 +196,8 @@ public final class GPTModel<T: Scalar> {
                                                  noiseKey: noiseKey.derive(layer), step: step)
                     try moe.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer, context: context)
                 }
-                let routing = moe.routing
-                if moe.isDense {
-                    record(MoELayerStatistics(auxiliaryLoss: 0, expertLoad: [], droppedFraction: 0, activeExperts: 1), load: nil)
-                    let output = residual[layer + 1]
-                    Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
-                    continue
-                }
-                record(MoELayerStatistics(
-                    auxiliaryLoss: routing.auxiliaryLoss, expertLoad: [],
-                    droppedFraction: routing.selectedCount == 0 ? 0 : 1 - Double(routing.keptCount) / Double(routing.selectedCount),
-                    activeExperts: Double(routing.keptCount) / Double(max(globalTokens, 1)),
-                    routerEntropy: routing.routerEntropy), load: routing)
-                auxiliary += routing.auxiliaryLoss
+                statistics.append(moe.routing.statistics)
+                auxiliary += moe.routing.statistics.auxiliaryLoss
             }
             let output = residual[layer + 1]
             Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
@@ -453,12 +296,7 @@ public final class GPTModel<T: Scalar> {
         profile.attention = attentionSeconds
         attentionSeconds = 0
         for layer in moeLayers {
-            let times = layer.profile
-            profile.gate += times.gate
-            profile.dispatch += times.dispatch
-            profile.experts += times.experts
-            profile.waiting += times.waiting
-            profile.combine += times.total - times.gate - times.dispatch - times.experts - times.waiting
+            profile += layer.profile
             layer.resetProfile()
         }
         return profile

@@ -23,36 +23,42 @@ public enum Clock {
 /// (embedding, norms, dense FFNs, the output projection, the loss).
 public struct StepProfile: Sendable {
     public var attention = 0.0
-    /// Router logits, top-k, capacity, aux losses (forward and backward).
-    public var gate = 0.0
-    /// The count exchange and the all-to-all-v of token rows, both directions.
+    /// MoE stage 1: the gate's router, selection policy and auxiliary losses (forward and backward).
+    public var route = 0.0
+    /// MoE stage 2: sorting the assignments and the count exchange with its check.
+    public var plan = 0.0
+    /// MoE stage 3: gathering token rows, the all-to-all-v to the experts, regrouping (and adjoints).
     public var dispatch = 0.0
-    /// The experts' GEMMs and GELUs.
+    /// MoE stage 4: the experts' GEMMs and GELUs (and EvoMoE's dense FFN before the spawn).
     public var experts = 0.0
-    /// Gathering rows, regrouping them by expert and the weighted combine (and their adjoints).
+    /// MoE stage 5: regrouping, the all-to-all-v back and the weighted combine (and adjoints).
     public var combine = 0.0
     /// Gradient all-reduces and the other small collectives of the trainer.
     public var allReduce = 0.0
     public var optimizer = 0.0
     /// With `Trainer.separateWaiting`: time spent in a barrier before each exchange and
-    /// all-reduce, i.e. waiting for the slowest rank (load imbalance), so that `dispatch` and
-    /// `allReduce` are the transfers alone.
+    /// all-reduce, i.e. waiting for the slowest rank (load imbalance), so that the stages and
+    /// `allReduce` hold the work and transfers alone.
     public var waiting = 0.0
     public var total = 0.0
 
     public init() {}
 
-    public var other: Double { max(0, total - attention - gate - dispatch - experts - combine - allReduce - optimizer - waiting) }
+    /// Everything else: embedding, norms, dense FFNs, the output projection, the loss.
+    public var other: Double { max(0, total - attention - moe - allReduce - optimizer - waiting) }
+    /// The five MoE stages.
+    public var moe: Double { route + plan + dispatch + experts + combine }
 
     public static func += (lhs: inout StepProfile, rhs: StepProfile) {
-        lhs.attention += rhs.attention; lhs.gate += rhs.gate; lhs.dispatch += rhs.dispatch; lhs.experts += rhs.experts
-        lhs.combine += rhs.combine; lhs.allReduce += rhs.allReduce; lhs.optimizer += rhs.optimizer; lhs.total += rhs.total
-        lhs.waiting += rhs.waiting
+        for part in StepProfile.summed { lhs[keyPath: part] += rhs[keyPath: part] }
     }
+
+    static let summed: [WritableKeyPath<StepProfile, Double>] =
+        [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.allReduce, \.optimizer, \.waiting, \.total]
 
     /// Named parts, for reports.
     public var parts: [(String, Double)] {
-        [("attention", attention), ("gate", gate), ("dispatch", dispatch), ("experts", experts), ("combine", combine),
-         ("all_reduce", allReduce), ("optimizer", optimizer), ("waiting", waiting), ("other", other)]
+        [("attention", attention), ("route", route), ("plan", plan), ("dispatch", dispatch), ("experts", experts),
+         ("combine", combine), ("all_reduce", allReduce), ("optimizer", optimizer), ("waiting", waiting), ("other", other)]
     }
 }

@@ -107,6 +107,13 @@ public enum Kernels {
         for i in 0..<count { dRow[i] = probabilities[i] * (dRow[i] - dot) }
     }
 
+    /// Σ over rows of the entropy -Σ_e p log p of each probability row (in Double).
+    public static func entropySum<T: Scalar>(_ p: UnsafePointer<T>, rows: Int, columns: Int) -> Double {
+        var total = 0.0
+        for index in 0..<rows * columns where p[index] > 0 { total -= Double(p[index]) * log(Double(p[index])) }
+        return total
+    }
+
     /// y += x (count values).
     @inline(__always)
     public static func add<T: Scalar>(_ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, count: Int) {

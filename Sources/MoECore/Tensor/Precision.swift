@@ -1,3 +1,5 @@
+import MoEIO
+
 /// The number format of the large matrix products (`train.precision`).
 ///
 /// - fp32: every product through OpenBLAS `cblas_sgemm`.
@@ -14,13 +16,13 @@ public enum Precision: String, Sendable, CaseIterable {
     /// Resolves `train.precision` (auto, fp32 or bf16) on this CPU. `auto` becomes bf16 where
     /// oneDNN reports bf16 support and fp32 otherwise, with a note saying why; an explicit bf16
     /// on a CPU without it is an error naming the missing feature.
-    public static func resolve(_ requested: String, support: BFloat16Support = .current) throws -> (Precision, note: String?) {
+    public static func resolve(_ requested: PrecisionSetting, support: BFloat16Support = .current) throws -> (Precision, note: String?) {
         switch requested {
-        case "fp32": return (.fp32, nil)
-        case "bf16":
+        case .fp32: return (.fp32, nil)
+        case .bf16:
             guard support.supported else { throw PrecisionError.unsupported(isa: support.isa) }
             return (.bf16, nil)
-        default:
+        case .auto:
             if support.supported { return (.bf16, nil) }
             return (.fp32, "precision auto: fp32, because this CPU lacks AVX512-BF16/AMX (oneDNN's instruction set is \(support.isa))")
         }

@@ -93,16 +93,11 @@ public enum Benchmark {
         try communicator.barrier()
         let seconds = Double(Clock.nanoseconds() - started) * 1e-9
         // Per-part times averaged over ranks (peaks were summed when measured); memory maximum.
-        var sums = [profile.attention, profile.gate, profile.dispatch, profile.experts, profile.combine,
-                    profile.allReduce, profile.optimizer, profile.total, profile.waiting]
+        var sums = StepProfile.summed.map { profile[keyPath: $0] }
         try communicator.allReduce(&sums)
         let peakMemory = try communicator.allReduce(peakResidentMiB(), op: .max)
-        let ranks = Double(communicator.size)
         var mean = StepProfile()
-        (mean.attention, mean.gate, mean.dispatch, mean.experts, mean.combine, mean.allReduce, mean.optimizer, mean.total) =
-            (sums[0] / ranks, sums[1] / ranks, sums[2] / ranks, sums[3] / ranks, sums[4] / ranks, sums[5] / ranks,
-             sums[6] / ranks, sums[7] / ranks)
-        mean.waiting = sums[8] / ranks
+        for (part, sum) in zip(StepProfile.summed, sums) { mean[keyPath: part] = sum / Double(communicator.size) }
         let tokensPerSecond = Double(steps * trainer.globalBatchTokens) / seconds
         let flopsPerToken = modelFlopsPerToken(trainer.model)
         let achieved = tokensPerSecond * flopsPerToken / 1e9

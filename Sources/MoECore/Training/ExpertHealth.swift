@@ -1,4 +1,4 @@
-/// Watches the experts for collapse and domination (ALGORITHMS.md's failure modes): warns when
+/// Watches the experts for collapse and domination (docs/ALGORITHMS.md, "Failure modes"): warns when
 /// an expert of a layer has received no tokens for `window` steps in a row, and when one
 /// expert takes more than half of a layer's assignments (with 4 or more experts), at most once
 /// per expert per window.

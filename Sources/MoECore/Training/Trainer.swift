@@ -31,20 +31,20 @@ public struct StepReport: Sendable {
     public var learningRate: Double
     /// Global gradient norm before clipping.
     public var gradientNorm: Double
-    public var moeLayers: [MoELayerStatistics]
+    public var moeLayers: [RoutingStatistics]
     /// Where this rank's time went.
     public var profile: StepProfile
     /// The gate's temperature at this step (dts, activation_dts).
     public var temperature: Double?
-    /// The training phase: "dense" (EvoMoE before the spawn), "soft"/"hard" (DTS selection),
-    /// "stage1"/"stage2" (StableMoE) or "sparse".
-    public var phase: String
+    /// The training phase: dense (EvoMoE before the spawn), soft/hard (DTS selection),
+    /// stage1/stage2 (StableMoE) or sparse.
+    public var phase: TrainingPhase
     /// The update was skipped: the loss or the gradient was not finite.
     public var skipped = false
 }
 
 /// Owns the model, its optimizers and the data; `step()` is the one place a training step is
-/// sequenced (DESIGN.md 1):
+/// sequenced (docs/ARCHITECTURE.md, "One training step"):
 ///   batch -> forward -> backward -> all-reduce replicated gradients -> clip -> AdamW.
 /// Logging, evaluation and checkpoints happen in `TrainingRun`, around it.
 public final class Trainer {
@@ -56,6 +56,8 @@ public final class Trainer {
     public let schedule: LearningRateSchedule
     public let trainData: TokenBatches
     public let validationData: TokenBatches?
+    /// EvoMoE's dense phase and spawn (a recipe with spawn step 0 never trains dense).
+    public let recipe: EvoMoERecipe
     /// The next step to run (0-based); equals the number of updates applied.
     public internal(set) var step = 0
     /// Armed test faults (see FaultInjection).
@@ -92,6 +94,7 @@ public final class Trainer {
         trainData = try TokenBatches(file: trainFile, length: config.model.context, seed: config.train.seed)
         validationData = try validationFile.map { try TokenBatches(file: $0, length: config.model.context, seed: config.train.seed) }
         routingKey = RandomKey(UInt64(config.train.seed)).derive("routing")
+        recipe = EvoMoERecipe(resolved)
         let placement = model.placement
         replicaCommunicator = placement.replicas > 1
             ? try communicator.split(color: communicator.rank % placement.groupSize, key: communicator.rank) : nil
@@ -177,7 +180,7 @@ public final class Trainer {
                                 phase: phase, skipped: skipped)
         adaptGates(forward.moeLayers)
         step += 1
-        if step == GPTModel<Float>.spawnStep(config) { spawnExperts() }
+        if step == recipe.spawnStep { spawnExperts() }
         return report
     }
 
@@ -208,39 +211,30 @@ public final class Trainer {
     }
 
     /// The phase the next step trains in.
-    public var phase: String {
-        guard let layer = model.moeLayers.first else { return "dense" }
-        if layer.isDense { return "dense" }
-        if let gate = layer.gate as? DenseToSparseGate<Float> { return gate.schedule.isHard(step: step) ? "hard" : "soft" }
-        if let gate = layer.gate as? StableMoEGate<Float> { return gate.isStage2(step: step) ? "stage2" : "stage1" }
-        return "sparse"
+    public var phase: TrainingPhase {
+        guard let layer = model.moeLayers.first, !layer.isDense else { return .dense }
+        return layer.gate.phase(step: step)
     }
 
-    /// StableMoE stage 2 freezes the distilled router (no updates, no weight decay).
+    /// Parameters a gate freezes in its current phase (StableMoE's stage 2: no updates, no decay).
     func prepareGates() {
         for layer in model.moeLayers {
-            guard let gate = layer.gate as? StableMoEGate<Float> else { continue }
-            let frozen = gate.isStage2(step: step)
-            for name in [model.replicated.name(of: gate.distilledTable), model.replicated.name(of: gate.distilledCentroids)] {
-                replicatedOptimizer.freeze(name, frozen)
+            for (parameter, frozen) in layer.gate.frozenParameters(step: step) {
+                replicatedOptimizer.freeze(model.replicated.name(of: parameter), frozen)
             }
         }
     }
 
-    /// ReLU routing's controller: λ follows the global fraction of zero routing weights over all
-    /// MoE layers (identical on every rank: the counts are global).
-    func adaptGates(_ statistics: [MoELayerStatistics]) {
-        let gates = model.moeLayers.compactMap { $0.gate as? ReLUGate<Float> }
-        guard !gates.isEmpty else { return }
-        let active = statistics.map { $0.activeExperts }.reduce(0, +) / Double(statistics.count)
-        let sparsity = 1 - active / Double(config.moe.experts)
-        for gate in gates { gate.adapt(sparsity: sparsity) }
+    /// Gate controllers (ReLU routing's λ) after each update, from every MoE layer's global
+    /// statistics (identical on every rank).
+    func adaptGates(_ statistics: [RoutingStatistics]) {
+        for layer in model.moeLayers { layer.gate.adapt(to: statistics) }
     }
 
     /// EvoMoE: spawn the experts from the dense FFNs; new tensors restart their AdamW state, the
     /// dense FFNs are frozen from here on.
     func spawnExperts() {
-        let (fresh, retired) = model.spawnExperts(seed: config.train.seed, settings: config.evomoe)
+        let (fresh, retired) = recipe.spawn(model, seed: config.train.seed)
         replicatedOptimizer.reset(entries: fresh)
         expertOptimizer.reset(entries: Set(model.experts.entries.map(\.name)))
         for name in retired { replicatedOptimizer.freeze(name) }
@@ -248,9 +242,9 @@ public final class Trainer {
 
     /// After loading a checkpoint saved at `step`: the EvoMoE phase and frozen tensors.
     public func restorePhase() {
-        model.restorePhase(step: step)
-        if step >= GPTModel<Float>.spawnStep(config) {
-            for entry in model.replicated.entries where entry.name.contains(".moe.dense.") { replicatedOptimizer.freeze(entry.name) }
+        recipe.restore(model, step: step)
+        if !recipe.isDense(step: step) {
+            for name in recipe.retiredEntries(model) { replicatedOptimizer.freeze(name) }
         }
         prepareGates()
     }

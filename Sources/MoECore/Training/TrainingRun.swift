@@ -124,9 +124,9 @@ public final class TrainingRun {
         let end = min(steps, stopAt ?? steps)
         let counts = trainer.model.parameterCounts
         log("model: \(format(counts.total)) parameters, \(format(counts.active)) active per token; "
-            + "\(trainer.model.moeLayers.count) MoE layers of \(config.moe.experts) experts (gate \(config.moe.gate), top-\(config.moe.topK)); "
+            + "\(trainer.model.moeLayers.count) MoE layers of \(config.moe.experts) experts (gate \(config.moe.gate.rawValue), top-\(config.moe.topK)); "
             + "vocabulary \(trainer.model.vocabularySize)")
-        log(trainer.model.precisionNote ?? "precision \(trainer.model.precision.rawValue) (train.precision \(config.train.precision); "
+        log(trainer.model.precisionNote ?? "precision \(trainer.model.precision.rawValue) (train.precision \(config.train.precision.rawValue); "
             + (trainer.model.precision == .bf16 ? "bf16 products through oneDNN, fp32 master weights and optimizer state)" : "products through OpenBLAS sgemm)"))
         log("ranks \(communicator.size), global batch \(communicator.size)x\(config.train.batchSize)x\(config.model.context) = "
             + "\(trainer.globalBatchTokens) tokens, steps \(trainer.step)..<\(steps), run directory \(runDirectory)")
@@ -156,7 +156,7 @@ public final class TrainingRun {
                 let remaining = Double(steps - trainer.step) * totalSeconds / Double(timedSteps)
                 let active = report.moeLayers.isEmpty ? 0 : report.moeLayers.map(\.activeExperts).reduce(0, +) / Double(report.moeLayers.count)
                 let gateText = (report.temperature.map { String(format: " | tau %.3f", $0) } ?? "")
-                    + String(format: " | %@ %.2f experts/token", report.phase, active)
+                    + String(format: " | %@ %.2f experts/token", report.phase.rawValue, active)
                 log(String(format: "step %\(String(steps).count)d/%d | loss %.4f | aux %.4f | lr %.2e | norm %.2f | %@ tok/s | %@ left",
                            report.step, steps, report.loss, report.auxiliaryLoss, report.learningRate, report.gradientNorm,
                            format(Int(tokensPerSecond)), duration(remaining)) + gateText)
@@ -213,7 +213,7 @@ public final class TrainingRun {
         object.add("active_experts", layers.isEmpty ? 0 : layers.map(\.activeExperts).reduce(0, +) / Double(layers.count))
         object.add("grad_norm", report.gradientNorm)
         if let temperature = report.temperature { object.add("temperature", temperature) }
-        object.add("phase", report.phase)
+        object.add("phase", report.phase.rawValue)
         object.add("skipped_updates", trainer.skippedUpdates)
         object.add("load_cv", layers.map { ExpertHealth.coefficientOfVariation($0.expertLoad) })
         if layers.contains(where: { $0.routerEntropy != nil }) { object.add("router_entropy", layers.map { $0.routerEntropy ?? .nan }) }

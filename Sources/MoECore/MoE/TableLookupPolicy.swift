@@ -1,7 +1,7 @@
-/// Hash layers (`hash`, ALGORITHMS.md 5): expert = h(input token id), weight 1, no router, no
-/// auxiliary loss, no capacity. The table [1, V] (expert ids stored as floats) is a frozen
+/// Hash layers (`hash`, docs/ALGORITHMS.md 5): expert = h(input token id), weight 1; no router,
+/// no auxiliary loss, no capacity. The table [1, V] (expert ids stored as floats) is a frozen
 /// replicated tensor, so checkpoints carry it.
-public final class HashGate<T: Scalar>: Gate {
+public final class TableLookupPolicy<T: Scalar>: SelectionPolicy {
     public let table: Parameter<T, Replicated>
     public let expertCount: Int
     /// Training-token counts per id for the balanced table; nil: a uniform random table.
@@ -38,15 +38,11 @@ public final class HashGate<T: Scalar>: Gate {
         }
     }
 
-    public func forward(_ x: UnsafePointer<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
+    public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
         guard let ids = context.tokenIds else { preconditionFailure("hash routing needs the token ids") }
-        routing.reset(expertCount: expertCount)
-        routing.globalTokens = context.globalTokens
         for s in 0..<rows { routing.append(token: s, expert: Int(table.value[Int(ids[s])].rounded()), weight: 1) }
-        try routing.recordGlobalCounts(communicator: context.communicator)
     }
 
-    /// The weights are constants and there is no router: nothing to propagate.
-    public func backward(_ x: UnsafePointer<T>, rows: Int, dWeights: UnsafePointer<T>,
-                         dx: UnsafeMutablePointer<T>, routing: Routing<T>) {}
+    /// The weights are constants: nothing to propagate.
+    public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {}
 }

@@ -1,0 +1,62 @@
+/// The enumerated config keys, typed: a value outside the list is refused when the config is
+/// read (naming the key and the choices), so no later code parses or force-unwraps strings.
+
+/// `moe.gate`: which router, selection policy and auxiliary losses each MoE layer uses
+/// (docs/ALGORITHMS.md).
+public enum GateKind: String, CaseIterable, Sendable {
+    case topk
+    case `switch`
+    case gshard
+    case dts
+    case hash
+    case base
+    case stablemoe
+    case expertChoice = "expert_choice"
+    case relu
+    case activationDTS = "activation_dts"
+}
+
+/// `moe.renormalize`: how top-k weights are normalised (docs/ALGORITHMS.md 2.1).
+public enum Renormalization: String, CaseIterable, Sendable {
+    /// w = p on the selected experts (Switch).
+    case none
+    /// w = softmax over the selected logits; dropping leaves siblings unchanged (Megatron).
+    case beforeDrop = "before_drop"
+    /// w = p / Σ kept p (GShard).
+    case afterDrop = "after_drop"
+}
+
+/// `moe.gshard_second`: how `gshard` picks each token's second expert (docs/ALGORITHMS.md 2.3).
+public enum SecondChoicePolicy: String, CaseIterable, Sendable {
+    /// argmax over the other experts of l + Gumbel noise: a draw from their softmax.
+    case sampling
+    case argmax
+    /// The runner-up, kept only with probability 2 p2 / (p1 + p2) (original GShard).
+    case random
+}
+
+/// `dts.schedule`: how the Dense-To-Sparse temperature falls.
+public enum TemperatureScheduleKind: String, CaseIterable, Sendable {
+    case linear, exp, constant
+}
+
+/// `dts.weights`: the DTS gate's combine weights, m ⊙ p (probability) or m ⊙ q (gumbel).
+public enum DenseToSparseWeights: String, CaseIterable, Sendable {
+    case probability, gumbel
+}
+
+/// `dts.activation`: φ of the activation dense-to-sparse gate.
+public enum GateActivation: String, CaseIterable, Sendable {
+    case sigmoid, tanh
+}
+
+/// `gates.hash_table`: a uniform random table, or one balanced by training-token frequency.
+public enum HashTableKind: String, CaseIterable, Sendable {
+    case random, balanced
+}
+
+/// `train.precision`: the format of the large matrix products; `auto` picks bf16 where the CPU
+/// has it.
+public enum PrecisionSetting: String, CaseIterable, Sendable {
+    case auto, fp32, bf16
+}
