@@ -26,11 +26,12 @@ final class PrecisionTests: XCTestCase {
         XCTAssertTrue(uncapped.stdout.contains("precision bf16") || uncapped.stdout.contains("lacks AVX512-BF16"), uncapped.stdout)
     }
 
+    /// On 2 ranks, so the profile's barrier timing (`separateWaiting`, bench only) runs too.
     func testBenchPrintsOneJSONObjectForBothPrecisions() throws {
         let workspace = try Workspace()
         try workspace.write("tiny.yaml", Workspace.tinyConfig)
-        let result = try CLI.run(["bench", "--config", "tiny.yaml", "--steps", "2", "--warmup", "1", "--precision", "both"],
-                                 in: workspace.url)
+        let result = try CLI.mpirun(ranks: 2, ["bench", "--config", "tiny.yaml", "--steps", "2", "--warmup", "1", "--precision", "both"],
+                                    in: workspace.url)
         XCTAssertEqual(result.status, 0, result.stderr)
         let lines = result.stdout.split(separator: "\n")
         XCTAssertEqual(lines.count, 1, result.stdout)
@@ -43,7 +44,9 @@ final class PrecisionTests: XCTestCase {
             for key in ["tokens_per_sec", "mfu", "sgemm_peak_gflops", "bf16_peak_gflops", "step_ms", "peak_rss_mib"] {
                 XCTAssertGreaterThan(run[key] as? Double ?? 0, 0, "\(precision).\(key)")
             }
-            XCTAssertNotNil(run["step_ms_by_part"] as? [String: Any])
+            let parts = try XCTUnwrap(run["step_ms_by_part"] as? [String: Any])
+            XCTAssertEqual(Set(parts.keys), ["attention", "route", "plan", "dispatch", "experts", "combine", "all_reduce",
+                                             "optimizer", "waiting", "other"], "the MoE stages by name")
         }
         let bad = try CLI.run(["bench", "--precision", "fp16"], in: workspace.url)
         XCTAssertNotEqual(bad.status, 0)

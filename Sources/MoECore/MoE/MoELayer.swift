@@ -57,26 +57,40 @@ public final class MoELayer<T: Scalar> {
     var hiddenSize: Int { experts[0].hiddenSize }
     public func resetProfile() { profile = StepProfile() }
 
+    /// Barrier time inside the running stage (with `separateWaiting`): booked as `waiting`.
+    private var barrierSeconds = 0.0
+
+    /// Times `body` into `stage`, less the barriers it waited in.
+    private func measure<R>(_ stage: WritableKeyPath<StepProfile, Double>, _ body: () throws -> R) rethrows -> R {
+        let started = Clock.nanoseconds()
+        barrierSeconds = 0
+        defer {
+            profile[keyPath: stage] += Double(Clock.nanoseconds() - started) * 1e-9 - barrierSeconds
+            profile.waiting += barrierSeconds
+        }
+        return try body()
+    }
+
     /// x, y: [N, C]. y is overwritten.
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, context: RoutingContext) throws {
         if isDense, let dense {
             routing.resetDense(globalTokens: context.globalTokens)
             preActivation.resize(rows: rows, columns: hiddenSize)
             activation.resize(rows: rows, columns: hiddenSize)
-            Clock.measure(&profile.experts) {
+            measure(\.experts) {
                 dense.forward(x, rows: rows, into: y, preActivation: preActivation.pointer, activation: activation.pointer)
             }
             return
         }
-        try Clock.measure(&profile.route) { try gate.forward(x, rows: rows, context: context, into: routing) }
-        try Clock.measure(&profile.plan) {
+        try measure(\.route) { try gate.forward(x, rows: rows, context: context, into: routing) }
+        try measure(\.plan) {
             try plan.build(routing.experts, placement: placement, communicator: communicator, countError: injectedCountError)
             try plan.validate(keptPerExpert: routing.statistics.keptPerExpert, assignments: routing.count, placement: placement,
                               communicator: communicator, layer: layerIndex)
         }
-        try Clock.measure(&profile.dispatch) { try dispatch(x) }
-        Clock.measure(&profile.experts) { runExperts() }
-        try Clock.measure(&profile.combine) { try combine(into: y, rows: rows) }
+        try measure(\.dispatch) { try dispatch(x) }
+        measure(\.experts) { runExperts() }
+        try measure(\.combine) { try combine(into: y, rows: rows) }
     }
 
     /// Gathers the rows to send in plan order, exchanges them, and regroups them by local expert.
@@ -88,7 +102,7 @@ public final class MoELayer<T: Scalar> {
             sendBuffer.row(position).update(from: x + token * width, count: width)
         }
         receiveBuffer.resize(rows: plan.receivedRowCount, columns: width)
-        try exchange(sendBuffer, into: receiveBuffer, reverse: false, stage: \.dispatch)
+        try exchange(sendBuffer, into: receiveBuffer, reverse: false)
         expertInput.resize(rows: plan.receivedRowCount, columns: width)
         permute(receiveBuffer, into: expertInput, toExpertOrder: true)
     }
@@ -114,7 +128,7 @@ public final class MoELayer<T: Scalar> {
         let width = self.width
         permute(expertOutput, into: receiveBuffer, toExpertOrder: false)
         returnedOutput.resize(rows: routing.count, columns: width)
-        try exchange(receiveBuffer, into: returnedOutput, reverse: true, stage: \.combine)
+        try exchange(receiveBuffer, into: returnedOutput, reverse: true)
         y.update(repeating: 0, count: rows * width)
         for position in 0..<routing.count {
             let index = Int(plan.order[position])
@@ -126,16 +140,16 @@ public final class MoELayer<T: Scalar> {
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {
         if isDense, let dense {
             dHidden.resize(rows: rows, columns: hiddenSize)
-            Clock.measure(&profile.experts) {
+            measure(\.experts) {
                 dense.backward(x, dy, rows: rows, dx: dx, preActivation: preActivation.pointer, activation: activation.pointer,
                                scratch: dHidden.pointer)
             }
             return
         }
-        try Clock.measure(&profile.combine) { try combineBackward(dy) }
-        Clock.measure(&profile.experts) { runExpertsBackward() }
-        try Clock.measure(&profile.dispatch) { try dispatchBackward(into: dx) }
-        Clock.measure(&profile.route) {
+        try measure(\.combine) { try combineBackward(dy) }
+        measure(\.experts) { runExpertsBackward() }
+        try measure(\.dispatch) { try dispatchBackward(into: dx) }
+        measure(\.route) {
             dWeights.withUnsafeMutableBufferPointer { dw in gate.backward(x, rows: rows, dWeights: dw.baseAddress!, dx: dx, routing: routing) }
         }
     }
@@ -154,7 +168,7 @@ public final class MoELayer<T: Scalar> {
             dWeights[index] = Kernels.dot(dyRow, returnedOutput.row(position), count: width)
         }
         dReceive.resize(rows: plan.receivedRowCount, columns: width)
-        try exchange(dSend, into: dReceive, reverse: false, stage: \.combine)
+        try exchange(dSend, into: dReceive, reverse: false)
         dExpertOutput.resize(rows: plan.receivedRowCount, columns: width)
         permute(dReceive, into: dExpertOutput, toExpertOrder: true)
     }
@@ -177,22 +191,15 @@ public final class MoELayer<T: Scalar> {
     /// dX_recv back to the tokens' ranks, then scatter-added into dx.
     private func dispatchBackward(into dx: UnsafeMutablePointer<T>) throws {
         permute(dExpertInput, into: dReceive, toExpertOrder: false)
-        try exchange(dReceive, into: dSend, reverse: true, stage: \.dispatch)
+        try exchange(dReceive, into: dSend, reverse: true)
         for position in 0..<routing.count {
             Kernels.add(dSend.row(position), into: dx + Int(routing.tokens[Int(plan.order[position])]) * width, count: width)
         }
     }
 
     /// All-to-all-v of whole rows. Forward direction sends the plan's send rows; reverse swaps.
-    /// With `separateWaiting` the barrier's time moves from `stage` to `waiting`.
-    private func exchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool,
-                          stage: WritableKeyPath<StepProfile, Double>) throws {
-        if separateWaiting {
-            var waited = 0.0
-            try Clock.measure(&waited) { try communicator.barrier() }
-            profile.waiting += waited
-            profile[keyPath: stage] -= waited
-        }
+    private func exchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool) throws {
+        if separateWaiting { try Clock.measure(&barrierSeconds) { try communicator.barrier() } }
         let stride = MemoryLayout<T>.stride
         plan.splits(rowBytes: width * stride, reverse: reverse)
         try communicator.allToAllV(send: UnsafeRawBufferPointer(start: source.pointer, count: source.count * stride),
