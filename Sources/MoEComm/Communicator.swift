@@ -18,6 +18,13 @@ public protocol Communicator: AnyObject {
     /// Variable-size all-to-all. Counts and displacements are in bytes, one per rank.
     func allToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
                    recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws
+    /// Element-wise sum over all ranks of the whole buffer, of which rank r needs only block r:
+    /// the blocks lie back to back, `blockCounts[r]` elements each. Afterwards this rank's block
+    /// holds the sums; the rest of the buffer is undefined. (ZeRO's gradient reduce-scatter.)
+    func reduceScatterSum(_ buffer: UnsafeMutableRawBufferPointer, blockCounts: [Int], type: CommDataType) throws
+    /// Every rank contributes its block of `buffer` (blocks back to back, `blockByteCounts[r]`
+    /// bytes each); afterwards every rank holds every block. (ZeRO's parameter all-gather.)
+    func allGather(_ buffer: UnsafeMutableRawBufferPointer, blockByteCounts: [Int]) throws
     /// Copies `buffer` from `root` to every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
@@ -79,6 +86,15 @@ extension Communicator {
         return values[0]
     }
 
+    public func reduceScatterSum<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, blockCounts: [Int]) throws {
+        try reduceScatterSum(UnsafeMutableRawBufferPointer(buffer), blockCounts: blockCounts, type: T.commType)
+    }
+
+    /// All-gather of typed blocks; counts in elements of `T`.
+    public func allGather<T>(_ buffer: UnsafeMutableBufferPointer<T>, blockCounts: [Int]) throws {
+        try allGather(UnsafeMutableRawBufferPointer(buffer), blockByteCounts: blockCounts.map { $0 * MemoryLayout<T>.stride })
+    }
+
     /// Variable-size all-to-all of typed rows; counts and offsets are in elements of `T`.
     public func allToAllV<T>(send: UnsafeBufferPointer<T>, sendCounts: [Int], sendOffsets: [Int],
                              recv: UnsafeMutableBufferPointer<T>, recvCounts: [Int], recvOffsets: [Int]) throws {
@@ -112,6 +128,8 @@ public final class SingleRankCommunicator: Communicator {
         let source = send.baseAddress! + sendOffsets[0]
         (recv.baseAddress! + recvOffsets[0]).copyMemory(from: source, byteCount: sendCounts[0])
     }
+    public func reduceScatterSum(_ buffer: UnsafeMutableRawBufferPointer, blockCounts: [Int], type: CommDataType) throws {}
+    public func allGather(_ buffer: UnsafeMutableRawBufferPointer, blockByteCounts: [Int]) throws {}
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
     public func barrier() throws {}
     public func split(color: Int, key: Int) throws -> Communicator { SingleRankCommunicator() }

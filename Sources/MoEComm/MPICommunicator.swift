@@ -111,6 +111,27 @@ public final class MPICommunicator: Communicator {
                   operation)
     }
 
+    /// MPI_Reduce_scatter in place leaves this rank's sums at the start of the buffer; they are
+    /// moved to the rank's own block.
+    public func reduceScatterSum(_ buffer: UnsafeMutableRawBufferPointer, blockCounts: [Int], type: CommDataType) throws {
+        let operation = "MPI_Reduce_scatter"
+        let counts = try blockCounts.map { try int32Count($0, operation) }
+        guard blockCounts.reduce(0, +) > 0 else { return }
+        try check(MPI_Reduce_scatter(swiftmoe_in_place(), buffer.baseAddress, counts, datatype(type), swiftmoe_op_sum(), world),
+                  operation)
+        let offset = blockCounts[..<rank].reduce(0, +) * type.byteCount
+        if offset > 0 { memmove(buffer.baseAddress! + offset, buffer.baseAddress!, blockCounts[rank] * type.byteCount) }
+    }
+
+    public func allGather(_ buffer: UnsafeMutableRawBufferPointer, blockByteCounts: [Int]) throws {
+        let operation = "MPI_Allgatherv"
+        let counts = try blockByteCounts.map { try int32Count($0, operation) }
+        let offsets = try blockByteCounts.indices.map { try int32Count(blockByteCounts[..<$0].reduce(0, +), operation) }
+        guard buffer.count > 0 else { return }
+        try check(MPI_Allgatherv(swiftmoe_in_place(), 0, swiftmoe_byte(), buffer.baseAddress, counts, offsets, swiftmoe_byte(), world),
+                  operation)
+    }
+
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {
         let count = try int32Count(buffer.count, "MPI_Bcast")
         guard count > 0 else { return }

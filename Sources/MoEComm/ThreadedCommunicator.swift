@@ -124,6 +124,23 @@ public final class ThreadedCommunicator: Communicator {
         if let failure { throw failure }
     }
 
+    /// The whole sum, in rank order like `allReduce` (a superset of this rank's block).
+    public func reduceScatterSum(_ buffer: UnsafeMutableRawBufferPointer, blockCounts: [Int], type: CommDataType) throws {
+        precondition(blockCounts.count == size && blockCounts.reduce(0, +) * type.byteCount == buffer.count)
+        try allReduce(buffer, type: type, op: .sum)
+    }
+
+    public func allGather(_ buffer: UnsafeMutableRawBufferPointer, blockByteCounts: [Int]) throws {
+        precondition(blockByteCounts.count == size && blockByteCounts.reduce(0, +) == buffer.count)
+        let offsets = blockByteCounts.indices.map { blockByteCounts[..<$0].reduce(0, +) }
+        stage(UnsafeRawBufferPointer(rebasing: buffer[offsets[rank]..<offsets[rank] + blockByteCounts[rank]]))
+        try group.barrier(rank)
+        for source in 0..<size where source != rank && blockByteCounts[source] > 0 {
+            group.staged[source].withUnsafeBytes { (buffer.baseAddress! + offsets[source]).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        }
+        try group.barrier(rank)
+    }
+
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {
         if rank == root { stage(UnsafeRawBufferPointer(buffer)) }
         try group.barrier(rank)

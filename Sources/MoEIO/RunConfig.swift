@@ -77,6 +77,8 @@ public struct TrainConfig: Equatable, Sendable {
     public init() {}
     public var steps = 2000
     public var batchSize = 8
+    public var gradAccum = 1
+    public var shardOptimizer = false
     public var seed = 1337
     public var learningRate = 1e-3
     public var minLearningRate = 1e-4
@@ -188,7 +190,9 @@ public struct RunConfig: Equatable, Sendable {
         ]),
         ConfigSection("train", \.train, help: "Optimisation.", [
             .int("steps", \.steps, min: 0, "optimizer updates"),
-            .int("batch_size", \.batchSize, min: 1, "sequences per rank per step; the global batch is ranks x batch_size"),
+            .int("batch_size", \.batchSize, min: 1, "sequences per rank per micro-batch; the global batch is ranks x grad_accum x batch_size"),
+            .int("grad_accum", \.gradAccum, min: 1, "micro-batches per optimizer step, gradients summed (A); routing, capacity and aux losses work per micro-batch"),
+            .bool("shard_optimizer", \.shardOptimizer, "ZeRO stage 1: each rank keeps the AdamW moments of 1/R of the replicated parameters (gradients reduce-scattered, parameters all-gathered)"),
             .int("seed", \.seed, min: 0, "seed of initialisation, data order and routing noise"),
             .double("lr", \.learningRate, 0...10, "peak learning rate"),
             .double("min_lr", \.minLearningRate, 0...10, "learning rate at the end of the cosine decay"),

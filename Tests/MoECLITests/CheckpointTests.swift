@@ -112,6 +112,25 @@ final class CheckpointTests: XCTestCase {
         for step in 10..<20 { XCTAssertEqual(grown[step]!, reference[step]!, accuracy: 1e-4 * reference[step]!, "1 -> 4 ranks, step \(step)") }
     }
 
+    /// A checkpoint saved with a sharded optimizer (2 ranks) holds whole-store moments: it
+    /// resumes on 1 rank without sharding and on 4 ranks with it, continuing the 2-rank run.
+    func testShardedOptimizerStateResumesOnOtherRankCountsAndUnsharded() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let shard = ["--set", "train.shard_optimizer=true"]
+        try train(workspace, ranks: 2, ["--run-dir", "straight"] + shard)
+        let reference = try losses(workspace, "straight")
+        for (ranks, settings) in [(1, [String]()), (4, shard)] {
+            let run = "to\(ranks)"
+            try train(workspace, ranks: 2, ["--run-dir", run, "--stop-at", "10"] + shard)
+            try train(workspace, ranks: ranks, ["--run-dir", run, "--resume"] + settings)
+            let continued = try losses(workspace, run)
+            for step in 10..<20 {
+                XCTAssertEqual(continued[step]!, reference[step]!, accuracy: 1e-4 * reference[step]!, "2 sharded -> \(ranks) ranks, step \(step)")
+            }
+        }
+    }
+
     /// A rank killed while writing a checkpoint ends the job promptly; the half-written directory
     /// has no DONE, and --resume continues from the previous complete checkpoint.
     func testKillDuringSaveKeepsThePreviousCheckpoint() throws {

@@ -201,6 +201,51 @@ final class DistributedTrainingTests: XCTestCase {
         }
     }
 
+    /// Gradient accumulation reads the data of R·A ranks. Where routing is token-local (dropless
+    /// top-k without a balance loss: no capacity, no group statistics) R ranks × A micro-batches
+    /// train exactly the model of R·A ranks: (1 rank, A = 4) = (2 ranks, A = 2) = (4 ranks, A = 1).
+    func testGradientAccumulationMatchesMoreRanks() throws {
+        let tokenLocal: (inout RunConfig) -> Void = { $0.moe.capacityFactor = nil; $0.moe.balanceLoss = 0; $0.moe.zLoss = 1e-3 }
+        let reference = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 4, tokenLocal), ranks: 4)
+        XCTAssertLessThan(reference.losses.last!, reference.losses.first! - 1, "the run must learn something to compare")
+        for (ranks, accumulation) in [(1, 4), (2, 2)] {
+            let config = Self.config(experts: 4, globalBatch: 8 / accumulation, ranks: ranks) {
+                tokenLocal(&$0)
+                $0.train.gradAccum = accumulation
+            }
+            assertEquivalent(reference, try Self.train(config, ranks: ranks), "\(ranks) ranks x \(accumulation) micro-batches")
+        }
+    }
+
+    /// The documented choice: with accumulation each micro-batch is one routing group over all
+    /// ranks (capacity, balance statistics), so with capacity and the balance loss 2 ranks × 2
+    /// micro-batches train the model 1 rank × 2 micro-batches of twice the size trains, and the
+    /// result differs from one 8-sequence group (capacity and statistics over the whole batch).
+    func testAccumulatedMicroBatchesAreRoutingGroups() throws {
+        let capacity: (inout RunConfig) -> Void = { $0.moe.capacityFactor = 1.0; $0.moe.minCapacity = 1; $0.train.gradAccum = 2 }
+        let single = try Self.train(Self.config(experts: 4, globalBatch: 4, ranks: 1, capacity), ranks: 1)
+        let double = try Self.train(Self.config(experts: 4, globalBatch: 4, ranks: 2, capacity), ranks: 2)
+        assertEquivalent(single, double, "2 ranks x 2 micro-batches vs 1 rank x 2")
+        let whole = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1) { capacity(&$0); $0.train.gradAccum = 1 }, ranks: 1)
+        XCTAssertNotEqual(whole.losses.dropFirst().first, single.losses.dropFirst().first,
+                          "one group of 8 sequences routes differently from two groups of 4")
+    }
+
+    /// ZeRO stage 1: each rank keeps the AdamW moments of its 1/R slice of the replicated values
+    /// (gradients reduce-scattered, values all-gathered after the update), and trains the model
+    /// the unsharded optimizer trains, on 1, 2 and 4 ranks.
+    func testShardedOptimizerTrainsTheSameModel() throws {
+        let reference = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1), ranks: 1)
+        for ranks in [1, 2, 4] {
+            let config = Self.config(experts: 4, globalBatch: 8, ranks: ranks) { $0.train.shardOptimizer = true }
+            let sharded = try Self.train(config, ranks: ranks) { trainer in
+                let total = trainer.model.replicated.count, slice = trainer.replicatedOptimizer.shard.count
+                precondition(slice <= total / ranks + 1, "rank \(trainer.communicator.rank) keeps moments for \(slice) of \(total) values")
+            }
+            assertEquivalent(reference, sharded, "shard_optimizer on \(ranks) ranks")
+        }
+    }
+
     /// The production guard covers expert copies too: a perturbed copy on one rank ends the run.
     func testDivergedExpertCopiesAreDetected() {
         var config = Self.config(experts: 2, globalBatch: 8, ranks: 4)

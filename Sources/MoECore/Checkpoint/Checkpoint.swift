@@ -103,7 +103,8 @@ public enum Checkpoint {
         var reports = [Int64](repeating: 0, count: ranks * 6)
         try communicator.agree {
             guard model.placement.groupBase == 0 else { return }
-            let record = try writeDurably(try encode(model.experts, trainer.expertOptimizer),
+            let record = try writeDurably(try encode(model.experts, first: trainer.expertOptimizer.firstMoment,
+                                                     second: trainer.expertOptimizer.secondMoment),
                                           to: (directory as NSString).appendingPathComponent(expertFileName(rank: rank)),
                                           beforeRename: { FaultInjection.trigger(.killDuringSave, faults: trainer.faults, step: trainer.step) })
             reports[rank * 6] = 1
@@ -111,11 +112,22 @@ public enum Checkpoint {
             for word in 0..<4 { reports[rank * 6 + 2 + word] = digestWord(record.sha256, word) }
         }
         try communicator.allReduce(&reports)
+        // A sharded optimizer's slices, gathered (the file holds whole-store moments, so it
+        // resumes on any number of ranks, sharded or not).
+        let optimizer = trainer.replicatedOptimizer
+        let gathered = optimizer.isSharded ? try optimizer.fullMoments(over: communicator) : nil
         try communicator.agree {
             guard rank == 0 else { return }
             var files: [String: CheckpointManifest.FileRecord] = [:]
-            files[replicatedFile] = try writeDurably(try encode(model.replicated, trainer.replicatedOptimizer),
-                                                     to: (directory as NSString).appendingPathComponent(replicatedFile))
+            let data: Data
+            if let gathered {
+                data = try gathered.first.withUnsafeBufferPointer { first in
+                    try gathered.second.withUnsafeBufferPointer { try encode(model.replicated, first: first.baseAddress!, second: $0.baseAddress!) }
+                }
+            } else {
+                data = try encode(model.replicated, first: optimizer.firstMoment, second: optimizer.secondMoment)
+            }
+            files[replicatedFile] = try writeDurably(data, to: (directory as NSString).appendingPathComponent(replicatedFile))
             var expertFiles: [String?] = Array(repeating: nil, count: ranks)
             for source in 0..<ranks where reports[source * 6] == 1 {
                 let name = expertFileName(rank: source)
@@ -176,10 +188,10 @@ public enum Checkpoint {
 
     static func shape(of entry: ParameterEntry) -> [Int] { entry.rows == 1 ? [entry.columns] : [entry.rows, entry.columns] }
 
-    static func encode<Kind>(_ store: ParameterStore<Float, Kind>, _ optimizer: AdamW<Float, Kind>) throws -> Data {
+    /// The store's values and its AdamW moments (whole-store moments: [store.count] each).
+    static func encode<Kind>(_ store: ParameterStore<Float, Kind>, first: UnsafePointer<Float>, second: UnsafePointer<Float>) throws -> Data {
         var entries: [Safetensors.Entry] = []
-        for (prefix, base) in [("", UnsafePointer(store.values)), (firstMomentPrefix, UnsafePointer(optimizer.firstMoment)),
-                               (secondMomentPrefix, UnsafePointer(optimizer.secondMoment))] {
+        for (prefix, base) in [("", UnsafePointer(store.values)), (firstMomentPrefix, first), (secondMomentPrefix, second)] {
             for entry in store.entries {
                 entries.append(Safetensors.Entry(name: prefix + entry.name, shape: shape(of: entry),
                                                  values: UnsafeBufferPointer(start: base + entry.offset, count: entry.count)))
@@ -330,11 +342,27 @@ public enum Checkpoint {
                 throw CheckpointError.corrupt(path: files.first?.path ?? "?", reason: "parameter '\(entry.name)' is in no file of this checkpoint")
             }
             try file.read(entry.name, shape: shape(of: entry), into: store.values + entry.offset)
-            if let optimizer {
+            if let optimizer, !optimizer.isSharded {
                 try file.read(firstMomentPrefix + entry.name, shape: shape(of: entry), into: optimizer.firstMoment + entry.offset)
                 try file.read(secondMomentPrefix + entry.name, shape: shape(of: entry), into: optimizer.secondMoment + entry.offset)
             }
         }
+        if let optimizer, optimizer.isSharded { try readSharded(store, optimizer: optimizer, from: files) }
+    }
+
+    /// A sharded optimizer reads the whole-store moments and keeps its slice.
+    static func readSharded<Kind>(_ store: ParameterStore<Float, Kind>, optimizer: AdamW<Float, Kind>, from files: [Safetensors.File]) throws {
+        var first = [Float](repeating: 0, count: store.count), second = first
+        for entry in store.entries {
+            guard let file = files.first(where: { $0.tensors[entry.name] != nil }) else { continue }
+            try first.withUnsafeMutableBufferPointer {
+                try file.read(firstMomentPrefix + entry.name, shape: shape(of: entry), into: $0.baseAddress! + entry.offset)
+            }
+            try second.withUnsafeMutableBufferPointer {
+                try file.read(secondMomentPrefix + entry.name, shape: shape(of: entry), into: $0.baseAddress! + entry.offset)
+            }
+        }
+        optimizer.setMoments(first: first, second: second)
     }
 }
 

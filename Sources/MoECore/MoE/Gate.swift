@@ -54,6 +54,8 @@ public struct LossInput<T: Scalar> {
     public let routing: Routing<T>
     public let rows: Int
     var tokens: Double { Double(routing.statistics.globalTokens) }
+    /// Scale of the loss's gradient (1/A with A micro-batches per step).
+    var weight: Double { routing.lossWeight }
 }
 
 /// A small differentiable term added to the training loss. Its value needs sums over the global

@@ -14,6 +14,9 @@ public struct RoutingContext {
     public var noiseKey: RandomKey
     /// Completed optimizer updates t (schedules such as the DTS temperature read it).
     public var step: Int
+    /// Weight of this forward's auxiliary losses in the step's loss: 1/A with A micro-batches
+    /// per step (the step's auxiliary loss is their mean).
+    public var lossWeight = 1.0
 
     public init(training: Bool, communicator: Communicator, globalTokens: Int, firstGlobalToken: Int,
                 tokenIds: UnsafePointer<Int32>?, noiseKey: RandomKey, step: Int = 0) {
@@ -58,6 +61,24 @@ public struct RoutingStatistics: Sendable, Equatable {
         return keptPerExpert.map { Double($0) / kept }
     }
 
+    /// The statistics of a whole step from its micro-batches': counts summed, the auxiliary loss
+    /// averaged (it is the mean over micro-batches), the entropy weighted by tokens.
+    public static func combined(_ parts: [RoutingStatistics]) -> RoutingStatistics {
+        guard var total = parts.first, parts.count > 1 else { return parts.first ?? RoutingStatistics() }
+        var entropy = (total.routerEntropy ?? 0) * Double(total.globalTokens)
+        for part in parts.dropFirst() {
+            total.auxiliaryLoss += part.auxiliaryLoss
+            for e in total.keptPerExpert.indices where e < part.keptPerExpert.count { total.keptPerExpert[e] += part.keptPerExpert[e] }
+            total.selectedCount += part.selectedCount
+            total.keptCount += part.keptCount
+            total.globalTokens += part.globalTokens
+            entropy += (part.routerEntropy ?? 0) * Double(part.globalTokens)
+        }
+        total.auxiliaryLoss /= Double(parts.count)
+        if total.routerEntropy != nil { total.routerEntropy = entropy / Double(max(total.globalTokens, 1)) }
+        return total
+    }
+
     public var droppedFraction: Double { selectedCount == 0 ? 0 : 1 - Double(keptCount) / Double(selectedCount) }
     /// Mean experts processing each token.
     public var activeExperts: Double { Double(keptCount) / Double(max(globalTokens, 1)) }
@@ -74,6 +95,8 @@ public final class Routing<T: Scalar> {
     public internal(set) var statistics = RoutingStatistics()
     /// The forward ran in training mode (auxiliary losses that exist only in training read it).
     public internal(set) var training = false
+    /// The context's loss weight (scales the auxiliary losses' gradients).
+    public internal(set) var lossWeight = 1.0
     /// Selections per expert before capacity [E], and first choices [E]: this rank's counts,
     /// filled by a policy that drops (for the others the kept counts are the selections).
     var selectedPerExpert: [Int64] = []
@@ -107,6 +130,7 @@ public final class Routing<T: Scalar> {
         statistics.routerEntropy = nil
         statistics.globalTokens = context.globalTokens
         training = context.training
+        lossWeight = context.lossWeight
     }
 
     /// Dense phase: no assignments, no experts.

@@ -129,7 +129,7 @@ public final class StableBalanceLoss<T: Scalar>: AuxiliaryLoss {
         guard policy.stage1 else { return }
         for s in 0..<input.rows {
             let e = policy.choice[s], sigma = sigmoid(input.scores.logits[s, e])
-            dLogits[s, e] += T(coefficient * balanceScale[e] / input.tokens) * sigma * (1 - sigma)
+            dLogits[s, e] += T(coefficient * input.weight * balanceScale[e] / input.tokens) * sigma * (1 - sigma)
         }
     }
 }
@@ -163,7 +163,7 @@ public final class DistillationLoss<T: Scalar>: AuxiliaryLoss {
     /// d logits = coefficient/N (p - onehot), into D[v] and Ĉ.
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         guard policy.stage1 else { return }
-        let experts = policy.expertCount, width = policy.distilledTable.columns, scale = T(coefficient / input.tokens)
+        let experts = policy.expertCount, width = policy.distilledTable.columns, scale = T(coefficient * input.weight / input.tokens)
         for s in 0..<input.rows {
             let dRow = policy.distilled.row(s)
             dRow[Int(policy.target[s])] -= 1

@@ -221,7 +221,7 @@ public final class SelectionBalanceLoss<T: Scalar>: AuxiliaryLoss {
 
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         guard input.routing.training else { return }
-        let scale = T(coefficient * Double(selectionFraction.count) / input.tokens), routing = input.routing
+        let scale = T(coefficient * input.weight * Double(selectionFraction.count) / input.tokens), routing = input.routing
         for j in 0..<routing.count { dWeights[j] += scale * selectionFraction[Int(routing.experts[j])] }
     }
 }
@@ -268,7 +268,7 @@ public final class SparsityRegularizer<T: Scalar>: AuxiliaryLoss {
 
     /// dr_{s,e} += (λ/L) f_e / N on the active pairs.
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
-        let scale = T(coefficient / input.tokens), routing = input.routing
+        let scale = T(coefficient * input.weight / input.tokens), routing = input.routing
         for j in 0..<routing.count { dWeights[j] += scale * fraction[Int(routing.experts[j])] }
     }
 

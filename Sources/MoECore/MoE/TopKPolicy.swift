@@ -222,7 +222,7 @@ public final class LoadBalanceLoss<T: Scalar>: AuxiliaryLoss {
 
     /// dl_s = p_s ⊙ (g - <p_s, g>) with g_e = α E f_e / N.
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
-        let experts = fraction.count, scale = T(coefficient) * T(experts) / T(input.tokens)
+        let experts = fraction.count, scale = T(coefficient * input.weight) * T(experts) / T(input.tokens)
         for s in 0..<input.rows {
             for e in 0..<experts { row[e] = scale * fraction[e] }
             row.withUnsafeMutableBufferPointer { g in
@@ -247,7 +247,7 @@ public final class RouterZLoss<T: Scalar>: AuxiliaryLoss {
 
     /// d(lse²)/dl = 2 lse p.
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
-        let scale = T(coefficient) * 2 / T(input.tokens), experts = dLogits.columns
+        let scale = T(coefficient * input.weight) * 2 / T(input.tokens), experts = dLogits.columns
         for s in 0..<input.rows {
             let p = input.scores.probabilities.row(s), dl = dLogits.row(s), factor = scale * input.scores.logSumExp[s]
             for e in 0..<experts { dl[e] += factor * p[e] }

@@ -65,7 +65,10 @@ public enum Benchmark {
         let model = trainer.model, config = model.config
         let c = Double(config.width), h = Double(config.ffnHidden), k = Double(model.moeConfig.topK)
         let tokens = Double(trainer.batchSize * config.context)
-        let parameters = Double(model.replicated.count + model.experts.count) * 16
+        // Values and gradients (8 bytes) of every parameter; AdamW moments (8 bytes) of the experts
+        // and of this rank's slice of the replicated parameters (all of them unless sharded).
+        let parameters = Double(model.replicated.count + model.experts.count) * 8
+            + Double(trainer.replicatedOptimizer.shard.count + model.experts.count) * 8
         let perLayer = 12 * c + Double(config.heads * config.context) + k * (9 * c + 3 * h)
         let activations = tokens * (Double(config.layers) * perLayer + 3 * c + Double(model.vocabularySize)) * 4
         return (parameters + activations) / 1_048_576
@@ -120,10 +123,20 @@ public enum Benchmark {
         let modelled = try communicator.allReduce(memoryModelMiB(trainer), op: .max)
         object.add("memory_model_mib", modelled.rounded())
         object.add("memory_ratio", (peakMemory / modelled * 100).rounded() / 100)
+        // The replicated parameters' AdamW moments on this rank (halved on 2 ranks by train.shard_optimizer).
+        let optimizerState = Double(trainer.replicatedOptimizer.shard.count) * 8 / 1_048_576
+        object.add("replicated_optimizer_state_mib", try communicator.allReduce(optimizerState, op: .max).rounded(toPlaces: 1))
         object.add("step_ms", (seconds / Double(steps) * 1e4).rounded() / 10)
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, (value / Double(steps) * 1e4).rounded() / 10) }
         object.addRaw("step_ms_by_part", parts.text)
         return (object, tokensPerSecond)
+    }
+}
+
+extension Double {
+    func rounded(toPlaces places: Int) -> Double {
+        let scale = Glibc.pow(10, Double(places))
+        return (self * scale).rounded() / scale
     }
 }

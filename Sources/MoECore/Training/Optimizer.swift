@@ -1,3 +1,4 @@
+import MoEComm
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -23,25 +24,45 @@ public struct AdamWSettings: Sendable {
 
 public final class AdamW<T: Scalar, Kind> {
     public let store: ParameterStore<T, Kind>
-    /// First and second moments, laid out like the store's values.
+    /// The flat range of the store's values this optimizer updates and keeps moments for: all of
+    /// them, or this rank's slice with a sharded optimizer (ZeRO stage 1).
+    public let shard: Range<Int>
+    /// First and second moments of the shard: moment i belongs to value shard.lowerBound + i.
     public let firstMoment: UnsafeMutablePointer<T>
     public let secondMoment: UnsafeMutablePointer<T>
     /// Updates applied to each entry so far (t in its bias corrections). Per entry, because
     /// tensors created mid-run (EvoMoE's spawned experts and fresh router) start again at 0.
+    /// Counted for every entry on every rank, whether the shard holds part of it or not.
     public var stepCounts: [Int]
     /// Entries the optimizer leaves alone (hash tables, StableMoE's frozen distilled router).
     public var frozen: Set<Int> = []
     public var settings: AdamWSettings
 
     /// Build after the model: the store must not grow afterwards.
-    public init(store: ParameterStore<T, Kind>, settings: AdamWSettings) {
+    public init(store: ParameterStore<T, Kind>, settings: AdamWSettings, shard: Range<Int>? = nil) {
         self.store = store
         self.settings = settings
-        firstMoment = .allocate(capacity: max(store.count, 1))
-        secondMoment = .allocate(capacity: max(store.count, 1))
-        firstMoment.initialize(repeating: 0, count: max(store.count, 1))
-        secondMoment.initialize(repeating: 0, count: max(store.count, 1))
+        self.shard = shard ?? 0..<store.count
+        precondition(self.shard.lowerBound >= 0 && self.shard.upperBound <= store.count, "the shard lies in the store")
+        let count = max(self.shard.count, 1)
+        firstMoment = .allocate(capacity: count)
+        secondMoment = .allocate(capacity: count)
+        firstMoment.initialize(repeating: 0, count: count)
+        secondMoment.initialize(repeating: 0, count: count)
         stepCounts = Array(repeating: 0, count: store.entries.count)
+    }
+
+    /// Whether the moments cover only a slice of the store (ZeRO stage 1 on more than one rank).
+    public var isSharded: Bool { shard.count != store.count }
+
+    /// The part of `entry` inside the shard, as a flat range of the store (empty if none).
+    func shardPart(of entry: ParameterEntry) -> Range<Int> {
+        max(entry.offset, shard.lowerBound)..<max(max(entry.offset, shard.lowerBound), min(entry.offset + entry.count, shard.upperBound))
+    }
+
+    /// R contiguous slices of `count` values, as equal as possible: rank r's is slices[r].
+    public static func slices(count: Int, ranks: Int) -> [Range<Int>] {
+        (0..<ranks).map { ($0 * count / ranks)..<(($0 + 1) * count / ranks) }
     }
 
     /// The step count of every entry (they differ only after a reset).
@@ -50,8 +71,9 @@ public final class AdamW<T: Scalar, Kind> {
     /// Zeroes the moments and step counter of the named entries (new tensors).
     public func reset(entries names: Set<String>) {
         for (index, entry) in store.entries.enumerated() where names.contains(entry.name) {
-            (firstMoment + entry.offset).update(repeating: 0, count: entry.count)
-            (secondMoment + entry.offset).update(repeating: 0, count: entry.count)
+            let part = shardPart(of: entry)
+            (firstMoment + part.lowerBound - shard.lowerBound).update(repeating: 0, count: part.count)
+            (secondMoment + part.lowerBound - shard.lowerBound).update(repeating: 0, count: part.count)
             stepCounts[index] = 0
         }
     }
@@ -64,6 +86,27 @@ public final class AdamW<T: Scalar, Kind> {
     deinit {
         firstMoment.deallocate()
         secondMoment.deallocate()
+    }
+
+    /// The moments of the whole store, [store.count] each (for checkpoints): the shard's own, or
+    /// with a sharded optimizer every rank's slices gathered (collective over `communicator`).
+    public func fullMoments(over communicator: Communicator) throws -> (first: [T], second: [T]) where T: CommElement {
+        var first = [T](repeating: 0, count: store.count), second = first
+        let shard = self.shard, firstMoment = self.firstMoment, secondMoment = self.secondMoment
+        first.withUnsafeMutableBufferPointer { ($0.baseAddress! + shard.lowerBound).update(from: firstMoment, count: shard.count) }
+        second.withUnsafeMutableBufferPointer { ($0.baseAddress! + shard.lowerBound).update(from: secondMoment, count: shard.count) }
+        if shard.count != store.count {
+            let blocks = AdamW.slices(count: store.count, ranks: communicator.size).map(\.count)
+            try first.withUnsafeMutableBufferPointer { try communicator.allGather($0, blockCounts: blocks) }
+            try second.withUnsafeMutableBufferPointer { try communicator.allGather($0, blockCounts: blocks) }
+        }
+        return (first, second)
+    }
+
+    /// Takes the shard's part of whole-store moments (from a checkpoint).
+    public func setMoments(first: UnsafePointer<T>, second: UnsafePointer<T>) {
+        firstMoment.update(from: first + shard.lowerBound, count: shard.count)
+        secondMoment.update(from: second + shard.lowerBound, count: shard.count)
     }
 
     /// One update with the gradients already in the store, multiplied by `gradientScale`
@@ -80,8 +123,10 @@ public final class AdamW<T: Scalar, Kind> {
             let stepSize = T(learningRate * correction1 / correction2.squareRoot())
             let epsilon = T(settings.epsilon / correction2.squareRoot())
             let decay = entry.weightDecay ? T(1 - learningRate * settings.weightDecay) : 1
-            AdamW.updateRange(values: store.values + entry.offset, gradients: store.gradients + entry.offset,
-                              first: firstMoment + entry.offset, second: secondMoment + entry.offset, count: entry.count,
+            let part = shardPart(of: entry), moment = part.lowerBound - shard.lowerBound
+            guard !part.isEmpty else { continue }
+            AdamW.updateRange(values: store.values + part.lowerBound, gradients: store.gradients + part.lowerBound,
+                              first: firstMoment + moment, second: secondMoment + moment, count: part.count,
                               beta1: beta1, beta2: beta2, stepSize: stepSize, epsilon: epsilon, decay: decay,
                               gradientScale: scale)
         }

@@ -67,6 +67,9 @@ public final class Trainer {
     /// all-reduced within this group.
     let replicaCommunicator: Communicator?
     var inputs: [Int32] = [], targets: [Int32] = []
+    /// The slice of the replicated values each rank updates: one slice (all values) unless
+    /// `train.shard_optimizer`.
+    let replicatedShards: [Range<Int>]
     /// [loss sum, expert gradient sum of squares]: all-reduced together.
     var scalars: [Double] = [0, 0]
     let routingKey: RandomKey
@@ -87,7 +90,11 @@ public final class Trainer {
         model.initializeParameters(seed: config.train.seed)
         let settings = AdamWSettings(beta1: config.train.beta1, beta2: config.train.beta2,
                                      epsilon: config.train.epsilon, weightDecay: config.train.weightDecay)
-        replicatedOptimizer = AdamW(store: model.replicated, settings: settings)
+        // ZeRO stage 1: this rank keeps the AdamW moments of its slice of the replicated values only.
+        replicatedShards = AdamW<Float, Replicated>.slices(count: model.replicated.count,
+                                                           ranks: config.train.shardOptimizer ? communicator.size : 1)
+        replicatedOptimizer = AdamW(store: model.replicated, settings: settings,
+                                    shard: replicatedShards[config.train.shardOptimizer ? communicator.rank : 0])
         expertOptimizer = AdamW(store: model.experts, settings: settings)
         schedule = LearningRateSchedule(peak: config.train.learningRate, minimum: config.train.minLearningRate,
                                         warmupSteps: config.train.warmupSteps, totalSteps: config.train.steps)
@@ -102,29 +109,24 @@ public final class Trainer {
 
     public var batchSize: Int { config.train.batchSize }
     public var context: Int { config.model.context }
-    /// Tokens in one step's global batch (all ranks).
-    public var globalBatchTokens: Int { communicator.size * batchSize * context }
+    /// A: micro-batches per optimizer step.
+    public var accumulation: Int { config.train.gradAccum }
+    /// Tokens in one micro-batch over all ranks: the group each forward routes together
+    /// (capacities, balance statistics; docs/ARCHITECTURE.md, "Gradient accumulation").
+    public var microBatchTokens: Int { communicator.size * batchSize * context }
+    /// Tokens in one step's global batch (all ranks, all micro-batches).
+    public var globalBatchTokens: Int { microBatchTokens * accumulation }
 
-    /// One optimizer update on the global batch of step `step`.
+    /// One optimizer update on the global batch of step `step`: A forward/backward passes over
+    /// micro-batches whose gradients add up, then one all-reduce and one update.
     public func trainStep() throws -> StepReport {
         _ = model.takeProfile()   // drop time an evaluation may have left behind
         let started = Clock.nanoseconds()
         var allReduceSeconds = 0.0, optimizerSeconds = 0.0
-        let rank = communicator.rank, localTokens = batchSize * context, globalTokens = globalBatchTokens
-        // 1. this rank's share of the global batch
-        trainData.trainingBatch(step: step, rank: rank, batchSize: batchSize, inputs: &inputs, targets: &targets)
-        // 2-3. forward and its adjoint
         model.zeroGradients()
         let phase = self.phase
         prepareGates()
-        heartbeat.beat("forward", step: step)
-        let forward = try model.forward(tokens: inputs, targets: targets, batch: batchSize, length: context, training: true,
-                                        globalTokens: globalTokens, firstGlobalToken: rank * localTokens,
-                                        noiseKey: routingKey.derive(step), step: step - skippedUpdates)
-        heartbeat.beat("backward", step: step)
-        FaultInjection.trigger(.kill, faults: faults, step: step)
-        FaultInjection.trigger(.sleep, faults: faults, step: step)
-        try model.backward(globalTokens: globalTokens)
+        let (localLossSum, auxiliaryLoss, moeLayers) = try accumulateGradients()
         if FaultInjection.due(.nanGradient, faults: faults, step: step) { model.replicated.gradients[0] = .nan }
         heartbeat.beat("gradient all-reduce", step: step)
         // 4. replicated gradients: each rank holds its tokens' share of d(global mean loss), so
@@ -132,18 +134,26 @@ public final class Trainer {
         //    their host (every token routed to an expert reached it through the all-to-all).
         var waitSeconds = 0.0
         if separateWaiting { try Clock.measure(&waitSeconds) { try communicator.barrier() } }
+        let replicatedGradients = UnsafeMutableBufferPointer(start: model.replicated.gradients, count: model.replicated.count)
         try Clock.measure(&allReduceSeconds) {
-            try communicator.allReduce(UnsafeMutableBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
+            //    Sharded: each rank needs the sum only over its slice (the rest is left undefined).
+            if replicatedOptimizer.isSharded {
+                try communicator.reduceScatterSum(replicatedGradients, blockCounts: replicatedShards.map(\.count))
+            } else {
+                try communicator.allReduce(replicatedGradients)
+            }
             //    With replicated experts (R > E) each copy saw only its group's tokens: sum the copies.
             try replicaCommunicator?.allReduce(UnsafeMutableBufferPointer(start: model.experts.gradients, count: model.experts.count))
         }
         // 5. global norm and clipping; expert squares are summed over ranks (each expert once).
-        scalars[0] = forward.localLossSum
+        scalars[0] = localLossSum
         scalars[1] = Kernels.sumOfSquares(model.experts.gradients, count: model.experts.count)
             / Double(model.placement.replicas)
+        let shard = replicatedOptimizer.shard
+        if replicatedOptimizer.isSharded { scalars[1] += Kernels.sumOfSquares(model.replicated.gradients + shard.lowerBound, count: shard.count) }
         try Clock.measure(&allReduceSeconds) { try communicator.allReduce(&scalars) }
-        let gradientNorm = (Kernels.sumOfSquares(model.replicated.gradients, count: model.replicated.count) + scalars[1])
-            .squareRoot()
+        let replicatedSquares = replicatedOptimizer.isSharded ? 0 : Kernels.sumOfSquares(model.replicated.gradients, count: model.replicated.count)
+        let gradientNorm = (replicatedSquares + scalars[1]).squareRoot()
         let clip = config.train.gradClip
         let gradientScale = clip > 0 && gradientNorm > clip ? clip / gradientNorm : 1
         let learningRate = schedule.learningRate(at: step)
@@ -165,6 +175,13 @@ public final class Trainer {
                 replicatedOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
                 expertOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
             }
+            //  Sharded: every rank updated its slice; all-gather the replicated values.
+            if replicatedOptimizer.isSharded {
+                try Clock.measure(&allReduceSeconds) {
+                    try communicator.allGather(UnsafeMutableBufferPointer(start: model.replicated.values, count: model.replicated.count),
+                                               blockCounts: replicatedShards.map(\.count))
+                }
+            }
         }
         if config.train.consistencyCheckEvery > 0 && (step + 1) % config.train.consistencyCheckEvery == 0 {
             try Clock.measure(&allReduceSeconds) { try checkReplicasAgree() }
@@ -174,14 +191,46 @@ public final class Trainer {
         profile.waiting += waitSeconds
         profile.optimizer = optimizerSeconds
         profile.total = Double(Clock.nanoseconds() - started) * 1e-9
-        let report = StepReport(step: step, loss: scalars[0] / Double(globalTokens), auxiliaryLoss: forward.auxiliaryLoss,
-                                learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: forward.moeLayers,
+        let report = StepReport(step: step, loss: scalars[0] / Double(globalBatchTokens), auxiliaryLoss: auxiliaryLoss,
+                                learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: moeLayers,
                                 profile: profile, temperature: model.moeLayers.first?.gate.temperature(step: step - skippedUpdates),
                                 phase: phase, skipped: skipped)
-        adaptGates(forward.moeLayers)
+        adaptGates(moeLayers)
         step += 1
         if step == recipe.spawnStep { spawnExperts() }
         return report
+    }
+
+    /// Forward and backward over this rank's A micro-batches of the step. Micro-batch a of rank r
+    /// is sequence block a·R + r of the step's global batch: R ranks with A micro-batches read the
+    /// data R·A ranks with one would, and micro-batch a over all ranks is the same block of
+    /// sequences for any R. Each forward routes its micro-batch over all ranks as one group (a
+    /// token's capacity slot and the balance statistics cannot depend on micro-batches not yet
+    /// computed); the cross-entropy is normalised by the whole step's tokens and the auxiliary
+    /// losses are averaged over the micro-batches. Returns this rank's loss sum, the step's
+    /// auxiliary loss and each MoE layer's statistics over the whole step.
+    func accumulateGradients() throws -> (lossSum: Double, auxiliary: Double, layers: [RoutingStatistics]) {
+        let rank = communicator.rank, localTokens = batchSize * context, stepKey = routingKey.derive(step)
+        var lossSum = 0.0, auxiliary = 0.0, parts: [[RoutingStatistics]] = []
+        for micro in 0..<accumulation {
+            trainData.trainingBatch(step: step, rank: micro * communicator.size + rank, batchSize: batchSize,
+                                    inputs: &inputs, targets: &targets)
+            heartbeat.beat("forward", step: step)
+            let forward = try model.forward(tokens: inputs, targets: targets, batch: batchSize, length: context, training: true,
+                                            globalTokens: microBatchTokens, firstGlobalToken: rank * localTokens,
+                                            noiseKey: accumulation == 1 ? stepKey : stepKey.derive(micro),
+                                            step: step - skippedUpdates, lossWeight: 1 / Double(accumulation))
+            heartbeat.beat("backward", step: step)
+            FaultInjection.trigger(.kill, faults: faults, step: step)
+            FaultInjection.trigger(.sleep, faults: faults, step: step)
+            try model.backward(globalTokens: globalBatchTokens)
+            lossSum += forward.localLossSum
+            auxiliary += forward.auxiliaryLoss / Double(accumulation)
+            guard accumulation > 1 else { return (lossSum, auxiliary, forward.moeLayers) }
+            parts.append(forward.moeLayers)
+        }
+        let layers = parts[0].indices.map { layer in RoutingStatistics.combined(parts.map { $0[layer] }) }
+        return (lossSum, auxiliary, layers)
     }
 
     /// Updates skipped because the loss or gradient was not finite (all, and in a row).

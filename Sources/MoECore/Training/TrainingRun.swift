@@ -128,7 +128,8 @@ public final class TrainingRun {
             + "vocabulary \(trainer.model.vocabularySize)")
         log(trainer.model.precisionNote ?? "precision \(trainer.model.precision.rawValue) (train.precision \(config.train.precision.rawValue); "
             + (trainer.model.precision == .bf16 ? "bf16 products through oneDNN, fp32 master weights and optimizer state)" : "products through OpenBLAS sgemm)"))
-        log("ranks \(communicator.size), global batch \(communicator.size)x\(config.train.batchSize)x\(config.model.context) = "
+        let accumulation = config.train.gradAccum > 1 ? "x\(config.train.gradAccum) micro-batches" : ""
+        log("ranks \(communicator.size), global batch \(communicator.size)\(accumulation)x\(config.train.batchSize)x\(config.model.context) = "
             + "\(trainer.globalBatchTokens) tokens, steps \(trainer.step)..<\(steps), run directory \(runDirectory)")
         var lastValidation: Double?
         var intervalSeconds = 0.0, intervalTokens = 0, totalSeconds = 0.0, timedSteps = 0
