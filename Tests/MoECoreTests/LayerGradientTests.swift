@@ -75,6 +75,47 @@ final class LayerGradientTests: XCTestCase {
         checker.check("x", values: x.pointer, gradients: dx.pointer, count: 80, loss: loss)
     }
 
+    /// The tiled path (T = 11 over tiles of 3: partial last tiles, diagonal tiles, rows whose
+    /// running max changes across tiles) equals the full path's outputs, and its backward (which
+    /// recomputes the probabilities) passes the finite-difference check.
+    func testTiledAttentionMatchesTheFullPathAndItsGradient() {
+        let store = ParameterStore<Double, Replicated>()
+        let full = CausalSelfAttention(store: store, name: "attention", width: 8, heads: 2, residualDeviation: 0.3)
+        store.initialize(key: RandomKey(8))
+        for i in 0..<24 { full.qkv.bias!.value[i] = 0.01 * Double(i) }
+        for i in 0..<store.count { store.values[i] *= 3 }   // sharper softmax rows
+        // The same parameters in a second store, read by the tiled layer.
+        let tiledStore = ParameterStore<Double, Replicated>()
+        let tiled = CausalSelfAttention(store: tiledStore, name: "attention", width: 8, heads: 2, residualDeviation: 0.3, tile: 3)
+        tiledStore.initialize(key: RandomKey(1))
+        tiledStore.values.update(from: store.values, count: store.count)
+        let (batch, length) = (2, 11), rows = 22
+        let x = randomTensor(rows: rows, columns: 8, seed: 9), projection = randomTensor(rows: rows, columns: 8, seed: 10)
+        let y = Tensor<Double>(rows: rows, columns: 8), reference = Tensor<Double>(rows: rows, columns: 8)
+        let dx = Tensor<Double>(rows: rows, columns: 8), dReference = Tensor<Double>(rows: rows, columns: 8)
+        let cache = CausalSelfAttention<Double>.Cache(), fullCache = CausalSelfAttention<Double>.Cache()
+        full.forward(x.pointer, batch: batch, length: length, into: reference.pointer, cache: fullCache)
+        tiled.forward(x.pointer, batch: batch, length: length, into: y.pointer, cache: cache)
+        for index in 0..<y.count { XCTAssertEqual(y.pointer[index], reference.pointer[index], accuracy: 1e-12) }
+        XCTAssertEqual(cache.probabilities.count, 0, "the tiled path stores no T x T probabilities")
+        func loss() -> Double {
+            tiled.forward(x.pointer, batch: batch, length: length, into: y.pointer, cache: cache)
+            return projectedLoss(y, projection)
+        }
+        store.zeroGradients()
+        full.backward(x.pointer, projection.pointer, batch: batch, length: length, dx: dReference.pointer, cache: fullCache)
+        let fullGradients = Array(UnsafeBufferPointer(start: store.gradients, count: store.count))
+        tiledStore.zeroGradients()
+        _ = loss()
+        tiled.backward(x.pointer, projection.pointer, batch: batch, length: length, dx: dx.pointer, cache: cache)
+        for index in 0..<store.count { XCTAssertEqual(tiledStore.gradients[index], fullGradients[index], accuracy: 1e-11) }
+        for index in 0..<dx.count { XCTAssertEqual(dx.pointer[index], dReference.pointer[index], accuracy: 1e-11) }
+        for (name, parameter) in [("qkv.weight", tiled.qkv.weight), ("qkv.bias", tiled.qkv.bias!)] {
+            checker.check(name, values: parameter.value, gradients: parameter.gradient, count: parameter.count, loss: loss)
+        }
+        checker.check("x", values: x.pointer, gradients: dx.pointer, count: x.count, loss: loss)
+    }
+
     func testCausalityOfAttention() {
         // Changing a later token must not change earlier outputs.
         let store = ParameterStore<Double, Replicated>()

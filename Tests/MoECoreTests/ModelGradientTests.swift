@@ -48,6 +48,8 @@ final class ModelGradientTests: XCTestCase {
         try checkModel { $0.model.tieEmbeddings = false; $0.model.moeEvery = 2; $0.moe.capacityFactor = 1.0 }
     }
     func testDenseOnly() throws { try checkModel { $0.model.moeEvery = 0 } }
+    /// Context 6 over attention tiles of 4: the tiled attention path inside the whole model.
+    func testTiledAttention() throws { try checkModel { $0.train.attentionTile = 4 } }
     func testSwitchWithJitter() throws {
         try checkModel { $0.moe.gate = .switch; $0.moe.topK = 1; $0.moe.jitter = 0.1; $0.moe.capacityFactor = 1.5 }
     }

@@ -188,7 +188,7 @@ final class ConfigTests: XCTestCase {
 
     func testShippedConfigsLoad() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        for name in ["tiny", "shakespeare", "bench"] {
+        for name in ["tiny", "shakespeare", "bench", "gpt2-small-moe"] {
             XCTAssertNoThrow(try RunConfig.load(file: root.appendingPathComponent("configs/\(name).yaml").path), name)
         }
         let shakespeare = try RunConfig.load(file: root.appendingPathComponent("configs/shakespeare.yaml").path)

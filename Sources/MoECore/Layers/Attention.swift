@@ -7,10 +7,15 @@
 /// copies. bf16: each product is one batched oneDNN matmul over all (sequence, head) pairs on
 /// the same strided views of the rounded QKV rows (per-pair products of 128 x 128 x 64 are too
 /// small to run at speed one by one).
+/// Sequences longer than `tile` take the tiled path instead (TiledAttention.swift): online
+/// softmax over key tiles, T x T probabilities never stored, recomputed in backward; activation
+/// memory linear in T, in either precision (its products are fp32 GEMMs on tiles).
 public struct CausalSelfAttention<T: Scalar> {
     public let qkv: Linear<T, Replicated>
     public let projection: Linear<T, Replicated>
     public let heads: Int
+    /// Query and key rows per tile of the tiled path, used when T > tile.
+    public let tile: Int
 
     public final class Cache {
         let qkv = Tensor<T>(), probabilities = Tensor<T>(), headOutputs = Tensor<T>()
@@ -19,11 +24,18 @@ public struct CausalSelfAttention<T: Scalar> {
         // bf16 mode: rounded QKV and probabilities (kept for backward), rounded gradients.
         let roundedQKV = BFloat16Buffer(), roundedProbabilities = BFloat16Buffer()
         let roundedHeadGradient = BFloat16Buffer(), roundedScoreGradient = BFloat16Buffer()
+        // Tiled path: per-row log-sum-exp [B*nh, T] (kept for backward), tile scratch, and the
+        // running max and sum of the online softmax and the rows' <dO, O> [tile | T].
+        let logSumExp = Tensor<T>(), scoreTile = Tensor<T>(), gradientTile = Tensor<T>()
+        var runningMax: [T] = [], runningSum: [T] = [], rowDot: [T] = []
         public init() {}
     }
 
-    public init(store: ParameterStore<T, Replicated>, name: String, width: Int, heads: Int, residualDeviation: Double) {
+    public init(store: ParameterStore<T, Replicated>, name: String, width: Int, heads: Int, residualDeviation: Double,
+                tile: Int = 128) {
         precondition(width % heads == 0, "heads must divide the width")
+        precondition(tile > 0, "a tile holds at least one row")
+        self.tile = tile
         qkv = Linear(store: store, name: "\(name).qkv", inputSize: width, outputSize: 3 * width, deviation: 0.02)
         projection = Linear(store: store, name: "\(name).projection", inputSize: width, outputSize: width,
                             deviation: residualDeviation)
@@ -34,9 +46,13 @@ public struct CausalSelfAttention<T: Scalar> {
         let width = projection.inputSize, headSize = width / heads, rows = batch * length
         let scale = 1 / T(headSize).squareRoot()
         cache.qkv.resize(rows: rows, columns: 3 * width)
-        cache.probabilities.resize(rows: batch * heads * length, columns: length)
         cache.headOutputs.resize(rows: rows, columns: width)
         qkv.forward(x, rows: rows, into: cache.qkv.pointer)
+        if length > tile {
+            forwardTiled(batch: batch, length: length, cache: cache)
+            return projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
+        }
+        cache.probabilities.resize(rows: batch * heads * length, columns: length)
         if let matmul = qkv.weight.store.bfloat16Matmul {
             forwardBFloat16(matmul, batch: batch, length: length, cache: cache)
             return projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
@@ -65,8 +81,12 @@ public struct CausalSelfAttention<T: Scalar> {
         let scale = 1 / T(headSize).squareRoot()
         cache.dHeadOutputs.resize(rows: rows, columns: width, zero: true)
         cache.dQKV.resize(rows: rows, columns: 3 * width, zero: true)
-        cache.dScores.resize(rows: length, columns: length)
         projection.backward(cache.headOutputs.pointer, dOut, rows: rows, dx: cache.dHeadOutputs.pointer)
+        if length > tile {
+            backwardTiled(batch: batch, length: length, cache: cache)
+            return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
+        }
+        cache.dScores.resize(rows: length, columns: length)
         if let matmul = qkv.weight.store.bfloat16Matmul {
             backwardBFloat16(matmul, batch: batch, length: length, cache: cache)
             return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)

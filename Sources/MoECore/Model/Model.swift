@@ -84,7 +84,8 @@ public final class GPTModel<T: Scalar> {
             let name = "blocks.\(layer)"
             let attentionNorm = LayerNorm(store: replicated, name: "\(name).attention_norm", width: width, decay: decayNorms)
             let attention = CausalSelfAttention(store: replicated, name: "\(name).attention", width: width,
-                                                heads: config.heads, residualDeviation: residualDeviation)
+                                                heads: config.heads, residualDeviation: residualDeviation,
+                                                tile: training.attentionTile)
             let feedForwardNorm = LayerNorm(store: replicated, name: "\(name).ffn_norm", width: width, decay: decayNorms)
             let feedForward: FeedForwardBlock<T>
             if GPTModel.isMoE(layer: layer, every: config.moeEvery) {

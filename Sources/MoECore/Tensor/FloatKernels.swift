@@ -54,6 +54,23 @@ enum FloatKernels {
         }
     }
 
+    /// row[j] = exp(row[j] - shift) for j < count; returns their sum.
+    static func expShifted(_ row: UnsafeMutablePointer<Float>, count: Int, shift: Float) -> Float {
+        var sumVector = Vector(repeating: 0)
+        forEachVector(count: count) { index, lanes in
+            if lanes == 16 {
+                let e = Float.exp(load(row + index) - shift)
+                sumVector += e
+                store(e, row + index)
+            } else {
+                let e = Float.exp(loadVector(row + index, lanes: lanes, padding: -.infinity) - shift)
+                sumVector += e
+                storeVector(e, row + index, lanes: lanes)
+            }
+        }
+        return sumVector.sum()
+    }
+
     static func softmaxRow(_ row: UnsafeMutablePointer<Float>, count: Int) -> Float {
         var maxVector = Vector(repeating: -.infinity)
         forEachVector(count: count) { index, lanes in

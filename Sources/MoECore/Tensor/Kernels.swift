@@ -70,6 +70,23 @@ public enum Kernels {
         }
     }
 
+    /// row[j] = exp(row[j] - shift) for j < count, in place; returns their sum (the online
+    /// softmax of tiled attention).
+    public static func expShifted<T: Scalar>(_ row: UnsafeMutablePointer<T>, count: Int, shift: T) -> T {
+        if T.self == Float.self { return FloatKernels.expShifted(asFloat(row), count: count, shift: shift as! Float) as! T }
+        var sum: T = 0
+        var index = 0
+        while index < count {
+            let lanes = min(16, count - index)
+            var e = T.exp(loadVector(row + index, lanes: lanes) - shift)
+            if lanes < 16 { for lane in lanes..<16 { e[lane] = 0 } }
+            sum += e.sum()
+            storeVector(e, row + index, lanes: lanes)
+            index += 16
+        }
+        return sum
+    }
+
     /// In-place softmax of one row of `count` values; returns log(sum(exp(x - max))) + max,
     /// the row's logsumexp.
     @discardableResult

@@ -69,7 +69,9 @@ public enum Benchmark {
         // and of this rank's slice of the replicated parameters (all of them unless sharded).
         let parameters = Double(model.replicated.count + model.experts.count) * 8
             + Double(trainer.replicatedOptimizer.shard.count + model.experts.count) * 8
-        let perLayer = 12 * c + Double(config.heads * config.context) + k * (9 * c + 3 * h)
+        // Attention keeps nh·T probabilities per token, or only nh log-sum-exps when tiled.
+        let tiled = config.context > trainer.config.train.attentionTile
+        let perLayer = 12 * c + Double(config.heads * (tiled ? 1 : config.context)) + k * (9 * c + 3 * h)
         let activations = tokens * (Double(config.layers) * perLayer + 3 * c + Double(model.vocabularySize)) * 4
         return (parameters + activations) / 1_048_576
     }
