@@ -66,6 +66,28 @@ public struct ConfigField<Root> {
         }, write: { ConfigValue.quote($0[keyPath: path]) })
     }
 
+    /// Paths: one string (empty: none) or a YAML list of strings. Written as the single path or a
+    /// flow list.
+    public static func paths(_ key: String, _ path: WritableKeyPath<Root, [String]>, allowEmpty: Bool = true,
+                             _ help: String) -> ConfigField {
+        ConfigField(key: key, help: help, read: { root, value, name in
+            let paths: [String]?
+            if let text = value as? String { paths = text.isEmpty ? [] : [text] } else if value is NSNull { paths = [] } else {
+                paths = (value as? [Any]).flatMap { list in
+                    let strings = list.compactMap { $0 as? String }
+                    return strings.count == list.count && !strings.contains("") ? strings : nil
+                }
+            }
+            guard let paths, allowEmpty || !paths.isEmpty else {
+                throw ConfigError.invalid(key: name, value: value, expected: "a path, a glob or a list of them")
+            }
+            root[keyPath: path] = paths
+        }, write: { root in
+            let paths = root[keyPath: path]
+            return paths.count == 1 ? ConfigValue.quote(paths[0]) : "[" + paths.map(ConfigValue.quote).joined(separator: ", ") + "]"
+        })
+    }
+
     /// A typed choice: the YAML string must be one of `Choice`'s raw values.
     public static func choice<Choice: RawRepresentable & CaseIterable>(_ key: String, _ path: WritableKeyPath<Root, Choice>,
                                                                       _ help: String) -> ConfigField where Choice.RawValue == String {

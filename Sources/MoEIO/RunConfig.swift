@@ -104,8 +104,9 @@ public struct TrainConfig: Equatable, Sendable {
 
 public struct DataConfig: Equatable, Sendable {
     public init() {}
-    public var train = "data/shakespeare/train.bin"
-    public var val = "data/shakespeare/val.bin"
+    /// Each a token file, a glob (`data/fineweb/train_*.bin`) or a list of either.
+    public var train = ["data/shakespeare/train.bin"]
+    public var val = ["data/shakespeare/val.bin"]
 }
 
 public struct CheckpointConfig: Equatable, Sendable {
@@ -220,8 +221,8 @@ public struct RunConfig: Equatable, Sendable {
                     "matrix products: fp32 (OpenBLAS), bf16 (oneDNN: bf16 inputs, fp32 accumulation; master weights, optimizer state, norms, softmax and router stay fp32), auto = bf16 where the CPU has AVX512-BF16/AMX"),
         ]),
         ConfigSection("data", \.data, help: "Token files (llm.c format, see `moe prepare`). Relative paths are relative to the working directory.", [
-            .string("train", \.train, allowEmpty: false, "training token file"),
-            .string("val", \.val, "validation token file; empty for none"),
+            .paths("train", \.train, allowEmpty: false, "training token files: a file, a glob such as data/x/train_*.bin, or a list of them (shards)"),
+            .paths("val", \.val, "validation token files, as train; empty for none"),
         ]),
         ConfigSection("checkpoint", \.checkpoint, help: "Checkpoints in RUN_DIR/checkpoints.", [
             .int("every", \.every, min: 0, "save every n steps (0: only at the end)"),

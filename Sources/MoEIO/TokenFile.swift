@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Token files in the llm.c format: a header of 256 little-endian int32 (magic 20240520,
 /// version 1, token count, ...) followed by `count` uint16 tokens.
@@ -6,14 +9,20 @@ import Foundation
 /// SwiftMoE also stores the vocabulary size in header slot 3 (0 when unknown; llm.c ignores the
 /// slot). Without it the vocabulary is inferred: 256 (bytes) if every id is below 256, 50257
 /// (GPT-2) if every id is below that, otherwise the largest id + 1.
-public struct TokenFile {
+public final class TokenFile: @unchecked Sendable {
     public static let magic: Int32 = 20240520
     public static let version: Int32 = 1
     public static let headerBytes = 256 * 4
 
     public let path: String
-    public let tokens: [UInt16]
+    /// The tokens: a read-only view of the memory-mapped file (ranks on one node share its page
+    /// cache; nothing proportional to the file is on the heap), or of an owned buffer for
+    /// tokens made in memory.
+    public let tokens: UnsafeBufferPointer<UInt16>
     public let vocabularySize: Int
+    /// The mapping to unmap (base, bytes), or the owned buffer to free.
+    private let mapping: (base: UnsafeMutableRawPointer, bytes: Int)?
+    private let owned: UnsafeMutableBufferPointer<UInt16>?
 
     public enum ReadError: Error, CustomStringConvertible {
         case unreadable(path: String)
@@ -22,6 +31,7 @@ public struct TokenFile {
         case badVersion(path: String, found: Int32)
         case sizeMismatch(path: String, declared: Int, bytes: Int)
         case badVocabulary(path: String, declared: Int, largestToken: Int)
+        case noMatch(key: String, pattern: String)
 
         public var description: String {
             switch self {
@@ -35,45 +45,115 @@ public struct TokenFile {
             case let .sizeMismatch(path, declared, bytes):
                 let expected = TokenFile.headerBytes + 2 * declared
                 return "token file '\(path)': header declares \(declared) tokens (\(expected) bytes) but the file has \(bytes) bytes; it is truncated or corrupt"
+            case let .noMatch(key, pattern):
+                return "\(key): '\(pattern)' matches no file"
             case let .badVocabulary(path, declared, largest):
                 return "token file '\(path)': token id \(largest) is outside the declared vocabulary of \(declared)"
             }
         }
     }
 
-    public init(path: String, tokens: [UInt16], vocabularySize: Int) {
-        self.path = path
-        self.tokens = tokens
-        self.vocabularySize = vocabularySize
+    /// The shards named by `patterns` (files or globs, in order; a glob's matches sorted), each
+    /// read and checked. `key` names the config key in errors (an empty glob is one).
+    public static func read(patterns: [String], key: String) throws -> [TokenFile] {
+        var paths: [String] = []
+        for pattern in patterns {
+            guard pattern.contains(where: { "*?[".contains($0) }) else { paths.append(pattern); continue }
+            var matches = glob_t()
+            defer { globfree(&matches) }
+            guard glob(pattern, 0, nil, &matches) == 0, matches.gl_pathc > 0 else { throw ReadError.noMatch(key: key, pattern: pattern) }
+            paths += (0..<Int(matches.gl_pathc)).compactMap { matches.gl_pathv[$0].map { String(cString: $0) } }.sorted()
+        }
+        return try paths.map(read)
     }
 
+    /// Tokens made in memory (tests, the bench's synthetic data).
+    public init(path: String, tokens: [UInt16], vocabularySize: Int) {
+        let buffer = UnsafeMutableBufferPointer<UInt16>.allocate(capacity: max(tokens.count, 1))
+        _ = buffer.initialize(from: tokens)
+        self.path = path
+        self.tokens = UnsafeBufferPointer(rebasing: buffer[0..<tokens.count])
+        self.vocabularySize = vocabularySize
+        mapping = nil
+        owned = buffer
+    }
+
+    private init(path: String, mapping: (base: UnsafeMutableRawPointer, bytes: Int), count: Int, vocabularySize: Int) {
+        self.path = path
+        self.mapping = mapping
+        self.owned = nil
+        self.vocabularySize = vocabularySize
+        tokens = UnsafeBufferPointer(start: (mapping.base + TokenFile.headerBytes).assumingMemoryBound(to: UInt16.self), count: count)
+    }
+
+    deinit {
+        if let mapping, !released { munmap(mapping.base, mapping.bytes) }
+        owned?.deallocate()
+    }
+
+    /// Maps the file read-only, checks the header, and checks every id in one streaming pass
+    /// (pages released as it goes, so the pass does not leave the file in this process's
+    /// resident set).
     public static func read(_ path: String) throws -> TokenFile {
         var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
-              let data = FileManager.default.contents(atPath: path) else { throw ReadError.unreadable(path: path) }
-        guard data.count >= headerBytes else { throw ReadError.tooShort(path: path, bytes: data.count) }
-        let header: [Int32] = data.withUnsafeBytes { raw in
-            (0..<4).map { Int32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: Int32.self)) }
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue else {
+            throw ReadError.unreadable(path: path)
         }
-        guard header[0] == magic else { throw ReadError.badMagic(path: path, found: header[0]) }
-        guard header[1] == version else { throw ReadError.badVersion(path: path, found: header[1]) }
-        let count = Int(header[2])
-        guard count >= 0, data.count == headerBytes + 2 * count else {
-            throw ReadError.sizeMismatch(path: path, declared: count, bytes: data.count)
+        let descriptor = open(path, O_RDONLY)
+        guard descriptor >= 0 else { throw ReadError.unreadable(path: path) }
+        defer { close(descriptor) }
+        var status = stat()
+        guard fstat(descriptor, &status) == 0 else { throw ReadError.unreadable(path: path) }
+        let bytes = Int(status.st_size)
+        guard bytes >= headerBytes else { throw ReadError.tooShort(path: path, bytes: bytes) }
+        guard let base = mmap(nil, bytes, PROT_READ, MAP_SHARED, descriptor, 0), base != MAP_FAILED else {
+            throw ReadError.unreadable(path: path)
         }
-        let tokens: [UInt16] = data.withUnsafeBytes { raw in
-            (0..<count).map { UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: headerBytes + 2 * $0, as: UInt16.self)) }
+        do {
+            let header = (0..<4).map { Int32(littleEndian: base.loadUnaligned(fromByteOffset: $0 * 4, as: Int32.self)) }
+            guard header[0] == magic else { throw ReadError.badMagic(path: path, found: header[0]) }
+            guard header[1] == version else { throw ReadError.badVersion(path: path, found: header[1]) }
+            let count = Int(header[2])
+            guard count >= 0, bytes == headerBytes + 2 * count else {
+                throw ReadError.sizeMismatch(path: path, declared: count, bytes: bytes)
+            }
+            let file = TokenFile(path: path, mapping: (base, bytes), count: count, vocabularySize: 0)
+            var largest: UInt16 = 0
+            file.forEachChunk { chunk in largest = max(largest, chunk.max() ?? 0) }
+            let declared = Int(header[3])
+            let vocabulary: Int
+            if declared > 0 {
+                guard Int(largest) < declared else { throw ReadError.badVocabulary(path: path, declared: declared, largestToken: Int(largest)) }
+                vocabulary = declared
+            } else {
+                vocabulary = largest < 256 ? 256 : (largest < 50257 ? 50257 : Int(largest) + 1)
+            }
+            return TokenFile(path: path, mapping: file.release(), count: count, vocabularySize: vocabulary)
+        } catch {
+            munmap(base, bytes)
+            throw error
         }
-        let largest = Int(tokens.max() ?? 0)
-        let declared = Int(header[3])
-        let vocabulary: Int
-        if declared > 0 {
-            guard largest < declared else { throw ReadError.badVocabulary(path: path, declared: declared, largestToken: largest) }
-            vocabulary = declared
-        } else {
-            vocabulary = largest < 256 ? 256 : (largest < 50257 ? 50257 : largest + 1)
+    }
+
+    /// Hands the mapping to a new owner (this object no longer unmaps it).
+    private var released = false
+    private func release() -> (base: UnsafeMutableRawPointer, bytes: Int) {
+        released = true
+        return mapping!
+    }
+
+    /// Calls `body` on consecutive chunks of the tokens (32 MiB each). A mapped file's pages are
+    /// released after each chunk: a pass over a large file does not grow the resident set.
+    public func forEachChunk(_ body: (UnsafeBufferPointer<UInt16>) throws -> Void) rethrows {
+        let chunk = 1 << 24
+        for start in stride(from: 0, to: tokens.count, by: chunk) {
+            try body(UnsafeBufferPointer(rebasing: tokens[start..<min(start + chunk, tokens.count)]))
+            guard let mapping else { continue }
+            // Whole pages behind the chunk (the mapping is page-aligned).
+            let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+            let end = (TokenFile.headerBytes + 2 * min(start + chunk, tokens.count)) / page * page
+            if end > 0 { madvise(mapping.base, end, MADV_DONTNEED) }
         }
-        return TokenFile(path: path, tokens: tokens, vocabularySize: vocabulary)
     }
 
     /// Writes atomically (temporary file, then rename).

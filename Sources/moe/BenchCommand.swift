@@ -46,25 +46,33 @@ struct BenchCommand: ParsableCommand {
             let file = config ?? (FileManager.default.fileExists(atPath: "configs/bench.yaml") ? "configs/bench.yaml" : nil)
             var resolved = try RunConfig.load(file: file, overrides: overrides)
             resolved.checkpoint.every = 0
-            let trainFile: TokenFile
+            // The config's data when it is there (a damaged file is still an error), else synthetic.
+            var shards: [TokenFile]?
+            do { shards = try TokenFile.read(patterns: resolved.data.train, key: "data.train") } catch let error as TokenFile.ReadError {
+                switch error {
+                case .unreadable, .noMatch: shards = nil
+                default: throw error
+                }
+            }
+            let trainFiles: [TokenFile]
             let description: String
-            if FileManager.default.fileExists(atPath: resolved.data.train) {
-                trainFile = try TokenFile.read(resolved.data.train)
-                description = resolved.data.train
+            if let shards, !shards.isEmpty {
+                trainFiles = shards
+                description = resolved.data.train.joined(separator: ", ")
             } else {
                 var state: UInt64 = 0x9E37_79B9_7F4A_7C15
                 let tokens = (0..<(1 << 20)).map { _ -> UInt16 in
                     state = state &* 6364136223846793005 &+ 1442695040888963407
                     return UInt16(state >> 56)
                 }
-                trainFile = TokenFile(path: "synthetic", tokens: tokens, vocabularySize: 256)
+                trainFiles = [TokenFile(path: "synthetic", tokens: tokens, vocabularySize: 256)]
                 description = "synthetic random bytes"
             }
             let peaks = try Benchmark.Peaks.measure(resolved, communicator: communicator)
             func bench(_ precision: PrecisionSetting) throws -> (json: JSONObject, tokensPerSecond: Double) {
                 var config = resolved
                 config.train.precision = precision
-                let trainer = try Trainer(config: config, communicator: communicator, trainFile: trainFile, validationFile: nil)
+                let trainer = try Trainer(config: config, communicator: communicator, trainFiles: trainFiles, validationFiles: [])
                 return try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: peaks)
             }
             let line: String

@@ -71,7 +71,7 @@ struct EvalCommand: ParsableCommand {
     @Option(help: ArgumentHelp("A checkpoint directory, or a run directory (its newest complete checkpoint).", valueName: "dir"))
     var checkpoint: String
 
-    @Option(help: ArgumentHelp("Token file to evaluate on (default: the checkpoint config's data.val).", valueName: "path"))
+    @Option(help: ArgumentHelp("Token file or glob to evaluate on (default: the checkpoint config's data.val).", valueName: "path"))
     var data: String?
 
     @Option(help: "Global batches of evaluation windows (default: the checkpoint config's train.eval_batches).")
@@ -80,13 +80,14 @@ struct EvalCommand: ParsableCommand {
     func run() throws {
         Runtime.run { communicator in
             let loaded = try LoadedCheckpoint(checkpoint, communicator: communicator)
-            let path = data ?? loaded.config.data.val
-            guard !path.isEmpty else { throw ValidationError("the checkpoint's config has no data.val; pass --data") }
-            let file = try TokenFile.read(path)
-            guard file.vocabularySize <= loaded.model.vocabularySize else {
-                throw TokenBatches.DataError.vocabularyMismatch(path: path, file: file.vocabularySize, model: loaded.model.vocabularySize)
+            let patterns = data.map { [$0] } ?? loaded.config.data.val
+            guard !patterns.isEmpty else { throw ValidationError("the checkpoint's config has no data.val; pass --data") }
+            let files = try TokenFile.read(patterns: patterns, key: data == nil ? "data.val" : "--data")
+            for file in files where file.vocabularySize > loaded.model.vocabularySize {
+                throw TokenBatches.DataError.vocabularyMismatch(path: file.path, file: file.vocabularySize, model: loaded.model.vocabularySize)
             }
-            let windows = try TokenBatches(file: file, length: loaded.config.model.context, seed: 0)
+            let windows = try TokenBatches(files: files, length: loaded.config.model.context, seed: 0)
+            let path = windows.path
             let batchCount = batches ?? loaded.config.train.evalBatches
             guard batchCount > 0 else { throw ValidationError("--batches must be positive") }
             let loss = try Trainer.evaluate(model: loaded.model, data: windows, batches: batchCount,

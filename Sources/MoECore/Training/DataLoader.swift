@@ -1,17 +1,22 @@
 import MoEIO
 
-/// Batches of (input, target) sequences from a token file. T = sequence length, B = sequences
-/// per rank, R = ranks.
+/// Batches of (input, target) sequences from one or more token files (shards). T = sequence
+/// length, B = sequences per rank, R = ranks.
 ///
-/// Training sequence g (0 ≤ g < R·B) of step s starts at a uniform random offset drawn from
-/// `key.derive(s)` at counter g. The global batch therefore depends only on the seed and the
+/// The windows of all shards are numbered one after the other (a window never crosses a shard
+/// boundary). Training sequence g (0 ≤ g < R·B) of step s starts at a uniform random window drawn
+/// from `key.derive(s)` at counter g. The global batch therefore depends only on the seed and the
 /// step, never on R: rank r takes sequences r·B ..< (r+1)·B, so R ranks see exactly the batch one
 /// rank with batch R·B would see, and a resumed run continues the same data order.
 public final class TokenBatches {
-    public let tokens: [UInt16]
-    public let path: String
+    public let shards: [TokenFile]
     public let length: Int
     let key: RandomKey
+    /// [shards + 1]: the first global window of each shard; the last entry is the total.
+    let windowStarts: [Int]
+
+    /// The data's name for messages: the file, or the first of N shards.
+    public var path: String { shards.count == 1 ? shards[0].path : "\(shards[0].path) and \(shards.count - 1) more shards" }
 
     public enum DataError: Error, CustomStringConvertible {
         case tooSmall(path: String, tokens: Int, needed: Int)
@@ -26,18 +31,35 @@ public final class TokenBatches {
         }
     }
 
-    public init(file: TokenFile, length: Int, seed: Int) throws {
-        guard file.tokens.count >= length + 1 else {
-            throw DataError.tooSmall(path: file.path, tokens: file.tokens.count, needed: length + 1)
+    public convenience init(file: TokenFile, length: Int, seed: Int) throws {
+        try self.init(files: [file], length: length, seed: seed)
+    }
+
+    public init(files: [TokenFile], length: Int, seed: Int) throws {
+        precondition(!files.isEmpty, "at least one token file")
+        var starts = [0]
+        for file in files { starts.append(starts.last! + max(0, file.tokens.count - length)) }
+        guard starts.last! > 0 else {
+            throw DataError.tooSmall(path: files[0].path, tokens: files.map(\.tokens.count).max() ?? 0, needed: length + 1)
         }
-        tokens = file.tokens
-        path = file.path
+        shards = files
+        windowStarts = starts
         self.length = length
         key = RandomKey(UInt64(seed)).derive("data")
     }
 
-    /// Windows that start a sequence: offsets 0 ... tokens - T - 1.
-    var windowCount: Int { tokens.count - length }
+    /// Windows that start a sequence, over all shards (per shard: offsets 0 ... tokens - T - 1).
+    var windowCount: Int { windowStarts.last! }
+
+    /// The shard and offset of global window `window`.
+    func locate(_ window: Int) -> (shard: TokenFile, offset: Int) {
+        var low = 0, high = shards.count - 1
+        while low < high {
+            let middle = (low + high + 1) / 2
+            if windowStarts[middle] <= window { low = middle } else { high = middle - 1 }
+        }
+        return (shards[low], window - windowStarts[low])
+    }
 
     /// inputs, targets: [B*T] for this rank's part of step `step`'s global batch.
     public func trainingBatch(step: Int, rank: Int, batchSize: Int, inputs: inout [Int32], targets: inout [Int32]) {
@@ -58,19 +80,18 @@ public final class TokenBatches {
         }
     }
 
-    private func fill(batchSize: Int, inputs: inout [Int32], targets: inout [Int32], offset: (Int) -> Int) {
+    private func fill(batchSize: Int, inputs: inout [Int32], targets: inout [Int32], window: (Int) -> Int) {
         let count = batchSize * length
         if inputs.count != count { inputs = Array(repeating: 0, count: count) }
         if targets.count != count { targets = Array(repeating: 0, count: count) }
-        tokens.withUnsafeBufferPointer { source in
-            inputs.withUnsafeMutableBufferPointer { input in
-                targets.withUnsafeMutableBufferPointer { target in
-                    for sequence in 0..<batchSize {
-                        let start = offset(sequence)
-                        for position in 0..<length {
-                            input[sequence * length + position] = Int32(source[start + position])
-                            target[sequence * length + position] = Int32(source[start + position + 1])
-                        }
+        inputs.withUnsafeMutableBufferPointer { input in
+            targets.withUnsafeMutableBufferPointer { target in
+                for sequence in 0..<batchSize {
+                    let (shard, start) = locate(window(sequence))
+                    let source = shard.tokens
+                    for position in 0..<length {
+                        input[sequence * length + position] = Int32(source[start + position])
+                        target[sequence * length + position] = Int32(source[start + position + 1])
                     }
                 }
             }

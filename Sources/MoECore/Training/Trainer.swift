@@ -74,17 +74,24 @@ public final class Trainer {
     var scalars: [Double] = [0, 0]
     let routingKey: RandomKey
 
-    public init(config: RunConfig, communicator: Communicator, trainFile: TokenFile, validationFile: TokenFile?) throws {
-        let vocabularySize = config.model.vocabularySize > 0 ? config.model.vocabularySize : trainFile.vocabularySize
-        for file in [trainFile] + (validationFile.map { [$0] } ?? []) where file.vocabularySize > vocabularySize {
+    public convenience init(config: RunConfig, communicator: Communicator, trainFile: TokenFile, validationFile: TokenFile?) throws {
+        try self.init(config: config, communicator: communicator, trainFiles: [trainFile], validationFiles: validationFile.map { [$0] } ?? [])
+    }
+
+    /// trainFiles: the training shards (at least one); validationFiles: none for no validation.
+    public init(config: RunConfig, communicator: Communicator, trainFiles: [TokenFile], validationFiles: [TokenFile]) throws {
+        let dataVocabulary = trainFiles.map(\.vocabularySize).max() ?? 256
+        let vocabularySize = config.model.vocabularySize > 0 ? config.model.vocabularySize : dataVocabulary
+        for file in trainFiles + validationFiles where file.vocabularySize > vocabularySize {
             throw TokenBatches.DataError.vocabularyMismatch(path: file.path, file: file.vocabularySize, model: vocabularySize)
         }
         var resolved = config
         resolved.model.vocabularySize = vocabularySize
         self.config = resolved
         self.communicator = communicator
+        // Hash routing's balanced table: counts per id, in one streaming pass over the shards.
         var frequencies = [Int](repeating: 0, count: vocabularySize)
-        for token in trainFile.tokens { frequencies[Int(token)] += 1 }
+        for file in trainFiles { file.forEachChunk { for token in $0 { frequencies[Int(token)] += 1 } } }
         model = try GPTModel<Float>(resolved, vocabularySize: vocabularySize, communicator: communicator,
                                     tokenFrequencies: frequencies)
         model.initializeParameters(seed: config.train.seed)
@@ -98,8 +105,9 @@ public final class Trainer {
         expertOptimizer = AdamW(store: model.experts, settings: settings)
         schedule = LearningRateSchedule(peak: config.train.learningRate, minimum: config.train.minLearningRate,
                                         warmupSteps: config.train.warmupSteps, totalSteps: config.train.steps)
-        trainData = try TokenBatches(file: trainFile, length: config.model.context, seed: config.train.seed)
-        validationData = try validationFile.map { try TokenBatches(file: $0, length: config.model.context, seed: config.train.seed) }
+        trainData = try TokenBatches(files: trainFiles, length: config.model.context, seed: config.train.seed)
+        validationData = validationFiles.isEmpty ? nil
+            : try TokenBatches(files: validationFiles, length: config.model.context, seed: config.train.seed)
         routingKey = RandomKey(UInt64(config.train.seed)).derive("routing")
         recipe = EvoMoERecipe(resolved)
         let placement = model.placement

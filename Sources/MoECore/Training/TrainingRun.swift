@@ -59,13 +59,14 @@ public final class TrainingRun {
         // Every rank reads the data itself; a file one node cannot read stops every rank with
         // that node's message (before any other collective).
         let dataConfig = config.data
-        let (trainFile, validationFile) = try communicator.agree {
+        let (trainFiles, validationFiles) = try communicator.agree {
             if faults.contains(where: { $0.kind == .dataUnreadable && $0.rank == communicator.rank }) {
-                throw TokenFile.ReadError.unreadable(path: dataConfig.train)
+                throw TokenFile.ReadError.unreadable(path: dataConfig.train.first ?? "")
             }
-            return (try TokenFile.read(dataConfig.train), dataConfig.val.isEmpty ? nil : try TokenFile.read(dataConfig.val))
+            return (try TokenFile.read(patterns: dataConfig.train, key: "data.train"),
+                    try TokenFile.read(patterns: dataConfig.val, key: "data.val"))
         }
-        trainer = try Trainer(config: config, communicator: communicator, trainFile: trainFile, validationFile: validationFile)
+        trainer = try Trainer(config: config, communicator: communicator, trainFiles: trainFiles, validationFiles: validationFiles)
         // Load the newest checkpoint every rank can read and verify; a damaged one (truncated,
         // flipped bytes, missing shard) is skipped with a warning, on every rank together.
         let loadStarted = DispatchTime.now().uptimeNanoseconds
