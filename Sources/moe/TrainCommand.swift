@@ -116,12 +116,23 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "Sampling temperature; 0 picks the most likely token.")
     var temperature: Double = 0.8
 
+    @Option(name: .customLong("top-k"), help: "Sample among the k most likely tokens only (0: all).")
+    var topK: Int = 0
+
+    @Option(name: .customLong("top-p"), help: "Sample within the smallest set of tokens whose probability reaches p (1: all).")
+    var topP: Double = 1
+
     @Option(help: "Seed of the sampling draws.")
     var seed: Int = 0
+
+    @Flag(name: .customLong("no-cache"), help: "Recompute the whole window for every token instead of using the key/value cache (for comparison).")
+    var noCache = false
 
     func validate() throws {
         guard tokens >= 0 else { throw ValidationError("--tokens must be >= 0") }
         guard temperature >= 0, temperature.isFinite else { throw ValidationError("--temperature must be >= 0") }
+        guard topK >= 0 else { throw ValidationError("--top-k must be >= 0") }
+        guard topP > 0, topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
         guard !prompt.isEmpty else { throw ValidationError("--prompt must not be empty") }
     }
 
@@ -134,7 +145,9 @@ struct GenerateCommand: ParsableCommand {
             let promptTokens = prompt.utf8.map { Int32($0) }
             var pending: [UInt8] = Array(prompt.utf8)
             let isPrinter = communicator.rank == 0
-            try Sampler.generate(model: loaded.model, prompt: promptTokens, count: tokens, temperature: temperature, seed: seed,
+            let started = DispatchTime.now().uptimeNanoseconds
+            let settings = SamplingSettings(temperature: temperature, topK: topK, topP: topP, seed: seed)
+            try Sampler.generate(model: loaded.model, prompt: promptTokens, count: tokens, settings: settings, useCache: !noCache,
                                  step: loaded.manifest.step) { token in
                 guard isPrinter else { return }
                 pending.append(UInt8(token))
@@ -147,6 +160,9 @@ struct GenerateCommand: ParsableCommand {
             if isPrinter {
                 if !pending.isEmpty { FileHandle.standardOutput.write(Data(String(decoding: pending, as: UTF8.self).utf8)) }
                 print("")
+                let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
+                FileHandle.standardError.write(Data(String(format: "%d tokens in %.2f s: %.1f tokens/s (%@)\n", tokens, seconds,
+                                                           Double(tokens) / max(seconds, 1e-9), noCache ? "no cache" : "key/value cache").utf8))
             }
         }
     }

@@ -17,6 +17,9 @@ public struct RoutingContext {
     /// Weight of this forward's auxiliary losses in the step's loss: 1/A with A micro-batches
     /// per step (the step's auxiliary loss is their mean).
     public var lossWeight = 1.0
+    /// Generation: no capacity, so a token's experts never depend on the other tokens of the
+    /// window (incremental decoding sees one token at a time).
+    public var dropless = false
 
     public init(training: Bool, communicator: Communicator, globalTokens: Int, firstGlobalToken: Int,
                 tokenIds: UnsafePointer<Int32>?, noiseKey: RandomKey, step: Int = 0) {

@@ -79,7 +79,8 @@ public final class StableMoEPolicy<T: Scalar>: SelectionPolicy {
     private func keepWithinCapacity(rows: Int, scores a: Tensor<T>, context: RoutingContext, routing: Routing<T>) throws {
         before = routing.selectedPerExpert
         try before.withUnsafeMutableBufferPointer { try context.communicator.exclusiveScanSum($0) }
-        let capacity = Int64((capacityFactor * Double(context.globalTokens) / Double(expertCount)).rounded(.up))
+        let capacity = context.dropless ? Int64.max
+            : Int64((capacityFactor * Double(context.globalTokens) / Double(expertCount)).rounded(.up))
         for s in 0..<rows {
             let e = choice[s]
             let slot = before[e]

@@ -60,7 +60,7 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
             }
         }
         try assignGlobalSlots(communicator: context.communicator)
-        let capacity = capacity(globalTokens: context.globalTokens, training: context.training) ?? Int.max
+        let capacity = context.dropless ? Int.max : capacity(globalTokens: context.globalTokens, training: context.training) ?? Int.max
         for s in 0..<rows { keep(token: s, probabilities: scores.probabilities.row(s), capacity: capacity, into: routing) }
     }
 

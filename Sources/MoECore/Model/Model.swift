@@ -149,7 +149,7 @@ public final class GPTModel<T: Scalar> {
     /// routing: the step's random key and whether capacity uses the training factor.
     public func forward(tokens tokenIds: [Int32], targets targetIds: [Int32]?, batch: Int, length: Int,
                         training: Bool, globalTokens: Int, firstGlobalToken: Int, noiseKey: RandomKey,
-                        step: Int = 0, lossWeight: Double = 1) throws -> ForwardResult {
+                        step: Int = 0, lossWeight: Double = 1, dropless: Bool = false) throws -> ForwardResult {
         precondition(tokenIds.count == batch * length, "tokens must be [B*T]")
         precondition(length <= config.context, "sequence longer than the context")
         let rows = batch * length, width = config.width
@@ -196,6 +196,7 @@ public final class GPTModel<T: Scalar> {
                                                  firstGlobalToken: firstGlobalToken, tokenIds: ids.baseAddress,
                                                  noiseKey: noiseKey.derive(layer), step: step)
                     context.lossWeight = lossWeight
+                    context.dropless = dropless
                     try moe.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer, context: context)
                 }
                 statistics.append(moe.routing.statistics)

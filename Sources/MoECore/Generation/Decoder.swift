@@ -1,0 +1,116 @@
+/// Incremental decoding with a key/value cache: the prompt is run once (prefill), then each new
+/// token is one position. Every block keeps the keys and values of the positions seen so far, so
+/// a position costs O(layers · (C² + T C)) instead of a forward over the whole window.
+///
+/// Positions are absolute (learned position embeddings), so a window cannot slide by one token
+/// without recomputing everything; when it is full the decoder keeps the last half of the
+/// window and refills the cache from it (`Sampler` does the same without a cache, so the two give
+/// the same tokens). Routing in generation is dropless: a token's experts never depend on the
+/// other tokens of the window. Shapes: new rows n, width C, cache [context, C] per block for K and V.
+public final class DecodeCache<T: Scalar> {
+    /// Positions held (the next token's position).
+    public internal(set) var count = 0
+    var keys: [Tensor<T>] = [], values: [Tensor<T>] = []
+    // Per-call activations [n, C | 3C | H], scratch and norm caches.
+    let stream = Tensor<T>(), normed = Tensor<T>(), qkv = Tensor<T>(), heads = Tensor<T>(), output = Tensor<T>()
+    let scores = Tensor<T>(), hidden = Tensor<T>(), activated = Tensor<T>(), logits = Tensor<T>()
+    let normCache = LayerNorm<T>.Cache()
+
+    public init() {}
+
+    public func reset() { count = 0 }
+}
+
+extension GPTModel {
+    /// Runs `tokens` at positions cache.count ..< cache.count + n and returns the logits of the
+    /// last one [V] (valid until the next call). The caller keeps cache.count + n <= context.
+    public func decode(_ tokens: [Int32], cache: DecodeCache<T>, noiseKey: RandomKey, step: Int) throws -> UnsafeMutablePointer<T> {
+        let rows = tokens.count, width = config.width, start = cache.count
+        precondition(rows > 0 && start + rows <= config.context, "the window holds at most model.context positions")
+        if cache.keys.count != config.layers {
+            cache.keys = (0..<config.layers).map { _ in Tensor<T>(rows: config.context, columns: width) }
+            cache.values = (0..<config.layers).map { _ in Tensor<T>(rows: config.context, columns: width) }
+        }
+        replicated.refreshBFloat16()
+        experts.refreshBFloat16()
+        for tensor in [cache.stream, cache.normed, cache.heads, cache.output] { tensor.resize(rows: rows, columns: width) }
+        embed(tokens, at: start, into: cache.stream)
+        for (layer, block) in blocks.enumerated() {
+            block.attentionNorm.forward(cache.stream.pointer, rows: rows, into: cache.normed.pointer, cache: cache.normCache)
+            attend(block.attention, layer: layer, rows: rows, start: start, cache: cache)
+            Kernels.add(cache.output.pointer, into: cache.stream.pointer, count: rows * width)
+            block.feedForwardNorm.forward(cache.stream.pointer, rows: rows, into: cache.normed.pointer, cache: cache.normCache)
+            try feedForward(block.feedForward, layer: layer, tokens: tokens, cache: cache, noiseKey: noiseKey, step: step)
+            Kernels.add(cache.output.pointer, into: cache.stream.pointer, count: rows * width)
+        }
+        cache.count += rows
+        // Logits of the last new row only.
+        let last = cache.stream.pointer + (rows - 1) * width
+        cache.normed.resize(rows: 1, columns: width)
+        finalNorm.forward(last, rows: 1, into: cache.normed.pointer, cache: cache.normCache)
+        cache.logits.resize(rows: 1, columns: vocabularySize)
+        let matmul = replicated.bfloat16Matmul
+        if let head {
+            matrixProduct(matmul, m: 1, n: vocabularySize, k: width, a: .values(cache.normed.pointer), b: head.operand, c: cache.logits.pointer)
+        } else {
+            matrixProduct(matmul, transposeB: true, m: 1, n: vocabularySize, k: width, a: .values(cache.normed.pointer),
+                          b: embedding.tokenTable.operand, c: cache.logits.pointer)
+        }
+        return cache.logits.pointer
+    }
+
+    /// Token plus position embedding of each new row.
+    private func embed(_ tokens: [Int32], at start: Int, into out: Tensor<T>) {
+        let width = config.width
+        for (row, token) in tokens.enumerated() {
+            Kernels.sum(embedding.tokenTable.value + Int(token) * width, embedding.positionTable.value + (start + row) * width,
+                        into: out.row(row), count: width)
+        }
+    }
+
+    /// Appends the new rows' keys and values to block `layer`'s cache, then each new row attends
+    /// to the positions up to its own: heads = softmax(scale q Kᵀ) V, then the projection.
+    private func attend(_ attention: CausalSelfAttention<T>, layer: Int, rows: Int, start: Int, cache: DecodeCache<T>) {
+        let width = config.width, heads = attention.heads, headSize = width / heads, total = start + rows
+        cache.qkv.resize(rows: rows, columns: 3 * width)
+        attention.qkv.forward(cache.normed.pointer, rows: rows, into: cache.qkv.pointer)
+        for row in 0..<rows {
+            (cache.keys[layer].row(start + row)).update(from: cache.qkv.row(row) + width, count: width)
+            (cache.values[layer].row(start + row)).update(from: cache.qkv.row(row) + 2 * width, count: width)
+        }
+        cache.scores.resize(rows: rows, columns: total)
+        let scale = 1 / T(headSize).squareRoot()
+        for h in 0..<heads {
+            let offset = h * headSize
+            gemm(transposeB: true, m: rows, n: total, k: headSize, alpha: scale, a: cache.qkv.pointer + offset, lda: 3 * width,
+                 b: cache.keys[layer].pointer + offset, ldb: width, c: cache.scores.pointer)
+            for row in 0..<rows {
+                let visible = start + row + 1, scores = cache.scores.row(row)
+                Kernels.softmaxRow(scores, count: visible)
+                (scores + visible).update(repeating: 0, count: total - visible)
+            }
+            gemm(m: rows, n: headSize, k: total, a: cache.scores.pointer, b: cache.values[layer].pointer + offset, ldb: width,
+                 c: cache.heads.pointer + offset, ldc: width)
+        }
+        attention.projection.forward(cache.heads.pointer, rows: rows, into: cache.output.pointer)
+    }
+
+    private func feedForward(_ block: FeedForwardBlock<T>, layer: Int, tokens: [Int32], cache: DecodeCache<T>,
+                             noiseKey: RandomKey, step: Int) throws {
+        let rows = tokens.count
+        switch block {
+        case let .dense(ffn):
+            cache.hidden.resize(rows: rows, columns: ffn.hiddenSize)
+            cache.activated.resize(rows: rows, columns: ffn.hiddenSize)
+            ffn.forward(cache.normed.pointer, rows: rows, into: cache.output.pointer,
+                        preActivation: cache.hidden.pointer, activation: cache.activated.pointer)
+        case let .moe(moe):
+            try tokens.withUnsafeBufferPointer { ids in
+                var context = RoutingContext(training: false, communicator: communicator, globalTokens: rows, firstGlobalToken: 0,
+                                             tokenIds: ids.baseAddress, noiseKey: noiseKey.derive(layer), step: step)
+                context.dropless = true
+                try moe.forward(cache.normed.pointer, rows: rows, into: cache.output.pointer, context: context)
+            }
+        }
+    }
+}
