@@ -17,8 +17,19 @@ public final class TokenFile: @unchecked Sendable {
     public let path: String
     /// The tokens: a read-only view of the memory-mapped file (ranks on one node share its page
     /// cache; nothing proportional to the file is on the heap), or of an owned buffer for
-    /// tokens made in memory.
-    public let tokens: UnsafeBufferPointer<UInt16>
+    /// tokens made in memory. The view keeps the file alive, so it may outlive the `TokenFile`
+    /// expression it came from (`try TokenFile.read(path).tokens.map { ... }`).
+    public var tokens: Tokens { Tokens(owner: self, buffer: buffer) }
+    let buffer: UnsafeBufferPointer<UInt16>
+
+    /// A random-access view of a file's tokens that holds the file (and its mapping) alive.
+    public struct Tokens: RandomAccessCollection, @unchecked Sendable {
+        let owner: TokenFile
+        let buffer: UnsafeBufferPointer<UInt16>
+        public var startIndex: Int { 0 }
+        public var endIndex: Int { buffer.count }
+        @inline(__always) public subscript(index: Int) -> UInt16 { buffer[index] }
+    }
     public let vocabularySize: Int
     /// The mapping to unmap (base, bytes), or the owned buffer to free.
     private let mapping: (base: UnsafeMutableRawPointer, bytes: Int)?
@@ -72,7 +83,7 @@ public final class TokenFile: @unchecked Sendable {
         let buffer = UnsafeMutableBufferPointer<UInt16>.allocate(capacity: max(tokens.count, 1))
         _ = buffer.initialize(from: tokens)
         self.path = path
-        self.tokens = UnsafeBufferPointer(rebasing: buffer[0..<tokens.count])
+        self.buffer = UnsafeBufferPointer(rebasing: buffer[0..<tokens.count])
         self.vocabularySize = vocabularySize
         mapping = nil
         owned = buffer
@@ -83,7 +94,7 @@ public final class TokenFile: @unchecked Sendable {
         self.mapping = mapping
         self.owned = nil
         self.vocabularySize = vocabularySize
-        tokens = UnsafeBufferPointer(start: (mapping.base + TokenFile.headerBytes).assumingMemoryBound(to: UInt16.self), count: count)
+        buffer = UnsafeBufferPointer(start: (mapping.base + TokenFile.headerBytes).assumingMemoryBound(to: UInt16.self), count: count)
     }
 
     deinit {
@@ -146,12 +157,12 @@ public final class TokenFile: @unchecked Sendable {
     /// released after each chunk: a pass over a large file does not grow the resident set.
     public func forEachChunk(_ body: (UnsafeBufferPointer<UInt16>) throws -> Void) rethrows {
         let chunk = 1 << 24
-        for start in stride(from: 0, to: tokens.count, by: chunk) {
-            try body(UnsafeBufferPointer(rebasing: tokens[start..<min(start + chunk, tokens.count)]))
+        for start in stride(from: 0, to: buffer.count, by: chunk) {
+            try body(UnsafeBufferPointer(rebasing: buffer[start..<min(start + chunk, buffer.count)]))
             guard let mapping else { continue }
             // Whole pages behind the chunk (the mapping is page-aligned).
             let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-            let end = (TokenFile.headerBytes + 2 * min(start + chunk, tokens.count)) / page * page
+            let end = (TokenFile.headerBytes + 2 * min(start + chunk, buffer.count)) / page * page
             if end > 0 { madvise(mapping.base, end, MADV_DONTNEED) }
         }
     }
