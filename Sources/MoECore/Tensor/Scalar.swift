@@ -21,6 +21,14 @@ extension Float: Scalar {
     public static func gemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float,
                             a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
                             beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+        // One output row (incremental decoding): a matrix-vector product. OpenBLAS's sgemm runs
+        // 1 x N x K shapes through a small-matrix kernel several times slower than sgemv.
+        if m == 1 && k > 0 {
+            // c[n] = alpha Σ_k a[k] op(B)[k, n] + beta c[n]; a's k-th element is a[k * lda] when A is transposed.
+            cblas_sgemv(CblasRowMajor, transposeB ? CblasNoTrans : CblasTrans, Int32(transposeB ? n : k), Int32(transposeB ? k : n),
+                        alpha, b, Int32(ldb), a, Int32(transposeA ? lda : 1), beta, c, 1)
+            return
+        }
         cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
                     Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
     }
