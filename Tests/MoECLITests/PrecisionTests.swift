@@ -54,12 +54,14 @@ final class PrecisionTests: XCTestCase {
     }
 
     /// configs/bench.yaml for 300 steps in fp32 and in bf16 on the same data: the bf16 loss stays
-    /// close to the fp32 loss at every logged step after step 50. On Shakespeare the largest
-    /// difference is 0.98% (README); on this generated corpus it is 1.01%, so the bound here is
-    /// 1.5%. Both runs are deterministic (same binary, data and seed), so the figure moves only
-    /// when the code does; a wrong bf16 product moves it by far more (a broken attention
-    /// gradient: tens of percent). For scale: fp32 on 1 rank vs 2 ranks, which differ only in
-    /// summation order, drift 0.24% apart on Shakespeare by step 300. Needs the release binary
+    /// close to the fp32 loss at every logged step after step 50. Both runs are deterministic
+    /// (same binary, data and seed), but the figure is not a stable property of the code: any
+    /// change in the float order of any product sends both trajectories elsewhere. Measured on
+    /// this generated corpus across versions of the code: 1.01%, 1.23%, and 1.92% once experts
+    /// that receive a single row went through sgemv instead of sgemm (Shakespeare: 0.98%,
+    /// README). The bound, 3%, sits above that spread and far below what a wrong bf16 product
+    /// does (a broken attention gradient: tens of percent). For scale: fp32 on 1 rank vs 2
+    /// ranks, which differ only in summation order, drift 0.24% apart on Shakespeare by step 300. Needs the release binary
     /// (the debug build runs this model at ~60 tokens/s): launch/test.sh builds it and passes
     /// its path in MOE_RELEASE_BINARY. Without it the test is skipped, except in CI, where it fails.
     func testBenchConfigTrainsTheSameInBF16AsInFP32() throws {
@@ -89,7 +91,7 @@ final class PrecisionTests: XCTestCase {
         for (step, reference) in fp32 where step > 50 {
             let loss = try XCTUnwrap(bf16[step], "bf16 has no loss at step \(step)")
             worst = max(worst, abs(loss - reference) / reference)
-            XCTAssertEqual(loss, reference, accuracy: 0.015 * reference, "step \(step)")
+            XCTAssertEqual(loss, reference, accuracy: 0.03 * reference, "step \(step)")
         }
         XCTAssertNotEqual(fp32[290], bf16[290], "identical losses: bf16 did not run")
         print("bench.yaml, 300 steps: largest relative loss difference bf16 vs fp32 after step 50: \(worst)")
