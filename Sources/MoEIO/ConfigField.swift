@@ -99,16 +99,6 @@ public struct ConfigField<Root> {
             root[keyPath: path] = choice
         }, write: { $0[keyPath: path].rawValue })
     }
-
-    public static func choice(_ key: String, _ path: WritableKeyPath<Root, String>, _ allowed: [String],
-                              _ help: String) -> ConfigField {
-        ConfigField(key: key, help: help, read: { root, value, name in
-            guard let text = value as? String, allowed.contains(text) else {
-                throw ConfigError.invalid(key: name, value: value, expected: "one of \(allowed.joined(separator: ", "))")
-            }
-            root[keyPath: path] = text
-        }, write: { $0[keyPath: path] })
-    }
 }
 
 /// A named group of fields, e.g. `train:`.

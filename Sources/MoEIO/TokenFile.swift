@@ -98,7 +98,7 @@ public final class TokenFile: @unchecked Sendable {
     }
 
     deinit {
-        if let mapping, !released { munmap(mapping.base, mapping.bytes) }
+        if let mapping { munmap(mapping.base, mapping.bytes) }
         owned?.deallocate()
     }
 
@@ -128,9 +128,9 @@ public final class TokenFile: @unchecked Sendable {
             guard count >= 0, bytes == headerBytes + 2 * count else {
                 throw ReadError.sizeMismatch(path: path, declared: count, bytes: bytes)
             }
-            let file = TokenFile(path: path, mapping: (base, bytes), count: count, vocabularySize: 0)
+            let tokens = UnsafeBufferPointer(start: (base + headerBytes).assumingMemoryBound(to: UInt16.self), count: count)
             var largest: UInt16 = 0
-            file.forEachChunk { chunk in largest = max(largest, chunk.max() ?? 0) }
+            forEachChunk(of: tokens, mapping: (base, bytes)) { chunk in largest = max(largest, chunk.max() ?? 0) }
             let declared = Int(header[3])
             let vocabulary: Int
             if declared > 0 {
@@ -139,30 +139,29 @@ public final class TokenFile: @unchecked Sendable {
             } else {
                 vocabulary = largest < 256 ? 256 : (largest < 50257 ? 50257 : Int(largest) + 1)
             }
-            return TokenFile(path: path, mapping: file.release(), count: count, vocabularySize: vocabulary)
+            return TokenFile(path: path, mapping: (base, bytes), count: count, vocabularySize: vocabulary)
         } catch {
             munmap(base, bytes)
             throw error
         }
     }
 
-    /// Hands the mapping to a new owner (this object no longer unmaps it).
-    private var released = false
-    private func release() -> (base: UnsafeMutableRawPointer, bytes: Int) {
-        released = true
-        return mapping!
-    }
-
     /// Calls `body` on consecutive chunks of the tokens (32 MiB each). A mapped file's pages are
     /// released after each chunk: a pass over a large file does not grow the resident set.
     public func forEachChunk(_ body: (UnsafeBufferPointer<UInt16>) throws -> Void) rethrows {
+        try TokenFile.forEachChunk(of: buffer, mapping: mapping, body)
+    }
+
+    /// `tokens` lies in `mapping` (when mapped) right after the header.
+    private static func forEachChunk(of tokens: UnsafeBufferPointer<UInt16>, mapping: (base: UnsafeMutableRawPointer, bytes: Int)?,
+                                     _ body: (UnsafeBufferPointer<UInt16>) throws -> Void) rethrows {
         let chunk = 1 << 24
-        for start in stride(from: 0, to: buffer.count, by: chunk) {
-            try body(UnsafeBufferPointer(rebasing: buffer[start..<min(start + chunk, buffer.count)]))
+        for start in stride(from: 0, to: tokens.count, by: chunk) {
+            try body(UnsafeBufferPointer(rebasing: tokens[start..<min(start + chunk, tokens.count)]))
             guard let mapping else { continue }
             // Whole pages behind the chunk (the mapping is page-aligned).
             let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-            let end = (TokenFile.headerBytes + 2 * min(start + chunk, buffer.count)) / page * page
+            let end = (headerBytes + 2 * min(start + chunk, tokens.count)) / page * page
             if end > 0 { madvise(mapping.base, end, MADV_DONTNEED) }
         }
     }

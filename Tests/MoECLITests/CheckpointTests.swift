@@ -131,6 +131,24 @@ final class CheckpointTests: XCTestCase {
         }
     }
 
+    /// A job ended by an injected kill: a failure exit, and not mpirun's timeout (a hang).
+    func assertKilled(_ result: CommandResult, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertNotEqual(result.status, 0, file: file, line: line)
+        XCTAssertNotEqual(result.status, 110, "mpirun's timeout fired: the job hung", file: file, line: line)
+    }
+
+    /// "run", killed, resumes from the checkpoint of `step` on 2 ranks and then trains exactly
+    /// what an uninterrupted run ("straight") trains from that step on.
+    func assertResumeContinues(_ workspace: Workspace, from step: Int, extra: [String] = [],
+                               file: StaticString = #filePath, line: UInt = #line) throws {
+        let resumed = try train(workspace, ranks: 2, ["--run-dir", "run", "--resume"] + extra)
+        XCTAssertTrue(resumed.stdout.contains("resumed from run/checkpoints/\(Checkpoint.directoryName(step: step))"), resumed.stdout,
+                      file: file, line: line)
+        try train(workspace, ranks: 2, ["--run-dir", "straight"] + extra)
+        let expected = try losses(workspace, "straight"), actual = try losses(workspace, "run")
+        for later in step..<20 { XCTAssertEqual(expected[later], actual[later], "step \(later)", file: file, line: line) }
+    }
+
     /// A rank killed while writing a checkpoint ends the job promptly; the half-written directory
     /// has no DONE, and --resume continues from the previous complete checkpoint.
     func testKillDuringSaveKeepsThePreviousCheckpoint() throws {
@@ -138,16 +156,11 @@ final class CheckpointTests: XCTestCase {
         try workspace.write("c.yaml", Self.config)
         let started = Date()
         let killed = try train(workspace, ranks: 2, ["--run-dir", "run", "--inject-fault", "kill-during-save@1:10"], expectSuccess: false)
-        XCTAssertNotEqual(killed.status, 0)
-        XCTAssertNotEqual(killed.status, 110, "mpirun's timeout fired: the job hung")
+        assertKilled(killed)
         XCTAssertLessThan(Date().timeIntervalSince(started), 60)
         XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000005/DONE")))
         XCTAssertFalse(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000010/DONE")))
-        let resumed = try train(workspace, ranks: 2, ["--run-dir", "run", "--resume"])
-        XCTAssertTrue(resumed.stdout.contains("step_00000005"), resumed.stdout)
-        try train(workspace, ranks: 2, ["--run-dir", "straight"])
-        let expected = try losses(workspace, "straight"), actual = try losses(workspace, "run")
-        for step in 5..<20 { XCTAssertEqual(expected[step], actual[step], "step \(step)") }
+        try assertResumeContinues(workspace, from: 5)
     }
 
     /// Rank 0 killed after writing the manifest of step 10 and before DONE: the directory is
@@ -156,15 +169,10 @@ final class CheckpointTests: XCTestCase {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)
         let killed = try train(workspace, ranks: 2, ["--run-dir", "run", "--inject-fault", "kill-before-done@0:10"], expectSuccess: false)
-        XCTAssertNotEqual(killed.status, 0)
-        XCTAssertNotEqual(killed.status, 110, "mpirun's timeout fired: the job hung")
+        assertKilled(killed)
         XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000010/manifest.json")))
         XCTAssertFalse(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000010/DONE")))
-        let resumed = try train(workspace, ranks: 2, ["--run-dir", "run", "--resume"])
-        XCTAssertTrue(resumed.stdout.contains("resumed from run/checkpoints/step_00000005"), resumed.stdout)
-        try train(workspace, ranks: 2, ["--run-dir", "straight"])
-        let expected = try losses(workspace, "straight"), actual = try losses(workspace, "run")
-        for step in 5..<20 { XCTAssertEqual(expected[step], actual[step], "step \(step)") }
+        try assertResumeContinues(workspace, from: 5)
     }
 
     /// Rank 0 killed while pruning (keep 1: saving step 10 deletes step 5), one file of step 5
@@ -177,8 +185,7 @@ final class CheckpointTests: XCTestCase {
         let keepOne = ["--set", "checkpoint.keep=1"]
         let killed = try train(workspace, ranks: 2, ["--run-dir", "run", "--inject-fault", "kill-during-prune@0:10"] + keepOne,
                                expectSuccess: false)
-        XCTAssertNotEqual(killed.status, 0)
-        XCTAssertNotEqual(killed.status, 110, "mpirun's timeout fired: the job hung")
+        assertKilled(killed)
         let root = workspace.path("run/checkpoints")
         let left = try FileManager.default.contentsOfDirectory(atPath: root).sorted()
         XCTAssertEqual(left, ["step_00000005", "step_00000010"], "the kill came midway through deleting step 5")
@@ -186,12 +193,8 @@ final class CheckpointTests: XCTestCase {
             let verify = try CLI.run(["checkpoint", "verify", "run/checkpoints/\(name)"], in: workspace.url)
             XCTAssertEqual(verify.status, 0, "\(name) has DONE but does not verify: \(verify.stderr)")
         }
-        let resumed = try train(workspace, ranks: 2, ["--run-dir", "run", "--resume"] + keepOne)
-        XCTAssertTrue(resumed.stdout.contains("resumed from run/checkpoints/step_00000010"), resumed.stdout)
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: root), ["step_00000020"])
-        try train(workspace, ranks: 2, ["--run-dir", "straight"] + keepOne)
-        let expected = try losses(workspace, "straight"), actual = try losses(workspace, "run")
-        for step in 10..<20 { XCTAssertEqual(expected[step], actual[step], "step \(step)") }
+        try assertResumeContinues(workspace, from: 10, extra: keepOne)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: root), ["step_00000020"], "the resumed run pruned the leftover")
     }
 
     /// Each kind of damage to the newest checkpoint (saved on 2 ranks) is reported naming the

@@ -120,13 +120,12 @@ public final class Routing<T: Scalar> {
         tokens.removeAll(keepingCapacity: true)
         experts.removeAll(keepingCapacity: true)
         weights.removeAll(keepingCapacity: true)
-        for counts in [\Routing.selectedPerExpert, \.firstChoicesPerExpert, \.globalSelectedPerExpert, \.globalFirstChoicesPerExpert] {
-            if self[keyPath: counts].count != expertCount { self[keyPath: counts] = Array(repeating: 0, count: expertCount) }
-            for e in 0..<expertCount { self[keyPath: counts][e] = 0 }
-        }
-        // In place: the per-expert array is reused from step to step.
-        if statistics.keptPerExpert.count != expertCount { statistics.keptPerExpert = Array(repeating: 0, count: expertCount) }
-        for e in 0..<expertCount { statistics.keptPerExpert[e] = 0 }
+        // In place: the per-expert arrays are reused from step to step.
+        Routing.zero(&selectedPerExpert, count: expertCount)
+        Routing.zero(&firstChoicesPerExpert, count: expertCount)
+        Routing.zero(&globalSelectedPerExpert, count: expertCount)
+        Routing.zero(&globalFirstChoicesPerExpert, count: expertCount)
+        Routing.zero(&statistics.keptPerExpert, count: expertCount)
         statistics.auxiliaryLoss = 0
         statistics.selectedCount = 0
         statistics.keptCount = 0
@@ -134,6 +133,11 @@ public final class Routing<T: Scalar> {
         statistics.globalTokens = context.globalTokens
         training = context.training
         lossWeight = context.lossWeight
+    }
+
+    private static func zero(_ counts: inout [Int64], count: Int) {
+        if counts.count != count { counts = Array(repeating: 0, count: count) }
+        for e in 0..<count { counts[e] = 0 }
     }
 
     /// Dense phase: no assignments, no experts.

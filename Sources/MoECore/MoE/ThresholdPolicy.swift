@@ -204,8 +204,7 @@ public final class SelectionBalanceLoss<T: Scalar>: AuxiliaryLoss {
 
     /// Σ_s w_{s,e} per expert.
     public func accumulate(_ input: LossInput<T>, into sums: UnsafeMutablePointer<Double>) {
-        let routing = input.routing
-        for j in 0..<routing.count { sums[Int(routing.experts[j])] += Double(routing.weights[j]) }
+        addWeightSums(input.routing, into: sums)
     }
 
     public func value(_ input: LossInput<T>, sums: UnsafePointer<Double>) -> Double {
@@ -221,8 +220,8 @@ public final class SelectionBalanceLoss<T: Scalar>: AuxiliaryLoss {
 
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         guard input.routing.training else { return }
-        let scale = T(coefficient * input.weight * Double(selectionFraction.count) / input.tokens), routing = input.routing
-        for j in 0..<routing.count { dWeights[j] += scale * selectionFraction[Int(routing.experts[j])] }
+        let scale = T(coefficient * input.weight * Double(selectionFraction.count) / input.tokens)
+        addPerExpertGradient(input.routing, scale: scale, perExpert: selectionFraction, into: dWeights)
     }
 }
 
@@ -251,8 +250,7 @@ public final class SparsityRegularizer<T: Scalar>: AuxiliaryLoss {
 
     /// Σ_s r_{s,e} per expert.
     public func accumulate(_ input: LossInput<T>, into sums: UnsafeMutablePointer<Double>) {
-        let routing = input.routing
-        for j in 0..<routing.count { sums[Int(routing.experts[j])] += Double(routing.weights[j]) }
+        addWeightSums(input.routing, into: sums)
     }
 
     public func value(_ input: LossInput<T>, sums: UnsafePointer<Double>) -> Double {
@@ -268,8 +266,7 @@ public final class SparsityRegularizer<T: Scalar>: AuxiliaryLoss {
 
     /// dr_{s,e} += (λ/L) f_e / N on the active pairs.
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
-        let scale = T(coefficient * input.weight / input.tokens), routing = input.routing
-        for j in 0..<routing.count { dWeights[j] += scale * fraction[Int(routing.experts[j])] }
+        addPerExpertGradient(input.routing, scale: T(coefficient * input.weight / input.tokens), perExpert: fraction, into: dWeights)
     }
 
     /// Sparsity below target (too many active experts) raises the penalty; above it, lowers it.
@@ -285,4 +282,16 @@ public final class SparsityRegularizer<T: Scalar>: AuxiliaryLoss {
         get { ["lambda": lambda] }
         set { if let value = newValue["lambda"] { lambda = value } }
     }
+}
+
+// The two losses that weigh the routing mass of each expert by its selection count share these.
+
+/// sums[e] += Σ of the kept weights routed to expert e.
+private func addWeightSums<T: Scalar>(_ routing: Routing<T>, into sums: UnsafeMutablePointer<Double>) {
+    for j in 0..<routing.count { sums[Int(routing.experts[j])] += Double(routing.weights[j]) }
+}
+
+/// dw_j += scale · perExpert[e_j] for every kept assignment j.
+private func addPerExpertGradient<T: Scalar>(_ routing: Routing<T>, scale: T, perExpert: [T], into dWeights: UnsafeMutablePointer<T>) {
+    for j in 0..<routing.count { dWeights[j] += scale * perExpert[Int(routing.experts[j])] }
 }

@@ -64,7 +64,7 @@ enum FloatKernels {
                 store(e, row + index)
             } else {
                 let e = Float.exp(loadVector(row + index, lanes: lanes, padding: -.infinity) - shift)
-                sumVector += e
+                sumVector += e   // padded lanes are exp(-inf) = 0
                 storeVector(e, row + index, lanes: lanes)
             }
         }
@@ -78,19 +78,7 @@ enum FloatKernels {
             maxVector = maxVector.replacing(with: v, where: v .> maxVector)   // pointwiseMax is scalar
         }
         let maximum = maxVector.max()
-        var sumVector = Vector(repeating: 0)
-        forEachVector(count: count) { index, lanes in
-            if lanes == 16 {
-                let e = Float.exp(load(row + index) - maximum)
-                sumVector += e
-                store(e, row + index)
-            } else {
-                let e = Float.exp(loadVector(row + index, lanes: lanes, padding: -.infinity) - maximum)
-                sumVector += e   // padded lanes are exp(-inf) = 0
-                storeVector(e, row + index, lanes: lanes)
-            }
-        }
-        let sum = sumVector.sum()
+        let sum = expShifted(row, count: count, shift: maximum)
         let inverse = 1 / sum
         forEachVector(count: count) { index, lanes in
             if lanes == 16 { store(load(row + index) * inverse, row + index) } else {

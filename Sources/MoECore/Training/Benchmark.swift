@@ -127,18 +127,11 @@ public enum Benchmark {
         object.add("memory_ratio", (peakMemory / modelled * 100).rounded() / 100)
         // The replicated parameters' AdamW moments on this rank (halved on 2 ranks by train.shard_optimizer).
         let optimizerState = Double(trainer.replicatedOptimizer.shard.count) * 8 / 1_048_576
-        object.add("replicated_optimizer_state_mib", try communicator.allReduce(optimizerState, op: .max).rounded(toPlaces: 1))
+        object.add("replicated_optimizer_state_mib", (try communicator.allReduce(optimizerState, op: .max) * 10).rounded() / 10)
         object.add("step_ms", (seconds / Double(steps) * 1e4).rounded() / 10)
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, (value / Double(steps) * 1e4).rounded() / 10) }
         object.addRaw("step_ms_by_part", parts.text)
         return (object, tokensPerSecond)
-    }
-}
-
-extension Double {
-    func rounded(toPlaces places: Int) -> Double {
-        let scale = Glibc.pow(10, Double(places))
-        return (self * scale).rounded() / scale
     }
 }
