@@ -107,6 +107,9 @@ public struct DataConfig: Equatable, Sendable {
     /// Each a token file, a glob (`data/fineweb/train_*.bin`) or a list of either.
     public var train = ["data/shakespeare/train.bin"]
     public var val = ["data/shakespeare/val.bin"]
+    /// The tokenizer of the token files; empty: `tokenizer.json` beside the first training file
+    /// if there is one (byte-level data needs none).
+    public var tokenizer = ""
 }
 
 public struct CheckpointConfig: Equatable, Sendable {
@@ -223,6 +226,7 @@ public struct RunConfig: Equatable, Sendable {
         ConfigSection("data", \.data, help: "Token files (llm.c format, see `moe prepare`). Relative paths are relative to the working directory.", [
             .paths("train", \.train, allowEmpty: false, "training token files: a file, a glob such as data/x/train_*.bin, or a list of them (shards)"),
             .paths("val", \.val, "validation token files, as train; empty for none"),
+            .string("tokenizer", \.tokenizer, "tokenizer of the token files (tokenizer.json or llm.c's gpt2_tokenizer.bin), copied into every checkpoint; empty: tokenizer.json beside the first training file, if any"),
         ]),
         ConfigSection("checkpoint", \.checkpoint, help: "Checkpoints in RUN_DIR/checkpoints.", [
             .int("every", \.every, min: 0, "save every n steps (0: only at the end)"),

@@ -1,3 +1,4 @@
+import ArgumentParser
 import Foundation
 import MoEComm
 import MoECore
@@ -9,6 +10,8 @@ struct LoadedCheckpoint {
     let manifest: CheckpointManifest
     let config: RunConfig
     let model: GPTModel<Float>
+    /// The run's tokenizer, if it had one (byte-level models need none).
+    let tokenizer: TokenizerFile?
 
     /// `path` is a checkpoint directory or a run directory (then its newest complete checkpoint).
     init(_ path: String, communicator: Communicator) throws {
@@ -23,5 +26,24 @@ struct LoadedCheckpoint {
         config = try Checkpoint.config(of: manifest, directory: directory)
         model = try GPTModel<Float>(config, vocabularySize: manifest.vocabularySize, communicator: communicator)
         try Checkpoint.load(directory, manifest: manifest, model: model)
+        tokenizer = try Checkpoint.tokenizer(directory, manifest: manifest)
+    }
+
+    /// `--tokenizer` if given, else the checkpoint's own, else bytes for a byte-level model.
+    func textTokenizer(override path: String?) throws -> Tokenizer {
+        let chosen: Tokenizer
+        if let path {
+            chosen = try Tokenizers.load(path)
+        } else if let tokenizer {
+            chosen = tokenizer.tokenizer
+        } else if model.vocabularySize == 256 {
+            chosen = ByteTokenizer()
+        } else {
+            throw ValidationError("checkpoint '\(directory)' has a vocabulary of \(model.vocabularySize) tokens and no tokenizer; pass --tokenizer FILE (a tokenizer.json, or llm.c's gpt2_tokenizer.bin)")
+        }
+        guard chosen.vocabularySize <= model.vocabularySize else {
+            throw TokenizerError.vocabularyMismatch(path: path ?? tokenizer?.path ?? "bytes", tokenizer: chosen.vocabularySize, model: model.vocabularySize)
+        }
+        return chosen
     }
 }

@@ -94,15 +94,23 @@ struct EvalCommand: ParsableCommand {
                                             batchSize: loaded.config.train.batchSize, communicator: communicator,
                                             step: loaded.manifest.step)
             let tokens = batchCount * communicator.size * loaded.config.train.batchSize * loaded.config.model.context
-            Runtime.logger(communicator)(String(format: "step %d | val_loss %.4f | perplexity %.3f | %d tokens of %@",
-                                                 loaded.manifest.step, loss, exp(loss), tokens, path))
+            var line = String(format: "step %d | val_loss %.4f | perplexity %.3f | %d tokens of %@", loaded.manifest.step, loss, exp(loss), tokens, path)
+            // Nats per byte of text compare models with different tokenizers (a byte model's
+            // loss already is one).
+            if let tokenizer = try? loaded.textTokenizer(override: nil), loaded.model.vocabularySize != 256 {
+                let bytes = try Trainer.evaluatedBytes(data: windows, batches: batchCount, batchSize: loaded.config.train.batchSize,
+                                                       communicator: communicator, tokenizer: tokenizer)
+                line += String(format: " | %.4f nats per byte (%.3f bytes per token)", loss * Double(tokens) / Double(bytes), Double(bytes) / Double(tokens))
+            }
+            Runtime.logger(communicator)(line)
         }
     }
 }
 
 struct GenerateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "generate", abstract: "Sample text from a checkpoint (byte-level models).")
+        commandName: "generate", abstract: "Sample text from a checkpoint.",
+        discussion: "Text goes through the checkpoint's tokenizer (bytes for a byte-level model); --tokenizer overrides it.")
 
     @Option(help: ArgumentHelp("A checkpoint directory, or a run directory (its newest complete checkpoint).", valueName: "dir"))
     var checkpoint: String
@@ -128,6 +136,9 @@ struct GenerateCommand: ParsableCommand {
     @Flag(name: .customLong("no-cache"), help: "Recompute the whole window for every token instead of using the key/value cache (for comparison).")
     var noCache = false
 
+    @Option(help: ArgumentHelp("A tokenizer.json, or llm.c's gpt2_tokenizer.bin (default: the checkpoint's own).", valueName: "file"))
+    var tokenizer: String?
+
     func validate() throws {
         guard tokens >= 0 else { throw ValidationError("--tokens must be >= 0") }
         guard temperature >= 0, temperature.isFinite else { throw ValidationError("--temperature must be >= 0") }
@@ -139,35 +150,49 @@ struct GenerateCommand: ParsableCommand {
     func run() throws {
         Runtime.run { communicator in
             let loaded = try LoadedCheckpoint(checkpoint, communicator: communicator)
-            guard loaded.model.vocabularySize == 256 else {
-                throw ValidationError("this checkpoint's vocabulary has \(loaded.model.vocabularySize) tokens; text prompts need a byte-level (256) model")
-            }
-            let promptTokens = prompt.utf8.map { Int32($0) }
+            let codec = try loaded.textTokenizer(override: tokenizer)
+            let promptTokens = codec.encode(prompt)
             var pending: [UInt8] = Array(prompt.utf8)
             let isPrinter = communicator.rank == 0
             // Decoding multiplies one row at a time: BLAS threads only add synchronisation
             // (measured: 494 tokens/s with the default threads, 698 with one), in both modes.
             if getenv("OPENBLAS_NUM_THREADS") == nil { BLASInfo.setBLASThreads(1) }
             let started = DispatchTime.now().uptimeNanoseconds
-            let settings = SamplingSettings(temperature: temperature, topK: topK, topP: topP, seed: seed)
+            let settings = SamplingSettings(temperature: temperature, topK: topK, topP: topP, seed: seed, vocabularyLimit: codec.vocabularySize)
             try Sampler.generate(model: loaded.model, prompt: promptTokens, count: tokens, settings: settings, useCache: !noCache,
                                  step: loaded.manifest.step) { token in
                 guard isPrinter else { return }
-                pending.append(UInt8(token))
-                // Print whole UTF-8 sequences only.
-                if let text = String(validating: pending, as: UTF8.self) {
-                    FileHandle.standardOutput.write(Data(text.utf8))
-                    pending.removeAll()
+                pending += codec.decode(token)
+                // Print all but an unfinished UTF-8 sequence at the end (invalid bytes print as U+FFFD).
+                let ready = GenerateCommand.completeUTF8Prefix(pending)
+                if ready > 0 {
+                    FileHandle.standardOutput.write(Data(String(decoding: pending[..<ready], as: UTF8.self).utf8))
+                    pending.removeFirst(ready)
                 }
             }
             if isPrinter {
                 if !pending.isEmpty { FileHandle.standardOutput.write(Data(String(decoding: pending, as: UTF8.self).utf8)) }
-                print("")
+                FileHandle.standardOutput.write(Data("\n".utf8))
                 let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
                 FileHandle.standardError.write(Data(String(format: "%d tokens in %.2f s: %.1f tokens/s (%@)\n", tokens, seconds,
                                                            Double(tokens) / max(seconds, 1e-9), noCache ? "no cache" : "key/value cache").utf8))
             }
         }
+    }
+}
+
+extension GenerateCommand {
+    /// The length of `bytes` without a trailing lead byte whose continuation has not arrived yet.
+    static func completeUTF8Prefix(_ bytes: [UInt8]) -> Int {
+        guard !bytes.isEmpty else { return 0 }
+        for back in 1...min(3, bytes.count) {
+            let byte = bytes[bytes.count - back]
+            guard byte & 0xC0 == 0x80 else {
+                let needed = byte >= 0xF0 ? 4 : byte >= 0xE0 ? 3 : byte >= 0xC0 ? 2 : 1
+                return needed > back ? bytes.count - back : bytes.count
+            }
+        }
+        return bytes.count
     }
 }
 

@@ -62,6 +62,7 @@ public enum CheckpointError: Error, CustomStringConvertible {
 /// Saving and loading of `checkpoints/step_XXXXXXXX/`:
 ///   replicated.safetensors          replicated parameters + AdamW moments (rank 0)
 ///   experts-rank-RRRRR.safetensors  each hosting rank's experts + moments, keyed by global id
+///   tokenizer.json                  the run's tokenizer, if it has one (tokenizer.bin: llm.c's format)
 ///   manifest.json                   everything else, with every file's size and SHA-256
 ///   DONE                            written last by rank 0; a directory without it is ignored
 public enum Checkpoint {
@@ -85,9 +86,10 @@ public enum Checkpoint {
 
     // MARK: saving
 
-    /// Collective: every rank calls it. Returns the checkpoint directory.
+    /// Collective: every rank calls it. Returns the checkpoint directory. Rank 0 also writes
+    /// `attachments` (file name -> contents, such as the tokenizer), listed in the manifest.
     @discardableResult
-    public static func save(_ trainer: Trainer, runDirectory: String) throws -> String {
+    public static func save(_ trainer: Trainer, runDirectory: String, attachments: [String: Data] = [:]) throws -> String {
         let communicator = trainer.communicator, rank = communicator.rank, ranks = communicator.size
         let directory = ((runDirectory as NSString).appendingPathComponent("checkpoints") as NSString)
             .appendingPathComponent(directoryName(step: trainer.step))
@@ -128,6 +130,9 @@ public enum Checkpoint {
                 data = try encode(model.replicated, first: optimizer.firstMoment, second: optimizer.secondMoment)
             }
             files[replicatedFile] = try writeDurably(data, to: (directory as NSString).appendingPathComponent(replicatedFile))
+            for (name, contents) in attachments.sorted(by: { $0.key < $1.key }) {
+                files[name] = try writeDurably(contents, to: (directory as NSString).appendingPathComponent(name))
+            }
             var expertFiles: [String?] = Array(repeating: nil, count: ranks)
             for source in 0..<ranks where reports[source * 6] == 1 {
                 let name = expertFileName(rank: source)
@@ -283,8 +288,21 @@ public enum Checkpoint {
         try RunConfig.fromResolved(manifest.config, file: (directory as NSString).appendingPathComponent(manifestFile))
     }
 
-    /// Reads a file listed in the manifest and checks its size and SHA-256.
+    /// Reads a safetensors file listed in the manifest, checking its size and SHA-256.
     static func verifiedFile(_ name: String, in directory: String, manifest: CheckpointManifest) throws -> Safetensors.File {
+        try Safetensors.File(path: (directory as NSString).appendingPathComponent(name), data: try verifiedData(name, in: directory, manifest: manifest))
+    }
+
+    /// The checkpoint's tokenizer (verified), if the run had one.
+    public static func tokenizer(_ directory: String, manifest: CheckpointManifest) throws -> TokenizerFile? {
+        guard let name = [Tokenizers.fileName, Tokenizers.llmcFileName].first(where: { manifest.files[$0] != nil }) else { return nil }
+        let path = (directory as NSString).appendingPathComponent(name)
+        let contents = try verifiedData(name, in: directory, manifest: manifest)
+        return TokenizerFile(path: path, contents: contents, tokenizer: try Tokenizers.load(contents, path: path))
+    }
+
+    /// Reads a file listed in the manifest and checks its size and SHA-256.
+    static func verifiedData(_ name: String, in directory: String, manifest: CheckpointManifest) throws -> Data {
         let path = (directory as NSString).appendingPathComponent(name)
         guard let expected = manifest.files[name] else {
             throw CheckpointError.corrupt(path: path, reason: "not listed in the manifest")
@@ -299,7 +317,7 @@ public enum Checkpoint {
         guard digest == expected.sha256 else {
             throw CheckpointError.corrupt(path: path, reason: "SHA-256 \(digest) does not match the manifest's \(expected.sha256)")
         }
-        return try Safetensors.File(path: path, data: data)
+        return data
     }
 
     /// Loads parameters (and, with optimizers, AdamW moments and step counts) into a model built
@@ -372,7 +390,10 @@ extension Checkpoint {
     public static func verify(_ directory: String, manifest: CheckpointManifest) -> [String] {
         var problems: [String] = []
         for name in manifest.files.keys.sorted() {
-            do { _ = try verifiedFile(name, in: directory, manifest: manifest) } catch { problems.append("\(error)") }
+            do {
+                if name.hasSuffix(".safetensors") { _ = try verifiedFile(name, in: directory, manifest: manifest) }
+                else { _ = try verifiedData(name, in: directory, manifest: manifest) }
+            } catch { problems.append("\(error)") }
         }
         for case let name? in manifest.expertFiles where manifest.files[name] == nil {
             problems.append("expert file \(name) is not listed with a digest")

@@ -12,12 +12,16 @@ public struct SamplingSettings: Sendable {
     public var topP: Double
     /// The draw for new token i uses counter i of a key derived from the seed.
     public var seed: Int
+    /// Draw only ids below this (the tokenizer's vocabulary when the model's is padded beyond
+    /// it); nil: the model's whole vocabulary.
+    public var vocabularyLimit: Int?
 
-    public init(temperature: Double, topK: Int = 0, topP: Double = 1, seed: Int = 0) {
+    public init(temperature: Double, topK: Int = 0, topP: Double = 1, seed: Int = 0, vocabularyLimit: Int? = nil) {
         self.temperature = temperature
         self.topK = topK
         self.topP = topP
         self.seed = seed
+        self.vocabularyLimit = vocabularyLimit
     }
 }
 
@@ -48,7 +52,7 @@ public enum Sampler {
                                       dropless: true)
                 logits = model.logitsRow(window.count - 1)
             }
-            let next = Int32(draw(logits, vocabularySize: model.vocabularySize, settings: settings,
+            let next = Int32(draw(logits, vocabularySize: min(model.vocabularySize, settings.vocabularyLimit ?? .max), settings: settings,
                                   uniform: key.uniform(index), scratch: &scratch))
             sequence.append(next)
             emit(next)

@@ -366,4 +366,19 @@ public final class Trainer {
         }
         return try communicator.allReduce(lossSum) / Double(batches * globalTokens)
     }
+
+    /// Bytes of text behind the targets `evaluate` scores with the same arguments, summed over
+    /// ranks: the loss times the tokens over this is nats per byte, comparable across tokenizers.
+    public static func evaluatedBytes(data: TokenBatches, batches: Int, batchSize: Int, communicator: Communicator,
+                                      tokenizer: Tokenizer) throws -> Int {
+        let lengths = (0..<tokenizer.vocabularySize).map { tokenizer.decode(Int32($0)).count }
+        var inputs: [Int32] = [], targets: [Int32] = []
+        var bytes = 0
+        for index in 0..<batches {
+            data.evaluationBatch(index: index, batches: batches, rank: communicator.rank, ranks: communicator.size,
+                                 batchSize: batchSize, inputs: &inputs, targets: &targets)
+            for target in targets { bytes += lengths.indices.contains(Int(target)) ? lengths[Int(target)] : 0 }
+        }
+        return Int(try communicator.allReduce(Int64(bytes)))
+    }
 }

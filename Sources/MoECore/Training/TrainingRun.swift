@@ -10,6 +10,8 @@ public final class TrainingRun {
     let communicator: Communicator
     let log: (String) -> Void
     let metrics: MetricsLog?
+    /// Copied into every checkpoint, so a checkpoint decodes its own tokens.
+    public let tokenizer: TokenizerFile?
     var health = ExpertHealth()
 
     public enum RunError: Error, CustomStringConvertible {
@@ -59,14 +61,19 @@ public final class TrainingRun {
         // Every rank reads the data itself; a file one node cannot read stops every rank with
         // that node's message (before any other collective).
         let dataConfig = config.data
-        let (trainFiles, validationFiles) = try communicator.agree {
+        let (trainFiles, validationFiles, tokenizer) = try communicator.agree {
             if faults.contains(where: { $0.kind == .dataUnreadable && $0.rank == communicator.rank }) {
                 throw TokenFile.ReadError.unreadable(path: dataConfig.train.first ?? "")
             }
-            return (try TokenFile.read(patterns: dataConfig.train, key: "data.train"),
-                    try TokenFile.read(patterns: dataConfig.val, key: "data.val"))
+            let trainFiles = try TokenFile.read(patterns: dataConfig.train, key: "data.train")
+            return (trainFiles, try TokenFile.read(patterns: dataConfig.val, key: "data.val"),
+                    try Tokenizers.forRun(configured: dataConfig.tokenizer, firstTrainingFile: trainFiles.first?.path))
         }
         trainer = try Trainer(config: config, communicator: communicator, trainFiles: trainFiles, validationFiles: validationFiles)
+        self.tokenizer = tokenizer
+        if let tokenizer, tokenizer.tokenizer.vocabularySize > trainer.model.vocabularySize {
+            throw TokenizerError.vocabularyMismatch(path: tokenizer.path, tokenizer: tokenizer.tokenizer.vocabularySize, model: trainer.model.vocabularySize)
+        }
         // Load the newest checkpoint every rank can read and verify; a damaged one (truncated,
         // flipped bytes, missing shard) is skipped with a warning, on every rank together.
         let loadStarted = DispatchTime.now().uptimeNanoseconds
@@ -196,7 +203,8 @@ public final class TrainingRun {
         if Checkpoint.complete(in: runDirectory).last?.hasSuffix(Checkpoint.directoryName(step: trainer.step)) == true { return }
         trainer.heartbeat.beat("checkpoint save", step: trainer.step)
         let started = DispatchTime.now().uptimeNanoseconds
-        let directory = try Checkpoint.save(trainer, runDirectory: runDirectory)
+        let directory = try Checkpoint.save(trainer, runDirectory: runDirectory,
+                                                attachments: tokenizer.map { [$0.checkpointName: $0.contents] } ?? [:])
         log(String(format: "saved %@ in %.2f s", directory, Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
     }
 

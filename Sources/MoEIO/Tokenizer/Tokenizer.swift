@@ -36,13 +36,51 @@ public enum TokenizerError: Error, CustomStringConvertible {
     }
 }
 
+/// A tokenizer as the file it came from (checkpoints keep the file itself).
+public struct TokenizerFile: Sendable {
+    public let path: String
+    public let contents: Data
+    public let tokenizer: Tokenizer
+
+    public init(path: String, contents: Data, tokenizer: Tokenizer) {
+        self.path = path
+        self.contents = contents
+        self.tokenizer = tokenizer
+    }
+    /// The file's name inside a checkpoint: `tokenizer.json`, or `tokenizer.bin` for llm.c's format.
+    public var checkpointName: String { tokenizer is BytePairEncoding ? Tokenizers.fileName : Tokenizers.llmcFileName }
+}
+
 public enum Tokenizers {
     /// The name a tokenizer has beside `train.bin` and inside a checkpoint.
     public static let fileName = "tokenizer.json"
+    public static let llmcFileName = "tokenizer.bin"
+
+    /// The run's tokenizer: `data.tokenizer` if set (it must exist), else `tokenizer.json`
+    /// beside the first training file, else none.
+    public static func forRun(configured: String, firstTrainingFile: String?) throws -> TokenizerFile? {
+        let path: String
+        if !configured.isEmpty {
+            path = configured
+        } else if let first = firstTrainingFile {
+            path = ((first as NSString).deletingLastPathComponent as NSString).appendingPathComponent(fileName)
+            guard FileManager.default.fileExists(atPath: path) else { return nil }
+        } else {
+            return nil
+        }
+        guard let contents = FileManager.default.contents(atPath: path) else {
+            throw TokenizerError.malformed(path: path, reason: "cannot read it (data.tokenizer)")
+        }
+        return TokenizerFile(path: path, contents: contents, tokenizer: try load(contents, path: path))
+    }
 
     /// Reads `tokenizer.json` (byte-level BPE) or llm.c's `gpt2_tokenizer.bin`, told apart by content.
     public static func load(_ path: String) throws -> Tokenizer {
         guard let data = FileManager.default.contents(atPath: path) else { throw TokenizerError.unreadable(path: path) }
+        return try load(data, path: path)
+    }
+
+    public static func load(_ data: Data, path: String) throws -> Tokenizer {
         if data.first == UInt8(ascii: "{") { return try BytePairEncoding.read(json: data, path: path) }
         return try LlmcTokenizer(data: data, path: path)
     }
