@@ -15,18 +15,19 @@ struct LoadedCheckpoint {
 
     /// `path` is a checkpoint directory or a run directory (then its newest complete checkpoint).
     init(_ path: String, communicator: Communicator) throws {
-        if FileManager.default.fileExists(atPath: (path as NSString).appendingPathComponent(Checkpoint.manifestFile)) {
-            directory = path
-        } else if let newest = Checkpoint.complete(in: path).last {
-            directory = newest
-        } else {
-            throw CheckpointError.notACheckpoint(path: path, reason: "neither a checkpoint directory nor a run directory with a complete checkpoint")
-        }
+        directory = try Self.resolve(path)
         manifest = try Checkpoint.readManifest(directory)
         config = try Checkpoint.config(of: manifest, directory: directory)
         model = try GPTModel<Float>(config, vocabularySize: manifest.vocabularySize, communicator: communicator)
         try Checkpoint.load(directory, manifest: manifest, model: model)
         tokenizer = try Checkpoint.tokenizer(directory, manifest: manifest)
+    }
+
+    /// A checkpoint directory as given, or a run directory's newest complete checkpoint.
+    static func resolve(_ path: String) throws -> String {
+        if FileManager.default.fileExists(atPath: (path as NSString).appendingPathComponent(Checkpoint.manifestFile)) { return path }
+        if let newest = Checkpoint.complete(in: path).last { return newest }
+        throw CheckpointError.notACheckpoint(path: path, reason: "neither a checkpoint directory nor a run directory with a complete checkpoint")
     }
 
     /// `--tokenizer` if given, else the checkpoint's own, else bytes for a byte-level model.

@@ -77,6 +77,9 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "Global batches of evaluation windows (default: the checkpoint config's train.eval_batches).")
     var batches: Int?
 
+    @Flag(help: "Print one JSON object (full precision) instead of the text line.")
+    var json = false
+
     func run() throws {
         Runtime.run { communicator in
             let loaded = try LoadedCheckpoint(checkpoint, communicator: communicator)
@@ -95,13 +98,18 @@ struct EvalCommand: ParsableCommand {
                                             step: loaded.manifest.step)
             let tokens = batchCount * communicator.size * loaded.config.train.batchSize * loaded.config.model.context
             var line = String(format: "step %d | val_loss %.4f | perplexity %.3f | %d tokens of %@", loaded.manifest.step, loss, exp(loss), tokens, path)
+            var record: [String: Any] = ["step": loaded.manifest.step, "val_loss": loss, "perplexity": exp(loss), "tokens": tokens, "data": path]
             // Nats per byte of text compare models with different tokenizers (a byte model's
             // loss already is one).
             if let tokenizer = try? loaded.textTokenizer(override: nil), loaded.model.vocabularySize != 256 {
                 let bytes = try Trainer.evaluatedBytes(data: windows, batches: batchCount, batchSize: loaded.config.train.batchSize,
                                                        communicator: communicator, tokenizer: tokenizer)
-                line += String(format: " | %.4f nats per byte (%.3f bytes per token)", loss * Double(tokens) / Double(bytes), Double(bytes) / Double(tokens))
+                let perByte = loss * Double(tokens) / Double(bytes)
+                line += String(format: " | %.4f nats per byte (%.3f bytes per token)", perByte, Double(bytes) / Double(tokens))
+                record["nats_per_byte"] = perByte
+                record["bytes"] = bytes
             }
+            if json { line = String(decoding: try JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]), as: UTF8.self) }
             Runtime.logger(communicator)(line)
         }
     }

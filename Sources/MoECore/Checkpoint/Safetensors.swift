@@ -2,8 +2,13 @@ import Foundation
 
 /// The safetensors format (huggingface/safetensors): an 8-byte little-endian header length n,
 /// n bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`
-/// and the raw little-endian tensor bytes. SwiftMoE writes F32 only.
+/// and the raw little-endian tensor bytes. Checkpoints are F32; an export may write BF16.
 public enum Safetensors {
+    public enum DataType: String, Sendable {
+        case f32 = "F32", bf16 = "BF16"
+        var bytes: Int { self == .f32 ? 4 : 2 }
+    }
+
     /// One tensor to write: `values` holds product(shape) floats.
     public struct Entry {
         public var name: String
@@ -42,13 +47,14 @@ public enum Safetensors {
     /// cannot make us allocate absurd memory.
     public static let maximumHeaderBytes = 100 << 20
 
-    public static func encode(_ entries: [Entry], metadata: [String: String] = [:]) throws -> Data {
+    /// With `.bf16` every value is rounded to nearest even.
+    public static func encode(_ entries: [Entry], metadata: [String: String] = [:], dataType: DataType = .f32) throws -> Data {
         var header: [String: Any] = [:]
         if !metadata.isEmpty { header["__metadata__"] = metadata }
         var offset = 0
         for entry in entries {
-            let bytes = entry.values.count * 4
-            header[entry.name] = ["dtype": "F32", "shape": entry.shape, "data_offsets": [offset, offset + bytes]] as [String: Any]
+            let bytes = entry.values.count * dataType.bytes
+            header[entry.name] = ["dtype": dataType.rawValue, "shape": entry.shape, "data_offsets": [offset, offset + bytes]] as [String: Any]
             offset += bytes
         }
         var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
@@ -57,8 +63,17 @@ public enum Safetensors {
         var data = Data(capacity: 8 + json.count + offset)
         withUnsafeBytes(of: UInt64(json.count).littleEndian) { data.append(contentsOf: $0) }
         data.append(json)
-        for entry in entries { data.append(UnsafeBufferPointer(start: UnsafeRawPointer(entry.values.baseAddress!)
-                                                                   .assumingMemoryBound(to: UInt8.self), count: entry.values.count * 4)) }
+        for entry in entries {
+            switch dataType {
+            case .f32:
+                data.append(UnsafeBufferPointer(start: UnsafeRawPointer(entry.values.baseAddress!).assumingMemoryBound(to: UInt8.self),
+                                                count: entry.values.count * 4))
+            case .bf16:
+                var rounded = [UInt16](repeating: 0, count: entry.values.count)
+                for index in rounded.indices { rounded[index] = BFloat16(entry.values[index]).bitPattern.littleEndian }
+                rounded.withUnsafeBytes { data.append(contentsOf: $0) }
+            }
+        }
         return data
     }
 

@@ -1,0 +1,99 @@
+import Foundation
+import XCTest
+
+/// `moe export --format hf`: the exported model, loaded with transformers, scores the
+/// validation windows as `moe eval` does.
+final class ExportTests: XCTestCase {
+    /// fp32 products and dropless evaluation, so that the exported model (dropless, PyTorch fp32)
+    /// computes what `moe eval` computes.
+    static let config = """
+        model: {context: 16, width: 16, layers: 2, heads: 2, ffn_hidden: 32, moe_every: 1}
+        moe: {experts: 4, top_k: 2, gate: topk, capacity_factor: 1.25, eval_capacity_factor: none, min_capacity: 2}
+        train: {steps: 12, batch_size: 2, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, log_every: 4, eval_every: 0, eval_batches: 2, precision: fp32}
+        data: {train: data/train.bin, val: data/val.bin}
+        checkpoint: {every: 0, keep: 1}
+        evomoe: {spawn_fraction: 0}
+        """
+
+    /// Skips, saying why, when PyTorch and transformers are missing (launch/test.sh installs them).
+    func requireTransformers() throws {
+        let probe = Process()
+        probe.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        probe.arguments = ["python3", "-c", "import torch, transformers, safetensors"]
+        guard (try? CLI.capture(probe))?.status == 0 else {
+            throw XCTSkip("PyTorch and transformers could not be installed here (launch/test.sh tries pip), so the Hugging Face export is not checked")
+        }
+    }
+
+    /// The exported model's validation loss (computed in PyTorch by Scripts/check-hf-export.py).
+    func transformersLoss(_ workspace: Workspace, export: String, windows: Int) throws -> Double {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Scripts/check-hf-export.py")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", script.path, workspace.path(export), workspace.path("data/val.bin"), "\(windows)"]
+        let result = try CLI.capture(process, timeout: 300)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let line = try XCTUnwrap(result.stdout.split(separator: "\n").last, result.stderr)
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], String(line))
+        return try XCTUnwrap(object["val_loss"] as? Double)
+    }
+
+    func evalLoss(_ workspace: Workspace, run: String) throws -> Double {
+        let result = try CLI.run(["eval", "--checkpoint", run, "--json"], in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any], result.stdout)
+        return try XCTUnwrap(object["val_loss"] as? Double)
+    }
+
+    /// Trained on 2 ranks (each saves half the experts), exported merged: the transformers model
+    /// scores the validation windows of `moe eval` (1 rank, 2 batches of 2) within 1e-4 relative.
+    /// bf16 weights stay within 2% (8 significant bits per weight).
+    func testExportedModelMatchesEvalInTransformers() throws {
+        try requireTransformers()
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let trained = try CLI.mpirun(ranks: 2, ["train", "--config", "c.yaml", "--run-dir", "run"], in: workspace.url)
+        XCTAssertEqual(trained.status, 0, trained.stderr)
+        var result = try CLI.run(["export", "--checkpoint", "run", "--format", "hf", "--output", "hf"], in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        XCTAssertTrue(result.stdout.contains("model.safetensors, config.json, modeling_swiftmoe.py, tokenizer.json"), result.stdout)
+        let expected = try evalLoss(workspace, run: "run")
+        let exported = try transformersLoss(workspace, export: "hf", windows: 4)
+        XCTAssertEqual(exported, expected, accuracy: 1e-4 * expected)
+
+        result = try CLI.run(["export", "--checkpoint", "run", "--output", "hf-bf16", "--dtype", "bf16"], in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let weights = try FileManager.default.attributesOfItem(atPath: workspace.path("hf-bf16/model.safetensors"))[.size] as! Int
+        let full = try FileManager.default.attributesOfItem(atPath: workspace.path("hf/model.safetensors"))[.size] as! Int
+        XCTAssertLessThan(weights, full * 6 / 10, "bf16 weights take half the bytes")
+        XCTAssertEqual(try transformersLoss(workspace, export: "hf-bf16", windows: 4), expected, accuracy: 0.02 * expected)
+    }
+
+    /// EvoMoE before the spawn exports its dense FFNs as plain FFN layers.
+    func testDensePhaseExportsDenseLayers() throws {
+        try requireTransformers()
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "gate: topk", with: "gate: dts")
+            .replacingOccurrences(of: "spawn_fraction: 0", with: "spawn_fraction: 0.5"))
+        let trained = try CLI.run(["train", "--config", "c.yaml", "--run-dir", "run", "--stop-at", "4"], in: workspace.url)
+        XCTAssertEqual(trained.status, 0, trained.stderr)
+        let result = try CLI.run(["export", "--checkpoint", "run", "--output", "hf"], in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let config = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: workspace.path("hf/config.json")))) as? [String: Any])
+        XCTAssertEqual(config["moe_layers"] as? [Int], [], "no MoE layer before the spawn")
+        let expected = try evalLoss(workspace, run: "run")
+        XCTAssertEqual(try transformersLoss(workspace, export: "hf", windows: 4), expected, accuracy: 1e-4 * expected)
+    }
+
+    /// A gate the exported model does not implement is a one-line error naming it.
+    func testUnsupportedGateIsRefused() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "gate: topk", with: "gate: hash"))
+        let trained = try CLI.run(["train", "--config", "c.yaml", "--run-dir", "run", "--set", "train.steps=2"], in: workspace.url)
+        XCTAssertEqual(trained.status, 0, trained.stderr)
+        let result = try CLI.run(["export", "--checkpoint", "run", "--output", "hf"], in: workspace.url)
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertTrue(result.stderr.contains("export: gate 'hash' routes in a way the exported model does not implement"), result.stderr)
+        XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
+    }
+}
