@@ -69,13 +69,14 @@ final class ExportTests: XCTestCase {
         XCTAssertEqual(try transformersLoss(workspace, export: "hf-bf16", windows: 4), expected, accuracy: 0.02 * expected)
     }
 
-    /// EvoMoE before the spawn exports its dense FFNs as plain FFN layers.
+    /// EvoMoE before the spawn exports its dense FFNs as plain FFN layers (here with an untied
+    /// output head, the other layout of the head).
     func testDensePhaseExportsDenseLayers() throws {
         try requireTransformers()
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "gate: topk", with: "gate: dts")
             .replacingOccurrences(of: "spawn_fraction: 0", with: "spawn_fraction: 0.5"))
-        let trained = try CLI.run(["train", "--config", "c.yaml", "--run-dir", "run", "--stop-at", "4"], in: workspace.url)
+        let trained = try CLI.run(["train", "--config", "c.yaml", "--run-dir", "run", "--stop-at", "4", "--set", "model.tie_embeddings=false"], in: workspace.url)
         XCTAssertEqual(trained.status, 0, trained.stderr)
         let result = try CLI.run(["export", "--checkpoint", "run", "--output", "hf"], in: workspace.url)
         XCTAssertEqual(result.status, 0, result.stderr)

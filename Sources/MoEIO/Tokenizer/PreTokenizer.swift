@@ -2,7 +2,7 @@
 /// `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, the default of
 /// Hugging Face's `ByteLevel` pre-tokenizer), written out as a scanner so that it also takes
 /// bytes that are not UTF-8: each invalid byte counts as punctuation. Pieces cover the input
-/// exactly, in order, so decoding is concatenation. docs/TOKENIZER.md has the details.
+/// exactly, in order, so decoding is concatenation (docs/ARCHITECTURE.md, "Tokenizer").
 public enum PreTokenizer {
     enum CharacterClass { case letter, number, space, other }
 
