@@ -81,6 +81,39 @@ final class TokenizerCLITests: XCTestCase {
         XCTAssertTrue(result.stderr.contains("tokenizer 'big.json' has 310 tokens but the model's vocabulary has 300"), result.stderr)
     }
 
+    /// Hugging Face `tokenizers` (the reference implementation of byte-level BPE) reads our
+    /// tokenizer.json and encodes each prepared file to the very ids `moe prepare` wrote.
+    func testHuggingFaceTokenizersEncodeTheSameIds() throws {
+        let probe = Process()
+        probe.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        probe.arguments = ["python3", "-c", "import tokenizers, numpy"]
+        guard (try? CLI.capture(probe))?.status == 0 else {
+            throw XCTSkip("the Python tokenizers package is not installed (launch/test.sh installs it with transformers)")
+        }
+        let workspace = try Workspace()
+        try corpus(workspace)
+        // Text with non-ASCII letters, digits, contractions and runs of white space.
+        try workspace.write("corpus/unicode.txt", String(repeating: "Ærø café's 東京 ½ №5 ...,  ok\u{a0} \u{3000}end\r\n\tthey'll 123 ", count: 30))
+        let result = try CLI.run(["prepare", "--input", "corpus", "--val-input", "corpus/unicode.txt", "--output", "bpe",
+                                  "--tokenizer", "bpe", "--vocab-size", "400"], in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", "-c", """
+            import sys, glob, numpy as np
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
+            for split, files in (("train", sorted(glob.glob(sys.argv[2] + "/work*.txt"))), ("val", [sys.argv[2] + "/unicode.txt"])):
+                ours = np.fromfile(f"{sys.argv[1]}/{split}.bin", dtype=np.uint16)[512:].tolist()
+                theirs = [i for f in files for i in tok.encode(open(f, encoding="utf-8", newline="").read(), add_special_tokens=False).ids]
+                assert ours == theirs, (split, len(ours), len(theirs), next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b))
+                print(split, len(ours))
+            """, workspace.path("bpe"), workspace.path("corpus")]
+        let checked = try CLI.capture(process)
+        XCTAssertEqual(checked.status, 0, checked.stderr)
+        XCTAssertTrue(checked.stdout.contains("val "), checked.stdout)
+    }
+
     /// A byte-level run has no tokenizer and needs none; a vocabulary above 256 without one is a
     /// clear error naming the checkpoint.
     func testCheckpointWithoutTokenizer() throws {
