@@ -18,4 +18,6 @@ static inline void *swiftmoe_in_place(void) { return MPI_IN_PLACE; }
 static inline MPI_Status *swiftmoe_status_ignore(void) { return MPI_STATUS_IGNORE; }
 static inline int swiftmoe_success(void) { return MPI_SUCCESS; }
 static inline MPI_Errhandler swiftmoe_errors_return(void) { return MPI_ERRORS_RETURN; }
+static inline MPI_Request swiftmoe_request_null(void) { return MPI_REQUEST_NULL; }
+static inline MPI_Status *swiftmoe_statuses_ignore(void) { return MPI_STATUSES_IGNORE; }
 #endif

@@ -25,6 +25,13 @@ public protocol Communicator: AnyObject {
     /// Every rank contributes its block of `buffer` (blocks back to back, `blockByteCounts[r]`
     /// bytes each); afterwards every rank holds every block. (ZeRO's parameter all-gather.)
     func allGather(_ buffer: UnsafeMutableRawBufferPointer, blockByteCounts: [Int]) throws
+    /// Starts an in-place sum all-reduce and returns: the buffer must stay untouched until
+    /// `finish` returns for it. Transfers complete in the order they were started on every rank.
+    func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType) throws -> PendingTransfer
+    /// Lets started transfers move on (MPI progresses only inside MPI calls); never blocks.
+    func progress(_ transfers: [PendingTransfer]) throws
+    /// Blocks until every transfer in `transfers` has completed.
+    func finish(_ transfers: [PendingTransfer]) throws
     /// Copies `buffer` from `root` to every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
@@ -36,6 +43,15 @@ public protocol Communicator: AnyObject {
 }
 
 public enum ReduceOp: Sendable { case sum, max, min }
+
+/// A started, possibly unfinished transfer (`Communicator.startAllReduceSum`). Transports without
+/// non-blocking collectives finish it before returning it.
+public final class PendingTransfer {
+    /// The transport's handle (an `MPI_Request` for MPI; nil when already complete).
+    public var handle: OpaquePointer?
+    public init(handle: OpaquePointer? = nil) { self.handle = handle }
+    public var isComplete: Bool { handle == nil }
+}
 
 public enum CommDataType: Sendable {
     case float32, float64, int64
@@ -69,6 +85,14 @@ public enum CommError: Error, CustomStringConvertible {
 
 extension Communicator {
     public var isCoordinator: Bool { rank == 0 }
+
+    /// Blocking fallback: the all-reduce runs at once, so the transfer is complete when returned.
+    public func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType) throws -> PendingTransfer {
+        try allReduce(buffer, type: type, op: .sum)
+        return PendingTransfer()
+    }
+    public func progress(_ transfers: [PendingTransfer]) throws {}
+    public func finish(_ transfers: [PendingTransfer]) throws {}
 
     public func allReduce<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOp = .sum) throws {
         try allReduce(UnsafeMutableRawBufferPointer(buffer), type: T.commType, op: op)

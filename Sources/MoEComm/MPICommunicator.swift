@@ -140,6 +140,32 @@ public final class MPICommunicator: Communicator {
 
     public func barrier() throws { try check(MPI_Barrier(world), "MPI_Barrier") }
 
+    public func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType) throws -> PendingTransfer {
+        let count = try int32Count(buffer.count / type.byteCount, "MPI_Iallreduce")
+        guard count > 0 else { return PendingTransfer() }
+        var request = swiftmoe_request_null()
+        try check(MPI_Iallreduce(swiftmoe_in_place(), buffer.baseAddress, count, datatype(type), swiftmoe_op_sum(), world, &request),
+                  "MPI_Iallreduce")
+        return PendingTransfer(handle: request)
+    }
+
+    public func progress(_ transfers: [PendingTransfer]) throws {
+        for transfer in transfers where !transfer.isComplete {
+            var request: MPI_Request? = transfer.handle
+            var done: Int32 = 0
+            try check(MPI_Test(&request, &done, swiftmoe_status_ignore()), "MPI_Test")
+            if done != 0 { transfer.handle = nil }
+        }
+    }
+
+    public func finish(_ transfers: [PendingTransfer]) throws {
+        for transfer in transfers where !transfer.isComplete {
+            var request: MPI_Request? = transfer.handle
+            try check(MPI_Wait(&request, swiftmoe_status_ignore()), "MPI_Wait")
+            transfer.handle = nil
+        }
+    }
+
     public func split(color: Int, key: Int) throws -> Communicator {
         var child: MPI_Comm?
         try check(MPI_Comm_split(world, Int32(color), Int32(key), &child), "MPI_Comm_split")

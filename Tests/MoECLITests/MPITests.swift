@@ -25,9 +25,10 @@ final class MPITests: XCTestCase {
     }
 
     /// Trains the 20-step config with a global batch of 8 sequences on `ranks` ranks.
-    func train(ranks: Int, experts: Int = 4, transport: [String] = [], in workspace: Workspace, name: String) throws -> Run {
+    func train(ranks: Int, experts: Int = 4, transport: [String] = [], in workspace: Workspace, name: String,
+               extra: [String] = []) throws -> Run {
         let arguments = ["train", "--config", "mpi.yaml", "--run-dir", name, "--set", "train.batch_size=\(8 / ranks)",
-                         "--set", "moe.experts=\(experts)"]
+                         "--set", "moe.experts=\(experts)"] + extra
         let result = ranks == 1 ? try CLI.run(arguments, in: workspace.url)
             : try CLI.mpirun(ranks: ranks, arguments, in: workspace.url, transport: transport)
         XCTAssertEqual(result.status, 0, "\(name): \(result.stderr)")
@@ -64,6 +65,24 @@ final class MPITests: XCTestCase {
                 break
             }
         }
+    }
+
+    /// `train.overlap_all_reduce` (the default) sums the replicated gradients in per-block
+    /// non-blocking all-reduces during backward: on 2 ranks every sum is a + b however the buffer
+    /// is cut, so the run is bitwise the blocking one; on 4 ranks over TCP MPI may order the sums
+    /// differently per message size, within the equivalence tolerance.
+    func testOverlappedAllReduceMatchesTheBlockingOne() throws {
+        let workspace = try Workspace()
+        try workspace.write("mpi.yaml", Self.config)
+        let tcp = ["--mca", "btl", "tcp,self"]
+        let blocking = try train(ranks: 2, transport: tcp, in: workspace, name: "b2", extra: ["--set", "train.overlap_all_reduce=false"])
+        let overlapped = try train(ranks: 2, transport: tcp, in: workspace, name: "o2")
+        XCTAssertEqual(blocking.losses, overlapped.losses)
+        XCTAssertEqual(Set(blocking.parameters.keys), Set(overlapped.parameters.keys))
+        let differing = blocking.parameters.keys.sorted().filter { blocking.parameters[$0] != overlapped.parameters[$0] }
+        XCTAssertTrue(differing.isEmpty, "parameters not bitwise equal after 20 steps: \(differing.prefix(5))")
+        assertEquivalent(try train(ranks: 4, transport: tcp, in: workspace, name: "b4", extra: ["--set", "train.overlap_all_reduce=false"]),
+                         try train(ranks: 4, transport: tcp, in: workspace, name: "o4"), "4 ranks, overlapped vs blocking")
     }
 
     func testOneTwoAndFourRanksTrainTheSameModelOverSharedMemoryAndTCP() throws {

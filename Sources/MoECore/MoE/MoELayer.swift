@@ -202,6 +202,12 @@ public final class MoELayer<T: Scalar> {
         if separateWaiting { try Clock.measure(&barrierSeconds) { try communicator.barrier() } }
         let stride = MemoryLayout<T>.stride
         plan.splits(rowBytes: width * stride, reverse: reverse)
+        let started = Clock.nanoseconds()
+        defer {
+            let seconds = Double(Clock.nanoseconds() - started) * 1e-9
+            profile.totalCommunication += seconds
+            profile.exposedCommunication += seconds
+        }
         try communicator.allToAllV(send: UnsafeRawBufferPointer(start: source.pointer, count: source.count * stride),
                                    sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
                                    recv: UnsafeMutableRawBufferPointer(start: destination.pointer, count: destination.count * stride),

@@ -231,7 +231,9 @@ public final class GPTModel<T: Scalar> {
 
     /// Adjoint of `forward` for loss = Σ CE / globalTokens + Σ auxiliary. Accumulates into
     /// both parameter stores' gradients.
-    public func backward(globalTokens: Int) throws {
+    /// `blockDone(l)` runs once block l's parameters have their final gradients of this pass
+    /// (blocks finish from the last to the first), for overlapping their all-reduce.
+    public func backward(globalTokens: Int, blockDone: ((Int) throws -> Void)? = nil) throws {
         let rows = batch * length, width = config.width
         targets.withUnsafeBufferPointer {
             CrossEntropy.backward(probabilities: logits.pointer, targets: $0.baseAddress!, rows: rows,
@@ -279,6 +281,7 @@ public final class GPTModel<T: Scalar> {
             }
             block.attentionNorm.backward(residual[layer].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer,
                                          cache: normCaches[layer].0)
+            try blockDone?(layer)
         }
         tokens.withUnsafeBufferPointer {
             embedding.backward(tokens: $0.baseAddress!, batch: batch, length: length, dOut: dResidual.pointer)

@@ -41,6 +41,12 @@ public struct StepProfile: Sendable {
     /// `allReduce` hold the work and transfers alone.
     public var waiting = 0.0
     public var total = 0.0
+    /// Communication of data (the expert all-to-alls, gradient all-reduces and the trainer's
+    /// small collectives), counted inside the parts above as well: `totalCommunication` from each
+    /// transfer's start to its completion, `exposedCommunication` the time a rank was blocked on
+    /// one (equal for blocking collectives; less when a transfer overlaps computation).
+    public var totalCommunication = 0.0
+    public var exposedCommunication = 0.0
 
     public init() {}
 
@@ -54,7 +60,8 @@ public struct StepProfile: Sendable {
     }
 
     static let summed: [WritableKeyPath<StepProfile, Double>] =
-        [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.allReduce, \.optimizer, \.waiting, \.total]
+        [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.allReduce, \.optimizer, \.waiting, \.total,
+         \.totalCommunication, \.exposedCommunication]
 
     /// Named parts, for reports.
     public var parts: [(String, Double)] {

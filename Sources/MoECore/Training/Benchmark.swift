@@ -132,6 +132,12 @@ public enum Benchmark {
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, (value / Double(steps) * 1e4).rounded() / 10) }
         object.addRaw("step_ms_by_part", parts.text)
+        // Transfers (all-to-alls and all-reduces): from start to completion, and the part of it
+        // a rank spent blocked (equal while every transfer is blocking).
+        var communication = JSONObject()
+        communication.add("total", (mean.totalCommunication / Double(steps) * 1e4).rounded() / 10)
+        communication.add("exposed", (mean.exposedCommunication / Double(steps) * 1e4).rounded() / 10)
+        object.addRaw("communication_ms", communication.text)
         return (object, tokensPerSecond)
     }
 }

@@ -70,6 +70,8 @@ public final class Trainer {
     /// The slice of the replicated values each rank updates: one slice (all values) unless
     /// `train.shard_optimizer`.
     let replicatedShards: [Range<Int>]
+    /// Non-nil when the replicated gradients' all-reduce overlaps backward (train.overlap_all_reduce).
+    let gradientBuckets: GradientBuckets?
     /// [loss sum, expert gradient sum of squares]: all-reduced together.
     var scalars: [Double] = [0, 0]
     let routingKey: RandomKey
@@ -103,6 +105,8 @@ public final class Trainer {
         replicatedOptimizer = AdamW(store: model.replicated, settings: settings,
                                     shard: replicatedShards[config.train.shardOptimizer ? communicator.rank : 0])
         expertOptimizer = AdamW(store: model.experts, settings: settings)
+        gradientBuckets = config.train.overlapAllReduce && !config.train.shardOptimizer && communicator.size > 1
+            ? GradientBuckets(entries: model.replicated.entries, layers: config.model.layers) : nil
         schedule = LearningRateSchedule(peak: config.train.learningRate, minimum: config.train.minLearningRate,
                                         warmupSteps: config.train.warmupSteps, totalSteps: config.train.steps)
         trainData = try TokenBatches(files: trainFiles, length: config.model.context, seed: config.train.seed)
@@ -130,7 +134,7 @@ public final class Trainer {
     public func trainStep() throws -> StepReport {
         _ = model.takeProfile()   // drop time an evaluation may have left behind
         let started = Clock.nanoseconds()
-        var allReduceSeconds = 0.0, optimizerSeconds = 0.0
+        var allReduceSeconds = 0.0, optimizerSeconds = 0.0, overlappedSpan = 0.0
         model.zeroGradients()
         let phase = self.phase
         prepareGates()
@@ -147,6 +151,9 @@ public final class Trainer {
             //    Sharded: each rank needs the sum only over its slice (the rest is left undefined).
             if replicatedOptimizer.isSharded {
                 try communicator.reduceScatterSum(replicatedGradients, blockCounts: replicatedShards.map(\.count))
+            } else if let gradientBuckets {
+                //  Overlapped: the blocks' buckets are in flight since their backward; the rest starts now.
+                overlappedSpan = try gradientBuckets.finish(model.replicated.gradients, communicator: communicator)
             } else {
                 try communicator.allReduce(replicatedGradients)
             }
@@ -196,6 +203,9 @@ public final class Trainer {
         }
         var profile = model.takeProfile()
         profile.allReduce = allReduceSeconds
+        // Overlapped buckets are in flight for `overlappedSpan`, blocked on for part of it only.
+        profile.totalCommunication += allReduceSeconds + max(0, overlappedSpan - allReduceSeconds)
+        profile.exposedCommunication += allReduceSeconds
         profile.waiting += waitSeconds
         profile.optimizer = optimizerSeconds
         profile.total = Double(Clock.nanoseconds() - started) * 1e-9
@@ -231,7 +241,11 @@ public final class Trainer {
             heartbeat.beat("backward", step: step)
             FaultInjection.trigger(.kill, faults: faults, step: step)
             FaultInjection.trigger(.sleep, faults: faults, step: step)
-            try model.backward(globalTokens: globalBatchTokens)
+            // The last micro-batch completes each block's gradients: start its all-reduce.
+            let gradients = model.replicated.gradients, buckets = micro == accumulation - 1 ? gradientBuckets : nil
+            try model.backward(globalTokens: globalBatchTokens, blockDone: buckets.map { buckets in
+                { layer in try buckets.start(buckets.blockRanges[layer], of: gradients, communicator: self.communicator) }
+            })
             lossSum += forward.localLossSum
             auxiliary += forward.auxiliaryLoss / Double(accumulation)
             guard accumulation > 1 else { return (lossSum, auxiliary, forward.moeLayers) }
