@@ -83,11 +83,12 @@ else:
     while time.time() < end: client.sendall(block)
     client.close()
 PY
-coproc server { ip netns exec "$nsB" python3 "$work/transfer.py" server "$ipB"; }
-read -r _ <&"${server[0]}"
-ip netns exec "$nsA" python3 "$work/transfer.py" client "$ipB"
-read -r measured <&"${server[0]}"
-wait "$server_PID" 2>/dev/null
+ip netns exec "$nsB" python3 "$work/transfer.py" server "$ipB" > "$work/received" &
+server=$!
+for _ in $(seq 100); do grep -q ready "$work/received" 2>/dev/null && break; sleep 0.1; done
+ip netns exec "$nsA" python3 "$work/transfer.py" client "$ipB" || { echo "bench-network: the plain transfer failed" >&2; exit 1; }
+wait "$server"
+measured=$(tail -1 "$work/received")
 echo "bench-network: plain TCP transfer over the link: $measured Gbit/s" >&2
 
 # The launch agent mpirun uses instead of ssh: "agent HOST command line".

@@ -28,6 +28,10 @@ public protocol Communicator: AnyObject {
     /// Starts an in-place sum all-reduce and returns: the buffer must stay untouched until
     /// `finish` returns for it. Transfers complete in the order they were started on every rank.
     func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType) throws -> PendingTransfer
+    /// Starts an all-to-all-v (as `allToAllV`, counts in bytes) and returns: neither buffer may
+    /// be touched until `finish` returns for it.
+    func startAllToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
+                        recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws -> PendingTransfer
     /// Lets started transfers move on (MPI progresses only inside MPI calls); never blocks.
     func progress(_ transfers: [PendingTransfer]) throws
     /// Blocks until every transfer in `transfers` has completed.
@@ -49,8 +53,13 @@ public enum ReduceOp: Sendable { case sum, max, min }
 public final class PendingTransfer {
     /// The transport's handle (an `MPI_Request` for MPI; nil when already complete).
     public var handle: OpaquePointer?
+    /// When the caller started it (for accounting), in its clock's nanoseconds.
+    public var startedAt: UInt64 = 0
+    /// Arguments the transport must keep unchanged until completion (MPI's count arrays).
+    public var retained: UnsafeMutableBufferPointer<Int32>?
     public init(handle: OpaquePointer? = nil) { self.handle = handle }
     public var isComplete: Bool { handle == nil }
+    deinit { retained?.deallocate() }
 }
 
 public enum CommDataType: Sendable {
@@ -89,6 +98,11 @@ extension Communicator {
     /// Blocking fallback: the all-reduce runs at once, so the transfer is complete when returned.
     public func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType) throws -> PendingTransfer {
         try allReduce(buffer, type: type, op: .sum)
+        return PendingTransfer()
+    }
+    public func startAllToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
+                               recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws -> PendingTransfer {
+        try allToAllV(send: send, sendCounts: sendCounts, sendOffsets: sendOffsets, recv: recv, recvCounts: recvCounts, recvOffsets: recvOffsets)
         return PendingTransfer()
     }
     public func progress(_ transfers: [PendingTransfer]) throws {}

@@ -149,6 +149,24 @@ public final class MPICommunicator: Communicator {
         return PendingTransfer(handle: request)
     }
 
+    public func startAllToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
+                               recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws -> PendingTransfer {
+        let operation = "MPI_Ialltoallv", ranks = sendCounts.count
+        // MPI reads the four count arrays until the transfer completes: the transfer owns them.
+        let arrays = UnsafeMutableBufferPointer<Int32>.allocate(capacity: 4 * ranks)
+        let transfer = PendingTransfer()
+        transfer.retained = arrays
+        for (index, values) in [sendCounts, sendOffsets, recvCounts, recvOffsets].enumerated() {
+            for (peer, value) in values.enumerated() { arrays[index * ranks + peer] = try int32Count(value, operation) }
+        }
+        let base = arrays.baseAddress!
+        var request = swiftmoe_request_null()
+        try check(MPI_Ialltoallv(send.baseAddress, base, base + ranks, swiftmoe_byte(), recv.baseAddress, base + 2 * ranks,
+                                 base + 3 * ranks, swiftmoe_byte(), world, &request), operation)
+        transfer.handle = request
+        return transfer
+    }
+
     public func progress(_ transfers: [PendingTransfer]) throws {
         for transfer in transfers where !transfer.isComplete {
             var request: MPI_Request? = transfer.handle

@@ -77,12 +77,34 @@ final class MPITests: XCTestCase {
         let tcp = ["--mca", "btl", "tcp,self"]
         let blocking = try train(ranks: 2, transport: tcp, in: workspace, name: "b2", extra: ["--set", "train.overlap_all_reduce=false"])
         let overlapped = try train(ranks: 2, transport: tcp, in: workspace, name: "o2")
-        XCTAssertEqual(blocking.losses, overlapped.losses)
-        XCTAssertEqual(Set(blocking.parameters.keys), Set(overlapped.parameters.keys))
-        let differing = blocking.parameters.keys.sorted().filter { blocking.parameters[$0] != overlapped.parameters[$0] }
-        XCTAssertTrue(differing.isEmpty, "parameters not bitwise equal after 20 steps: \(differing.prefix(5))")
+        assertBitwiseEqual(blocking, overlapped, "2 ranks, overlapped vs blocking")
         assertEquivalent(try train(ranks: 4, transport: tcp, in: workspace, name: "b4", extra: ["--set", "train.overlap_all_reduce=false"]),
                          try train(ranks: 4, transport: tcp, in: workspace, name: "o4"), "4 ranks, overlapped vs blocking")
+    }
+
+    func assertBitwiseEqual(_ expected: Run, _ actual: Run, _ label: String) {
+        XCTAssertEqual(expected.losses, actual.losses, label)
+        XCTAssertEqual(Set(expected.parameters.keys), Set(actual.parameters.keys), label)
+        let differing = expected.parameters.keys.sorted().filter { expected.parameters[$0] != actual.parameters[$0] }
+        XCTAssertTrue(differing.isEmpty, "\(label): parameters not bitwise equal after 20 steps: \(differing.prefix(5))")
+    }
+
+    /// `train.dispatch_chunks`: the MoE exchanges pipelined over groups of local experts
+    /// (non-blocking all-to-alls while the previous group computes) give bitwise the losses and
+    /// parameters of one exchange, on 1, 2 and 4 ranks (8 experts: 8, 4 and 2 per rank; 4 and 3
+    /// chunks clamp to the local experts).
+    func testChunkedDispatchIsBitwiseTheSingleExchange() throws {
+        let workspace = try Workspace()
+        try workspace.write("mpi.yaml", Self.config)
+        let tcp = ["--mca", "btl", "tcp,self"]
+        for ranks in [1, 2, 4] {
+            let single = try train(ranks: ranks, experts: 8, transport: tcp, in: workspace, name: "c1-\(ranks)")
+            for chunks in [3, 4] {
+                let chunked = try train(ranks: ranks, experts: 8, transport: tcp, in: workspace, name: "c\(chunks)-\(ranks)",
+                                        extra: ["--set", "train.dispatch_chunks=\(chunks)"])
+                assertBitwiseEqual(single, chunked, "\(ranks) ranks, \(chunks) chunks")
+            }
+        }
     }
 
     func testOneTwoAndFourRanksTrainTheSameModelOverSharedMemoryAndTCP() throws {
@@ -101,7 +123,9 @@ final class MPITests: XCTestCase {
 
     /// Two network stacks on one machine, as two machines: one rank in each of two network
     /// namespaces joined by a veth pair, mpirun's second daemon started by a launch agent that
-    /// enters the other namespace (Scripts/two-namespaces.sh), all traffic over real TCP.
+    /// enters the other namespace (Scripts/two-namespaces.sh), all traffic over real TCP. The
+    /// defaults run the overlapped paths: 2 pipelined exchange chunks per direction (2 experts
+    /// per rank) and the per-block non-blocking gradient all-reduce.
     func testTwoNetworkNamespacesTrainTheSameModelAsOneRank() throws {
         let workspace = try Workspace()
         try workspace.write("mpi.yaml", Self.config)

@@ -114,22 +114,29 @@ struct DispatchPlan {
         }
     }
 
-    /// Fills the byte splits of one all-to-all-v of rows of `rowBytes`: forward sends `sendRows`,
-    /// `reverse` (the results going back) swaps the two sides.
-    mutating func splits(rowBytes: Int, reverse: Bool) {
+    /// Fills the byte splits of one all-to-all-v of rows of `rowBytes` restricted to the local
+    /// experts `group` (every peer's rows for them are contiguous on both sides): forward sends
+    /// the assignments, `reverse` (the results going back) swaps the two sides.
+    mutating func splits(rowBytes: Int, reverse: Bool, group: Range<Int>, perRank: Int) {
         for peer in sendRows.indices {
-            sendBytes[peer] = (reverse ? receiveRows[peer] : sendRows[peer]) * rowBytes
-            sendByteOffsets[peer] = (reverse ? receiveOffsets[peer] : sendOffsets[peer]) * rowBytes
-            receiveBytes[peer] = (reverse ? sendRows[peer] : receiveRows[peer]) * rowBytes
-            receiveByteOffsets[peer] = (reverse ? sendOffsets[peer] : receiveOffsets[peer]) * rowBytes
+            var sent = 0, sentBefore = 0, received = 0, receivedBefore = 0
+            for local in 0..<group.upperBound {
+                let toPeer = Int(sendCounts[peer * perRank + local]), fromPeer = Int(receiveCounts[peer * perRank + local])
+                if local < group.lowerBound { sentBefore += toPeer; receivedBefore += fromPeer } else { sent += toPeer; received += fromPeer }
+            }
+            let sendOffset = sendOffsets[peer] + sentBefore, receiveOffset = receiveOffsets[peer] + receivedBefore
+            sendBytes[peer] = (reverse ? received : sent) * rowBytes
+            sendByteOffsets[peer] = (reverse ? receiveOffset : sendOffset) * rowBytes
+            receiveBytes[peer] = (reverse ? sent : received) * rowBytes
+            receiveByteOffsets[peer] = (reverse ? sendOffset : receiveOffset) * rowBytes
         }
     }
 
-    /// Calls body(from, to, rows) for every (source rank, local expert) block, moving it between
-    /// (source, local expert) order and (local expert, source) order.
-    func forEachBlock(toExpertOrder: Bool, perRank: Int, _ body: (_ from: Int, _ to: Int, _ rows: Int) -> Void) {
-        var expertOrderOffset = 0
-        for local in 0..<perRank {
+    /// Calls body(from, to, rows) for every (source rank, local expert in `group`) block, moving
+    /// it between (source, local expert) order and (local expert, source) order.
+    func forEachBlock(toExpertOrder: Bool, perRank: Int, group: Range<Int>, _ body: (_ from: Int, _ to: Int, _ rows: Int) -> Void) {
+        var expertOrderOffset = rowsPerLocalExpert[..<group.lowerBound].reduce(0, +)
+        for local in group {
             for peer in receiveRows.indices {
                 var sourceOrderOffset = receiveOffsets[peer]
                 for previous in 0..<local { sourceOrderOffset += Int(receiveCounts[peer * perRank + previous]) }

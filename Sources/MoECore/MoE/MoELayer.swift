@@ -9,7 +9,9 @@ import MoEComm
 ///  4. experts:  each local expert is one FFN over its block of rows
 ///  5. combine:  regroup by source; all-to-all-v back; y_s = Σ_j w_j Y_back[j] (ascending expert
 ///               order per token)
-/// Backward runs the adjoint of each stage in reverse order.
+/// Backward runs the adjoint of each stage in reverse order. Stages 3-5 run as a pipeline over
+/// groups of local experts (`moe.dispatch_chunks`): one group's rows travel while the previous
+/// group's experts compute, with the same arithmetic as one exchange.
 public final class MoELayer<T: Scalar> {
     public let gate: Gate<T>
     /// This rank's experts, indexed by local expert.
@@ -27,6 +29,9 @@ public final class MoELayer<T: Scalar> {
     public private(set) var profile = StepProfile()
     /// Benchmarks: a barrier before each exchange, timed as `waiting` (see StepProfile).
     public var separateWaiting = false
+    /// Exchanges per direction (`moe.dispatch_chunks`): groups of local experts pipelined
+    /// with the experts' compute (at most one group per local expert).
+    public var dispatchChunks = 1
 
     // Activations [A, C] / [A_recv, C|H].
     let sendBuffer = Tensor<T>(), receiveBuffer = Tensor<T>(), expertInput = Tensor<T>()
@@ -57,17 +62,10 @@ public final class MoELayer<T: Scalar> {
     var hiddenSize: Int { experts[0].hiddenSize }
     public func resetProfile() { profile = StepProfile() }
 
-    /// Barrier time inside the running stage (with `separateWaiting`): booked as `waiting`.
-    private var barrierSeconds = 0.0
-
-    /// Times `body` into `stage`, less the barriers it waited in.
+    /// Times `body` into `stage`.
     private func measure<R>(_ stage: WritableKeyPath<StepProfile, Double>, _ body: () throws -> R) rethrows -> R {
         let started = Clock.nanoseconds()
-        barrierSeconds = 0
-        defer {
-            profile[keyPath: stage] += Double(Clock.nanoseconds() - started) * 1e-9 - barrierSeconds
-            profile.waiting += barrierSeconds
-        }
+        defer { profile[keyPath: stage] += Double(Clock.nanoseconds() - started) * 1e-9 }
         return try body()
     }
 
@@ -88,47 +86,94 @@ public final class MoELayer<T: Scalar> {
             try plan.validate(keptPerExpert: routing.statistics.keptPerExpert, assignments: routing.count, placement: placement,
                               communicator: communicator, layer: layerIndex)
         }
-        try measure(\.dispatch) { try dispatch(x) }
-        measure(\.experts) { runExperts() }
-        try measure(\.combine) { try combine(into: y, rows: rows) }
+        measure(\.dispatch) { gatherRows(x) }
+        try pipeline(forward: true)
+        measure(\.combine) { combineReturned(into: y, rows: rows) }
     }
 
-    /// Gathers the rows to send in plan order, exchanges them, and regroups them by local expert.
-    private func dispatch(_ x: UnsafePointer<T>) throws {
+    /// The local experts in groups of consecutive experts, one exchange each (`dispatchChunks`).
+    var groups: [Range<Int>] {
+        let perRank = placement.expertsPerRank, count = max(1, min(dispatchChunks, perRank))
+        return (0..<count).map { (($0 * perRank) / count)..<((($0 + 1) * perRank) / count) }
+    }
+
+    /// Stages 3-5 (or their adjoints) as a pipeline over groups of local experts: the rows of
+    /// group g+1 travel while group g's experts compute, and each group's results start back as
+    /// soon as they are done. Every expert still runs once over all its rows and the combine
+    /// runs after all results are back, so the arithmetic is that of one exchange, bit for bit.
+    ///   forward:  sendBuffer -> receiveBuffer -> expertInput -> experts -> expertOutput
+    ///             -> receiveBuffer -> returnedOutput
+    ///   backward: dSend -> dReceive -> dExpertOutput -> experts' adjoint -> dExpertInput
+    ///             -> dReceive -> dSend
+    private func pipeline(forward: Bool) throws {
+        let received = plan.receivedRowCount, width = self.width
+        if forward {
+            receiveBuffer.resize(rows: received, columns: width)
+            expertInput.resize(rows: received, columns: width)
+            preActivation.resize(rows: received, columns: hiddenSize)
+            activation.resize(rows: received, columns: hiddenSize)
+            expertOutput.resize(rows: received, columns: width)
+            returnedOutput.resize(rows: routing.count, columns: width)
+        } else {
+            dReceive.resize(rows: received, columns: width)
+            dExpertOutput.resize(rows: received, columns: width)
+            dExpertInput.resize(rows: received, columns: width, zero: true)
+            dHidden.resize(rows: received, columns: hiddenSize)
+        }
+        let (outgoing, incoming) = forward ? (sendBuffer, receiveBuffer) : (dSend, dReceive)
+        let (expertsIn, expertsOut) = forward ? (expertInput, expertOutput) : (dExpertOutput, dExpertInput)
+        let returned = forward ? returnedOutput : dSend
+        if separateWaiting { try Clock.measure(&profile.waiting) { try communicator.barrier() } }
+        let groups = self.groups
+        var inbound: [PendingTransfer] = [], outbound: [PendingTransfer] = []
+        inbound.append(try startExchange(outgoing, into: incoming, reverse: false, group: groups[0]))
+        for (index, group) in groups.enumerated() {
+            if index + 1 < groups.count {
+                inbound.append(try startExchange(outgoing, into: incoming, reverse: false, group: groups[index + 1]))
+            }
+            try measure(\.dispatch) {
+                try finishExchange(inbound[index])
+                permute(incoming, into: expertsIn, toExpertOrder: true, group: group)
+            }
+            measure(\.experts) { forward ? runExperts(group) : runExpertsBackward(group) }
+            // One group (no pipeline): the benchmark's barrier keeps the slower rank's expert
+            // time out of the return exchange, as before the forward one.
+            if separateWaiting && groups.count == 1 { try Clock.measure(&profile.waiting) { try communicator.barrier() } }
+            try measure(\.combine) {
+                permute(expertsOut, into: incoming, toExpertOrder: false, group: group)
+                outbound.append(try startExchange(incoming, into: returned, reverse: true, group: group))
+                try communicator.progress(inbound + outbound)
+            }
+        }
+        try measure(\.combine) { for transfer in outbound { try finishExchange(transfer) } }
+    }
+
+    /// Gathers the rows to send in plan order (token rows of the assignments).
+    private func gatherRows(_ x: UnsafePointer<T>) {
         let assignments = routing.count, width = self.width
         sendBuffer.resize(rows: assignments, columns: width)
         for position in 0..<assignments {
             let token = Int(routing.tokens[Int(plan.order[position])])
             sendBuffer.row(position).update(from: x + token * width, count: width)
         }
-        receiveBuffer.resize(rows: plan.receivedRowCount, columns: width)
-        try exchange(sendBuffer, into: receiveBuffer, reverse: false)
-        expertInput.resize(rows: plan.receivedRowCount, columns: width)
-        permute(receiveBuffer, into: expertInput, toExpertOrder: true)
     }
 
-    private func runExperts() {
-        let rows = plan.receivedRowCount
-        preActivation.resize(rows: rows, columns: hiddenSize)
-        activation.resize(rows: rows, columns: hiddenSize)
-        expertOutput.resize(rows: rows, columns: width)
-        var start = 0
-        for (local, expert) in experts.enumerated() {
+    /// The experts of `group` over their blocks of `expertInput`.
+    private func runExperts(_ group: Range<Int>) {
+        var start = plan.rowsPerLocalExpert[..<group.lowerBound].reduce(0, +)
+        for local in group {
             let count = plan.rowsPerLocalExpert[local]
             if count > 0 {
-                expert.forward(expertInput.row(start), rows: count, into: expertOutput.row(start),
-                               preActivation: preActivation.row(start), activation: activation.row(start))
+                experts[local].forward(expertInput.row(start), rows: count, into: expertOutput.row(start),
+                                       preActivation: preActivation.row(start), activation: activation.row(start))
             }
             start += count
         }
     }
 
-    /// Sends the expert outputs back and sums them per token with the routing weights.
-    private func combine(into y: UnsafeMutablePointer<T>, rows: Int) throws {
+    /// y_s = Σ_j w_j Y_back[j], in plan order (ascending expert per token).
+    private func combineReturned(into y: UnsafeMutablePointer<T>, rows: Int) {
         let width = self.width
-        permute(expertOutput, into: receiveBuffer, toExpertOrder: false)
-        returnedOutput.resize(rows: routing.count, columns: width)
-        try exchange(receiveBuffer, into: returnedOutput, reverse: true)
         y.update(repeating: 0, count: rows * width)
         for position in 0..<routing.count {
             let index = Int(plan.order[position])
@@ -146,17 +191,16 @@ public final class MoELayer<T: Scalar> {
             }
             return
         }
-        try measure(\.combine) { try combineBackward(dy) }
-        measure(\.experts) { runExpertsBackward() }
-        try measure(\.dispatch) { try dispatchBackward(into: dx) }
+        measure(\.combine) { scaleGradients(dy) }
+        try pipeline(forward: false)
+        measure(\.dispatch) { scatterInputGradients(into: dx) }
         measure(\.route) {
             dWeights.withUnsafeMutableBufferPointer { dw in gate.backward(x, rows: rows, dWeights: dw.baseAddress!, dx: dx, routing: routing) }
         }
     }
 
-    /// dY_back[j] = w_j dy_s and dw_j = <dy_s, Y_back[j]>; dY_back goes to the experts' ranks
-    /// and into expert order.
-    private func combineBackward(_ dy: UnsafePointer<T>) throws {
+    /// dY_back[j] = w_j dy_s (to the experts' ranks) and dw_j = <dy_s, Y_back[j]>.
+    private func scaleGradients(_ dy: UnsafePointer<T>) {
         let width = self.width, assignments = routing.count
         dSend.resize(rows: assignments, columns: width)
         if dWeights.count < max(assignments, 1) { dWeights = Array(repeating: 0, count: max(assignments, 1)) }
@@ -167,57 +211,58 @@ public final class MoELayer<T: Scalar> {
             for c in 0..<width { destination[c] = weight * dyRow[c] }
             dWeights[index] = Kernels.dot(dyRow, returnedOutput.row(position), count: width)
         }
-        dReceive.resize(rows: plan.receivedRowCount, columns: width)
-        try exchange(dSend, into: dReceive, reverse: false)
-        dExpertOutput.resize(rows: plan.receivedRowCount, columns: width)
-        permute(dReceive, into: dExpertOutput, toExpertOrder: true)
     }
 
-    /// The experts' weight gradients are complete here: every source's rows are included.
-    private func runExpertsBackward() {
-        dExpertInput.resize(rows: plan.receivedRowCount, columns: width, zero: true)
-        dHidden.resize(rows: plan.receivedRowCount, columns: hiddenSize)
-        var start = 0
-        for (local, expert) in experts.enumerated() {
+    /// The adjoint of the experts of `group`; their weight gradients are complete here (every
+    /// source's rows are included).
+    private func runExpertsBackward(_ group: Range<Int>) {
+        var start = plan.rowsPerLocalExpert[..<group.lowerBound].reduce(0, +)
+        for local in group {
             let count = plan.rowsPerLocalExpert[local]
             if count > 0 {
-                expert.backward(expertInput.row(start), dExpertOutput.row(start), rows: count, dx: dExpertInput.row(start),
-                                preActivation: preActivation.row(start), activation: activation.row(start), scratch: dHidden.row(start))
+                experts[local].backward(expertInput.row(start), dExpertOutput.row(start), rows: count, dx: dExpertInput.row(start),
+                                        preActivation: preActivation.row(start), activation: activation.row(start),
+                                        scratch: dHidden.row(start))
             }
             start += count
         }
     }
 
-    /// dX_recv back to the tokens' ranks, then scatter-added into dx.
-    private func dispatchBackward(into dx: UnsafeMutablePointer<T>) throws {
-        permute(dExpertInput, into: dReceive, toExpertOrder: false)
-        try exchange(dReceive, into: dSend, reverse: true)
+    /// dX rows, back on the tokens' rank in plan order, added into dx.
+    private func scatterInputGradients(into dx: UnsafeMutablePointer<T>) {
         for position in 0..<routing.count {
             Kernels.add(dSend.row(position), into: dx + Int(routing.tokens[Int(plan.order[position])]) * width, count: width)
         }
     }
 
-    /// All-to-all-v of whole rows. Forward direction sends the plan's send rows; reverse swaps.
-    private func exchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool) throws {
-        if separateWaiting { try Clock.measure(&barrierSeconds) { try communicator.barrier() } }
+    /// Starts the all-to-all-v of the rows of `group`'s experts. Forward direction sends the
+    /// plan's send rows; reverse swaps the sides.
+    private func startExchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool, group: Range<Int>) throws -> PendingTransfer {
         let stride = MemoryLayout<T>.stride
-        plan.splits(rowBytes: width * stride, reverse: reverse)
+        plan.splits(rowBytes: width * stride, reverse: reverse, group: group, perRank: placement.expertsPerRank)
         let started = Clock.nanoseconds()
-        defer {
-            let seconds = Double(Clock.nanoseconds() - started) * 1e-9
-            profile.totalCommunication += seconds
-            profile.exposedCommunication += seconds
-        }
-        try communicator.allToAllV(send: UnsafeRawBufferPointer(start: source.pointer, count: source.count * stride),
-                                   sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
-                                   recv: UnsafeMutableRawBufferPointer(start: destination.pointer, count: destination.count * stride),
-                                   recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets)
+        let transfer = try communicator.startAllToAllV(
+            send: UnsafeRawBufferPointer(start: source.pointer, count: source.count * stride),
+            sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
+            recv: UnsafeMutableRawBufferPointer(start: destination.pointer, count: destination.count * stride),
+            recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets)
+        transfer.startedAt = started
+        return transfer
+    }
+
+    /// Waits for a transfer: the wait is exposed communication; start to completion, total.
+    private func finishExchange(_ transfer: PendingTransfer) throws {
+        let waited = Clock.nanoseconds()
+        try communicator.finish([transfer])
+        let now = Clock.nanoseconds()
+        profile.exposedCommunication += Double(now - waited) * 1e-9
+        profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9
     }
 
     /// Moves blocks between (source, local expert) order and (local expert, source) order.
-    private func permute(_ source: Tensor<T>, into destination: Tensor<T>, toExpertOrder: Bool) {
+    private func permute(_ source: Tensor<T>, into destination: Tensor<T>, toExpertOrder: Bool, group: Range<Int>) {
         let width = self.width
-        plan.forEachBlock(toExpertOrder: toExpertOrder, perRank: placement.expertsPerRank) { from, to, rows in
+        plan.forEachBlock(toExpertOrder: toExpertOrder, perRank: placement.expertsPerRank, group: group) { from, to, rows in
             destination.row(to).update(from: source.row(from), count: rows * width)
         }
     }

@@ -104,6 +104,7 @@ public final class GPTModel<T: Scalar> {
                 let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator,
                                         dense: dense)
                 moeLayer.layerIndex = layer
+                moeLayer.dispatchChunks = training.dispatchChunks
                 feedForward = .moe(moeLayer)
             } else {
                 feedForward = .dense(FeedForward(store: replicated, name: "\(name).ffn", width: width,
