@@ -146,6 +146,43 @@ final class MPITests: XCTestCase {
         }
     }
 
+    /// launch/bench-network.sh end to end on a tiny model: the shaped link really limits a plain
+    /// transfer to about its rate, both benches run, and the JSON line has the promised fields.
+    func testBenchNetworkScriptMeasuresOverAShapedLink() throws {
+        let workspace = try Workspace()
+        try workspace.write("tiny.yaml", Workspace.tinyConfig.replacingOccurrences(of: "data/", with: workspace.path("data") + "/"))
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../launch/bench-network.sh")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/bash")
+        process.arguments = [script.standardized.path, "--", "--config", workspace.path("tiny.yaml"), "--warmup", "1", "--precision", "fp32"]
+        var environment = ProcessInfo.processInfo.environment
+        for key in environment.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { environment.removeValue(forKey: key) }
+        environment["MOE"] = CLI.executable.path
+        environment["RATE"] = "1gbit"
+        environment["STEPS"] = "2"
+        process.environment = environment
+        let result = try CLI.capture(process, timeout: 300)
+        if result.status == 77 { throw XCTSkip("network namespaces are not allowed here: \(result.stderr)") }
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let line = try XCTUnwrap(result.stdout.split(separator: "\n").last, result.stderr)
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], String(line))
+        let link = try XCTUnwrap(object["link"] as? [String: Any])
+        let measured = try XCTUnwrap(link["measured_gbit_per_s"] as? Double)
+        XCTAssertTrue((0.5...1.1).contains(measured), "a 1 Gbit/s link carried \(measured) Gbit/s")
+        for side in ["shared_memory", "network"] {
+            let bench = try XCTUnwrap(object[side] as? [String: Any], side)
+            XCTAssertNotNil(bench["step_ms"] as? Double, side)
+            XCTAssertNotNil(bench["tokens_per_sec"] as? Double, side)
+            let communication = try XCTUnwrap(bench["communication_ms"] as? [String: Any], side)
+            XCTAssertLessThanOrEqual(try XCTUnwrap(communication["exposed"] as? Double), try XCTUnwrap(communication["total"] as? Double) + 1e-9, side)
+        }
+        XCTAssertNotNil(object["step_ratio"] as? Double)
+        let list = Process()
+        list.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        list.arguments = ["ip", "netns", "list"]
+        XCTAssertFalse(try CLI.capture(list).stdout.split(separator: "\n").contains { $0.hasPrefix("bn") }, "the namespaces are removed")
+    }
+
     func testMoreRanksThanExpertsTrainsTheSameModel() throws {
         let workspace = try Workspace()
         try workspace.write("mpi.yaml", Self.config)
