@@ -10,7 +10,7 @@ import MoEComm
 ///  5. combine:  regroup by source; all-to-all-v back; y_s = Σ_j w_j Y_back[j] (ascending expert
 ///               order per token)
 /// Backward runs the adjoint of each stage in reverse order. Stages 3-5 run as a pipeline over
-/// groups of local experts (`moe.dispatch_chunks`): one group's rows travel while the previous
+/// groups of local experts (`train.dispatch_chunks`): one group's rows travel while the previous
 /// group's experts compute, with the same arithmetic as one exchange.
 public final class MoELayer<T: Scalar> {
     public let gate: Gate<T>
@@ -29,7 +29,7 @@ public final class MoELayer<T: Scalar> {
     public private(set) var profile = StepProfile()
     /// Benchmarks: a barrier before each exchange, timed as `waiting` (see StepProfile).
     public var separateWaiting = false
-    /// Exchanges per direction (`moe.dispatch_chunks`): groups of local experts pipelined
+    /// Exchanges per direction (`train.dispatch_chunks`): groups of local experts pipelined
     /// with the experts' compute (at most one group per local expert).
     public var dispatchChunks = 1
 
@@ -142,7 +142,8 @@ public final class MoELayer<T: Scalar> {
             try measure(\.combine) {
                 permute(expertsOut, into: incoming, toExpertOrder: false, group: group)
                 outbound.append(try startExchange(incoming, into: returned, reverse: true, group: group))
-                try communicator.progress(inbound + outbound)
+                try communicator.progress(inbound)
+                try communicator.progress(outbound)
             }
         }
         try measure(\.combine) { for transfer in outbound { try finishExchange(transfer) } }
