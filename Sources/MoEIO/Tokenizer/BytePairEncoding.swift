@@ -68,22 +68,27 @@ public final class BytePairEncoding: Tokenizer, @unchecked Sendable {
                 if let merge = mergeTable[Self.key(parts[index], parts[index + 1])], merge.rank < (best?.rank ?? .max) { best = merge }
             }
             guard let best else { break }
-            let (left, right) = (merges[Int(best.rank)].left, merges[Int(best.rank)].right)
-            var merged: [Int32] = []
-            merged.reserveCapacity(parts.count)
-            var index = 0
-            while index < parts.count {
-                if index + 1 < parts.count && parts[index] == left && parts[index + 1] == right {
-                    merged.append(best.merged)
-                    index += 2
-                } else {
-                    merged.append(parts[index])
-                    index += 1
-                }
-            }
-            parts = merged
+            let merge = merges[Int(best.rank)]
+            parts = Self.mergeAll(parts, merge.left, merge.right, into: merge.merged)
         }
         return parts
+    }
+
+    /// `parts` with every adjacent (left, right), taken left to right, replaced by `merged`.
+    static func mergeAll(_ parts: [Int32], _ left: Int32, _ right: Int32, into merged: Int32) -> [Int32] {
+        var result: [Int32] = []
+        result.reserveCapacity(parts.count)
+        var index = 0
+        while index < parts.count {
+            if index + 1 < parts.count && parts[index] == left && parts[index + 1] == right {
+                result.append(merged)
+                index += 2
+            } else {
+                result.append(parts[index])
+                index += 1
+            }
+        }
+        return result
     }
 
     public func decode(_ token: Int32) -> [UInt8] { tokenBytes[Int(token)] }
@@ -92,22 +97,27 @@ public final class BytePairEncoding: Tokenizer, @unchecked Sendable {
 // MARK: learning the merges
 
 extension BytePairEncoding {
-    /// Learns merges until the vocabulary has `vocabularySize` tokens (or no pair occurs twice)
-    /// from the pieces of `texts`. Ids 0-255 are the bytes; merge r makes id 256 + r. Ties
-    /// between equally frequent pairs go to the smaller (left, right) ids, so the result is a
-    /// function of the input alone.
-    public static func learn(from texts: [[UInt8]], vocabularySize: Int) throws -> BytePairEncoding {
-        precondition(vocabularySize >= 256, "a byte-level vocabulary has at least 256 tokens")
-        // Distinct pieces with their counts.
+    /// The distinct pieces of `texts` (sorted, so that learning does not depend on hash order)
+    /// and how often each occurs.
+    static func distinctPieces(of texts: [[UInt8]]) -> (pieces: [[UInt8]], counts: [Int]) {
         var pieceCounts: [[UInt8]: Int] = [:]
         for text in texts {
             text.withUnsafeBufferPointer { buffer in
                 PreTokenizer.forEachPiece(in: buffer) { pieceCounts[Array(buffer[$0]), default: 0] += 1 }
             }
         }
-        let sortedPieces = pieceCounts.sorted { $0.key.lexicographicallyPrecedes($1.key) }
-        var words = sortedPieces.map { $0.key.map(Int32.init) }
-        let counts = sortedPieces.map(\.value)
+        let sorted = pieceCounts.sorted { $0.key.lexicographicallyPrecedes($1.key) }
+        return (sorted.map(\.key), sorted.map(\.value))
+    }
+
+    /// Learns merges until the vocabulary has `vocabularySize` tokens (or no pair occurs twice)
+    /// from the pieces of `texts`. Ids 0-255 are the bytes; merge r makes id 256 + r. Ties
+    /// between equally frequent pairs go to the smaller (left, right) ids, so the result is a
+    /// function of the input alone.
+    public static func learn(from texts: [[UInt8]], vocabularySize: Int) throws -> BytePairEncoding {
+        precondition(vocabularySize >= 256, "a byte-level vocabulary has at least 256 tokens")
+        let (pieces, counts) = distinctPieces(of: texts)
+        var words = pieces.map { $0.map(Int32.init) }
         var pairCounts: [UInt64: Int] = [:]
         var wordsWithPair: [UInt64: [Int32]] = [:]
         for (index, word) in words.enumerated() where word.count > 1 {
@@ -134,18 +144,7 @@ extension BytePairEncoding {
             for wordIndex in wordsWithPair[best.pair] ?? [] where lastVisit[Int(wordIndex)] != merges.count {
                 lastVisit[Int(wordIndex)] = merges.count
                 let index = Int(wordIndex), old = words[index]
-                var new: [Int32] = []
-                new.reserveCapacity(old.count)
-                var position = 0
-                while position < old.count {
-                    if position + 1 < old.count && old[position] == left && old[position + 1] == right {
-                        new.append(merged)
-                        position += 2
-                    } else {
-                        new.append(old[position])
-                        position += 1
-                    }
-                }
+                let new = mergeAll(old, left, right, into: merged)
                 guard new.count != old.count else { continue }
                 for position in 0..<(old.count - 1) {
                     let pair = key(old[position], old[position + 1])
