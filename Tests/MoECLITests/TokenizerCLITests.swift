@@ -114,6 +114,30 @@ final class TokenizerCLITests: XCTestCase {
         XCTAssertTrue(checked.stdout.contains("val "), checked.stdout)
     }
 
+    /// GPT-2-style data whose tokenizer is llm.c's `gpt2_tokenizer.bin` (here a 260-token one in
+    /// that format): generate decodes with `--tokenizer`, and `data.tokenizer` puts the file into
+    /// the checkpoints, where generate finds it without the option.
+    func testLlmcTokenizerFileDecodesGeneration() throws {
+        let workspace = try Workspace()
+        var header = [UInt32](repeating: 0, count: 256)
+        header[0] = LlmcTokenizer.magic; header[1] = 2; header[2] = 260; header[3] = 259
+        let tokens: [[UInt8]] = (0..<256).map { [UInt8($0)] } + [Array(" the".utf8), Array(" love".utf8), Array(" night".utf8), Array("<|endoftext|>".utf8)]
+        var data = header.withUnsafeBytes { Data($0) }
+        for token in tokens { data.append(UInt8(token.count)); data.append(contentsOf: token) }
+        try data.write(to: URL(fileURLWithPath: workspace.path("gpt2_tokenizer.bin")))
+        try workspace.write("tiny.yaml", Workspace.tinyConfig)
+        var result = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "run", "--set", "model.vocab_size=260",
+                                  "--set", "data.tokenizer=gpt2_tokenizer.bin"], in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000012/tokenizer.bin")))
+        for extra in [["--tokenizer", "gpt2_tokenizer.bin"], []] {
+            result = try CLI.run(["generate", "--checkpoint", "run", "--prompt", "ROMEO. the love", "--tokens", "30", "--seed", "3"] + extra,
+                                 in: workspace.url)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            XCTAssertTrue(result.stdout.hasPrefix("ROMEO. the love"), result.stdout)
+        }
+    }
+
     /// A byte-level run has no tokenizer and needs none; a vocabulary above 256 without one is a
     /// clear error naming the checkpoint.
     func testCheckpointWithoutTokenizer() throws {
