@@ -23,24 +23,10 @@ steps="${STEPS:-20}"
 bench_args=(bench --steps "$steps" "$@")
 [[ -x "$moe" ]] || { echo "bench-network: no moe binary at $moe (swift build -c release)" >&2; exit 1; }
 
-tag="bn$$"
-nsA="${tag}a"; nsB="${tag}b"
-subnet="10.$(( $$ % 200 + 20 )).$(( ($$ / 200) % 250 )).0"
-base="${subnet%.0}"
-ipA="$base.1"; ipB="$base.2"
+source launch/namespaces.sh
 work="$(mktemp -d)"
-cleanup() { ip netns del "$nsA" 2>/dev/null; ip netns del "$nsB" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-
-if ! ip netns add "$nsA" 2>/dev/null || ! ip netns add "$nsB" 2>/dev/null; then
-    echo "bench-network: network namespaces are not allowed here (needs root and CAP_SYS_ADMIN); nothing was measured" >&2
-    exit 77
-fi
-ip link add "${tag}va" type veth peer name "${tag}vb" && ip link set "${tag}va" netns "$nsA" && ip link set "${tag}vb" netns "$nsB" \
-    || { echo "bench-network: cannot create a veth pair here" >&2; exit 77; }
-ip -n "$nsA" addr add "$ipA/24" dev "${tag}va" && ip -n "$nsB" addr add "$ipB/24" dev "${tag}vb"
-for ns in "$nsA" "$nsB"; do ip -n "$ns" link set lo up; done
-ip -n "$nsA" link set "${tag}va" up && ip -n "$nsB" link set "${tag}vb" up
+trap 'namespace_pair_remove; rm -rf "$work"' EXIT
+namespace_pair "bn$$" "$work" || { status=$?; echo "bench-network: nothing was measured" >&2; exit "$status"; }
 
 # Shaping: a token bucket on each side's egress (so both directions are limited). The bucket
 # holds about 4 ms of traffic, enough for the kernel's timer granularity at any of these rates.
@@ -51,7 +37,7 @@ if not m: sys.exit('bench-network: RATE must look like 10gbit, 500mbit or 1gbit'
 print(int(float(m[1]) * {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9}[m[2]]))") || exit 1
 burst=$(( rate_bits / 8 / 250 > 65536 ? rate_bits / 8 / 250 : 65536 ))
 delay_note="none"
-for side in "$nsA ${tag}va" "$nsB ${tag}vb"; do
+for side in "$nsA $vethA" "$nsB $vethB"; do
     set -- $side
     if [[ -n "$delay" ]]; then
         if ip netns exec "$1" tc qdisc add dev "$2" root handle 1: netem delay "$delay" 2>/dev/null; then
@@ -91,31 +77,14 @@ wait "$server"
 measured=$(tail -1 "$work/received")
 echo "bench-network: plain TCP transfer over the link: $measured Gbit/s" >&2
 
-# The launch agent mpirun uses instead of ssh: "agent HOST command line".
-cat > "$work/agent.sh" <<AGENT
-#!/bin/sh
-host="\$1"; shift
-case "\$host" in
-  $ipA) ns=$nsA ;;
-  $ipB) ns=$nsB ;;
-  *) echo "agent: unknown host \$host" >&2; exit 1 ;;
-esac
-exec ip netns exec "\$ns" unshare --uts sh -c "hostname \$ns; \$*"
-AGENT
-chmod +x "$work/agent.sh"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-common=(--timeout 900 -np 2 -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1)
+common=(--timeout 900 -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1)
 
 echo "bench-network: shared memory ..." >&2
-shared=$(mpirun "${common[@]}" --bind-to core --mca btl_vader_single_copy_mechanism none "$moe" "${bench_args[@]}" | tail -1) \
+shared=$(mpirun "${common[@]}" -np 2 --bind-to core --mca btl_vader_single_copy_mechanism none "$moe" "${bench_args[@]}" | tail -1) \
     || { echo "bench-network: the shared-memory bench failed" >&2; exit 1; }
-# Each namespace's daemon would bind its one rank to "its" first core, the same core for both:
-# the ranks are left unbound instead (the kernel spreads them over the two cores).
 echo "bench-network: over the link ..." >&2
-network=$(ip netns exec "$nsA" unshare --uts sh -c 'hostname "$0"; exec "$@"' "$nsA" \
-    mpirun "${common[@]}" --host "$ipA,$ipB" --bind-to none --mca plm_rsh_agent "$work/agent.sh" \
-        --mca btl tcp,self --mca btl_tcp_if_include "$subnet/24" --mca oob_tcp_if_include "$subnet/24" \
-        "$moe" "${bench_args[@]}" | tail -1) \
+network=$(namespace_mpirun "${common[@]}" "$moe" "${bench_args[@]}" | tail -1) \
     || { echo "bench-network: the bench over the link failed" >&2; exit 1; }
 python3 - "$rate" "$delay_note" "$measured" "$shared" "$network" <<'PY'
 import json, sys

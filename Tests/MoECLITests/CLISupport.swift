@@ -37,6 +37,19 @@ enum CLI {
         return try capture(process, timeout: timeout)
     }
 
+    /// `python3 arguments...` (a script path or `-c CODE`, then its arguments).
+    static func python(_ arguments: [String], timeout: Double = defaultTimeout) throws -> CommandResult {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3"] + arguments
+        return try capture(process, timeout: timeout)
+    }
+
+    /// Skips the calling test with `reason` unless python3 can import `modules` ("a, b").
+    static func requirePython(_ modules: String, _ reason: String) throws {
+        guard (try? python(["-c", "import \(modules)"]))?.status == 0 else { throw XCTSkip(reason) }
+    }
+
     /// Seconds a subprocess may run before it is killed and the test fails: a hang must fail
     /// the test, never stall CI. (mpirun jobs also carry their own, shorter `--timeout`.)
     static let defaultTimeout = 600.0

@@ -261,18 +261,11 @@ final class CheckpointTests: XCTestCase {
     /// Any safetensors reader opens the files (checked with the reference Python package when
     /// it is installed).
     func testStandardSafetensorsReaderOpensTheFiles() throws {
-        let probe = Process()
-        probe.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        probe.arguments = ["python3", "-c", "import safetensors.numpy"]
-        guard (try? CLI.capture(probe))?.status == 0 else {
-            throw XCTSkip("the Python safetensors package is not installed (pip install safetensors numpy)")
-        }
+        try CLI.requirePython("safetensors.numpy", "the Python safetensors package is not installed (pip install safetensors numpy)")
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)
         try train(workspace, ranks: 2, ["--run-dir", "run", "--set", "train.steps=5"])
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", "-c", """
+        let result = try CLI.python(["-c", """
             import sys, safetensors.numpy as st
             r = st.load_file(sys.argv[1]); e = st.load_file(sys.argv[2])
             assert r['embedding.token'].shape == (256, 16) and str(r['embedding.token'].dtype) == 'float32'
@@ -280,8 +273,7 @@ final class CheckpointTests: XCTestCase {
             assert 'optimizer.exp_avg.blocks.0.moe.experts.1.up.weight' in e
             print(len(r), len(e))
             """, workspace.path("run/checkpoints/step_00000005/replicated.safetensors"),
-            workspace.path("run/checkpoints/step_00000005/experts-rank-00000.safetensors")]
-        let result = try CLI.capture(process)
+            workspace.path("run/checkpoints/step_00000005/experts-rank-00000.safetensors")])
         XCTAssertEqual(result.status, 0, result.stderr)
     }
 }

@@ -17,21 +17,14 @@ final class ExportTests: XCTestCase {
 
     /// Skips, saying why, when PyTorch and transformers are missing (launch/test.sh installs them).
     func requireTransformers() throws {
-        let probe = Process()
-        probe.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        probe.arguments = ["python3", "-c", "import torch, transformers, safetensors"]
-        guard (try? CLI.capture(probe))?.status == 0 else {
-            throw XCTSkip("PyTorch and transformers could not be installed here (launch/test.sh tries pip), so the Hugging Face export is not checked")
-        }
+        try CLI.requirePython("torch, transformers, safetensors",
+                              "PyTorch and transformers could not be installed here (launch/test.sh tries pip), so the Hugging Face export is not checked")
     }
 
     /// The exported model's validation loss (computed in PyTorch by Scripts/check-hf-export.py).
     func transformersLoss(_ workspace: Workspace, export: String, windows: Int) throws -> Double {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Scripts/check-hf-export.py")
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", script.path, workspace.path(export), workspace.path("data/val.bin"), "\(windows)"]
-        let result = try CLI.capture(process, timeout: 300)
+        let result = try CLI.python([script.path, workspace.path(export), workspace.path("data/val.bin"), "\(windows)"], timeout: 300)
         XCTAssertEqual(result.status, 0, result.stderr)
         let line = try XCTUnwrap(result.stdout.split(separator: "\n").last, result.stderr)
         let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], String(line))

@@ -84,12 +84,7 @@ final class TokenizerCLITests: XCTestCase {
     /// Hugging Face `tokenizers` (the reference implementation of byte-level BPE) reads our
     /// tokenizer.json and encodes each prepared file to the very ids `moe prepare` wrote.
     func testHuggingFaceTokenizersEncodeTheSameIds() throws {
-        let probe = Process()
-        probe.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        probe.arguments = ["python3", "-c", "import tokenizers, numpy"]
-        guard (try? CLI.capture(probe))?.status == 0 else {
-            throw XCTSkip("the Python tokenizers package is not installed (launch/test.sh installs it with transformers)")
-        }
+        try CLI.requirePython("tokenizers, numpy", "the Python tokenizers package is not installed (launch/test.sh installs it with transformers)")
         let workspace = try Workspace()
         try corpus(workspace)
         // Text with non-ASCII letters, digits, contractions and runs of white space.
@@ -97,9 +92,7 @@ final class TokenizerCLITests: XCTestCase {
         let result = try CLI.run(["prepare", "--input", "corpus", "--val-input", "corpus/unicode.txt", "--output", "bpe",
                                   "--tokenizer", "bpe", "--vocab-size", "400"], in: workspace.url)
         XCTAssertEqual(result.status, 0, result.stderr)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", "-c", """
+        let checked = try CLI.python(["-c", """
             import sys, glob, numpy as np
             from tokenizers import Tokenizer
             tok = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
@@ -108,8 +101,7 @@ final class TokenizerCLITests: XCTestCase {
                 theirs = [i for f in files for i in tok.encode(open(f, encoding="utf-8", newline="").read(), add_special_tokens=False).ids]
                 assert ours == theirs, (split, len(ours), len(theirs), next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b))
                 print(split, len(ours))
-            """, workspace.path("bpe"), workspace.path("corpus")]
-        let checked = try CLI.capture(process)
+            """, workspace.path("bpe"), workspace.path("corpus")])
         XCTAssertEqual(checked.status, 0, checked.stderr)
         XCTAssertTrue(checked.stdout.contains("val "), checked.stdout)
     }
