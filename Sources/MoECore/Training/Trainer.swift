@@ -67,9 +67,9 @@ public final class Trainer {
     /// all-reduced within this group.
     let replicaCommunicator: Communicator?
     var inputs: [Int32] = [], targets: [Int32] = []
-    /// The slice of the replicated values each rank updates: one slice (all values) unless
-    /// `train.shard_optimizer`.
-    let replicatedShards: [Range<Int>]
+    /// The length of the slice of the replicated values each rank updates, by rank: one slice
+    /// (all values) unless `train.shard_optimizer`. Computed once: the collectives take it every step.
+    let replicatedShardCounts: [Int]
     /// Non-nil when the replicated gradients' all-reduce overlaps backward (train.overlap_all_reduce).
     let gradientBuckets: GradientBuckets?
     /// [loss sum, expert gradient sum of squares]: all-reduced together.
@@ -100,8 +100,9 @@ public final class Trainer {
         let settings = AdamWSettings(beta1: config.train.beta1, beta2: config.train.beta2,
                                      epsilon: config.train.epsilon, weightDecay: config.train.weightDecay)
         // ZeRO stage 1: this rank keeps the AdamW moments of its slice of the replicated values only.
-        replicatedShards = AdamW<Float, Replicated>.slices(count: model.replicated.count,
-                                                           ranks: config.train.shardOptimizer ? communicator.size : 1)
+        let replicatedShards = AdamW<Float, Replicated>.slices(count: model.replicated.count,
+                                                               ranks: config.train.shardOptimizer ? communicator.size : 1)
+        replicatedShardCounts = replicatedShards.map(\.count)
         replicatedOptimizer = AdamW(store: model.replicated, settings: settings,
                                     shard: replicatedShards[config.train.shardOptimizer ? communicator.rank : 0])
         expertOptimizer = AdamW(store: model.experts, settings: settings)
@@ -150,7 +151,7 @@ public final class Trainer {
         try Clock.measure(&allReduceSeconds) {
             //    Sharded: each rank needs the sum only over its slice (the rest is left undefined).
             if replicatedOptimizer.isSharded {
-                try communicator.reduceScatterSum(replicatedGradients, blockCounts: replicatedShards.map(\.count))
+                try communicator.reduceScatterSum(replicatedGradients, blockCounts: replicatedShardCounts)
             } else if let gradientBuckets {
                 //  Overlapped: the blocks' buckets are in flight since their backward; the rest starts now.
                 overlappedSpan = try gradientBuckets.finish(model.replicated.gradients, communicator: communicator)
@@ -194,7 +195,7 @@ public final class Trainer {
             if replicatedOptimizer.isSharded {
                 try Clock.measure(&allReduceSeconds) {
                     try communicator.allGather(UnsafeMutableBufferPointer(start: model.replicated.values, count: model.replicated.count),
-                                               blockCounts: replicatedShards.map(\.count))
+                                               blockCounts: replicatedShardCounts)
                 }
             }
         }
