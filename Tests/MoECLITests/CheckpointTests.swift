@@ -64,6 +64,11 @@ final class CheckpointTests: XCTestCase {
         for step in stopAt..<20 {
             XCTAssertEqual(expected[step], again[step], "\(run), \(ranks) ranks, step \(step): not bit-identical", file: file, line: line)
         }
+        // The compute count continues from the checkpoint (the last line: the final evaluation).
+        let computeStraight = try readMetrics(workspace.path("\(straight)/metrics.jsonl")).last?["train_flops"] as? Double
+        let computeResumed = try readMetrics(workspace.path("\(run)/metrics.jsonl")).last?["train_flops"] as? Double
+        XCTAssertNotNil(computeStraight, file: file, line: line)
+        XCTAssertEqual(computeStraight, computeResumed, "\(run): training compute after resume", file: file, line: line)
         let final = "/checkpoints/step_00000020/"
         for name in try FileManager.default.contentsOfDirectory(atPath: workspace.path(straight + final)) where name.hasSuffix(".safetensors") {
             XCTAssertEqual(FileManager.default.contents(atPath: workspace.path(straight + final + name)),

@@ -85,7 +85,7 @@ final class TrainingRunTests: XCTestCase {
         XCTAssertFalse(html.contains("<script"), "the report is static")
         let compare = try CLI.run(["compare", "run", "--output", "cmp"], in: workspace.url)
         XCTAssertEqual(compare.status, 0, compare.stderr)
-        XCTAssertTrue(compare.stdout.contains("| run | final val loss"), compare.stdout)
+        XCTAssertTrue(compare.stdout.contains("| run | seeds | steps | compute (TFLOP) | final val loss"), compare.stdout)
         XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("cmp/validation.svg")))
 
         // A flipped byte in a checkpoint file is caught by verify.
@@ -112,6 +112,22 @@ final class TrainingRunTests: XCTestCase {
         XCTAssertEqual(a.count, 6)
         XCTAssertEqual(a, b, "same seed, same losses bit for bit")
         XCTAssertNotEqual(a[5], c[5])
+
+        // Runs that differ only in the seed are one comparison row: mean ± sd over them, checked
+        // against the two final validation losses; another setting is another row.
+        let other = try CLI.run(["train", "--config", "tiny.yaml", "--run-dir", "d/seed1", "--set", "train.steps=4"], in: workspace.url)
+        XCTAssertEqual(other.status, 0, other.stderr)
+        let compare = try CLI.run(["compare", "a", "c", "d/seed1", "--output", "cmp"], in: workspace.url)
+        XCTAssertEqual(compare.status, 0, compare.stderr)
+        let finals = try ["a", "c"].map { try XCTUnwrap(readMetrics(workspace.path("\($0)/metrics.jsonl")).last?["val_loss"] as? Double) }
+        let mean = (finals[0] + finals[1]) / 2, sd = abs(finals[0] - finals[1]) / 2.squareRoot()
+        let rows = compare.stdout.split(separator: "\n").filter { $0.hasPrefix("| a ") || $0.hasPrefix("| d ") }
+        XCTAssertEqual(rows.count, 2, compare.stdout)
+        XCTAssertTrue(rows[0].hasPrefix("| a | 2 | 6 | ") && rows[0].contains(String(format: "| %.4f ± %.4f |", mean, sd)), compare.stdout)
+        XCTAssertTrue(rows[1].hasPrefix("| d | 1 | 4 | "), compare.stdout)
+        for chart in ["validation.svg", "validation-by-compute.svg"] {
+            XCTAssertTrue(try String(contentsOfFile: workspace.path("cmp/\(chart)"), encoding: .utf8).contains("<polyline"), chart)
+        }
     }
 
     /// In both precisions: auto is bf16 on CPUs with it (the development and CI machines).

@@ -66,6 +66,37 @@ final class RecipeTests: XCTestCase {
         XCTAssertEqual(temperatures[39], 0.5, accuracy: 1e-12)
     }
 
+    /// The compute a step counts is what its gate computed, from first principles: every token
+    /// through the parameters outside the experts (the dense FFNs excepted) and attention, plus one
+    /// expert's worth per kept assignment. EvoMoE's dense phase costs one expert per token, like
+    /// hard top-1; the soft DTS phase costs every expert it kept; the count carries over steps.
+    func testTrainingComputeCountsWhatEachPhaseComputes() throws {
+        let trainer = try trainer {
+            $0.moe.gate = .dts; $0.moe.topK = 1; $0.moe.capacityFactor = nil
+            $0.evomoe.spawnFraction = 0.1; $0.dts.annealFraction = 0.5; $0.dts.hardFraction = 0.7; $0.train.steps = 40
+        }
+        let model = trainer.model, c = Double(model.config.width), h = Double(model.config.ffnHidden)
+        let layers = Double(model.config.layers), context = Double(model.config.context)
+        let tokens = Double(trainer.globalBatchTokens), moeLayers = Double(model.moeLayers.count)
+        let perExpert = 2 * c * h + h + c
+        // One dense FFN per MoE layer is replicated; a token passes through it only as an assignment.
+        let perToken = 6 * (Double(model.replicated.count) - moeLayers * perExpert) + 6 * layers * context * c
+        var phaseCosts: [TrainingPhase: Set<Double>] = [:], before = 0.0, soft = 0
+        for _ in 0..<40 {
+            let report = try trainer.trainStep()
+            let kept = Double(report.moeLayers.map(\.keptCount).reduce(0, +))
+            let spent = trainer.trainingFlops - before
+            before = trainer.trainingFlops
+            XCTAssertEqual(spent, tokens * perToken + 6 * perExpert * kept, accuracy: 1e-9 * spent, "step \(report.step)")
+            if report.phase == .soft && kept > 2 * moeLayers * tokens { soft += 1 }
+            if report.phase != .soft { XCTAssertEqual(kept, moeLayers * tokens, "\(report.phase) computes one expert per token") }
+            phaseCosts[report.phase, default: []].insert(spent)
+        }
+        XCTAssertGreaterThan(soft, 2, "soft DTS steps keep several experts per token and cost more")
+        XCTAssertEqual(phaseCosts[.dense], phaseCosts[.hard], "dense phase and hard top-1 cost the same")
+        XCTAssertEqual(phaseCosts[.hard]?.count, 1)
+    }
+
     /// StableMoE stage 2: routing is a fixed function of the token id while the model trains.
     func testStableMoEStage2RoutingIsFrozen() throws {
         let trainer = try trainer { $0.moe.gate = .stablemoe; $0.gates.stableStage2Fraction = 0.25; $0.train.steps = 20 }

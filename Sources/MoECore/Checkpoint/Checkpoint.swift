@@ -41,6 +41,9 @@ public struct CheckpointManifest: Codable, Equatable {
     public var gateState: [String: [String: Double]]?
     /// Updates skipped for non-finite values so far (schedules count applied updates).
     public var skippedUpdates: Int?
+    /// Model FLOPs and seconds of the training steps so far (`Trainer.trainingFlops`).
+    public var trainingFlops: Double?
+    public var trainingSeconds: Double?
 }
 
 public enum CheckpointError: Error, CustomStringConvertible {
@@ -157,7 +160,7 @@ public enum Checkpoint {
                 spawnStep: trainer.recipe.spawnStep,
                 gateState: Dictionary(uniqueKeysWithValues: model.moeLayers.compactMap { layer in
                     layer.gate.state.isEmpty ? nil : ("blocks.\(layer.layerIndex)", layer.gate.state)
-                }), skippedUpdates: trainer.skippedUpdates)
+                }), skippedUpdates: trainer.skippedUpdates, trainingFlops: trainer.trainingFlops, trainingSeconds: trainer.trainingSeconds)
             let encoder = JSONEncoder()
             encoder.keyEncodingStrategy = .convertToSnakeCase
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

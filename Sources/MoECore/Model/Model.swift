@@ -317,12 +317,27 @@ public final class GPTModel<T: Scalar> {
     /// Parameters per token that do work: replicated ones plus k experts' worth per MoE layer
     /// (embedding tables count once, as in the usual 6N FLOPs estimate).
     public var parameterCounts: (total: Int, active: Int) {
-        let perExpert = 2 * config.width * config.ffnHidden + config.ffnHidden + config.width
-        let moeLayers = self.moeLayers.count
-        // EvoMoE's dense FFNs are used only before the spawn: not counted as active.
-        let dense = replicated.entries.filter { $0.name.contains(".moe.dense.") }.reduce(0) { $0 + $1.count }
-        let total = replicated.count + moeLayers * moeConfig.experts * perExpert
-        let active = replicated.count - dense + moeLayers * moeConfig.topK * perExpert
-        return (total, active)
+        let total = replicated.count + moeLayers.count * moeConfig.experts * parametersPerExpert
+        return (total, routedAroundParameters + moeLayers.count * moeConfig.topK * parametersPerExpert)
+    }
+
+    /// One expert FFN (two matrices and their biases); EvoMoE's dense FFN has the same shape.
+    var parametersPerExpert: Int { 2 * config.width * config.ffnHidden + config.ffnHidden + config.width }
+
+    /// Replicated parameters every token passes through. EvoMoE's dense FFNs are left out: a
+    /// token uses one only before the spawn, where it counts as one routed assignment
+    /// (`RoutingStatistics.dense`).
+    var routedAroundParameters: Int {
+        replicated.count - replicated.entries.filter { $0.name.contains(".moe.dense.") }.reduce(0) { $0 + $1.count }
+    }
+
+    /// Model FLOPs of training on `tokens` tokens whose MoE layers computed `expertAssignments`
+    /// (token, expert) pairs in all, summed over layers: 6 per parameter a token passes through
+    /// (forward 2, backward 4 per multiply-add), plus causal attention, 6 L T C per token (QKᵀ and
+    /// AV over T/2 keys on average, forward and backward). What a gate actually computes is
+    /// counted: a dropped assignment costs nothing, a soft DTS token costs every expert it kept.
+    public func trainingFlops(tokens: Int, expertAssignments: Int64) -> Double {
+        let perToken = 6 * Double(routedAroundParameters) + 6 * Double(config.layers * config.context * config.width)
+        return Double(tokens) * perToken + 6 * Double(parametersPerExpert) * Double(expertAssignments)
     }
 }

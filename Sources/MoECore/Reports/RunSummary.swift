@@ -1,11 +1,15 @@
 import Foundation
+import MoEIO
 
 /// What a finished run's `metrics.jsonl` says, for comparisons and reports.
 public struct RunSummary {
     public var name: String
+    /// The resolved config the run wrote (nil for a run directory without `config.yaml`).
+    public var config: RunConfig?
     public var steps: [Int] = []
     public var losses: [Double] = []
-    public var validation: [(step: Int, loss: Double)] = []
+    /// Validation losses with the training compute spent before them (nil in older runs).
+    public var validation: [(step: Int, loss: Double, flops: Double?)] = []
     public var tokensPerSecond: [Double] = []
     /// Per logged step: per MoE layer, the fraction of assignments each expert received
     /// (empty rows in EvoMoE's dense phase).
@@ -15,6 +19,9 @@ public struct RunSummary {
     public var learningRates: [Double] = []
     public var temperatures: [(step: Int, value: Double)] = []
     public var phases: [String] = []
+    /// Model FLOPs and seconds of training at the last logged step (nil in older runs).
+    public var trainingFlops: Double?
+    public var trainingSeconds: Double?
 
     public enum ReadError: Error, CustomStringConvertible {
         case unreadable(String)
@@ -27,9 +34,17 @@ public struct RunSummary {
         }
     }
 
-    /// Reads `runDirectory/metrics.jsonl`.
+    /// Reads `runDirectory/metrics.jsonl` (and `config.yaml`, when there). The name is the
+    /// directory's, or its parent's for a directory named `seed<N>` (runs/compare/hash/seed2 is "hash").
     public init(runDirectory: String, name: String? = nil) throws {
-        self.name = name ?? (runDirectory as NSString).lastPathComponent
+        let directory = (runDirectory as NSString).standardizingPath as NSString
+        let last = directory.lastPathComponent
+        let isSeedDirectory = last.hasPrefix("seed") && !last.dropFirst(4).isEmpty && last.dropFirst(4).allSatisfy(\.isNumber)
+        self.name = name ?? (isSeedDirectory ? (directory.deletingLastPathComponent as NSString).lastPathComponent : last)
+        let configPath = directory.appendingPathComponent("config.yaml")
+        if let text = try? String(contentsOfFile: configPath, encoding: .utf8) {
+            config = try RunConfig.fromResolved(text, file: configPath)
+        }
         let path = (runDirectory as NSString).appendingPathComponent("metrics.jsonl")
         guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
             throw ReadError.unreadable(path)
@@ -37,7 +52,7 @@ public struct RunSummary {
         for (index, line) in text.split(separator: "\n").enumerated() {
             guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
                   let step = object["step"] as? Int else { throw ReadError.malformed(path: path, line: index + 1) }
-            if let loss = object["val_loss"] as? Double { validation.append((step, loss)); continue }
+            if let loss = object["val_loss"] as? Double { validation.append((step, loss, object["train_flops"] as? Double)); continue }
             guard let loss = object["loss"] as? Double else { continue }
             steps.append(step)
             losses.append(loss)
@@ -48,6 +63,8 @@ public struct RunSummary {
             learningRates.append(object["lr"] as? Double ?? 0)
             phases.append(object["phase"] as? String ?? "")
             if let temperature = object["temperature"] as? Double { temperatures.append((step, temperature)) }
+            if let flops = object["train_flops"] as? Double { trainingFlops = flops }
+            if let seconds = object["train_seconds"] as? Double { trainingSeconds = seconds }
         }
     }
 
@@ -143,22 +160,83 @@ func htmlEscape(_ text: String) -> String {
     text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
 }
 
-/// The gate comparison: a Markdown table and a chart of the validation curves.
+/// The gate comparison: a Markdown table and charts of the validation curves. Runs whose
+/// configs differ only in `train.seed` are one row: the mean and sample standard deviation over
+/// the seeds (curves: the mean).
 public enum GateComparison {
-    public static func table(_ runs: [RunSummary]) -> String {
-        var lines = ["| run | final val loss | best val loss | tokens/s | load CV | dropped | experts/token |",
-                     "|---|---|---|---|---|---|---|"]
+    /// Runs of one setting, in the order given.
+    public struct Group {
+        public var runs: [RunSummary]
+        public var name: String { runs[0].name }
+
+        /// Mean and sample standard deviation (0 for one value).
+        static func spread(_ values: [Double]) -> (mean: Double, sd: Double) {
+            let mean = values.reduce(0, +) / Double(values.count)
+            guard values.count > 1 else { return (mean, 0) }
+            return (mean, (values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(values.count - 1)).squareRoot())
+        }
+
+        func cell(_ value: (RunSummary) -> Double?, format: String) -> String {
+            let values = runs.compactMap(value)
+            guard values.count == runs.count else { return "-" }
+            let (mean, sd) = Group.spread(values)
+            return runs.count > 1 ? String(format: "\(format) ± \(format)", mean, sd) : String(format: format, mean)
+        }
+
+        func mean(_ value: (RunSummary) -> Double) -> Double { Group.spread(runs.map(value)).mean }
+
+        /// The mean validation curve over the seeds, at the evaluations every run has.
+        func meanCurve(x: (RunSummary, Int) -> Double?) -> [(x: Double, y: Double)] {
+            let count = runs.map(\.validation.count).min() ?? 0
+            return (0..<count).compactMap { index in
+                let xs = runs.compactMap { x($0, index) }
+                guard xs.count == runs.count else { return nil }
+                return (xs.reduce(0, +) / Double(xs.count), mean { $0.validation[index].loss })
+            }
+        }
+    }
+
+    public static func groups(_ runs: [RunSummary]) -> [Group] {
+        var groups: [Group] = []
         for run in runs {
-            let final = run.finalValidationLoss.map { String(format: "%.4f", $0) } ?? "-"
-            let best = run.validation.map(\.loss).min().map { String(format: "%.4f", $0) } ?? "-"
-            lines.append("| \(run.name) | \(final) | \(best) | \(Int(run.medianTokensPerSecond)) | "
-                         + String(format: "%.3f | %.3f | %.2f |", run.loadCoefficientOfVariation, run.meanDroppedFraction, run.meanActiveExperts))
+            let index = groups.firstIndex { group in
+                guard let mine = run.config, let theirs = group.runs[0].config else { return false }
+                return mine.differingKeys(from: theirs).allSatisfy { $0 == "train.seed" }
+            }
+            if let index { groups[index].runs.append(run) } else { groups.append(Group(runs: [run])) }
+        }
+        return groups
+    }
+
+    public static func table(_ runs: [RunSummary]) -> String {
+        var lines = ["| run | seeds | steps | compute (TFLOP) | final val loss | best val loss | tokens/s | training time | load CV | dropped | experts/token |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for group in groups(runs) {
+            let steps = Set(group.runs.compactMap { $0.steps.last.map { $0 + 1 } })
+            let cells = [
+                group.name, "\(group.runs.count)", steps.count == 1 ? "\(steps.first!)" : steps.sorted().map(String.init).joined(separator: "/"),
+                group.cell({ $0.trainingFlops.map { $0 / 1e12 } }, format: "%.1f"),
+                group.cell(\.finalValidationLoss, format: "%.4f"),
+                group.cell({ $0.validation.map(\.loss).min() }, format: "%.4f"),
+                "\(Int(group.mean(\.medianTokensPerSecond)))",
+                group.runs.allSatisfy { $0.trainingSeconds != nil } ? duration(group.mean { $0.trainingSeconds ?? 0 }) : "-",
+                String(format: "%.3f", group.mean(\.loadCoefficientOfVariation)),
+                String(format: "%.3f", group.mean(\.meanDroppedFraction)),
+                String(format: "%.2f", group.mean(\.meanActiveExperts)),
+            ]
+            lines.append("| " + cells.joined(separator: " | ") + " |")
         }
         return lines.joined(separator: "\n") + "\n"
     }
 
-    public static func chart(_ runs: [RunSummary]) -> String {
-        LineChart(title: "Validation loss", xLabel: "step", yLabel: "nats per token",
-                  series: runs.map { run in .init(name: run.name, points: run.validation.map { (Double($0.step), $0.loss) }) }).svg
+    /// Validation loss against steps, or against training compute (TFLOP) when `byCompute`.
+    public static func chart(_ runs: [RunSummary], byCompute: Bool = false) -> String {
+        let series = groups(runs).map { group in
+            LineChart.Series(name: group.name, points: group.meanCurve { run, index in
+                byCompute ? run.validation[index].flops.map { $0 / 1e12 } : Double(run.validation[index].step)
+            })
+        }
+        return LineChart(title: "Validation loss" + (runs.count > groups(runs).count ? " (mean over seeds)" : ""),
+                         xLabel: byCompute ? "training compute (TFLOP)" : "step", yLabel: "nats per token", series: series).svg
     }
 }

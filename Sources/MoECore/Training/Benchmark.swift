@@ -48,11 +48,10 @@ public enum Benchmark {
         }
     }
 
-    /// Model FLOPs per token: 6 x active parameters (forward 2, backward 4 per multiply-add)
-    /// plus causal attention, 6 L T C (QKᵀ and AV over T/2 keys on average, forward and backward).
+    /// Model FLOPs per token at the gate's nominal k experts per token in every MoE layer:
+    /// 6 x active parameters plus causal attention (`GPTModel.trainingFlops`).
     public static func modelFlopsPerToken(_ model: GPTModel<Float>) -> Double {
-        let config = model.config
-        return 6 * Double(model.parameterCounts.active) + 6 * Double(config.layers * config.context * config.width)
+        model.trainingFlops(tokens: 1, expertAssignments: Int64(model.moeLayers.count * model.moeConfig.topK))
     }
 
     /// The documented memory model, in MiB, for this rank: 16 bytes per parameter held

@@ -215,6 +215,9 @@ public final class Trainer {
                                 profile: profile, temperature: model.moeLayers.first?.gate.temperature(step: step - skippedUpdates),
                                 phase: phase, skipped: skipped)
         adaptGates(moeLayers)
+        // A skipped update still spent its forward and backward.
+        trainingFlops += model.trainingFlops(tokens: globalBatchTokens, expertAssignments: moeLayers.reduce(0) { $0 + $1.keptCount })
+        trainingSeconds += profile.total
         step += 1
         if step == recipe.spawnStep { spawnExperts() }
         return report
@@ -255,6 +258,12 @@ public final class Trainer {
         let layers = parts[0].indices.map { layer in RoutingStatistics.combined(parts.map { $0[layer] }) }
         return (lossSum, auxiliary, layers)
     }
+
+    /// Model FLOPs spent on training steps so far, over all ranks (`GPTModel.trainingFlops`, with
+    /// the experts each step's gates actually kept), and the seconds those steps took; both are
+    /// checkpointed, so a resumed run continues them. Equal-compute comparisons read the first.
+    public internal(set) var trainingFlops = 0.0
+    public internal(set) var trainingSeconds = 0.0
 
     /// Updates skipped because the loss or gradient was not finite (all, and in a row).
     public internal(set) var skippedUpdates = 0

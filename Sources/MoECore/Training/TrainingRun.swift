@@ -98,6 +98,14 @@ public final class TrainingRun {
         if let checkpoint {
             trainer.step = checkpoint.manifest.step
             trainer.skippedUpdates = checkpoint.manifest.skippedUpdates ?? 0
+            if let flops = checkpoint.manifest.trainingFlops {
+                trainer.trainingFlops = flops
+                trainer.trainingSeconds = checkpoint.manifest.trainingSeconds ?? 0
+            } else {
+                // Written before compute was counted: the gate's nominal k experts per token.
+                trainer.trainingFlops = Double(trainer.step * trainer.globalBatchTokens) * Benchmark.modelFlopsPerToken(trainer.model)
+                log("note: \(checkpoint.directory) predates compute accounting; train_flops continues from the nominal estimate")
+            }
             trainer.restorePhase()
             if let saved = checkpoint.manifest.temperature, let now = trainer.model.moeLayers.first?.gate.temperature(step: trainer.step),
                abs(saved - now) > 1e-12 * max(1, abs(saved)) {
@@ -182,6 +190,8 @@ public final class TrainingRun {
             }
         }
         lastValidation = try evaluate()
+        log(String(format: "trained %d steps: %.4g TFLOP of model compute in %@ of training steps", trainer.step,
+                   trainer.trainingFlops / 1e12, duration(trainer.trainingSeconds)))
         if end < steps { log("stopping at step \(end) of \(steps) as asked; continue with --resume") }
         try saveCheckpoint()
         return lastValidation
@@ -193,6 +203,7 @@ public final class TrainingRun {
         var object = JSONObject()
         object.add("step", trainer.step)
         object.add("val_loss", loss)
+        object.add("train_flops", trainer.trainingFlops)
         metrics?.write(object)
         log(String(format: "step %d | val_loss %.4f | perplexity %.2f", trainer.step, loss, exp(loss)))
         return loss
@@ -225,6 +236,8 @@ public final class TrainingRun {
         if let temperature = report.temperature { object.add("temperature", temperature) }
         object.add("phase", report.phase.rawValue)
         object.add("skipped_updates", trainer.skippedUpdates)
+        object.add("train_flops", trainer.trainingFlops)
+        object.add("train_seconds", trainer.trainingSeconds)
         object.add("load_cv", layers.map { ExpertHealth.coefficientOfVariation($0.expertLoad) })
         if layers.contains(where: { $0.routerEntropy != nil }) { object.add("router_entropy", layers.map { $0.routerEntropy ?? .nan }) }
         metrics.write(object)
@@ -237,10 +250,11 @@ public final class TrainingRun {
         default: return "\(count)"
         }
     }
+}
 
-    func duration(_ seconds: Double) -> String {
-        let whole = Int(seconds.rounded())
-        return whole >= 3600 ? "\(whole / 3600)h\(String(format: "%02d", whole / 60 % 60))m"
-            : whole >= 60 ? "\(whole / 60)m\(String(format: "%02d", whole % 60))s" : "\(whole)s"
-    }
+/// Seconds as "45s", "12m34s" or "2h05m".
+func duration(_ seconds: Double) -> String {
+    let whole = Int(seconds.rounded())
+    return whole >= 3600 ? "\(whole / 3600)h\(String(format: "%02d", whole / 60 % 60))m"
+        : whole >= 60 ? "\(whole / 60)m\(String(format: "%02d", whole % 60))s" : "\(whole)s"
 }
