@@ -1,37 +1,67 @@
 #!/usr/bin/env bash
-# Trains the reference model (configs/bench.yaml) with EvoMoE and the gates it is compared with,
-# on the same data, seed and budget, then writes runs/compare/comparison.md (validation loss,
-# tokens/s, load balance, dropped fraction) and runs/compare/validation.svg.
+# EvoMoE against the gates it is compared with, on the reference model (configs/bench.yaml),
+# validated on the held-out works, SEEDS seeds per gate, at equal steps and at equal compute:
 #
-#   launch/compare-gates.sh            # STEPS=600 per gate by default
-#   STEPS=2000 RANKS=2 launch/compare-gates.sh
+#   1. every gate (and a dense model with the active parameters of top-1) trains STEPS steps;
+#   2. EvoMoE's mean training compute (model FLOPs, counting what its gate computed: dense phase,
+#      soft DTS, hard top-1) is the budget; every other gate trains again for the steps that spend
+#      that budget at its own measured compute per step (its learning-rate schedule fitted to them);
+#   3. OUT/equal-steps.md and OUT/equal-compute.md: mean ± sd over seeds of the validation loss,
+#      the compute and the training time (`moe compare`), and the validation curves as SVG.
+#
+#   launch/compare-gates.sh                      # STEPS=600 SEEDS=3, one single-threaded run per core
+#   STEPS=300 SEEDS=1 GATES="evomoe hash" launch/compare-gates.sh
+#   EVOMOE="--set dts.threshold=0.01" launch/compare-gates.sh   # another EvoMoE setting
+#
+# Environment (besides launch/study.sh's STEPS, SEEDS, JOBS, RANKS, PRECISION, MOE): GATES (a
+# subset, default all; evomoe always runs, it sets the budget), EVOMOE (extra --set arguments for
+# EvoMoE), OUT (default runs/compare). Finished runs are kept: a stopped study continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-moe="${MOE:-.build/release/moe}"
-steps="${STEPS:-600}"
+source launch/study.sh
 out="${OUT:-runs/compare}"
-common=(--config configs/bench.yaml --set train.steps="$steps" --set train.eval_every=$(( steps / 6 ))
-        --set train.warmup_steps=$(( steps / 20 )) --set checkpoint.every=0 --set train.log_every=10)
-declare -A gates=(
-    [evomoe]="--set moe.gate=dts --set evomoe.spawn_fraction=0.05"
+declare -A settings=(
+    [evomoe]="--set moe.gate=dts --set evomoe.spawn_fraction=0.05 ${EVOMOE:-}"
     [switch]="--set moe.gate=switch --set moe.top_k=1"
     [gshard]="--set moe.gate=gshard --set moe.capacity_factor=1.0"
     [base]="--set moe.gate=base"
     [hash]="--set moe.gate=hash"
     [stablemoe]="--set moe.gate=stablemoe"
+    [dense]="--set model.moe_every=0"
 )
-runs=()
-for name in evomoe switch gshard base hash stablemoe; do
-    dir="$out/$name"
-    rm -rf "$dir"
-    echo "== $name: ${gates[$name]}"
-    # shellcheck disable=SC2086
-    if [[ -n "${RANKS:-}" ]]; then
-        RANKS="$RANKS" MOE="$moe" launch/train.sh "${common[@]}" ${gates[$name]} --run-dir "$dir" | tail -2
-    else
-        "$moe" train "${common[@]}" ${gates[$name]} --run-dir "$dir" | tail -2
-    fi
-    runs+=("$dir")
+gates=(evomoe)
+for gate in ${GATES:-switch gshard base hash stablemoe dense}; do
+    [[ -n "${settings[$gate]+set}" ]] || { echo "error: GATES: unknown gate '$gate' (known: ${!settings[*]})" >&2; exit 1; }
+    [[ "$gate" != evomoe ]] && gates+=("$gate")
 done
-"$moe" compare "${runs[@]}" --output "$out"
-echo "wrote $out/comparison.md and $out/validation.svg"
+
+echo "== equal steps: $steps steps, seeds 1..$seeds, gates ${gates[*]}"
+for gate in "${gates[@]}"; do
+    for seed in $(seq "$seeds"); do
+        # shellcheck disable=SC2086
+        submit "$out/steps/$gate/seed$seed" "$steps" ${settings[$gate]} --set train.seed="$seed"
+    done
+done
+finish
+budget=$(compute_of "$out"/steps/evomoe/seed*)
+echo "== equal compute: EvoMoE's mean $(awk -v b="$budget" 'BEGIN { printf "%.1f", b / 1e12 }') TFLOP per run"
+rm -rf "$out/compute/evomoe"
+mkdir -p "$out/compute"
+ln -s ../steps/evomoe "$out/compute/evomoe"
+for gate in "${gates[@]:1}"; do
+    n=$(steps_for "$budget" "$out/steps/$gate" "$steps")
+    echo "   $gate: $n steps"
+    for seed in $(seq "$seeds"); do
+        # shellcheck disable=SC2086
+        submit "$out/compute/$gate/seed$seed" "$n" ${settings[$gate]} --set train.seed="$seed"
+    done
+done
+finish
+for budget_kind in steps compute; do
+    runs=()
+    for gate in "${gates[@]}"; do runs+=("$out/$budget_kind/$gate"/seed*); done
+    "$moe" compare "${runs[@]}" --output "$out/$budget_kind" > /dev/null
+    mv "$out/$budget_kind/comparison.md" "$out/equal-$budget_kind.md"
+    echo "== equal $budget_kind ($out/equal-$budget_kind.md, charts in $out/$budget_kind/)"
+    cat "$out/equal-$budget_kind.md"
+done

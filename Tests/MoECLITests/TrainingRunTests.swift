@@ -168,4 +168,52 @@ final class TrainingRunTests: XCTestCase {
                            FileManager.default.contents(atPath: workspace.path("resumed/" + final + file)), "\(file) differs")
         }
     }
+
+    /// launch/compare-gates.sh on the tiny model: each baseline trains again for the steps that
+    /// spend EvoMoE's mean compute (within half a step of it), the tables have one mean ± sd row
+    /// per gate, a second invocation keeps the finished runs, and an unknown gate is named.
+    func testCompareGatesScriptMatchesTheBaselinesToEvoMoEsCompute() throws {
+        let workspace = try Workspace()
+        try workspace.write("tiny.yaml", Workspace.tinyConfig.replacingOccurrences(of: "data/", with: workspace.path("data") + "/"))
+        func study(_ gates: String) throws -> CommandResult {
+            let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../launch/compare-gates.sh")
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/bin/bash")
+            process.arguments = [script.standardized.path]
+            process.environment = ProcessInfo.processInfo.environment.merging([
+                "MOE": CLI.executable.path, "CONFIG": workspace.path("tiny.yaml"), "OUT": workspace.path("study"),
+                "STEPS": "20", "SEEDS": "2", "JOBS": "2", "GATES": gates, "PRECISION": "fp32",
+            ]) { $1 }
+            return try CLI.capture(process, timeout: 600)
+        }
+        let unknown = try study("hash bogus")
+        XCTAssertEqual(unknown.status, 1)
+        XCTAssertTrue(unknown.stderr.contains("unknown gate 'bogus'"), unknown.stderr)
+
+        let result = try study("hash dense")
+        XCTAssertEqual(result.status, 0, result.stderr)
+        func finalCompute(_ run: String) throws -> Double {
+            try XCTUnwrap(readMetrics(workspace.path("study/\(run)/metrics.jsonl")).last?["train_flops"] as? Double, run)
+        }
+        let budget = (try finalCompute("steps/evomoe/seed1") + finalCompute("steps/evomoe/seed2")) / 2
+        let equalCompute = try String(contentsOfFile: workspace.path("study/equal-compute.md"), encoding: .utf8)
+        for gate in ["hash", "dense"] {
+            let perStep = try finalCompute("steps/\(gate)/seed1") / 20
+            XCTAssertLessThan(perStep * 20, budget, "\(gate) is cheaper per step than EvoMoE's soft phase")
+            for seed in [1, 2] {
+                XCTAssertEqual(try finalCompute("compute/\(gate)/seed\(seed)"), budget, accuracy: perStep / 2 + 1, "\(gate) seed \(seed)")
+            }
+            let steps = Int((budget / perStep).rounded())
+            XCTAssertTrue(equalCompute.contains("| \(gate) | 2 | \(steps) | "), equalCompute)
+        }
+        let equalSteps = try String(contentsOfFile: workspace.path("study/equal-steps.md"), encoding: .utf8)
+        for gate in ["evomoe", "hash", "dense"] {
+            XCTAssertTrue(equalSteps.contains("| \(gate) | 2 | 20 | ") && equalCompute.contains("| \(gate) | 2 | "), equalSteps)
+        }
+        XCTAssertTrue(equalSteps.contains(" ± "), equalSteps)
+
+        let again = try study("hash dense")
+        XCTAssertEqual(again.status, 0, again.stderr)
+        XCTAssertFalse(again.stdout.contains("val_loss"), "finished runs are kept: \(again.stdout)")
+    }
 }

@@ -215,7 +215,7 @@ public enum GateComparison {
             let steps = Set(group.runs.compactMap { $0.steps.last.map { $0 + 1 } })
             let cells = [
                 group.name, "\(group.runs.count)", steps.count == 1 ? "\(steps.first!)" : steps.sorted().map(String.init).joined(separator: "/"),
-                group.cell({ $0.trainingFlops.map { $0 / 1e12 } }, format: "%.1f"),
+                group.cell({ $0.trainingFlops.map { $0 / 1e12 } }, format: "%.2f"),
                 group.cell(\.finalValidationLoss, format: "%.4f"),
                 group.cell({ $0.validation.map(\.loss).min() }, format: "%.4f"),
                 "\(Int(group.mean(\.medianTokensPerSecond)))",

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The EvoMoE schedule at equal compute, one setting changed at a time from the default main job's
+# (threshold gamma 0.001, tau 2 -> 0.5, anneal over 50% and hard top-1 from 75% of the steps after
+# the spawn, spawn at 5%, mask ratio 0.5), on the reference model (configs/bench.yaml):
+#
+#   1. the default trains STEPS steps with SEEDS seeds; its mean training compute is the budget;
+#   2. each variant trains STEPS steps with seed 1, which measures its compute per step (the
+#      schedule's phases are fractions of the run, so compute grows in proportion to the steps);
+#      it then trains, every seed, for the steps that spend the budget (seed 1 is kept when
+#      those are within 2% of STEPS);
+#   3. OUT/schedule.md: mean ± sd over seeds (`moe compare`), and the curves as SVG.
+#
+#   launch/evomoe-schedule.sh                   # STEPS=400 SEEDS=2
+#   VARIANTS="threshold-0.01 short-anneal" SEEDS=3 launch/evomoe-schedule.sh
+#
+# Environment: launch/study.sh's (STEPS here defaults to 400 and SEEDS to 2), VARIANTS (a subset),
+# OUT (default runs/evomoe-schedule). Finished runs are kept: a stopped study continues.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS="${STEPS:-400}" SEEDS="${SEEDS:-2}"
+source launch/study.sh
+out="${OUT:-runs/evomoe-schedule}"
+evomoe="--set moe.gate=dts --set evomoe.spawn_fraction=0.05"
+declare -A variants=(
+    [threshold-0.01]="--set dts.threshold=0.01"
+    [threshold-0.05]="--set dts.threshold=0.05"
+    [tau-max-1]="--set dts.tau_max=1.0"
+    [short-anneal]="--set dts.anneal_fraction=0.25 --set dts.hard_fraction=0.4"
+    [spawn-0.15]="--set evomoe.spawn_fraction=0.15"
+    [mask-0.25]="--set evomoe.mask_ratio=0.25"
+)
+names=()
+for name in ${VARIANTS:-threshold-0.01 threshold-0.05 tau-max-1 short-anneal spawn-0.15 mask-0.25}; do
+    [[ -n "${variants[$name]+set}" ]] || { echo "error: VARIANTS: unknown variant '$name' (known: ${!variants[*]})" >&2; exit 1; }
+    names+=("$name")
+done
+
+echo "== the default and one run of each variant: $steps steps"
+for seed in $(seq "$seeds"); do
+    # shellcheck disable=SC2086
+    submit "$out/default/seed$seed" "$steps" $evomoe --set train.seed="$seed"
+done
+for name in "${names[@]}"; do
+    # shellcheck disable=SC2086
+    submit "$out/calibration/$name/seed1" "$steps" $evomoe ${variants[$name]} --set train.seed=1
+done
+finish
+budget=$(compute_of "$out"/default/seed*)
+echo "== equal compute: the default's mean $(awk -v b="$budget" 'BEGIN { printf "%.1f", b / 1e12 }') TFLOP per run"
+for name in "${names[@]}"; do
+    n=$(steps_for "$budget" "$out/calibration/$name" "$steps")
+    echo "   $name: $n steps"
+    for seed in $(seq "$seeds"); do
+        if (( seed == 1 && n * 50 >= steps * 49 && n * 50 <= steps * 51 )); then
+            rm -rf "$out/$name/seed1" && mkdir -p "$out/$name" && ln -s "../calibration/$name/seed1" "$out/$name/seed1"
+            continue
+        fi
+        # shellcheck disable=SC2086
+        submit "$out/$name/seed$seed" "$n" $evomoe ${variants[$name]} --set train.seed="$seed"
+    done
+done
+finish
+runs=("$out"/default/seed*)
+for name in "${names[@]}"; do runs+=("$out/$name"/seed*); done
+"$moe" compare "${runs[@]}" --output "$out" > /dev/null
+mv "$out/comparison.md" "$out/schedule.md"
+echo "== $out/schedule.md (curves: $out/validation-by-compute.svg)"
+cat "$out/schedule.md"
