@@ -13,9 +13,13 @@
 #   STEPS=300 SEEDS=1 GATES="evomoe hash" launch/compare-gates.sh
 #   EVOMOE="--set dts.threshold=0.01" launch/compare-gates.sh   # another EvoMoE setting
 #
-# Environment (besides launch/study.sh's STEPS, SEEDS, JOBS, RANKS, PRECISION, MOE): GATES (a
-# subset, default all; evomoe always runs, it sets the budget), EVOMOE (extra --set arguments for
-# EvoMoE), OUT (default runs/compare). Finished runs are kept: a stopped study continues.
+# Environment (besides launch/study.sh's CONFIG, STEPS, SEEDS, JOBS, RANKS, PRECISION, MOE): GATES
+# (default: the paper's baselines and dense; also top2, plain top-2 with the config's capacity;
+# evomoe always runs, it sets the budget), EVOMOE (extra --set arguments for EvoMoE), OUT (default
+# runs/compare). Finished runs are kept: a stopped study continues. The main job against plain
+# top-2 at its compute:
+#
+#   CONFIG=configs/shakespeare.yaml STEPS=2000 SEEDS=1 GATES=top2 OUT=runs/main-vs-top2 launch/compare-gates.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/study.sh
@@ -24,6 +28,7 @@ declare -A settings=(
     [evomoe]="--set moe.gate=dts --set evomoe.spawn_fraction=0.05 ${EVOMOE:-}"
     [switch]="--set moe.gate=switch --set moe.top_k=1"
     [gshard]="--set moe.gate=gshard --set moe.capacity_factor=1.0"
+    [top2]="--set moe.gate=topk --set moe.top_k=2"
     [base]="--set moe.gate=base"
     [hash]="--set moe.gate=hash"
     [stablemoe]="--set moe.gate=stablemoe"

@@ -6,11 +6,11 @@
 #   1. the default trains STEPS steps with SEEDS seeds; its mean training compute is the budget;
 #   2. each variant trains STEPS steps with seed 1, which measures its compute per step (the
 #      schedule's phases are fractions of the run, so compute grows in proportion to the steps);
-#      it then trains, every seed, for the steps that spend the budget (seed 1 is kept when
-#      those are within 2% of STEPS);
+#      it then trains, every seed, for the steps that spend the budget (STEPS when that is within
+#      2% of them: seed 1 is then the calibration run);
 #   3. OUT/schedule.md: mean ± sd over seeds (`moe compare`), and the curves as SVG.
 #
-#   launch/evomoe-schedule.sh                   # STEPS=400 SEEDS=2
+#   launch/evomoe-schedule.sh                   # STEPS=400 SEEDS=2, every variant
 #   VARIANTS="threshold-0.01 short-anneal" SEEDS=3 launch/evomoe-schedule.sh
 #
 # Environment: launch/study.sh's (STEPS here defaults to 400 and SEEDS to 2), VARIANTS (a subset),
@@ -24,13 +24,16 @@ evomoe="--set moe.gate=dts --set evomoe.spawn_fraction=0.05"
 declare -A variants=(
     [threshold-0.01]="--set dts.threshold=0.01"
     [threshold-0.05]="--set dts.threshold=0.05"
+    [threshold-0.1]="--set dts.threshold=0.1"
+    [threshold-0.2]="--set dts.threshold=0.2"
+    [threshold-0.05-short-anneal]="--set dts.threshold=0.05 --set dts.anneal_fraction=0.25 --set dts.hard_fraction=0.4"
     [tau-max-1]="--set dts.tau_max=1.0"
     [short-anneal]="--set dts.anneal_fraction=0.25 --set dts.hard_fraction=0.4"
     [spawn-0.15]="--set evomoe.spawn_fraction=0.15"
     [mask-0.25]="--set evomoe.mask_ratio=0.25"
 )
 names=()
-for name in ${VARIANTS:-threshold-0.01 threshold-0.05 tau-max-1 short-anneal spawn-0.15 mask-0.25}; do
+for name in ${VARIANTS:-threshold-0.01 threshold-0.05 threshold-0.1 threshold-0.2 tau-max-1 short-anneal spawn-0.15 mask-0.25 threshold-0.05-short-anneal}; do
     [[ -n "${variants[$name]+set}" ]] || { echo "error: VARIANTS: unknown variant '$name' (known: ${!variants[*]})" >&2; exit 1; }
     names+=("$name")
 done
@@ -49,9 +52,11 @@ budget=$(compute_of "$out"/default/seed*)
 echo "== equal compute: the default's mean $(awk -v b="$budget" 'BEGIN { printf "%.1f", b / 1e12 }') TFLOP per run"
 for name in "${names[@]}"; do
     n=$(steps_for "$budget" "$out/calibration/$name" "$steps")
+    # Within 2% of the budget already: every seed trains STEPS steps, seed 1 is the calibration run.
+    (( n * 50 >= steps * 49 && n * 50 <= steps * 51 )) && n=$steps
     echo "   $name: $n steps"
     for seed in $(seq "$seeds"); do
-        if (( seed == 1 && n * 50 >= steps * 49 && n * 50 <= steps * 51 )); then
+        if (( seed == 1 && n == steps )); then
             rm -rf "$out/$name/seed1" && mkdir -p "$out/$name" && ln -s "../calibration/$name/seed1" "$out/$name/seed1"
             continue
         fi
