@@ -48,7 +48,7 @@ public struct DenseToSparseConfig: Equatable, Sendable {
     public var schedule = TemperatureScheduleKind.linear
     public var annealFraction = 0.5
     public var hardFraction = 0.75
-    public var threshold = 0.001
+    public var threshold = 0.2
     public var weights = DenseToSparseWeights.probability
     public var auxLoss = 0.01
     public var activationTauMax = 1.0

@@ -43,6 +43,7 @@ final class RecipeTests: XCTestCase {
     func testEvoMoERecipeGoesFromDenseToSparse() throws {
         let trainer = try trainer {
             $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.1; $0.dts.annealFraction = 0.5; $0.dts.hardFraction = 0.7
+            $0.dts.threshold = 0.001   // the paper's small gamma: nearly every expert at first
             $0.train.steps = 40
         }
         var phases: [TrainingPhase] = [], active: [Double] = [], temperatures: [Double] = []
@@ -72,7 +73,7 @@ final class RecipeTests: XCTestCase {
     /// hard top-1; the soft DTS phase costs every expert it kept; the count carries over steps.
     func testTrainingComputeCountsWhatEachPhaseComputes() throws {
         let trainer = try trainer {
-            $0.moe.gate = .dts; $0.moe.topK = 1; $0.moe.capacityFactor = nil
+            $0.moe.gate = .dts; $0.moe.topK = 1; $0.moe.capacityFactor = nil; $0.dts.threshold = 0.001
             $0.evomoe.spawnFraction = 0.1; $0.dts.annealFraction = 0.5; $0.dts.hardFraction = 0.7; $0.train.steps = 40
         }
         let model = trainer.model, c = Double(model.config.width), h = Double(model.config.ffnHidden)

@@ -114,7 +114,8 @@ public struct LineChart {
         self.title = title; self.xLabel = xLabel; self.yLabel = yLabel; self.series = series
     }
 
-    static let palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    static let palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                          "#7f7f7f", "#bcbd22", "#000000", "#aec7e8"]
 
     public var svg: String {
         let points = series.flatMap(\.points).filter { $0.y.isFinite }
