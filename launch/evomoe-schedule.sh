@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The EvoMoE schedule at equal compute, one setting changed at a time from the default main job's
-# (threshold gamma 0.001, tau 2 -> 0.5, anneal over 50% and hard top-1 from 75% of the steps after
+# The EvoMoE schedule at equal compute, one setting changed at a time from the main job's former
+# one ("default": threshold gamma 0.001, tau 2 -> 0.5, anneal over 50% and hard top-1 from 75% of the steps after
 # the spawn, spawn at 5%, mask ratio 0.5), on the reference model (configs/bench.yaml):
 #
 #   1. the default trains STEPS steps with SEEDS seeds; its mean training compute is the budget;
@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 STEPS="${STEPS:-400}" SEEDS="${SEEDS:-2}"
 source launch/study.sh
 out="${OUT:-runs/evomoe-schedule}"
-evomoe="--set moe.gate=dts --set evomoe.spawn_fraction=0.05"
+# The schedule the study started from (the main job's until it chose gamma 0.2), spelled out.
+evomoe="--set moe.gate=dts --set evomoe.spawn_fraction=0.05 --set dts.threshold=0.001"
 declare -A variants=(
     [threshold-0.01]="--set dts.threshold=0.01"
     [threshold-0.05]="--set dts.threshold=0.05"
