@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The EvoMoE schedule at equal compute, one setting changed at a time from the main job's former
-# one ("default": threshold gamma 0.001, tau 2 -> 0.5, anneal over 50% and hard top-1 from 75% of the steps after
-# the spawn, spawn at 5%, mask ratio 0.5), on the reference model (configs/bench.yaml):
+# one ("default": threshold gamma 0.001, tau 2 -> 0.5, anneal over 50% and hard top-1 from 75% of
+# the steps after the spawn, spawn at 5%, mask ratio 0.5), on the reference model (bench.yaml):
 #
 #   1. the default trains STEPS steps with SEEDS seeds; its mean training compute is the budget;
 #   2. each variant trains STEPS steps with seed 1, which measures its compute per step (the
