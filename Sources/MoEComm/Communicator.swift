@@ -25,17 +25,18 @@ public protocol Communicator: AnyObject {
     /// Every rank contributes its block of `buffer` (blocks back to back, `blockByteCounts[r]`
     /// bytes each); afterwards every rank holds every block. (ZeRO's parameter all-gather.)
     func allGather(_ buffer: UnsafeMutableRawBufferPointer, blockByteCounts: [Int]) throws
-    /// Starts an in-place sum all-reduce and returns: the buffer must stay untouched until
-    /// `finish` returns for it. Transfers complete in the order they were started on every rank.
-    func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType) throws -> PendingTransfer
-    /// Starts an all-to-all-v (as `allToAllV`, counts in bytes) and returns: neither buffer may
-    /// be touched until `finish` returns for it.
+    /// Starts an in-place sum all-reduce in `transfer` (complete, or finished, before) and
+    /// returns: the buffer must stay untouched until `finish` returns for it. Transfers complete
+    /// in the order they were started on every rank.
+    func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType, in transfer: PendingTransfer) throws
+    /// Starts an all-to-all-v (as `allToAllV`, counts in bytes) in `transfer` and returns:
+    /// neither buffer may be touched until `finish` returns for it.
     func startAllToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
-                        recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws -> PendingTransfer
-    /// Lets started transfers move on (MPI progresses only inside MPI calls); never blocks.
-    func progress(_ transfers: [PendingTransfer]) throws
-    /// Blocks until every transfer in `transfers` has completed.
-    func finish(_ transfers: [PendingTransfer]) throws
+                        recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int], in transfer: PendingTransfer) throws
+    /// Lets a started transfer move on (MPI progresses only inside MPI calls); never blocks.
+    func progress(_ transfer: PendingTransfer) throws
+    /// Blocks until `transfer` has completed.
+    func finish(_ transfer: PendingTransfer) throws
     /// Copies `buffer` from `root` to every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
@@ -48,18 +49,43 @@ public protocol Communicator: AnyObject {
 
 public enum ReduceOp: Sendable { case sum, max, min }
 
-/// A started, possibly unfinished transfer (`Communicator.startAllReduceSum`). Transports without
-/// non-blocking collectives finish it before returning it.
+/// A started, possibly unfinished transfer (`Communicator.startAllReduceSum`). The caller owns
+/// it and starts one transfer after another in it, so a training step allocates none. Transports
+/// without non-blocking collectives finish a transfer before the start returns.
 public final class PendingTransfer {
-    /// The transport's handle (an `MPI_Request` for MPI; nil when already complete).
+    /// The transport's handle (an `MPI_Request` for MPI; nil when complete).
     public var handle: OpaquePointer?
     /// When the caller started it (for accounting), in its clock's nanoseconds.
     public var startedAt: UInt64 = 0
     /// Arguments the transport must keep unchanged until completion (MPI's count arrays).
-    public var retained: UnsafeMutableBufferPointer<Int32>?
-    public init(handle: OpaquePointer? = nil) { self.handle = handle }
+    private var retained = UnsafeMutableBufferPointer<Int32>(start: nil, count: 0)
+    public init() {}
     public var isComplete: Bool { handle == nil }
-    deinit { retained?.deallocate() }
+
+    /// Storage for `count` values that must outlive the call starting the transfer; kept for the
+    /// next transfer, grown only when one needs more.
+    public func retainedStorage(count: Int) -> UnsafeMutableBufferPointer<Int32> {
+        precondition(isComplete, "a transfer is restarted before it finished")
+        if retained.count < count {
+            retained.deallocate()
+            retained = .allocate(capacity: count)
+        }
+        return retained
+    }
+
+    deinit { retained.deallocate() }
+}
+
+extension Communicator {
+    /// Lets each started transfer move on.
+    public func progress(_ transfers: [PendingTransfer]) throws {
+        for transfer in transfers where !transfer.isComplete { try progress(transfer) }
+    }
+
+    /// Blocks until every transfer has completed.
+    public func finish(_ transfers: [PendingTransfer]) throws {
+        for transfer in transfers where !transfer.isComplete { try finish(transfer) }
+    }
 }
 
 public enum CommDataType: Sendable {
@@ -96,17 +122,15 @@ extension Communicator {
     public var isCoordinator: Bool { rank == 0 }
 
     /// Blocking fallback: the all-reduce runs at once, so the transfer is complete when returned.
-    public func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType) throws -> PendingTransfer {
+    public func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType, in transfer: PendingTransfer) throws {
         try allReduce(buffer, type: type, op: .sum)
-        return PendingTransfer()
     }
     public func startAllToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
-                               recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws -> PendingTransfer {
+                               recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int], in transfer: PendingTransfer) throws {
         try allToAllV(send: send, sendCounts: sendCounts, sendOffsets: sendOffsets, recv: recv, recvCounts: recvCounts, recvOffsets: recvOffsets)
-        return PendingTransfer()
     }
-    public func progress(_ transfers: [PendingTransfer]) throws {}
-    public func finish(_ transfers: [PendingTransfer]) throws {}
+    public func progress(_ transfer: PendingTransfer) throws {}
+    public func finish(_ transfer: PendingTransfer) throws {}
 
     public func allReduce<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOp = .sum) throws {
         try allReduce(UnsafeMutableRawBufferPointer(buffer), type: T.commType, op: op)

@@ -140,48 +140,47 @@ public final class MPICommunicator: Communicator {
 
     public func barrier() throws { try check(MPI_Barrier(world), "MPI_Barrier") }
 
-    public func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType) throws -> PendingTransfer {
+    public func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType, in transfer: PendingTransfer) throws {
+        precondition(transfer.isComplete, "a transfer is restarted before it finished")
         let count = try int32Count(buffer.count / type.byteCount, "MPI_Iallreduce")
-        guard count > 0 else { return PendingTransfer() }
+        guard count > 0 else { return }
         var request = swiftmoe_request_null()
         try check(MPI_Iallreduce(swiftmoe_in_place(), buffer.baseAddress, count, datatype(type), swiftmoe_op_sum(), world, &request),
                   "MPI_Iallreduce")
-        return PendingTransfer(handle: request)
+        transfer.handle = request
     }
 
     public func startAllToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
-                               recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws -> PendingTransfer {
+                               recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int], in transfer: PendingTransfer) throws {
         let operation = "MPI_Ialltoallv", ranks = sendCounts.count
-        // MPI reads the four count arrays until the transfer completes: the transfer owns them.
-        let arrays = UnsafeMutableBufferPointer<Int32>.allocate(capacity: 4 * ranks)
-        let transfer = PendingTransfer()
-        transfer.retained = arrays
-        for (index, values) in [sendCounts, sendOffsets, recvCounts, recvOffsets].enumerated() {
-            for (peer, value) in values.enumerated() { arrays[index * ranks + peer] = try int32Count(value, operation) }
+        // MPI reads the four count arrays until the transfer completes: the transfer keeps them.
+        let arrays = transfer.retainedStorage(count: 4 * ranks)
+        for peer in 0..<ranks {
+            arrays[peer] = try int32Count(sendCounts[peer], operation)
+            arrays[ranks + peer] = try int32Count(sendOffsets[peer], operation)
+            arrays[2 * ranks + peer] = try int32Count(recvCounts[peer], operation)
+            arrays[3 * ranks + peer] = try int32Count(recvOffsets[peer], operation)
         }
         let base = arrays.baseAddress!
         var request = swiftmoe_request_null()
         try check(MPI_Ialltoallv(send.baseAddress, base, base + ranks, swiftmoe_byte(), recv.baseAddress, base + 2 * ranks,
                                  base + 3 * ranks, swiftmoe_byte(), world, &request), operation)
         transfer.handle = request
-        return transfer
     }
 
-    public func progress(_ transfers: [PendingTransfer]) throws {
-        for transfer in transfers where !transfer.isComplete {
-            var request: MPI_Request? = transfer.handle
-            var done: Int32 = 0
-            try check(MPI_Test(&request, &done, swiftmoe_status_ignore()), "MPI_Test")
-            if done != 0 { transfer.handle = nil }
-        }
+    public func progress(_ transfer: PendingTransfer) throws {
+        guard !transfer.isComplete else { return }
+        var request: MPI_Request? = transfer.handle
+        var done: Int32 = 0
+        try check(MPI_Test(&request, &done, swiftmoe_status_ignore()), "MPI_Test")
+        if done != 0 { transfer.handle = nil }
     }
 
-    public func finish(_ transfers: [PendingTransfer]) throws {
-        for transfer in transfers where !transfer.isComplete {
-            var request: MPI_Request? = transfer.handle
-            try check(MPI_Wait(&request, swiftmoe_status_ignore()), "MPI_Wait")
-            transfer.handle = nil
-        }
+    public func finish(_ transfer: PendingTransfer) throws {
+        guard !transfer.isComplete else { return }
+        var request: MPI_Request? = transfer.handle
+        try check(MPI_Wait(&request, swiftmoe_status_ignore()), "MPI_Wait")
+        transfer.handle = nil
     }
 
     public func split(color: Int, key: Int) throws -> Communicator {

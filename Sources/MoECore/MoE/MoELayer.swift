@@ -31,7 +31,11 @@ public final class MoELayer<T: Scalar> {
     public var separateWaiting = false
     /// Exchanges per direction (`train.dispatch_chunks`): groups of local experts pipelined
     /// with the experts' compute (at most one group per local expert).
-    public var dispatchChunks = 1
+    public var dispatchChunks = 1 { didSet { makeGroups() } }
+    /// The local experts in groups of consecutive experts, one exchange each, and each group's
+    /// transfer per direction, reused every pass.
+    private(set) var groups: [Range<Int>] = []
+    private var inbound: [PendingTransfer] = [], outbound: [PendingTransfer] = []
 
     // Activations [A, C] / [A_recv, C|H].
     let sendBuffer = Tensor<T>(), receiveBuffer = Tensor<T>(), expertInput = Tensor<T>()
@@ -56,6 +60,7 @@ public final class MoELayer<T: Scalar> {
         self.experts = experts
         self.placement = placement
         self.communicator = communicator
+        makeGroups()
     }
 
     var width: Int { experts[0].width }
@@ -91,10 +96,11 @@ public final class MoELayer<T: Scalar> {
         measure(\.combine) { combineReturned(into: y, rows: rows) }
     }
 
-    /// The local experts in groups of consecutive experts, one exchange each (`dispatchChunks`).
-    var groups: [Range<Int>] {
+    private func makeGroups() {
         let perRank = placement.expertsPerRank, count = max(1, min(dispatchChunks, perRank))
-        return (0..<count).map { (($0 * perRank) / count)..<((($0 + 1) * perRank) / count) }
+        groups = (0..<count).map { (($0 * perRank) / count)..<((($0 + 1) * perRank) / count) }
+        inbound = groups.map { _ in PendingTransfer() }
+        outbound = groups.map { _ in PendingTransfer() }
     }
 
     /// Stages 3-5 (or their adjoints) as a pipeline over groups of local experts: the rows of
@@ -124,12 +130,10 @@ public final class MoELayer<T: Scalar> {
         let (expertsIn, expertsOut) = forward ? (expertInput, expertOutput) : (dExpertOutput, dExpertInput)
         let returned = forward ? returnedOutput : dSend
         if separateWaiting { try Clock.measure(&profile.waiting) { try communicator.barrier() } }
-        let groups = self.groups
-        var inbound: [PendingTransfer] = [], outbound: [PendingTransfer] = []
-        inbound.append(try startExchange(outgoing, into: incoming, reverse: false, group: groups[0]))
+        try startExchange(outgoing, into: incoming, reverse: false, group: groups[0], in: inbound[0])
         for (index, group) in groups.enumerated() {
             if index + 1 < groups.count {
-                inbound.append(try startExchange(outgoing, into: incoming, reverse: false, group: groups[index + 1]))
+                try startExchange(outgoing, into: incoming, reverse: false, group: groups[index + 1], in: inbound[index + 1])
             }
             try measure(\.dispatch) {
                 try finishExchange(inbound[index])
@@ -141,7 +145,8 @@ public final class MoELayer<T: Scalar> {
             if separateWaiting && groups.count == 1 { try Clock.measure(&profile.waiting) { try communicator.barrier() } }
             try measure(\.combine) {
                 permute(expertsOut, into: incoming, toExpertOrder: false, group: group)
-                outbound.append(try startExchange(incoming, into: returned, reverse: true, group: group))
+                try startExchange(incoming, into: returned, reverse: true, group: group, in: outbound[index])
+                // Lets every transfer in flight move on (those not started this pass are complete).
                 try communicator.progress(inbound)
                 try communicator.progress(outbound)
             }
@@ -238,23 +243,22 @@ public final class MoELayer<T: Scalar> {
 
     /// Starts the all-to-all-v of the rows of `group`'s experts. Forward direction sends the
     /// plan's send rows; reverse swaps the sides.
-    private func startExchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool, group: Range<Int>) throws -> PendingTransfer {
+    private func startExchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool, group: Range<Int>,
+                               in transfer: PendingTransfer) throws {
         let stride = MemoryLayout<T>.stride
         plan.splits(rowBytes: width * stride, reverse: reverse, group: group, perRank: placement.expertsPerRank)
-        let started = Clock.nanoseconds()
-        let transfer = try communicator.startAllToAllV(
+        transfer.startedAt = Clock.nanoseconds()
+        try communicator.startAllToAllV(
             send: UnsafeRawBufferPointer(start: source.pointer, count: source.count * stride),
             sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
             recv: UnsafeMutableRawBufferPointer(start: destination.pointer, count: destination.count * stride),
-            recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets)
-        transfer.startedAt = started
-        return transfer
+            recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets, in: transfer)
     }
 
     /// Waits for a transfer: the wait is exposed communication; start to completion, total.
     private func finishExchange(_ transfer: PendingTransfer) throws {
         let waited = Clock.nanoseconds()
-        try communicator.finish([transfer])
+        try communicator.finish(transfer)
         let now = Clock.nanoseconds()
         profile.exposedCommunication += Double(now - waited) * 1e-9
         profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9

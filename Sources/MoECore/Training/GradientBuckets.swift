@@ -13,7 +13,9 @@ final class GradientBuckets {
     /// Element ranges of the replicated store: by block, and the rest.
     let blockRanges: [Range<Int>]
     let otherRanges: [Range<Int>]
-    private var pending: [PendingTransfer] = []
+    /// One transfer per bucket, reused every step; `started` of them are in flight this step.
+    private let transfers: [PendingTransfer]
+    private var started = 0
     private var firstStarted: UInt64?
 
     /// nil when a block's parameters are not contiguous in the store (then no overlap).
@@ -34,6 +36,7 @@ final class GradientBuckets {
         guard zip(blocks, counts).allSatisfy({ $0.0 == nil || $0.0!.count == $0.1 }) else { return nil }
         blockRanges = blocks.map { $0 ?? 0..<0 }
         otherRanges = others
+        transfers = (0..<(blocks.count + others.count)).map { _ in PendingTransfer() }
     }
 
     /// "blocks.L.<anything>" -> L.
@@ -45,18 +48,20 @@ final class GradientBuckets {
     func start(_ range: Range<Int>, of gradients: UnsafeMutablePointer<Float>, communicator: Communicator) throws {
         guard !range.isEmpty else { return }
         if firstStarted == nil { firstStarted = Clock.nanoseconds() }
-        pending.append(try communicator.startAllReduceSum(
-            UnsafeMutableRawBufferPointer(start: gradients + range.lowerBound, count: range.count * MemoryLayout<Float>.stride), type: .float32))
+        try communicator.startAllReduceSum(
+            UnsafeMutableRawBufferPointer(start: gradients + range.lowerBound, count: range.count * MemoryLayout<Float>.stride),
+            type: .float32, in: transfers[started])
+        started += 1
         // Starting a transfer also lets the earlier ones move on.
-        try communicator.progress(pending)
+        for transfer in transfers[..<started] { try communicator.progress(transfer) }
     }
 
     /// Starts the remaining ranges, waits for every bucket, and returns the seconds from the
     /// first bucket's start to the last one's completion.
     func finish(_ gradients: UnsafeMutablePointer<Float>, communicator: Communicator) throws -> Double {
         for range in otherRanges { try start(range, of: gradients, communicator: communicator) }
-        try communicator.finish(pending)
-        defer { pending.removeAll(keepingCapacity: true); firstStarted = nil }
+        for transfer in transfers[..<started] { try communicator.finish(transfer) }
+        defer { started = 0; firstStarted = nil }
         return firstStarted.map { Double(Clock.nanoseconds() - $0) * 1e-9 } ?? 0
     }
 }
