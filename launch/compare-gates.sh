@@ -49,7 +49,7 @@ for gate in "${gates[@]}"; do
 done
 finish
 budget=$(compute_of "$out"/steps/evomoe/seed*)
-echo "== equal compute: EvoMoE's mean $(awk -v b="$budget" 'BEGIN { printf "%.1f", b / 1e12 }') TFLOP per run"
+echo "== equal compute: EvoMoE's mean $(tflop "$budget") TFLOP per run"
 rm -rf "$out/compute/evomoe"
 mkdir -p "$out/compute"
 ln -s ../steps/evomoe "$out/compute/evomoe"
@@ -65,8 +65,5 @@ finish
 for budget_kind in steps compute; do
     runs=()
     for gate in "${gates[@]}"; do runs+=("$out/$budget_kind/$gate"/seed*); done
-    "$moe" compare "${runs[@]}" --output "$out/$budget_kind" > /dev/null
-    mv "$out/$budget_kind/comparison.md" "$out/equal-$budget_kind.md"
-    echo "== equal $budget_kind ($out/equal-$budget_kind.md, charts in $out/$budget_kind/)"
-    cat "$out/equal-$budget_kind.md"
+    write_table "$out/equal-$budget_kind.md" "$out/$budget_kind" "${runs[@]}"
 done

@@ -50,7 +50,7 @@ for name in "${names[@]}"; do
 done
 finish
 budget=$(compute_of "$out"/default/seed*)
-echo "== equal compute: the default's mean $(awk -v b="$budget" 'BEGIN { printf "%.1f", b / 1e12 }') TFLOP per run"
+echo "== equal compute: the default's mean $(tflop "$budget") TFLOP per run"
 for name in "${names[@]}"; do
     n=$(steps_for "$budget" "$out/calibration/$name" "$steps")
     # Within 2% of the budget already: every seed trains STEPS steps, seed 1 is the calibration run.
@@ -68,7 +68,4 @@ done
 finish
 runs=("$out"/default/seed*)
 for name in "${names[@]}"; do runs+=("$out/$name"/seed*); done
-"$moe" compare "${runs[@]}" --output "$out" > /dev/null
-mv "$out/comparison.md" "$out/schedule.md"
-echo "== $out/schedule.md (curves: $out/validation-by-compute.svg)"
-cat "$out/schedule.md"
+write_table "$out/schedule.md" "$out" "${runs[@]}"

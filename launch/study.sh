@@ -68,6 +68,19 @@ compute_of() {
         | awk '{ sum += $1 } END { if (NR == 0) exit 1; printf "%.6e\n", sum / NR }'
 }
 
+# tflop FLOPS: the value in TFLOP, one decimal.
+tflop() { awk -v flops="$1" 'BEGIN { printf "%.1f", flops / 1e12 }'; }
+
+# write_table FILE CHART_DIR RUN_DIR...: `moe compare` of the runs (one row per setting, mean ± sd
+# over seeds) into FILE, its charts into CHART_DIR; prints the table.
+write_table() {
+    local file="$1" charts="$2"; shift 2
+    "$moe" compare "$@" --output "$charts" > /dev/null
+    mv "$charts/comparison.md" "$file"
+    echo "== $file (curves by step and by compute in $charts/)"
+    cat "$file"
+}
+
 # steps_for BUDGET DIR STEPS: the steps that spend BUDGET FLOPs at the per-step compute the runs
 # in DIR (seed*/) measured over STEPS steps.
 steps_for() {

@@ -45,7 +45,7 @@ public struct RunSummary {
         if let text = try? String(contentsOfFile: configPath, encoding: .utf8) {
             config = try RunConfig.fromResolved(text, file: configPath)
         }
-        let path = (runDirectory as NSString).appendingPathComponent("metrics.jsonl")
+        let path = directory.appendingPathComponent("metrics.jsonl")
         guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
             throw ReadError.unreadable(path)
         }
@@ -232,12 +232,13 @@ public enum GateComparison {
 
     /// Validation loss against steps, or against training compute (TFLOP) when `byCompute`.
     public static func chart(_ runs: [RunSummary], byCompute: Bool = false) -> String {
-        let series = groups(runs).map { group in
+        let groups = self.groups(runs)
+        let series = groups.map { group in
             LineChart.Series(name: group.name, points: group.meanCurve { run, index in
                 byCompute ? run.validation[index].flops.map { $0 / 1e12 } : Double(run.validation[index].step)
             })
         }
-        return LineChart(title: "Validation loss" + (runs.count > groups(runs).count ? " (mean over seeds)" : ""),
+        return LineChart(title: "Validation loss" + (runs.count > groups.count ? " (mean over seeds)" : ""),
                          xLabel: byCompute ? "training compute (TFLOP)" : "step", yLabel: "nats per token", series: series).svg
     }
 }

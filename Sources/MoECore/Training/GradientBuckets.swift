@@ -13,7 +13,8 @@ final class GradientBuckets {
     /// Element ranges of the replicated store: by block, and the rest.
     let blockRanges: [Range<Int>]
     let otherRanges: [Range<Int>]
-    /// One transfer per bucket, reused every step; `started` of them are in flight this step.
+    /// One transfer per bucket, reused every step; the first `started` were started this step
+    /// (the others are complete, so progress and finish pass over them).
     private let transfers: [PendingTransfer]
     private var started = 0
     private var firstStarted: UInt64?
@@ -53,14 +54,14 @@ final class GradientBuckets {
             type: .float32, in: transfers[started])
         started += 1
         // Starting a transfer also lets the earlier ones move on.
-        for transfer in transfers[..<started] { try communicator.progress(transfer) }
+        try communicator.progress(transfers)
     }
 
     /// Starts the remaining ranges, waits for every bucket, and returns the seconds from the
     /// first bucket's start to the last one's completion.
     func finish(_ gradients: UnsafeMutablePointer<Float>, communicator: Communicator) throws -> Double {
         for range in otherRanges { try start(range, of: gradients, communicator: communicator) }
-        for transfer in transfers[..<started] { try communicator.finish(transfer) }
+        try communicator.finish(transfers)
         defer { started = 0; firstStarted = nil }
         return firstStarted.map { Double(Clock.nanoseconds() - $0) * 1e-9 } ?? 0
     }
