@@ -37,6 +37,15 @@ enum CLI {
         return try capture(process, timeout: timeout)
     }
 
+    /// Runs the repository's `launch/NAME` with bash, as `run` runs `moe` (a single-rank
+    /// environment plus `environment`), with `MOE` set to the binary under test.
+    static func launchScript(_ name: String, _ arguments: [String] = [], in directory: URL, environment: [String: String] = [:],
+                             timeout: Double = defaultTimeout) throws -> CommandResult {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../launch/\(name)")
+        return try run([script.standardized.path] + arguments, in: directory, environment: ["MOE": executable.path].merging(environment) { $1 },
+                       executable: URL(fileURLWithPath: "/bin/bash"), timeout: timeout)
+    }
+
     /// `python3 arguments...` (a script path or `-c CODE`, then its arguments).
     static func python(_ arguments: [String], timeout: Double = defaultTimeout) throws -> CommandResult {
         let process = Process()

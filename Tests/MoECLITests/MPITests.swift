@@ -151,17 +151,8 @@ final class MPITests: XCTestCase {
     func testBenchNetworkScriptMeasuresOverAShapedLink() throws {
         let workspace = try Workspace()
         try workspace.write("tiny.yaml", Workspace.tinyConfig.replacingOccurrences(of: "data/", with: workspace.path("data") + "/"))
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../launch/bench-network.sh")
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/bin/bash")
-        process.arguments = [script.standardized.path, "--", "--config", workspace.path("tiny.yaml"), "--warmup", "1", "--precision", "fp32"]
-        var environment = ProcessInfo.processInfo.environment
-        for key in environment.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { environment.removeValue(forKey: key) }
-        environment["MOE"] = CLI.executable.path
-        environment["RATE"] = "1gbit"
-        environment["STEPS"] = "2"
-        process.environment = environment
-        let result = try CLI.capture(process, timeout: 300)
+        let result = try CLI.launchScript("bench-network.sh", ["--", "--config", workspace.path("tiny.yaml"), "--warmup", "1", "--precision", "fp32"],
+                                          in: workspace.url, environment: ["RATE": "1gbit", "STEPS": "2"], timeout: 300)
         if result.status == 77 { throw XCTSkip("network namespaces are not allowed here: \(result.stderr)") }
         XCTAssertEqual(result.status, 0, result.stderr)
         let line = try XCTUnwrap(result.stdout.split(separator: "\n").last, result.stderr)

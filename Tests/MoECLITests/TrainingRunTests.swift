@@ -176,15 +176,10 @@ final class TrainingRunTests: XCTestCase {
         let workspace = try Workspace()
         try workspace.write("tiny.yaml", Workspace.tinyConfig.replacingOccurrences(of: "data/", with: workspace.path("data") + "/"))
         func study(_ gates: String) throws -> CommandResult {
-            let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../launch/compare-gates.sh")
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/bin/bash")
-            process.arguments = [script.standardized.path]
-            process.environment = ProcessInfo.processInfo.environment.merging([
-                "MOE": CLI.executable.path, "CONFIG": workspace.path("tiny.yaml"), "OUT": workspace.path("study"),
+            try CLI.launchScript("compare-gates.sh", in: workspace.url, environment: [
+                "CONFIG": workspace.path("tiny.yaml"), "OUT": workspace.path("study"),
                 "STEPS": "20", "SEEDS": "2", "JOBS": "2", "GATES": gates, "PRECISION": "fp32",
-            ]) { $1 }
-            return try CLI.capture(process, timeout: 600)
+            ])
         }
         let unknown = try study("hash bogus")
         XCTAssertEqual(unknown.status, 1)

@@ -43,7 +43,7 @@ final class RecipeTests: XCTestCase {
     func testEvoMoERecipeGoesFromDenseToSparse() throws {
         let trainer = try trainer {
             $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.1; $0.dts.annealFraction = 0.5; $0.dts.hardFraction = 0.7
-            $0.dts.threshold = 0.001   // the paper's small gamma: nearly every expert at first
+            $0.dts.threshold = 0.001   // the reference code's small gamma: nearly every expert at first
             $0.train.steps = 40
         }
         var phases: [TrainingPhase] = [], active: [Double] = [], temperatures: [Double] = []
