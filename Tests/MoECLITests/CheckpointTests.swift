@@ -117,21 +117,28 @@ final class CheckpointTests: XCTestCase {
         for step in 10..<20 { XCTAssertEqual(grown[step]!, reference[step]!, accuracy: 1e-4 * reference[step]!, "1 -> 4 ranks, step \(step)") }
     }
 
-    /// A checkpoint saved with a sharded optimizer (2 ranks) holds whole-store moments: it
-    /// resumes on 1 rank without sharding and on 4 ranks with it, continuing the 2-rank run.
+    /// A checkpoint saved with a sharded optimizer (2 ranks) holds whole-store moments and (in
+    /// bf16, where the masters are sharded too) whole master values: it resumes exactly on the same
+    /// 2 ranks, on 1 rank without sharding and on 4 ranks with it, continuing the 2-rank run.
+    /// The config's default precision is bf16 where the CPU has it, and its EvoMoE spawn (step 4)
+    /// reads the dense FFNs' sharded masters.
     func testShardedOptimizerStateResumesOnOtherRankCountsAndUnsharded() throws {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)
         let shard = ["--set", "train.shard_optimizer=true"]
         try train(workspace, ranks: 2, ["--run-dir", "straight"] + shard)
         let reference = try losses(workspace, "straight")
-        for (ranks, settings) in [(1, [String]()), (4, shard)] {
+        for (ranks, settings) in [(2, shard), (1, [String]()), (4, shard)] {
             let run = "to\(ranks)"
             try train(workspace, ranks: 2, ["--run-dir", run, "--stop-at", "10"] + shard)
             try train(workspace, ranks: ranks, ["--run-dir", run, "--resume"] + settings)
             let continued = try losses(workspace, run)
             for step in 10..<20 {
-                XCTAssertEqual(continued[step]!, reference[step]!, accuracy: 1e-4 * reference[step]!, "2 sharded -> \(ranks) ranks, step \(step)")
+                if ranks == 2 {
+                    XCTAssertEqual(continued[step], reference[step], "2 sharded -> 2 sharded, step \(step): bitwise")
+                } else {
+                    XCTAssertEqual(continued[step]!, reference[step]!, accuracy: 1e-4 * reference[step]!, "2 sharded -> \(ranks) ranks, step \(step)")
+                }
             }
         }
     }

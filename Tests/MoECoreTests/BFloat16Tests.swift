@@ -175,6 +175,47 @@ final class BFloat16Tests: XCTestCase {
         XCTAssertEqual(try! Precision.resolve(.auto, support: BFloat16Support(isa: "avx512_core_bf16", supported: true)).0, .bf16)
     }
 
+    /// ZeRO stage 1's sharded masters: `keepValues` leaves the kept ranges and the whole bf16
+    /// copy as they were and returns the pages wholly outside them to the OS (not resident per
+    /// mincore, read as zero); after all values are written again (a checkpoint load),
+    /// `didWriteAllValues` rounds the new values and releases the same pages again.
+    func testKeepingPartOfTheMasterValuesReleasesTheRest() throws {
+        let store = ParameterStore<Float, Replicated>()
+        _ = store.add("norm", rows: 1, columns: 100, weightDecay: false, initialization: .ones)
+        _ = store.add("weight", rows: 1024, columns: 1024, weightDecay: true, initialization: .normal(standardDeviation: 0.02),
+                      productOnly: true)   // 4 MiB
+        store.enableBFloat16(try BFloat16Matmul())
+        store.initialize(key: RandomKey(3))
+        store.refreshBFloat16()
+        let slice = 300_000..<600_000, kept = [0..<100, slice]
+        func assertKeeps(_ expected: [Float], _ label: String) {
+            // The gaps: whole pages between 100 + a page and 300 000, and after 600 000 + a page
+            // (before anything reads them: a read maps the zero page).
+            let pageSize = Int(sysconf(Int32(_SC_PAGESIZE))), base = Int(bitPattern: UnsafeRawPointer(store.values))
+            var gaps: [Range<Int>] = []
+            for gap in [(100 * 4 + pageSize)..<(slice.lowerBound * 4 - pageSize), (slice.upperBound * 4 + pageSize)..<(store.count * 4 - pageSize)] {
+                let start = (base + gap.lowerBound) / pageSize * pageSize + pageSize, pages = (gap.count - pageSize) / pageSize
+                var residency = [UInt8](repeating: 1, count: pages)
+                XCTAssertEqual(mincore(UnsafeMutableRawPointer(bitPattern: start), pages * pageSize, &residency), 0)
+                XCTAssertEqual(residency.filter { $0 & 1 != 0 }.count, 0, "\(label): resident pages in \(gap) (\(pages) pages)")
+                gaps.append((start - base) / 4..<(start - base) / 4 + pages * pageSize / 4)
+            }
+            let values = Array(UnsafeBufferPointer(start: store.values, count: store.count))
+            for gap in gaps { XCTAssertTrue(values[gap].allSatisfy { $0 == 0 }, "\(label): released values read as zero") }
+            let copy = Array(UnsafeBufferPointer(start: store.bfloat16Values!, count: store.count))
+            XCTAssertEqual(copy, expected.map(BFloat16.init), "\(label): the bf16 copy is whole")
+            for range in kept { XCTAssertEqual(values[range], expected[range], "\(label): kept \(range)") }
+        }
+        let initial = Array(UnsafeBufferPointer(start: store.values, count: store.count))
+        store.keepValues(only: kept)
+        assertKeeps(initial, "after keepValues")
+        // A load writes every value, which makes the pages resident again.
+        let loaded = initial.map { $0 * 2 }
+        store.values.update(from: loaded, count: store.count)
+        store.didWriteAllValues()
+        assertKeeps(loaded, "after a load")
+    }
+
     // MARK: helpers
 
     func floatTensor(rows: Int, columns: Int, seed: Int) -> Tensor<Float> {

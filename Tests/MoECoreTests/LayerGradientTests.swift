@@ -219,7 +219,8 @@ final class LayerGradientTests: XCTestCase {
         // AdamW: one update of each precision from the same state.
         var floatValues = floatDy, floatFirst = floatX.map { $0 * 0.01 }, floatSecond = floatX.map { $0 * $0 * 1e-3 }
         var doubleValues = doubleDy, doubleFirst = doubleX.map { $0 * 0.01 }, doubleSecond = doubleX.map { $0 * $0 * 1e-3 }
-        AdamW<Float, Replicated>.updateRange(values: &floatValues, gradients: floatX, first: &floatFirst, second: &floatSecond,
+        var floatRounded = [BFloat16](repeating: BFloat16(bitPattern: 0), count: count)
+        AdamW<Float, Replicated>.updateRange(values: &floatValues, rounded: &floatRounded, gradients: floatX, first: &floatFirst, second: &floatSecond,
                                              count: count, beta1: 0.9, beta2: 0.95, stepSize: 1e-2, epsilon: 1e-8,
                                              decay: 0.999, gradientScale: 0.5)
         AdamW<Double, Replicated>.updateRange(values: &doubleValues, gradients: doubleX, first: &doubleFirst, second: &doubleSecond,
@@ -227,5 +228,7 @@ final class LayerGradientTests: XCTestCase {
                                               decay: 0.999, gradientScale: 0.5)
         close(floatValues, doubleValues, 1e-6, "adamw values")
         close(floatSecond, doubleSecond, 1e-6, "adamw second moment")
+        // The bf16 copy written in the same pass (vector blocks and tail) is the values' rounding.
+        XCTAssertEqual(floatRounded, floatValues.map(BFloat16.init), "adamw's fused bf16 copy")
     }
 }

@@ -121,17 +121,23 @@ public enum Checkpoint {
         // resumes on any number of ranks, sharded or not).
         let optimizer = trainer.replicatedOptimizer
         let gathered = optimizer.isSharded ? try optimizer.fullMoments(over: communicator) : nil
+        var data = Data()
+        //  Sharded masters (bf16) are gathered for the encoding too, and released after.
+        try trainer.withAllReplicatedValues {
+            try communicator.agree {
+                guard rank == 0 else { return }
+                if let gathered {
+                    data = try gathered.first.withUnsafeBufferPointer { first in
+                        try gathered.second.withUnsafeBufferPointer { try encode(model.replicated, first: first.baseAddress!, second: $0.baseAddress!) }
+                    }
+                } else {
+                    data = try encode(model.replicated, first: optimizer.firstMoment, second: optimizer.secondMoment)
+                }
+            }
+        }
         try communicator.agree {
             guard rank == 0 else { return }
             var files: [String: CheckpointManifest.FileRecord] = [:]
-            let data: Data
-            if let gathered {
-                data = try gathered.first.withUnsafeBufferPointer { first in
-                    try gathered.second.withUnsafeBufferPointer { try encode(model.replicated, first: first.baseAddress!, second: $0.baseAddress!) }
-                }
-            } else {
-                data = try encode(model.replicated, first: optimizer.firstMoment, second: optimizer.secondMoment)
-            }
             files[replicatedFile] = try writeDurably(data, to: (directory as NSString).appendingPathComponent(replicatedFile))
             for (name, contents) in attachments.sorted(by: { $0.key < $1.key }) {
                 files[name] = try writeDurably(contents, to: (directory as NSString).appendingPathComponent(name))
@@ -369,6 +375,7 @@ public enum Checkpoint {
             }
         }
         if let optimizer, optimizer.isSharded { try readSharded(store, optimizer: optimizer, from: files) }
+        store.didWriteAllValues()
     }
 
     /// A sharded optimizer reads the whole-store moments and keeps its slice.

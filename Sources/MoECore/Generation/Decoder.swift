@@ -10,8 +10,6 @@
 public final class DecodeCache<T: Scalar> {
     /// Positions held (the next token's position).
     public internal(set) var count = 0
-    /// The model's bf16 weight copies were refreshed for this cache.
-    var weightsRounded = false
     var keys: [Tensor<T>] = [], values: [Tensor<T>] = []
     // Per-call activations [n, C | 3C | H], scratch and norm caches.
     let stream = Tensor<T>(), normed = Tensor<T>(), qkv = Tensor<T>(), heads = Tensor<T>(), output = Tensor<T>()
@@ -32,13 +30,6 @@ extension GPTModel {
         if cache.keys.count != config.layers {
             cache.keys = (0..<config.layers).map { _ in Tensor<T>(rows: config.context, columns: width) }
             cache.values = (0..<config.layers).map { _ in Tensor<T>(rows: config.context, columns: width) }
-        }
-        // bf16: the weights' copies once per cache (weights do not change while decoding; a
-        // refresh per token would round the whole model for one row).
-        if !cache.weightsRounded {
-            replicated.refreshBFloat16()
-            experts.refreshBFloat16()
-            cache.weightsRounded = true
         }
         for tensor in [cache.stream, cache.normed, cache.heads, cache.output] { tensor.resize(rows: rows, columns: width) }
         embed(tokens, at: start, into: cache.stream)

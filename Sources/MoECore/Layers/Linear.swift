@@ -16,7 +16,7 @@ public struct Linear<T: Scalar, Kind> {
     public init(store: ParameterStore<T, Kind>, name: String, inputSize: Int, outputSize: Int,
                 deviation: Double, bias: Bool = true) {
         self.weight = store.add("\(name).weight", rows: inputSize, columns: outputSize, weightDecay: true,
-                                initialization: .normal(standardDeviation: deviation))
+                                initialization: .normal(standardDeviation: deviation), productOnly: true)
         self.bias = bias ? store.add("\(name).bias", rows: 1, columns: outputSize, weightDecay: false,
                                      initialization: .zeros) : nil
     }
@@ -44,7 +44,7 @@ public struct Linear<T: Scalar, Kind> {
 }
 
 /// An operand of `matrixProduct`: fp32 values that bf16 mode rounds on the fly, or values
-/// whose bf16 copy already exists (weights, refreshed once per forward pass).
+/// whose bf16 copy already exists (weights: the optimizer writes it with the values).
 public enum ProductOperand<T: Scalar> {
     case values(UnsafePointer<T>)
     case prerounded(UnsafePointer<T>, UnsafePointer<BFloat16>?)

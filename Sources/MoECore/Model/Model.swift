@@ -115,7 +115,8 @@ public final class GPTModel<T: Scalar> {
         }
         finalNorm = LayerNorm(store: replicated, name: "final_norm", width: width, decay: decayNorms)
         head = config.tieEmbeddings ? nil : replicated.add("head.weight", rows: width, columns: vocabularySize,
-                                                          weightDecay: true, initialization: .normal(standardDeviation: 0.02))
+                                                          weightDecay: true, initialization: .normal(standardDeviation: 0.02),
+                                                          productOnly: true)
         if T.self == Float.self {
             (precision, precisionNote) = try Precision.resolve(run.train.precision)
             if precision == .bf16 {
@@ -140,6 +141,8 @@ public final class GPTModel<T: Scalar> {
         replicated.initialize(key: key)
         experts.initialize(key: key)
         for layer in moeLayers { layer.gate.initializeState(seed: seed, layer: layer.layerIndex) }
+        replicated.didWriteAllValues()
+        experts.didWriteAllValues()
     }
 
     /// The MoE layers in block order (built once: read every step).
@@ -165,9 +168,6 @@ public final class GPTModel<T: Scalar> {
             feedForwardNormed[layer].resize(rows: rows, columns: width)
         }
         scratch.resize(rows: rows, columns: width)
-        // bf16: the weights' bf16 copies, once per forward pass (= per optimizer step).
-        replicated.refreshBFloat16()
-        experts.refreshBFloat16()
         tokenIds.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: batch, length: length, into: residual[0].pointer) }
         // Reused from step to step (moved out and back, so no allocation once the previous
         // step's report is gone).

@@ -105,7 +105,8 @@ enum FloatKernels {
 
     /// AdamW on the whole 16-lane blocks of [count]; returns how many elements it updated (the
     /// caller finishes the tail with the reference loop).
-    static func adamWBlocks(values: UnsafeMutablePointer<Float>, gradients: UnsafePointer<Float>,
+    /// With `rounded`, the updated values' bf16 copy is written in the same pass.
+    static func adamWBlocks(values: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?, gradients: UnsafePointer<Float>,
                             first: UnsafeMutablePointer<Float>, second: UnsafeMutablePointer<Float>, count: Int,
                             beta1: Float, beta2: Float, stepSize: Float, epsilon: Float, decay: Float, gradientScale: Float) -> Int {
         let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
@@ -116,7 +117,9 @@ enum FloatKernels {
             let v = load(second + index) * beta2 + g * g * oneMinusBeta2
             store(m, first + index)
             store(v, second + index)
-            store(load(values + index) * decay - stepSize * m / (v.squareRoot() + epsilon), values + index)
+            let updated = load(values + index) * decay - stepSize * m / (v.squareRoot() + epsilon)
+            store(updated, values + index)
+            if let rounded { BFloat16.store(BFloat16.rounded(unsafeBitCast(updated, to: SIMD16<UInt32>.self)), rounded + index) }
             index += 16
         }
         return index

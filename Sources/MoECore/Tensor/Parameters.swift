@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Marker: parameters every rank holds an identical copy of (embeddings, attention, norms,
 /// routers). Their gradients are all-reduced each step.
 public enum Replicated {}
@@ -23,6 +27,9 @@ public struct ParameterEntry: Sendable {
     /// biases or embeddings unless configured).
     public let weightDecay: Bool
     public let initialization: Initialization
+    /// Read only as an operand of matrix products (through the bf16 copy in bf16 mode), never
+    /// element by element: a sharded optimizer in bf16 mode need not keep its fp32 values whole.
+    public let productOnly: Bool
     public var count: Int { rows * columns }
 }
 
@@ -45,7 +52,7 @@ public final class ParameterStore<T: Scalar, Kind> {
     }
 
     deinit {
-        values.deallocate()
+        if mappedBytes > 0 { munmap(values, mappedBytes) } else { values.deallocate() }
         gradients.deallocate()
         bfloat16Values?.deallocate()
     }
@@ -64,20 +71,82 @@ public final class ParameterStore<T: Scalar, Kind> {
         refreshBFloat16()
     }
 
-    /// Re-rounds the bf16 copy from the fp32 master values (once per forward pass).
+    /// Re-rounds the bf16 copy from the fp32 master values, after they were written other than
+    /// by the optimizer (which updates the copy with the values): initialisation, a checkpoint
+    /// load, EvoMoE's spawn. All of it, or the values this rank keeps (`keptValues`).
     public func refreshBFloat16() {
+        for range in keptValues ?? [0..<count] { refreshBFloat16(range) }
+    }
+
+    /// Re-rounds `range` of the bf16 copy.
+    public func refreshBFloat16(_ range: Range<Int>) {
         guard let bfloat16Values else { return }
-        BFloat16.round(asFloat(UnsafePointer(values)), into: bfloat16Values, count: count)
+        BFloat16.round(asFloat(UnsafePointer(values)) + range.lowerBound, into: bfloat16Values + range.lowerBound, count: range.count)
+    }
+
+    /// The flat ranges of `values` this rank keeps (sorted, disjoint), or nil when it keeps them
+    /// all. Set by `keepValues(only:)`: ZeRO stage 1 in bf16 mode.
+    public private(set) var keptValues: [Range<Int>]?
+    /// Bytes of the anonymous mapping `values` lives in once `keepValues` moved it there (0: the
+    /// ordinary allocation).
+    private var mappedBytes = 0
+
+    /// bf16 mode with a sharded optimizer: this rank keeps only `kept` of the fp32 master values
+    /// (its optimizer slice and the tensors read in fp32); the pages wholly outside them go back
+    /// to the operating system and read as zero until written again. The products read the bf16
+    /// copy, which is refreshed from all values first, so call this when every value is valid and
+    /// again after writing them all (a checkpoint load, EvoMoE's spawn).
+    public func keepValues(only kept: [Range<Int>]) {
+        precondition(bfloat16Values != nil, "only the bf16 copy can stand in for released master values")
+        precondition(zip(kept, kept.dropFirst()).allSatisfy { $0.upperBound <= $1.lowerBound }, "kept ranges are sorted and disjoint")
+        keptValues = nil
+        refreshBFloat16()
+        keptValues = kept
+        let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+        if mappedBytes == 0 {
+            // An anonymous mapping of its own, so that pages can be released without touching
+            // memory the allocator hands out.
+            let bytes = (max(count, 1) * MemoryLayout<T>.stride + pageSize - 1) / pageSize * pageSize
+            guard let region = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+                  region != MAP_FAILED else { fatalError("cannot map \(bytes) bytes for the parameter values") }
+            let mapped = region.bindMemory(to: T.self, capacity: max(count, 1))
+            mapped.moveInitialize(from: values, count: count)
+            values.deallocate()
+            values = mapped
+            mappedBytes = bytes
+        }
+        var released = 0
+        for range in kept + [count..<count] {
+            releasePages(released..<range.lowerBound, pageSize: pageSize)
+            released = max(released, range.upperBound)
+        }
+    }
+
+    /// After every value was written other than by the optimizer (initialisation, a checkpoint
+    /// load, EvoMoE's spawn): the bf16 copy follows them, and values this rank does not keep
+    /// are released again.
+    public func didWriteAllValues() {
+        if let keptValues { keepValues(only: keptValues) } else { refreshBFloat16() }
+    }
+
+    /// Returns the whole pages inside `range` of `values` to the operating system.
+    private func releasePages(_ range: Range<Int>, pageSize: Int) {
+        guard !range.isEmpty else { return }
+        let base = Int(bitPattern: UnsafeRawPointer(values))
+        let start = (base + range.lowerBound * MemoryLayout<T>.stride + pageSize - 1) / pageSize * pageSize
+        let end = (base + range.upperBound * MemoryLayout<T>.stride) / pageSize * pageSize
+        guard end > start else { return }
+        madvise(UnsafeMutableRawPointer(bitPattern: start), end - start, MADV_DONTNEED)
     }
 
     /// Adds a parameter. Only while building a model: the slab may move, so hold `Parameter`
     /// handles (store + offset), never raw pointers across a call to `add`.
     public func add(_ name: String, rows: Int, columns: Int, weightDecay: Bool,
-                    initialization: Initialization) -> Parameter<T, Kind> {
+                    initialization: Initialization, productOnly: Bool = false) -> Parameter<T, Kind> {
         precondition(indexByName[name] == nil, "duplicate parameter \(name)")
         precondition(bfloat16Values == nil, "parameters are added before bf16 is enabled")
         let entry = ParameterEntry(name: name, rows: rows, columns: columns, offset: count,
-                                   weightDecay: weightDecay, initialization: initialization)
+                                   weightDecay: weightDecay, initialization: initialization, productOnly: productOnly)
         reserve(count + entry.count)
         (values + count).initialize(repeating: 0, count: entry.count)
         (gradients + count).initialize(repeating: 0, count: entry.count)

@@ -55,7 +55,9 @@ public enum Benchmark {
     }
 
     /// The documented memory model, in MiB, for this rank: 16 bytes per parameter held
-    /// (value, gradient, two AdamW moments) plus the activations and scratch kept per token,
+    /// (value, gradient, two AdamW moments; 2 more for the bf16 copy in bf16 mode; a sharded
+    /// optimizer keeps the moments, and in bf16 the fp32 values, of its replicated slice only)
+    /// plus the activations and scratch kept per token,
     /// in floats: per layer 12C (residual stream and norms 4C, QKV and head outputs 4C, their
     /// gradient scratch 4C) + nh·T (attention probabilities) + k(9C + 3H) (dispatched, received,
     /// regrouped and returned rows and their gradients; hidden pre-activation, GELU output and
@@ -64,15 +66,27 @@ public enum Benchmark {
         let model = trainer.model, config = model.config
         let c = Double(config.width), h = Double(config.ffnHidden), k = Double(model.moeConfig.topK)
         let tokens = Double(trainer.batchSize * config.context)
-        // Values and gradients (8 bytes) of every parameter; AdamW moments (8 bytes) of the experts
-        // and of this rank's slice of the replicated parameters (all of them unless sharded).
-        let parameters = Double(model.replicated.count + model.experts.count) * 8
-            + Double(trainer.replicatedOptimizer.shard.count + model.experts.count) * 8
+        // Gradients (4 bytes) of every parameter, the bf16 copy (2) in bf16 mode; fp32 values (4)
+        // and AdamW moments (8) of the experts and of what this rank keeps of the replicated ones.
+        let all = Double(model.replicated.count + model.experts.count)
+        let parameters = all * (model.precision == .bf16 ? 6 : 4) + Double(model.experts.count) * 12
+            + replicatedOptimizerStateBytes(trainer)
+            + (model.precision == .bf16 ? 0 : Double(model.replicated.count) * 4)
         // Attention keeps nh·T probabilities per token, or only nh log-sum-exps when tiled.
         let tiled = config.context > trainer.config.train.attentionTile
         let perLayer = 12 * c + Double(config.heads * (tiled ? 1 : config.context)) + k * (9 * c + 3 * h)
         let activations = tokens * (Double(config.layers) * perLayer + 3 * c + Double(model.vocabularySize)) * 4
         return (parameters + activations) / 1_048_576
+    }
+
+    /// The replicated parameters' optimizer state on this rank, in bytes: the AdamW moments of its
+    /// slice and, in bf16 mode, the fp32 master values it keeps (ZeRO's 12 bytes per parameter in
+    /// mixed precision; fp32 mode has no copy besides the values the model computes with).
+    public static func replicatedOptimizerStateBytes(_ trainer: Trainer) -> Double {
+        let moments = Double(trainer.replicatedOptimizer.shard.count) * 8
+        guard trainer.model.precision == .bf16 else { return moments }
+        let masters = trainer.model.replicated.keptValues?.reduce(0) { $0 + $1.count } ?? trainer.model.replicated.count
+        return moments + Double(masters) * 4
     }
 
     /// Peak resident memory of this process, in MiB.
@@ -124,8 +138,8 @@ public enum Benchmark {
         let modelled = try communicator.allReduce(memoryModelMiB(trainer), op: .max)
         object.add("memory_model_mib", modelled.rounded())
         object.add("memory_ratio", (peakMemory / modelled * 100).rounded() / 100)
-        // The replicated parameters' AdamW moments on this rank (halved on 2 ranks by train.shard_optimizer).
-        let optimizerState = Double(trainer.replicatedOptimizer.shard.count) * 8 / 1_048_576
+        // The replicated parameters' optimizer state on this rank (about halved on 2 ranks by train.shard_optimizer).
+        let optimizerState = replicatedOptimizerStateBytes(trainer) / 1_048_576
         object.add("replicated_optimizer_state_mib", (try communicator.allReduce(optimizerState, op: .max) * 10).rounded() / 10)
         object.add("step_ms", (seconds / Double(steps) * 1e4).rounded() / 10)
         var parts = JSONObject()

@@ -125,7 +125,8 @@ public final class AdamW<T: Scalar, Kind> {
             let decay = entry.weightDecay ? T(1 - learningRate * settings.weightDecay) : 1
             let part = shardPart(of: entry), moment = part.lowerBound - shard.lowerBound
             guard !part.isEmpty else { continue }
-            AdamW.updateRange(values: store.values + part.lowerBound, gradients: store.gradients + part.lowerBound,
+            AdamW.updateRange(values: store.values + part.lowerBound, rounded: store.bfloat16Values.map { $0 + part.lowerBound },
+                              gradients: store.gradients + part.lowerBound,
                               first: firstMoment + moment, second: secondMoment + moment, count: part.count,
                               beta1: beta1, beta2: beta2, stepSize: stepSize, epsilon: epsilon, decay: decay,
                               gradientScale: scale)
@@ -133,14 +134,16 @@ public final class AdamW<T: Scalar, Kind> {
     }
 
     /// values, gradients, first, second: [count]. Weight decay is applied as p *= (1 - lr λ)
-    /// before the Adam step, as PyTorch's AdamW does.
-    static func updateRange(values: UnsafeMutablePointer<T>, gradients: UnsafePointer<T>,
+    /// before the Adam step, as PyTorch's AdamW does. In bf16 mode `rounded` is the values' bf16
+    /// copy, updated in the same pass: the copy follows the master values from update to update
+    /// without a separate pass over them.
+    static func updateRange(values: UnsafeMutablePointer<T>, rounded: UnsafeMutablePointer<BFloat16>? = nil, gradients: UnsafePointer<T>,
                             first: UnsafeMutablePointer<T>, second: UnsafeMutablePointer<T>, count: Int,
                             beta1: T, beta2: T, stepSize: T, epsilon: T, decay: T, gradientScale: T) {
         var index = 0
         if T.self == Float.self {
             // Whole 16-lane blocks in vector code; the tail below.
-            index = FloatKernels.adamWBlocks(values: asFloat(values), gradients: asFloat(gradients), first: asFloat(first),
+            index = FloatKernels.adamWBlocks(values: asFloat(values), rounded: rounded, gradients: asFloat(gradients), first: asFloat(first),
                                              second: asFloat(second), count: count, beta1: beta1 as! Float, beta2: beta2 as! Float,
                                              stepSize: stepSize as! Float, epsilon: epsilon as! Float, decay: decay as! Float,
                                              gradientScale: gradientScale as! Float)
@@ -152,6 +155,7 @@ public final class AdamW<T: Scalar, Kind> {
             first[index] = first[index] * beta1 + g * oneMinusBeta1
             second[index] = second[index] * beta2 + g * g * oneMinusBeta2
             values[index] = values[index] * decay - stepSize * first[index] / (second[index].squareRoot() + epsilon)
+            rounded?[index] = BFloat16(Float(values[index]))
             index += 1
         }
     }

@@ -72,6 +72,8 @@ public final class Trainer {
     let replicatedShardCounts: [Int]
     /// Non-nil when the replicated gradients' all-reduce overlaps backward (train.overlap_all_reduce).
     let gradientBuckets: GradientBuckets?
+    /// Non-nil when the replicated fp32 master values are sharded too (bf16 with a sharded optimizer).
+    let shardedMasters: ShardedMasters?
     /// [loss sum, expert gradient sum of squares]: all-reduced together.
     var scalars: [Double] = [0, 0]
     let routingKey: RandomKey
@@ -106,6 +108,14 @@ public final class Trainer {
         replicatedOptimizer = AdamW(store: model.replicated, settings: settings,
                                     shard: replicatedShards[config.train.shardOptimizer ? communicator.rank : 0])
         expertOptimizer = AdamW(store: model.experts, settings: settings)
+        // In bf16 mode the products read the bf16 copy, so the fp32 masters are sharded with the moments.
+        if replicatedOptimizer.isSharded && model.precision == .bf16 {
+            let masters = ShardedMasters(entries: model.replicated.entries, slices: replicatedShards, rank: communicator.rank)
+            model.replicated.keepValues(only: masters.kept)
+            shardedMasters = masters
+        } else {
+            shardedMasters = nil
+        }
         gradientBuckets = config.train.overlapAllReduce && !config.train.shardOptimizer && communicator.size > 1
             ? GradientBuckets(entries: model.replicated.entries, layers: config.model.layers) : nil
         schedule = LearningRateSchedule(peak: config.train.learningRate, minimum: config.train.minLearningRate,
@@ -191,11 +201,16 @@ public final class Trainer {
                 replicatedOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
                 expertOptimizer.update(learningRate: learningRate, gradientScale: gradientScale)
             }
-            //  Sharded: every rank updated its slice; all-gather the replicated values.
+            //  Sharded: every rank updated its slice; all-gather the replicated values (with
+            //  sharded masters: the bf16 copy and the tensors read in fp32).
             if replicatedOptimizer.isSharded {
                 try Clock.measure(&allReduceSeconds) {
-                    try communicator.allGather(UnsafeMutableBufferPointer(start: model.replicated.values, count: model.replicated.count),
-                                               blockCounts: replicatedShardCounts)
+                    if let shardedMasters {
+                        try shardedMasters.gather(model.replicated, over: communicator)
+                    } else {
+                        try communicator.allGather(UnsafeMutableBufferPointer(start: model.replicated.values, count: model.replicated.count),
+                                                   blockCounts: replicatedShardCounts)
+                    }
                 }
             }
         }
@@ -219,7 +234,7 @@ public final class Trainer {
         trainingFlops += model.trainingFlops(tokens: globalBatchTokens, expertAssignments: moeLayers.reduce(0) { $0 + $1.keptCount })
         trainingSeconds += profile.total
         step += 1
-        if step == recipe.spawnStep { spawnExperts() }
+        if step == recipe.spawnStep { try spawnExperts() }
         return report
     }
 
@@ -314,11 +329,20 @@ public final class Trainer {
 
     /// EvoMoE: spawn the experts from the dense FFNs; new tensors restart their AdamW state, the
     /// dense FFNs are frozen from here on.
-    func spawnExperts() {
-        let (fresh, retired) = recipe.spawn(model, seed: config.train.seed)
+    func spawnExperts() throws {
+        let (fresh, retired) = try withAllReplicatedValues { recipe.spawn(model, seed: config.train.seed) }
+        model.replicated.didWriteAllValues()
+        model.experts.didWriteAllValues()
         replicatedOptimizer.reset(entries: fresh)
         expertOptimizer.reset(entries: Set(model.experts.entries.map(\.name)))
         for name in retired { replicatedOptimizer.freeze(name) }
+    }
+
+    /// Runs `body` with every replicated fp32 master value present on this rank (collective: with
+    /// sharded masters they are all-gathered first and released again after).
+    public func withAllReplicatedValues<R>(_ body: () throws -> R) throws -> R {
+        guard let shardedMasters else { return try body() }
+        return try shardedMasters.withAllValues(model.replicated, over: communicator, body)
     }
 
     /// After loading a checkpoint saved at `step`: the EvoMoE phase and frozen tensors.
@@ -336,33 +360,44 @@ public final class Trainer {
     /// min/max all-reduce, catches a rank that diverged (a bug, a bit flip, a mismatched binary)
     /// before it poisons a run.
     public func checkReplicasAgree() throws {
-        if try !Trainer.bitsAgree(model.replicated.values, count: model.replicated.count, over: communicator) {
-            throw TrainingError.replicasDiverged(step: step + 1, rank: communicator.rank,
-                                                 checksum: Trainer.checksum(model.replicated.values, count: model.replicated.count))
+        let replicated = replicatedChecksum()
+        if try !Trainer.agree(on: replicated, over: communicator) {
+            throw TrainingError.replicasDiverged(step: step + 1, rank: communicator.rank, checksum: String(replicated, radix: 16))
         }
-        if let replicaCommunicator,
-           try !Trainer.bitsAgree(model.experts.values, count: model.experts.count, over: replicaCommunicator) {
-            throw TrainingError.expertCopiesDiverged(step: step + 1, rank: communicator.rank,
-                                                     checksum: Trainer.checksum(model.experts.values, count: model.experts.count))
+        let experts = Trainer.fnv1a(UnsafeRawBufferPointer(start: model.experts.values, count: model.experts.count * 4))
+        if let replicaCommunicator, try !Trainer.agree(on: experts, over: replicaCommunicator) {
+            throw TrainingError.expertCopiesDiverged(step: step + 1, rank: communicator.rank, checksum: String(experts, radix: 16))
         }
     }
 
-    /// FNV-1a over the bit patterns of `count` floats, as hex.
-    static func checksum(_ values: UnsafePointer<Float>, count: Int) -> String {
-        String(fnv1a(values, count: count), radix: 16)
-    }
-
-    static func fnv1a(_ values: UnsafePointer<Float>, count: Int) -> UInt64 {
-        var checksum: UInt64 = 0xcbf2_9ce4_8422_2325
-        let words = UnsafeRawPointer(values).assumingMemoryBound(to: UInt32.self)
-        for index in 0..<count { checksum = (checksum ^ UInt64(words[index])) &* 0x100_0000_01b3 }
+    /// A checksum of what every rank holds of the replicated parameters: their fp32 values, or
+    /// with sharded masters (each rank keeps its own slice) the bf16 copy every rank holds whole
+    /// and the tensors read in fp32.
+    func replicatedChecksum() -> UInt64 {
+        let store = model.replicated
+        guard let shardedMasters, let copy = store.bfloat16Values else {
+            return Trainer.fnv1a(UnsafeRawBufferPointer(start: store.values, count: store.count * 4))
+        }
+        var checksum = Trainer.fnv1a(UnsafeRawBufferPointer(start: copy, count: store.count * 2))
+        for range in shardedMasters.readRanges {
+            checksum = Trainer.fnv1a(UnsafeRawBufferPointer(start: store.values + range.lowerBound, count: range.count * 4), continuing: checksum)
+        }
         return checksum
     }
 
-    /// Collective over `communicator`: true on every rank when all ranks hold the same bits.
-    static func bitsAgree(_ values: UnsafePointer<Float>, count: Int, over communicator: Communicator) throws -> Bool {
-        let checksum = Int64(bitPattern: fnv1a(values, count: count))
-        var extremes = [checksum, ~checksum]   // max of ~x is ~min of x
+    /// FNV-1a over 16-bit words (`bytes.count` is even).
+    static func fnv1a(_ bytes: UnsafeRawBufferPointer, continuing checksum: UInt64 = 0xcbf2_9ce4_8422_2325) -> UInt64 {
+        var checksum = checksum
+        for index in 0..<bytes.count / 2 {
+            checksum = (checksum ^ UInt64(bytes.load(fromByteOffset: 2 * index, as: UInt16.self))) &* 0x100_0000_01b3
+        }
+        return checksum
+    }
+
+    /// Collective over `communicator`: true on every rank when all ranks have the same checksum.
+    static func agree(on checksum: UInt64, over communicator: Communicator) throws -> Bool {
+        let value = Int64(bitPattern: checksum)
+        var extremes = [value, ~value]   // max of ~x is ~min of x
         try communicator.allReduce(&extremes, op: .max)
         return extremes[0] == ~extremes[1]
     }
