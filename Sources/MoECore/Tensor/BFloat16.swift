@@ -29,9 +29,10 @@ public struct BFloat16: Sendable, Equatable {
     /// Rounds `count` Floats to bf16, 16 lanes at a time (the same rule as `init(_:)`).
     public static func round(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<BFloat16>, count: Int) {
         let words = UnsafeRawPointer(source)
+        let rounding = VectorRounding()
         var index = 0
         while index + 16 <= count {
-            store(rounded(words.loadUnaligned(fromByteOffset: index * 4, as: SIMD16<UInt32>.self)), destination + index)
+            rounding.store(words.loadUnaligned(fromByteOffset: index * 4, as: SIMD16<UInt32>.self), into: destination + index)
             index += 16
         }
         while index < count {
@@ -39,19 +40,22 @@ public struct BFloat16: Sendable, Equatable {
             index += 1
         }
     }
+}
 
-    /// 16 Floats' bit patterns rounded to bf16 bit patterns, by `init(_:)`'s rule: the vector
-    /// form that `round` and the optimizer's fused update share.
-    @inline(__always)
-    static func rounded(_ bits: SIMD16<UInt32>) -> SIMD16<UInt16> {
-        let rounded = (bits &+ SIMD16(repeating: 0x7FFF) &+ ((bits &>> 16) & SIMD16(repeating: 1))) &>> 16
-        let nan = (bits & SIMD16(repeating: 0x7FFF_FFFF)) .> SIMD16(repeating: 0x7F80_0000)
-        return SIMD16<UInt16>(truncatingIfNeeded: rounded.replacing(with: (bits | SIMD16(repeating: 0x0040_0000)) &>> 16, where: nan))
-    }
+/// `BFloat16.init(_:)`'s rounding on 16 lanes: the vector form that `BFloat16.round` and the
+/// optimizer's fused update share. Made once outside a loop (its constants are vectors).
+struct VectorRounding {
+    let magnitudeMask = SIMD16<UInt32>(repeating: 0x7FFF_FFFF), infinity = SIMD16<UInt32>(repeating: 0x7F80_0000)
+    let half = SIMD16<UInt32>(repeating: 0x7FFF), one = SIMD16<UInt32>(repeating: 1)
+    let quiet = SIMD16<UInt32>(repeating: 0x0040_0000)
 
+    /// Rounds 16 Floats, given as bit patterns, and stores their bf16 patterns at `destination`.
     @inline(__always)
-    static func store(_ patterns: SIMD16<UInt16>, _ destination: UnsafeMutablePointer<BFloat16>) {
-        UnsafeMutableRawPointer(destination).storeBytes(of: patterns, as: SIMD16<UInt16>.self)
+    func store(_ bits: SIMD16<UInt32>, into destination: UnsafeMutablePointer<BFloat16>) {
+        let rounded = (bits &+ half &+ ((bits &>> 16) & one)) &>> 16
+        let nan = (bits & magnitudeMask) .> infinity
+        let result = rounded.replacing(with: (bits | quiet) &>> 16, where: nan)
+        UnsafeMutableRawPointer(destination).storeBytes(of: SIMD16<UInt16>(truncatingIfNeeded: result), as: SIMD16<UInt16>.self)
     }
 }
 

@@ -110,8 +110,8 @@ enum FloatKernels {
                             first: UnsafeMutablePointer<Float>, second: UnsafeMutablePointer<Float>, count: Int,
                             beta1: Float, beta2: Float, stepSize: Float, epsilon: Float, decay: Float, gradientScale: Float) -> Int {
         let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
-        var index = 0
-        while index + 16 <= count {
+        /// The updated values of block `index` (moments stored).
+        @inline(__always) func update(_ index: Int) -> Vector {
             let g = load(gradients + index) * gradientScale
             let m = load(first + index) * beta1 + g * oneMinusBeta1
             let v = load(second + index) * beta2 + g * g * oneMinusBeta2
@@ -119,8 +119,18 @@ enum FloatKernels {
             store(v, second + index)
             let updated = load(values + index) * decay - stepSize * m / (v.squareRoot() + epsilon)
             store(updated, values + index)
-            if let rounded { BFloat16.store(BFloat16.rounded(unsafeBitCast(updated, to: SIMD16<UInt32>.self)), rounded + index) }
-            index += 16
+            return updated
+        }
+        var index = 0
+        // Two loops rather than a test per block: the branch stays out of the hot loop.
+        if let rounded {
+            let rounding = VectorRounding()
+            while index + 16 <= count {
+                rounding.store(unsafeBitCast(update(index), to: SIMD16<UInt32>.self), into: rounded + index)
+                index += 16
+            }
+        } else {
+            while index + 16 <= count { _ = update(index); index += 16 }
         }
         return index
     }
