@@ -331,7 +331,6 @@ public final class Trainer {
     /// dense FFNs are frozen from here on.
     func spawnExperts() throws {
         let (fresh, retired) = try withAllReplicatedValues { recipe.spawn(model, seed: config.train.seed) }
-        model.replicated.didWriteAllValues()
         model.experts.didWriteAllValues()
         replicatedOptimizer.reset(entries: fresh)
         expertOptimizer.reset(entries: Set(model.experts.entries.map(\.name)))
@@ -339,9 +338,13 @@ public final class Trainer {
     }
 
     /// Runs `body` with every replicated fp32 master value present on this rank (collective: with
-    /// sharded masters they are all-gathered first and released again after).
+    /// sharded masters they are all-gathered first and released again after). `body` may write
+    /// them (the same on every rank): the bf16 copy follows after.
     public func withAllReplicatedValues<R>(_ body: () throws -> R) throws -> R {
-        guard let shardedMasters else { return try body() }
+        guard let shardedMasters else {
+            defer { model.replicated.didWriteAllValues() }
+            return try body()
+        }
         return try shardedMasters.withAllValues(model.replicated, over: communicator, body)
     }
 
