@@ -7,6 +7,14 @@ import PackageDescription
 //                                                   -> CBLAS, CDNNL (oneDNN, bfloat16 products)
 // The numeric code is generic over Float/Double (Double for gradient checks) and lives in one
 // module so that whole-module optimisation specialises it for Float without @inlinable noise.
+
+// The element-wise kernels are SIMD16<Float> code. Compiled for the build machine's CPU (AVX-512
+// where it has it) instead of baseline x86-64 (SSE2) they run up to twice as fast, with the same
+// results (Swift does not contract a * b + c into a fused multiply-add). Build with
+// MOE_TARGET_CPU=x86-64 (or a named CPU) for a binary that must run on other nodes than the one
+// that built it.
+let targetCPU = Context.environment["MOE_TARGET_CPU"] ?? "native"
+let numericSettings: [SwiftSetting] = [.unsafeFlags(["-target-cpu", targetCPU])]
 let package = Package(
     name: "SwiftMoE",
     products: [
@@ -26,7 +34,7 @@ let package = Package(
                        providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
         .target(name: "MoEComm", dependencies: ["CMPI"]),
         .target(name: "MoEIO", dependencies: [.product(name: "Yams", package: "Yams")]),
-        .target(name: "MoECore", dependencies: ["CBLAS", "CDNNL", "MoEComm", "MoEIO"]),
+        .target(name: "MoECore", dependencies: ["CBLAS", "CDNNL", "MoEComm", "MoEIO"], swiftSettings: numericSettings),
         .executableTarget(name: "moe", dependencies: [
             "MoECore", "MoEComm", "MoEIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
