@@ -207,7 +207,7 @@ final class BFloat16Tests: XCTestCase {
             for range in kept { XCTAssertEqual(values[range], expected[range], "\(label): kept \(range)") }
         }
         let initial = Array(UnsafeBufferPointer(start: store.values, count: store.count))
-        store.keepValues(only: kept)
+        try store.keepValues(only: kept)
         assertKeeps(initial, "after keepValues")
         // A load writes every value, which makes the pages resident again.
         let loaded = initial.map { $0 * 2 }

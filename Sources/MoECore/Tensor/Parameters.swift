@@ -94,43 +94,48 @@ public final class ParameterStore<T: Scalar, Kind> {
     /// bf16 mode with a sharded optimizer: this rank keeps only `kept` of the fp32 master values
     /// (its optimizer slice and the tensors read in fp32); the pages wholly outside them go back
     /// to the operating system and read as zero until written again. The products read the bf16
-    /// copy, which is refreshed from all values first, so call this when every value is valid and
-    /// again after writing them all (a checkpoint load, EvoMoE's spawn).
-    public func keepValues(only kept: [Range<Int>]) {
+    /// copy, which is refreshed from all values first, so call this when every value is valid;
+    /// after writing them all again (a checkpoint load, EvoMoE's spawn) `didWriteAllValues`
+    /// releases the same pages again. Throws when the values' own mapping cannot be made.
+    public func keepValues(only kept: [Range<Int>]) throws {
         precondition(bfloat16Values != nil, "only the bf16 copy can stand in for released master values")
         precondition(zip(kept, kept.dropFirst()).allSatisfy { $0.upperBound <= $1.lowerBound }, "kept ranges are sorted and disjoint")
-        keptValues = nil
-        refreshBFloat16()
-        keptValues = kept
-        let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
         if mappedBytes == 0 {
             // An anonymous mapping of its own, so that pages can be released without touching
             // memory the allocator hands out.
             let bytes = (max(count, 1) * MemoryLayout<T>.stride + pageSize - 1) / pageSize * pageSize
             guard let region = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
-                  region != MAP_FAILED else { fatalError("cannot map \(bytes) bytes for the parameter values") }
+                  region != MAP_FAILED else { throw ParameterMemoryError(bytes: bytes, errno: errno) }
             let mapped = region.bindMemory(to: T.self, capacity: max(count, 1))
             mapped.moveInitialize(from: values, count: count)
             values.deallocate()
             values = mapped
             mappedBytes = bytes
         }
+        keptValues = kept
+        didWriteAllValues()
+    }
+
+    /// After every value was written other than by the optimizer (initialisation, a checkpoint
+    /// load, EvoMoE's spawn): the bf16 copy follows them, and the values this rank does not keep
+    /// are released again.
+    public func didWriteAllValues() {
+        let kept = keptValues
+        keptValues = nil
+        refreshBFloat16()
+        keptValues = kept
+        guard let kept else { return }
         var released = 0
         for range in kept + [count..<count] {
-            releasePages(released..<range.lowerBound, pageSize: pageSize)
+            releasePages(released..<range.lowerBound)
             released = max(released, range.upperBound)
         }
     }
 
-    /// After every value was written other than by the optimizer (initialisation, a checkpoint
-    /// load, EvoMoE's spawn): the bf16 copy follows them, and values this rank does not keep
-    /// are released again.
-    public func didWriteAllValues() {
-        if let keptValues { keepValues(only: keptValues) } else { refreshBFloat16() }
-    }
+    private let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     /// Returns the whole pages inside `range` of `values` to the operating system.
-    private func releasePages(_ range: Range<Int>, pageSize: Int) {
+    private func releasePages(_ range: Range<Int>) {
         guard !range.isEmpty else { return }
         let base = Int(bitPattern: UnsafeRawPointer(values))
         let start = (base + range.lowerBound * MemoryLayout<T>.stride + pageSize - 1) / pageSize * pageSize
@@ -219,4 +224,13 @@ public struct Parameter<T: Scalar, Kind> {
     @inline(__always) public var bfloat16Value: UnsafeMutablePointer<BFloat16>? { store.bfloat16Values.map { $0 + offset } }
     /// The value as a product operand (with its bf16 copy in bf16 mode).
     public var operand: ProductOperand<T> { .prerounded(value, bfloat16Value.map { UnsafePointer($0) }) }
+}
+
+/// The parameter values' memory mapping could not be made (out of memory, or a limit).
+public struct ParameterMemoryError: Error, CustomStringConvertible {
+    public let bytes: Int
+    public let errno: Int32
+    public var description: String {
+        "cannot map \(bytes) bytes for the replicated parameter values: \(String(cString: strerror(errno))) (out of memory?)"
+    }
 }

@@ -111,7 +111,7 @@ public final class Trainer {
         // In bf16 mode the products read the bf16 copy, so the fp32 masters are sharded with the moments.
         if replicatedOptimizer.isSharded && model.precision == .bf16 {
             let masters = ShardedMasters(entries: model.replicated.entries, slices: replicatedShards, rank: communicator.rank)
-            model.replicated.keepValues(only: masters.kept)
+            try model.replicated.keepValues(only: masters.kept)
             shardedMasters = masters
         } else {
             shardedMasters = nil
