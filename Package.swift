@@ -12,9 +12,10 @@ import PackageDescription
 // where it has it) instead of baseline x86-64 (SSE2) they run up to twice as fast, with the same
 // results (Swift does not contract a * b + c into a fused multiply-add). Build with
 // MOE_TARGET_CPU=x86-64 (or a named CPU) for a binary that must run on other nodes than the one
-// that built it.
+// that built it; MOE_TARGET_CPU= (empty) passes no flag, as a package that depends on MoECore
+// needs (SwiftPM refuses unsafe flags in dependencies).
 let targetCPU = Context.environment["MOE_TARGET_CPU"] ?? "native"
-let numericSettings: [SwiftSetting] = [.unsafeFlags(["-target-cpu", targetCPU])]
+let numericSettings: [SwiftSetting] = targetCPU.isEmpty ? [] : [.unsafeFlags(["-target-cpu", targetCPU])]
 let package = Package(
     name: "SwiftMoE",
     products: [
