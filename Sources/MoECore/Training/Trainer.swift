@@ -367,9 +367,11 @@ public final class Trainer {
         if try !Trainer.agree(on: replicated, over: communicator) {
             throw TrainingError.replicasDiverged(step: step + 1, rank: communicator.rank, checksum: String(replicated, radix: 16))
         }
-        let experts = Trainer.fnv1a(UnsafeRawBufferPointer(start: model.experts.values, count: model.experts.count * 4))
-        if let replicaCommunicator, try !Trainer.agree(on: experts, over: replicaCommunicator) {
-            throw TrainingError.expertCopiesDiverged(step: step + 1, rank: communicator.rank, checksum: String(experts, radix: 16))
+        if let replicaCommunicator {
+            let experts = Trainer.fnv1a(UnsafeRawBufferPointer(start: model.experts.values, count: model.experts.count * 4))
+            if try !Trainer.agree(on: experts, over: replicaCommunicator) {
+                throw TrainingError.expertCopiesDiverged(step: step + 1, rank: communicator.rank, checksum: String(experts, radix: 16))
+            }
         }
     }
 
