@@ -206,6 +206,11 @@ final class TrainingRunTests: XCTestCase {
             XCTAssertTrue(equalSteps.contains("| \(gate) | 2 | 20 | ") && equalCompute.contains("| \(gate) | 2 | "), equalSteps)
         }
         XCTAssertTrue(equalSteps.contains(" ± "), equalSteps)
+        // The dense model has no MoE statistics: its load CV, dropped and experts/token cells are "-".
+        let denseRow = try XCTUnwrap(equalSteps.split(separator: "\n").first { $0.hasPrefix("| dense |") })
+        XCTAssertTrue(denseRow.hasSuffix("| - | - | - |"), String(denseRow))
+        let hashRow = try XCTUnwrap(equalSteps.split(separator: "\n").first { $0.hasPrefix("| hash |") })
+        XCTAssertFalse(hashRow.contains("| - |"), String(hashRow))
 
         let again = try study("hash dense")
         XCTAssertEqual(again.status, 0, again.stderr)

@@ -89,6 +89,9 @@ public struct RunSummary {
         return count == 0 ? 0 : total / Double(count)
     }
 
+    /// Whether the run logged MoE statistics (a dense model has none).
+    public var hasMoELayers: Bool { expertLoad.contains { !$0.isEmpty } }
+
     public var meanDroppedFraction: Double { droppedFraction.isEmpty ? 0 : droppedFraction.reduce(0, +) / Double(droppedFraction.count) }
     public var meanActiveExperts: Double { activeExperts.isEmpty ? 0 : activeExperts.reduce(0, +) / Double(activeExperts.count) }
 }
@@ -221,10 +224,10 @@ public enum GateComparison {
                 group.cell({ $0.validation.map(\.loss).min() }, format: "%.4f"),
                 "\(Int(group.mean(\.medianTokensPerSecond)))",
                 group.runs.allSatisfy { $0.trainingSeconds != nil } ? duration(group.mean { $0.trainingSeconds ?? 0 }) : "-",
-                String(format: "%.3f", group.mean(\.loadCoefficientOfVariation)),
-                String(format: "%.3f", group.mean(\.meanDroppedFraction)),
-                String(format: "%.2f", group.mean(\.meanActiveExperts)),
-            ]
+            ] + [(\RunSummary.loadCoefficientOfVariation, "%.3f"), (\.meanDroppedFraction, "%.3f"), (\.meanActiveExperts, "%.2f")].map { statistic, format in
+                // A dense model has no experts to balance, drop or count.
+                group.runs.allSatisfy(\.hasMoELayers) ? String(format: format, group.mean { $0[keyPath: statistic] }) : "-"
+            }
             lines.append("| " + cells.joined(separator: " | ") + " |")
         }
         return lines.joined(separator: "\n") + "\n"
