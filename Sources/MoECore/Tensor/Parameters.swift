@@ -124,7 +124,13 @@ public final class ParameterStore<T: Scalar, Kind> {
         keptValues = nil
         refreshBFloat16()
         keptValues = kept
-        guard let kept else { return }
+        releaseValuesNotKept()
+    }
+
+    /// Returns the pages of the values this rank does not keep to the operating system again
+    /// (after they were gathered whole to be read); nothing when it keeps them all.
+    public func releaseValuesNotKept() {
+        guard let kept = keptValues else { return }
         var released = 0
         for range in kept + [count..<count] {
             releasePages(released..<range.lowerBound)

@@ -12,8 +12,10 @@ import MoEComm
 /// instead of the 4 of gathering fp32 values), and the fp32-read tensors' values, packed: the
 /// part of them inside each rank's slice is contiguous in the packed order.
 final class ShardedMasters {
-    /// Every rank's slice of the flat store (the optimizers' shards).
+    /// Every rank's slice of the flat store (the optimizers' shards), and their lengths (what the
+    /// collectives take, every step).
     let slices: [Range<Int>]
+    let sliceCounts: [Int]
     let rank: Int
     /// The flat ranges of the tensors read in fp32, in store order.
     let readRanges: [Range<Int>]
@@ -26,6 +28,7 @@ final class ShardedMasters {
 
     init(entries: [ParameterEntry], slices: [Range<Int>], rank: Int) {
         self.slices = slices
+        sliceCounts = slices.map(\.count)
         self.rank = rank
         let readRanges = entries.filter { !$0.productOnly }.map { $0.offset..<($0.offset + $0.count) }
         self.readRanges = readRanges
@@ -51,7 +54,7 @@ final class ShardedMasters {
     /// every rank (collective).
     func gather(_ store: ParameterStore<Float, Replicated>, over communicator: Communicator) throws {
         guard let copy = store.bfloat16Values else { preconditionFailure("sharded masters need the bf16 copy") }
-        try communicator.allGather(UnsafeMutableBufferPointer(start: copy, count: store.count), blockCounts: slices.map(\.count))
+        try communicator.allGather(UnsafeMutableBufferPointer(start: copy, count: store.count), blockCounts: sliceCounts)
         let values = store.values, slice = slices[rank], readRanges = self.readRanges
         try packed.withUnsafeMutableBufferPointer { packed in
             var position = packedStart
@@ -70,12 +73,13 @@ final class ShardedMasters {
     }
 
     /// Runs `body` with every master value present on this rank: they are all-gathered by slices
-    /// first, and the ones this rank does not keep are released again after (collective). For
-    /// the rare readers of whole fp32 values: checkpoints, EvoMoE's spawn.
+    /// first, and the ones this rank does not keep are released again after (collective), with
+    /// the bf16 copy refreshed first when `body` writes them. For the rare readers of whole fp32
+    /// values: checkpoints, EvoMoE's spawn.
     func withAllValues<R>(_ store: ParameterStore<Float, Replicated>, over communicator: Communicator,
-                          _ body: () throws -> R) throws -> R {
-        try communicator.allGather(UnsafeMutableBufferPointer(start: store.values, count: store.count), blockCounts: slices.map(\.count))
-        defer { store.didWriteAllValues() }
+                          writing: Bool, _ body: () throws -> R) throws -> R {
+        try communicator.allGather(UnsafeMutableBufferPointer(start: store.values, count: store.count), blockCounts: sliceCounts)
+        defer { if writing { store.didWriteAllValues() } else { store.releaseValuesNotKept() } }
         return try body()
     }
 }

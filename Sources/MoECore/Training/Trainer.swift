@@ -330,7 +330,7 @@ public final class Trainer {
     /// EvoMoE: spawn the experts from the dense FFNs; new tensors restart their AdamW state, the
     /// dense FFNs are frozen from here on.
     func spawnExperts() throws {
-        let (fresh, retired) = try withAllReplicatedValues { recipe.spawn(model, seed: config.train.seed) }
+        let (fresh, retired) = try withAllReplicatedValues(writing: true) { recipe.spawn(model, seed: config.train.seed) }
         model.experts.didWriteAllValues()
         replicatedOptimizer.reset(entries: fresh)
         expertOptimizer.reset(entries: Set(model.experts.entries.map(\.name)))
@@ -338,14 +338,14 @@ public final class Trainer {
     }
 
     /// Runs `body` with every replicated fp32 master value present on this rank (collective: with
-    /// sharded masters they are all-gathered first and released again after). `body` may write
-    /// them (the same on every rank): the bf16 copy follows after.
-    public func withAllReplicatedValues<R>(_ body: () throws -> R) throws -> R {
-        guard let shardedMasters else {
-            defer { model.replicated.didWriteAllValues() }
-            return try body()
+    /// sharded masters they are all-gathered first and released again after). With `writing`,
+    /// `body` may write them (the same on every rank) and the bf16 copy follows after.
+    public func withAllReplicatedValues<R>(writing: Bool = false, _ body: () throws -> R) throws -> R {
+        if let shardedMasters {
+            return try shardedMasters.withAllValues(model.replicated, over: communicator, writing: writing, body)
         }
-        return try shardedMasters.withAllValues(model.replicated, over: communicator, body)
+        defer { if writing { model.replicated.didWriteAllValues() } }
+        return try body()
     }
 
     /// After loading a checkpoint saved at `step`: the EvoMoE phase and frozen tensors.
