@@ -55,8 +55,14 @@ public enum HashTableKind: String, CaseIterable, Sendable {
     case random, balanced
 }
 
-/// `train.precision`: the format of the large matrix products; `auto` picks bf16 where the CPU
-/// has it.
+/// `train.precision`: the format of the large matrix products; `auto` picks bf16 where it
+/// measures clearly faster than fp32 on the model's shapes.
 public enum PrecisionSetting: String, CaseIterable, Sendable {
     case auto, fp32, bf16
+}
+
+/// `train.kernel`: the library of the fp32 matrix products; `auto` takes the one that measures
+/// faster on the model's shapes (bf16 products always run on oneDNN).
+public enum KernelSetting: String, CaseIterable, Sendable {
+    case auto, openblas, onednn
 }

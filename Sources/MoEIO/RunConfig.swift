@@ -102,6 +102,7 @@ public struct TrainConfig: Equatable, Sendable {
     public var stallFactor = 20.0
     public var healthWindow = 100
     public var precision = PrecisionSetting.auto
+    public var kernel = KernelSetting.auto
 }
 
 public struct DataConfig: Equatable, Sendable {
@@ -225,7 +226,9 @@ public struct RunConfig: Equatable, Sendable {
             .double("stall_factor", \.stallFactor, 1...1e6, "watchdog: see stall_seconds"),
             .int("health_window", \.healthWindow, min: 1, "warn when an expert receives no tokens for this many steps, or one takes most of the load"),
             .choice("precision", \.precision,
-                    "matrix products: fp32 (OpenBLAS), bf16 (oneDNN: bf16 inputs, fp32 accumulation; master weights, optimizer state, norms, softmax and router stay fp32), auto = bf16 where the CPU has AVX512-BF16/AMX"),
+                    "matrix products: fp32, bf16 (oneDNN: bf16 inputs, fp32 accumulation; master weights, optimizer state, norms, softmax and router stay fp32), auto = bf16 where it measures at least 1.15x fp32 on the model's shapes at start"),
+            .choice("kernel", \.kernel,
+                    "library of the fp32 products: openblas, onednn, auto = the faster on the model's shapes, measured at start (cached per machine)"),
         ]),
         ConfigSection("data", \.data, help: "Token files (llm.c format, see `moe prepare`). Relative paths are relative to the working directory.", [
             .paths("train", \.train, allowEmpty: false, "training token files: a file, a glob such as data/x/train_*.bin, or a list of them (shards)"),

@@ -12,9 +12,12 @@ struct BenchCommand: ParsableCommand {
             Run alone or under mpirun. Without --config, configs/bench.yaml (relative to the working directory) is
             used if present, else the embedded defaults (the same model). When data.train is missing the steps run on
             random bytes, which times the same work. Fields: ranks, blas_core, blas_threads, tokens_per_sec (global),
-            model_flops_per_token (6 x active parameters + 6 L T C), achieved_gflops, sgemm_peak_gflops (summed over
-            ranks), bf16_peak_gflops (oneDNN on bf16 inputs, where the CPU has it), precision, mfu (achieved / the peak of
-            the precision trained in), peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks).
+            model_flops_per_token (6 x active parameters + 6 L T C), achieved_gflops, peak_gflops_by_kernel (OpenBLAS
+            fp32, oneDNN fp32 and, where the CPU has it, oneDNN bf16; summed over ranks), fp32_peak_gflops and
+            bf16_peak_gflops (the best kernel of each), kernels (which kernel the products used), kernel_choice (the
+            start-up measurement and decision), precision, mfu (achieved / the best peak of the precision trained in),
+            warning (when the products' kernel runs more than 10% below the best one of its precision; also on stderr),
+            peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks).
             With --precision both, one object {"fp32": {...}, "bf16": {...}, "bf16_speedup": tokens/s ratio}, both runs
             in the same process after the same peak measurements.
             """)
@@ -73,7 +76,12 @@ struct BenchCommand: ParsableCommand {
                 var config = resolved
                 config.train.precision = precision
                 let trainer = try Trainer(config: config, communicator: communicator, trainFiles: trainFiles, validationFiles: [])
-                return try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: peaks)
+                if communicator.rank == 0, let kernels = trainer.model.kernels { FileHandle.standardError.write(Data((kernels.summary + "\n").utf8)) }
+                let result = try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: peaks)
+                if communicator.rank == 0, let warning = Benchmark.kernelWarning(Benchmark.kernel(of: trainer.model), peaks: peaks) {
+                    FileHandle.standardError.write(Data((warning + "\n").utf8))
+                }
+                return result
             }
             let line: String
             if precision == "both" {

@@ -20,6 +20,12 @@ enum CLI {
         return candidates.first { FileManager.default.isExecutableFile(atPath: $0.path) } ?? candidates[0]
     }
 
+    /// The release binary when launch/test.sh provides it (MOE_RELEASE_BINARY), else `executable`:
+    /// for tests whose workload the debug build runs slowly.
+    static var fastExecutable: URL {
+        ProcessInfo.processInfo.environment["MOE_RELEASE_BINARY"].map { URL(fileURLWithPath: $0) } ?? executable
+    }
+
     /// Runs `moe` (or, with `mpirun` ranks, `mpirun -np R moe`) in `directory`.
     @discardableResult
     static func run(_ arguments: [String], in directory: URL, environment: [String: String] = [:],

@@ -29,7 +29,7 @@ final class DataTests: XCTestCase {
     /// Uses the release binary when launch/test.sh provides it (the debug build reads 1 GiB slowly).
     func testGigabyteOfShardsAddsLittleMemory() throws {
         _ = try CLI.requireMPI()
-        let binary = ProcessInfo.processInfo.environment["MOE_RELEASE_BINARY"].map { URL(fileURLWithPath: $0) } ?? CLI.executable
+        let binary = CLI.fastExecutable
         let workspace = try Workspace()
         try workspace.write("c.yaml", Workspace.tinyConfig)
         let text = Workspace.text(lines: 50, seed: 3)

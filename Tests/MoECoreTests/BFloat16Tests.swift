@@ -58,7 +58,7 @@ final class BFloat16Tests: XCTestCase {
             return (y.array, Array(UnsafeBufferPointer(start: linear.weight.gradient, count: input * output)), dx.array)
         }
         let reference = products()
-        store.enableBFloat16(try BFloat16Matmul())
+        store.runProducts(on: try OneDNNMatmul(precision: .bf16))
         let rounded = products()
         let w = Tensor<Float>(rows: input, columns: output, values: Array(UnsafeBufferPointer(start: linear.weight.value, count: input * output)))
         // Magnitudes |A||B| of each product, in fp32 (exact enough for a bound with margin 2K 2^-24).
@@ -101,7 +101,7 @@ final class BFloat16Tests: XCTestCase {
             return (y.array, dx.array, Array(UnsafeBufferPointer(start: attention.qkv.weight.gradient, count: width * 3 * width)))
         }
         let reference = run()
-        store.enableBFloat16(try BFloat16Matmul())
+        store.runProducts(on: try OneDNNMatmul(precision: .bf16))
         let rounded = run()
         // The weight gradient's q, k and v column blocks separately: each comes from another product.
         func block(_ gradient: [Float], _ part: Int) -> [Float] {
@@ -166,13 +166,16 @@ final class BFloat16Tests: XCTestCase {
 
     func testExplicitBF16OnACPUWithoutItNamesTheMissingFeature() {
         let without = BFloat16Support(isa: "avx512_core", supported: false)
-        XCTAssertThrowsError(try Precision.resolve(.bf16, support: without)) { error in
+        let measured = KernelMeasurement(openBLASFP32: 100, oneDNNFP32: 100, oneDNNBF16: nil)
+        XCTAssertThrowsError(try KernelChoice.decide(precision: .bf16, kernel: .auto, measurement: measured, support: without)) { error in
             XCTAssertTrue("\(error)".contains("AVX512-BF16") && "\(error)".contains("avx512_core"), "\(error)")
         }
-        let (precision, note) = try! Precision.resolve(.auto, support: without)
-        XCTAssertEqual(precision, .fp32)
-        XCTAssertTrue(note?.contains("lacks AVX512-BF16") == true, note ?? "no note")
-        XCTAssertEqual(try! Precision.resolve(.auto, support: BFloat16Support(isa: "avx512_core_bf16", supported: true)).0, .bf16)
+        let auto = try! KernelChoice.decide(precision: .auto, kernel: .auto, measurement: measured, support: without)
+        XCTAssertEqual(auto.precision, .fp32)
+        XCTAssertTrue(auto.summary.contains("no bf16 products on this CPU"), auto.summary)
+        // Figures for bf16 (a stale cache, say) do not make a CPU without it train in bf16.
+        let stale = KernelMeasurement(openBLASFP32: 100, oneDNNFP32: 100, oneDNNBF16: 400)
+        XCTAssertEqual(try! KernelChoice.decide(precision: .auto, kernel: .auto, measurement: stale, support: without).precision, .fp32)
     }
 
     /// ZeRO stage 1's sharded masters: `keepValues` leaves the kept ranges and the whole bf16
@@ -184,7 +187,7 @@ final class BFloat16Tests: XCTestCase {
         _ = store.add("norm", rows: 1, columns: 100, weightDecay: false, initialization: .ones)
         _ = store.add("weight", rows: 1024, columns: 1024, weightDecay: true, initialization: .normal(standardDeviation: 0.02),
                       productOnly: true)   // 4 MiB
-        store.enableBFloat16(try BFloat16Matmul())
+        store.runProducts(on: try OneDNNMatmul(precision: .bf16))
         store.initialize(key: RandomKey(3))
         store.refreshBFloat16()
         let slice = 300_000..<600_000, kept = [0..<100, slice]

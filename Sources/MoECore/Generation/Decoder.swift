@@ -47,7 +47,7 @@ extension GPTModel {
         cache.normed.resize(rows: 1, columns: width)
         finalNorm.forward(last, rows: 1, into: cache.normed.pointer, cache: cache.normCache)
         cache.logits.resize(rows: 1, columns: vocabularySize)
-        let matmul = replicated.bfloat16Matmul
+        let matmul = replicated.matmul
         if let head {
             matrixProduct(matmul, m: 1, n: vocabularySize, k: width, a: .values(cache.normed.pointer), b: head.operand, c: cache.logits.pointer)
         } else {

@@ -3,10 +3,10 @@
 /// Shapes: B sequences of T tokens, C = width, nh heads of hd = C / nh.
 /// x: [B*T, C] -> qkv: [B*T, 3C] (row = q | k | v, head h in columns h*hd ..< (h+1)*hd of each)
 /// -> probabilities: [B*nh*T, T] -> heads: [B*T, C] -> out: [B*T, C].
-/// fp32: every product is one GEMM per (sequence, head) on strided views: no transposes, no
-/// copies. bf16: each product is one batched oneDNN matmul over all (sequence, head) pairs on
-/// the same strided views of the rounded QKV rows (per-pair products of 128 x 128 x 64 are too
-/// small to run at speed one by one).
+/// On OpenBLAS (fp32): every product is one GEMM per (sequence, head) on strided views: no
+/// transposes, no copies. On oneDNN (fp32, or bf16 on the rounded QKV rows): each product is one
+/// batched matmul over all (sequence, head) pairs on the same strided views (per-pair products
+/// of 128 x 128 x 64 are too small to run at speed one by one).
 /// Sequences longer than `tile` take the tiled path instead (TiledAttention.swift): online
 /// softmax over key tiles, T x T probabilities never stored, recomputed in backward; activation
 /// memory linear in T, in either precision (its products are fp32 GEMMs on tiles).
@@ -53,8 +53,12 @@ public struct CausalSelfAttention<T: Scalar> {
             return projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
         }
         cache.probabilities.resize(rows: batch * heads * length, columns: length)
-        if let matmul = qkv.weight.store.bfloat16Matmul {
-            forwardBFloat16(matmul, batch: batch, length: length, cache: cache)
+        if let matmul = qkv.weight.store.matmul {
+            if matmul.precision == .bf16 {
+                forwardBatched(matmul, BFloat16.self, batch: batch, length: length, cache: cache)
+            } else {
+                forwardBatched(matmul, Float.self, batch: batch, length: length, cache: cache)
+            }
             return projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
         }
         for b in 0..<batch {
@@ -87,8 +91,12 @@ public struct CausalSelfAttention<T: Scalar> {
             return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
         }
         cache.dScores.resize(rows: length, columns: length)
-        if let matmul = qkv.weight.store.bfloat16Matmul {
-            backwardBFloat16(matmul, batch: batch, length: length, cache: cache)
+        if let matmul = qkv.weight.store.matmul {
+            if matmul.precision == .bf16 {
+                backwardBatched(matmul, BFloat16.self, batch: batch, length: length, cache: cache)
+            } else {
+                backwardBatched(matmul, Float.self, batch: batch, length: length, cache: cache)
+            }
             return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
         }
         let dScores = cache.dScores.pointer
@@ -146,34 +154,37 @@ public struct CausalSelfAttention<T: Scalar> {
         transposed ? SIMD4(heads * length * length, length * length, 1, length) : SIMD4(heads * length * length, length * length, length, 1)
     }
 
-    /// bf16 forward of the per-head products: S = scale Q Kᵀ, P = softmax(S) (fp32), heads = P V.
-    private func forwardBFloat16(_ matmul: BFloat16Matmul, batch: Int, length: Int, cache: Cache) {
+    /// Batched forward of the per-head products on oneDNN: S = scale Q Kᵀ, P = softmax(S) (fp32),
+    /// heads = P V, with inputs in `Input` (bf16: QKV and P rounded, and kept for backward).
+    private func forwardBatched<Input: AttentionInput>(_ matmul: OneDNNMatmul, _: Input.Type, batch: Int, length: Int, cache: Cache) {
         let width = projection.inputSize, headSize = width / heads
-        let qkvRounded = cache.roundedQKV.round(asFloat(UnsafePointer(cache.qkv.pointer)), count: cache.qkv.count)
+        let qkvInput = Input.prepare(asFloat(UnsafePointer(cache.qkv.pointer)), count: cache.qkv.count, into: cache.roundedQKV)
         let scores = asFloat(cache.probabilities.pointer)
         matmul.batchedGemm(batch: (batch, heads), m: length, n: length, k: headSize, alpha: 1 / Float(headSize).squareRoot(),
-                           a: qkvRounded, aStrides: qkvView(length: length, width: width),
-                           b: qkvRounded + width, bStrides: qkvView(length: length, width: width, transposed: true),
+                           a: qkvInput, aStrides: qkvView(length: length, width: width),
+                           b: qkvInput + width, bStrides: qkvView(length: length, width: width, transposed: true),
                            c: scores, cStrides: scoreView(length: length))
         causalSoftmax(cache.probabilities.pointer, rows: batch * heads * length, length: length)
-        let probabilities = cache.roundedProbabilities.round(scores, count: cache.probabilities.count)
+        let probabilities = Input.prepare(scores, count: cache.probabilities.count, into: cache.roundedProbabilities)
         matmul.batchedGemm(batch: (batch, heads), m: length, n: headSize, k: length,
                            a: probabilities, aStrides: scoreView(length: length),
-                           b: qkvRounded + 2 * width, bStrides: qkvView(length: length, width: width),
+                           b: qkvInput + 2 * width, bStrides: qkvView(length: length, width: width),
                            c: asFloat(cache.headOutputs.pointer), cStrides: headView(length: length, width: width))
     }
 
-    /// Adjoint of `forwardBFloat16`, from dHeads (in `cache.dHeadOutputs`) to dQKV.
-    private func backwardBFloat16(_ matmul: BFloat16Matmul, batch: Int, length: Int, cache: Cache) {
+    /// Adjoint of `forwardBatched`, from dHeads (in `cache.dHeadOutputs`) to dQKV.
+    private func backwardBatched<Input: AttentionInput>(_ matmul: OneDNNMatmul, _: Input.Type, batch: Int, length: Int, cache: Cache) {
         let width = projection.inputSize, headSize = width / heads, pairs = (batch, heads)
-        let qkvRounded = UnsafePointer(cache.roundedQKV.pointer), probabilities = UnsafePointer(cache.roundedProbabilities.pointer)
-        let dHeads = cache.roundedHeadGradient.round(asFloat(UnsafePointer(cache.dHeadOutputs.pointer)), count: cache.dHeadOutputs.count)
+        let qkvInput = Input.kept(asFloat(UnsafePointer(cache.qkv.pointer)), cache.roundedQKV)
+        let probabilities = Input.kept(asFloat(UnsafePointer(cache.probabilities.pointer)), cache.roundedProbabilities)
+        let dHeads = Input.prepare(asFloat(UnsafePointer(cache.dHeadOutputs.pointer)), count: cache.dHeadOutputs.count,
+                                   into: cache.roundedHeadGradient)
         let dQKV = asFloat(cache.dQKV.pointer)
         cache.dScores.resize(rows: batch * heads * length, columns: length)
         // heads = P V  =>  dP = dHeads Vᵀ, dV = Pᵀ dHeads
         matmul.batchedGemm(batch: pairs, m: length, n: length, k: headSize,
                            a: dHeads, aStrides: headView(length: length, width: width),
-                           b: qkvRounded + 2 * width, bStrides: qkvView(length: length, width: width, transposed: true),
+                           b: qkvInput + 2 * width, bStrides: qkvView(length: length, width: width, transposed: true),
                            c: asFloat(cache.dScores.pointer), cStrides: scoreView(length: length))
         matmul.batchedGemm(batch: pairs, m: length, n: headSize, k: length,
                            a: probabilities, aStrides: scoreView(length: length, transposed: true),
@@ -183,15 +194,37 @@ public struct CausalSelfAttention<T: Scalar> {
         causalSoftmaxBackward(probabilities: cache.probabilities.pointer, cache.dScores.pointer,
                               rows: batch * heads * length, length: length)
         // S = scale Q Kᵀ  =>  dQ = scale dS K, dK = scale dSᵀ Q
-        let dScores = cache.roundedScoreGradient.round(asFloat(UnsafePointer(cache.dScores.pointer)), count: cache.dScores.count)
+        let dScores = Input.prepare(asFloat(UnsafePointer(cache.dScores.pointer)), count: cache.dScores.count,
+                                    into: cache.roundedScoreGradient)
         let scale = 1 / Float(headSize).squareRoot()
         matmul.batchedGemm(batch: pairs, m: length, n: headSize, k: length, alpha: scale,
                            a: dScores, aStrides: scoreView(length: length),
-                           b: qkvRounded + width, bStrides: qkvView(length: length, width: width),
+                           b: qkvInput + width, bStrides: qkvView(length: length, width: width),
                            c: dQKV, cStrides: qkvView(length: length, width: width))
         matmul.batchedGemm(batch: pairs, m: length, n: headSize, k: length, alpha: scale,
                            a: dScores, aStrides: scoreView(length: length, transposed: true),
-                           b: qkvRounded, bStrides: qkvView(length: length, width: width),
+                           b: qkvInput, bStrides: qkvView(length: length, width: width),
                            c: dQKV + width, cStrides: qkvView(length: length, width: width))
     }
+}
+
+/// The input format of attention's batched oneDNN products: fp32 values as they are, or bf16
+/// copies rounded into the cache's buffers.
+protocol AttentionInput: MatmulInput {
+    /// `values` as a product input (rounded into `buffer` for bf16).
+    static func prepare(_ values: UnsafePointer<Float>, count: Int, into buffer: BFloat16Buffer) -> UnsafePointer<Self>
+    /// The input `prepare` made earlier in the step (forward's QKV and probabilities).
+    static func kept(_ values: UnsafePointer<Float>, _ buffer: BFloat16Buffer) -> UnsafePointer<Self>
+}
+
+extension Float: AttentionInput {
+    static func prepare(_ values: UnsafePointer<Float>, count: Int, into buffer: BFloat16Buffer) -> UnsafePointer<Float> { values }
+    static func kept(_ values: UnsafePointer<Float>, _ buffer: BFloat16Buffer) -> UnsafePointer<Float> { values }
+}
+
+extension BFloat16: AttentionInput {
+    static func prepare(_ values: UnsafePointer<Float>, count: Int, into buffer: BFloat16Buffer) -> UnsafePointer<BFloat16> {
+        UnsafePointer(buffer.round(values, count: count))
+    }
+    static func kept(_ values: UnsafePointer<Float>, _ buffer: BFloat16Buffer) -> UnsafePointer<BFloat16> { UnsafePointer(buffer.pointer) }
 }

@@ -23,7 +23,7 @@ public struct Linear<T: Scalar, Kind> {
 
     /// y = x W + b (overwrites y).
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>) {
-        matrixProduct(weight.store.bfloat16Matmul, m: rows, n: outputSize, k: inputSize, a: .values(x), b: weight.operand, c: y)
+        matrixProduct(weight.store.matmul, m: rows, n: outputSize, k: inputSize, a: .values(x), b: weight.operand, c: y)
         if let bias { Kernels.addBias(bias.value, to: y, rows: rows, columns: outputSize) }
     }
 
@@ -32,8 +32,8 @@ public struct Linear<T: Scalar, Kind> {
     /// instead of its memory for the whole step), and dy is rounded once for both products.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>?) {
         if let bias { Kernels.addColumnSums(dy, rows: rows, columns: outputSize, into: bias.gradient) }
-        let matmul = weight.store.bfloat16Matmul
-        let dyOperand = ProductOperand.roundedOnce(dy, count: rows * outputSize, into: matmul?.right)
+        let matmul = weight.store.matmul
+        let dyOperand = ProductOperand.roundedOnce(dy, count: rows * outputSize, into: matmul?.rounding?.right)
         matrixProduct(matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: .values(x),
                       b: dyOperand, beta: 1, c: weight.gradient)
         if let dx {
@@ -53,18 +53,19 @@ public enum ProductOperand<T: Scalar> {
         switch self { case let .values(pointer), let .prerounded(pointer, _): return pointer }
     }
 
-    /// `values` rounded now into `scratch` (in bf16 mode, where a scratch is given), so that
-    /// several products can share one rounding.
+    /// `values` rounded now into `scratch` (in bf16 mode, where the engine gives one: see
+    /// `OneDNNMatmul.rounding`), so that several products can share one rounding.
     static func roundedOnce(_ values: UnsafePointer<T>, count: Int, into scratch: BFloat16Buffer?) -> ProductOperand<T> {
         .prerounded(values, scratch.map { UnsafePointer($0.round(asFloat(values), count: count)) })
     }
 }
 
-/// Row-major `C[m,n] = op(A) op(B) + beta C` on packed operands, in the model's precision:
-/// `cblas_sgemm`/`dgemm` without a bf16 engine, else oneDNN on bf16 inputs with fp32
-/// accumulation (operands without a bf16 copy are rounded into the engine's scratch: A into
-/// `left`, B into `right`, so a caller must not pass those buffers as the other operand).
-public func matrixProduct<T: Scalar>(_ matmul: BFloat16Matmul?, transposeA: Bool = false, transposeB: Bool = false,
+/// Row-major `C[m,n] = op(A) op(B) + beta C` on packed operands, on the store's kernel:
+/// `cblas_sgemm`/`dgemm` without a oneDNN engine; else oneDNN, on the fp32 values or, in bf16
+/// mode, on bf16 inputs with fp32 accumulation (operands without a bf16 copy are rounded into
+/// the engine's scratch: A into `left`, B into `right`, so a caller must not pass those buffers
+/// as the other operand).
+public func matrixProduct<T: Scalar>(_ matmul: OneDNNMatmul?, transposeA: Bool = false, transposeB: Bool = false,
                                      m: Int, n: Int, k: Int, a: ProductOperand<T>, b: ProductOperand<T>,
                                      beta: T = 0, c: UnsafeMutablePointer<T>) {
     // One row (incremental decoding) is a memory-bound matrix-vector product: fp32 sgemv on the
@@ -72,6 +73,10 @@ public func matrixProduct<T: Scalar>(_ matmul: BFloat16Matmul?, transposeA: Bool
     // oneDNN, several times that with sgemv).
     guard let matmul, m > 1 else {
         return gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, a: a.values, b: b.values, beta: beta, c: c)
+    }
+    guard matmul.precision == .bf16 else {
+        return matmul.gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k,
+                           a: asFloat(a.values), b: asFloat(b.values), beta: Float(beta), c: asFloat(c))
     }
     func rounded(_ operand: ProductOperand<T>, count: Int, into scratch: BFloat16Buffer) -> UnsafePointer<BFloat16> {
         if case let .prerounded(_, copy?) = operand { return copy }

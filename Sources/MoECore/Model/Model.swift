@@ -45,8 +45,9 @@ public final class GPTModel<T: Scalar> {
     /// The format of the large matrix products (`train.precision` resolved on this CPU; always
     /// fp32 for Double models, which exist for gradient checks).
     public private(set) var precision = Precision.fp32
-    /// Why `auto` fell back to fp32, for the run's log.
-    public private(set) var precisionNote: String?
+    /// The products' kernels and precision as measured and chosen at start (nil for Double
+    /// models, whose products are OpenBLAS dgemm).
+    public private(set) var kernels: KernelChoice?
 
     // Activations, per block l: residual[l] is the block's input, residual[L] the final stream.
     var residual: [Tensor<T>] = [], attentionNormed: [Tensor<T>] = [], middle: [Tensor<T>] = [], feedForwardNormed: [Tensor<T>] = []
@@ -118,11 +119,12 @@ public final class GPTModel<T: Scalar> {
                                                           weightDecay: true, initialization: .normal(standardDeviation: 0.02),
                                                           productOnly: true)
         if T.self == Float.self {
-            (precision, precisionNote) = try Precision.resolve(run.train.precision)
-            if precision == .bf16 {
-                let matmul = try BFloat16Matmul()
-                replicated.enableBFloat16(matmul)
-                experts.enableBFloat16(matmul)
+            let choice = try KernelChoice.resolve(run, communicator: communicator)
+            (kernels, precision) = (choice, choice.precision)
+            if choice.precision == .bf16 || choice.floatKernel == .onednn {
+                let matmul = try OneDNNMatmul(precision: choice.precision)
+                replicated.runProducts(on: matmul)
+                experts.runProducts(on: matmul)
             }
         }
         for _ in 0...config.layers { residual.append(Tensor()) }
@@ -209,7 +211,7 @@ public final class GPTModel<T: Scalar> {
         finalNormed.resize(rows: rows, columns: width)
         finalNorm.forward(residual[config.layers].pointer, rows: rows, into: finalNormed.pointer, cache: finalNormCache)
         logits.resize(rows: rows, columns: vocabularySize)
-        let matmul = replicated.bfloat16Matmul
+        let matmul = replicated.matmul
         if let head {
             matrixProduct(matmul, m: rows, n: vocabularySize, k: width, a: .values(finalNormed.pointer), b: head.operand, c: logits.pointer)
         } else {
@@ -242,8 +244,8 @@ public final class GPTModel<T: Scalar> {
         }
         // logits = ln_f(x) W  =>  d ln_f(x) = dlogits Wᵀ, dW += ln_f(x)ᵀ dlogits
         dScratch.resize(rows: rows, columns: width)
-        let matmul = replicated.bfloat16Matmul
-        let dLogits = ProductOperand<T>.roundedOnce(logits.pointer, count: rows * vocabularySize, into: matmul?.right)
+        let matmul = replicated.matmul
+        let dLogits = ProductOperand<T>.roundedOnce(logits.pointer, count: rows * vocabularySize, into: matmul?.rounding?.right)
         if let head {
             matrixProduct(matmul, transposeA: true, m: width, n: vocabularySize, k: rows, a: .values(finalNormed.pointer),
                           b: dLogits, beta: 1, c: head.gradient)
@@ -251,7 +253,7 @@ public final class GPTModel<T: Scalar> {
                           c: dScratch.pointer)
         } else {
             // dLogits is A here, so finalNormed (B) goes through `left`: round it explicitly.
-            let normed = ProductOperand<T>.roundedOnce(finalNormed.pointer, count: rows * width, into: matmul?.left)
+            let normed = ProductOperand<T>.roundedOnce(finalNormed.pointer, count: rows * width, into: matmul?.rounding?.left)
             matrixProduct(matmul, transposeA: true, m: vocabularySize, n: width, k: rows, a: dLogits, b: normed,
                           beta: 1, c: embedding.tokenTable.gradient)
             matrixProduct(matmul, m: rows, n: width, k: vocabularySize, a: dLogits, b: embedding.tokenTable.operand,

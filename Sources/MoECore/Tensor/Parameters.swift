@@ -57,17 +57,20 @@ public final class ParameterStore<T: Scalar, Kind> {
         bfloat16Values?.deallocate()
     }
 
-    /// bf16 mode: a bf16 copy of `values` (same layout) and the engine that multiplies with it.
-    /// nil in fp32 mode and for Double stores.
+    /// bf16 mode: a bf16 copy of `values` (same layout). nil in fp32 mode and for Double stores.
     public private(set) var bfloat16Values: UnsafeMutablePointer<BFloat16>?
-    public private(set) var bfloat16Matmul: BFloat16Matmul?
+    /// The oneDNN engine the store's matrix products run on: bf16 mode, or fp32 mode where
+    /// oneDNN measured faster than OpenBLAS. nil: OpenBLAS (fp32, and every Double store).
+    public private(set) var matmul: OneDNNMatmul?
 
-    /// Switches the store's matrix products to bf16 (after the model is built: the slab is final).
-    public func enableBFloat16(_ matmul: BFloat16Matmul) {
-        precondition(T.self == Float.self, "bf16 products need Float master weights")
+    /// Runs the store's matrix products on `matmul`, in its precision (after the model is
+    /// built: the slab is final). bf16 adds the rounded copy of the values.
+    public func runProducts(on matmul: OneDNNMatmul) {
+        precondition(T.self == Float.self, "oneDNN products need Float weights")
+        self.matmul = matmul
+        guard matmul.precision == .bf16 else { return }
         bfloat16Values?.deallocate()
         bfloat16Values = .allocate(capacity: max(count, 1))
-        bfloat16Matmul = matmul
         refreshBFloat16()
     }
 

@@ -6,22 +6,29 @@ import MoEIO
 
 /// `moe bench`: this process's sgemm peak, then timed training steps, as one JSON object.
 public enum Benchmark {
+    /// The candidate kernels of a product: OpenBLAS sgemm and oneDNN's matmul in fp32, oneDNN
+    /// on bf16 inputs.
+    public enum Kernel: String, CaseIterable, Sendable {
+        case openBLASFP32 = "openblas_fp32", oneDNNFP32 = "onednn_fp32", oneDNNBF16 = "onednn_bf16"
+        public var precision: Precision { self == .oneDNNBF16 ? .bf16 : .fp32 }
+    }
+
     /// Best-of-repeats GFLOP/s of a row-major product [m, k] x [k, n], the shape of the model's
-    /// largest GEMMs (B*T tokens against the width and the expert hidden size): OpenBLAS sgemm
-    /// for fp32, oneDNN on bf16 inputs for bf16. All ranks measure at the same time, so the
-    /// figure includes the contention of a real step.
-    public static func gemmPeak(_ precision: Precision, m: Int, n: Int, k: Int, repeats: Int = 20,
+    /// largest GEMMs (B*T tokens against the width and the expert hidden size), on `kernel`.
+    /// All ranks measure at the same time, so the figure includes the contention of a real step.
+    public static func gemmPeak(_ kernel: Kernel, m: Int, n: Int, k: Int, repeats: Int = 20,
                                 communicator: Communicator) throws -> Double {
         let a = Tensor<Float>(rows: m, columns: k), b = Tensor<Float>(rows: k, columns: n), c = Tensor<Float>(rows: m, columns: n)
         for index in 0..<a.count { a.pointer[index] = Float(index % 7) * 0.01 }
         for index in 0..<b.count { b.pointer[index] = Float(index % 5) * 0.01 }
+        let matmul = try OneDNNMatmul(precision: kernel.precision)
         let product: () -> Void
-        switch precision {
-        case .fp32: product = { gemm(m: m, n: n, k: k, a: a.pointer, b: b.pointer, c: c.pointer) }
-        case .bf16:
-            let matmul = try BFloat16Matmul()
+        switch kernel {
+        case .openBLASFP32: product = { gemm(m: m, n: n, k: k, a: a.pointer, b: b.pointer, c: c.pointer) }
+        case .oneDNNFP32: product = { matmul.gemm(m: m, n: n, k: k, a: UnsafePointer(a.pointer), b: UnsafePointer(b.pointer), c: c.pointer) }
+        case .oneDNNBF16:
             let left = matmul.left.round(a.pointer, count: a.count), right = matmul.right.round(b.pointer, count: b.count)
-            product = { matmul.gemm(m: m, n: n, k: k, a: left, b: right, c: c.pointer) }
+            product = { matmul.gemm(m: m, n: n, k: k, a: UnsafePointer(left), b: UnsafePointer(right), c: c.pointer) }
         }
         for _ in 0..<3 { product() }
         try communicator.barrier()
@@ -34,18 +41,39 @@ public enum Benchmark {
         return 2 * Double(m * n * k) / best / 1e9
     }
 
-    /// GEMM peaks of this machine, GFLOP/s summed over ranks: fp32 always, bf16 where the CPU
-    /// has it.
+    /// GEMM peaks of this machine per kernel, GFLOP/s summed over ranks (bf16 where the CPU has
+    /// it), and the best of each precision: the denominator of MFU, whatever kernel the model chose.
     public struct Peaks {
-        public var fp32: Double
-        public var bf16: Double?
+        public var byKernel: [Kernel: Double]
+
+        public init(byKernel: [Kernel: Double]) { self.byKernel = byKernel }
 
         public static func measure(_ config: RunConfig, communicator: Communicator) throws -> Peaks {
             let (m, n, k) = (config.train.batchSize * config.model.context, config.model.ffnHidden, config.model.width)
-            let fp32 = try communicator.allReduce(gemmPeak(.fp32, m: m, n: n, k: k, communicator: communicator))
-            guard BFloat16Support.current.supported else { return Peaks(fp32: fp32, bf16: nil) }
-            return Peaks(fp32: fp32, bf16: try communicator.allReduce(gemmPeak(.bf16, m: m, n: n, k: k, communicator: communicator)))
+            var byKernel: [Kernel: Double] = [:]
+            for kernel in Kernel.allCases where kernel != .oneDNNBF16 || BFloat16Support.current.supported {
+                byKernel[kernel] = try communicator.allReduce(gemmPeak(kernel, m: m, n: n, k: k, communicator: communicator))
+            }
+            return Peaks(byKernel: byKernel)
         }
+
+        /// The best peak of `precision` over the kernels that run it (nil: none here).
+        public func best(_ precision: Precision) -> Double? {
+            byKernel.filter { $0.key.precision == precision }.values.max()
+        }
+    }
+
+    /// The kernel the model's large products run on.
+    public static func kernel(of model: GPTModel<Float>) -> Kernel {
+        model.precision == .bf16 ? .oneDNNBF16 : (model.kernels?.floatKernel == .onednn ? .oneDNNFP32 : .openBLASFP32)
+    }
+
+    /// A warning when the model's kernel runs more than 10% below the best of its precision.
+    public static func kernelWarning(_ kernel: Kernel, peaks: Peaks) -> String? {
+        guard let chosen = peaks.byKernel[kernel], let best = peaks.best(kernel.precision), chosen < 0.9 * best else { return nil }
+        let fastest = peaks.byKernel.first { $0.key.precision == kernel.precision && $0.value == best }!.key
+        return String(format: "warning: the products run on %@ at %.1f GFLOP/s, %.0f%% below %@ (%.1f) on the same shape",
+                      kernel.rawValue, chosen, (1 - chosen / best) * 100, fastest.rawValue, best)
     }
 
     /// Model FLOPs per token at the gate's nominal k experts per token in every MoE layer:
@@ -101,7 +129,8 @@ public enum Benchmark {
     public static func run(trainer: Trainer, steps: Int, warmup: Int, dataDescription: String, peaks: Peaks) throws -> (json: JSONObject, tokensPerSecond: Double) {
         let communicator = trainer.communicator
         let precision = trainer.model.precision
-        let peak = precision == .bf16 ? peaks.bf16 ?? peaks.fp32 : peaks.fp32
+        let kernel = kernel(of: trainer.model)
+        let peak = peaks.best(precision) ?? peaks.byKernel[kernel]!
         trainer.separateWaiting = communicator.size > 1
         for _ in 0..<warmup { _ = try trainer.trainStep() }
         try communicator.barrier()
@@ -131,9 +160,22 @@ public enum Benchmark {
         object.add("tokens_per_sec", tokensPerSecond.rounded())
         object.add("model_flops_per_token", flopsPerToken)
         object.add("achieved_gflops", (achieved * 10).rounded() / 10)
-        object.add("sgemm_peak_gflops", (peaks.fp32 * 10).rounded() / 10)
-        if let bf16 = peaks.bf16 { object.add("bf16_peak_gflops", (bf16 * 10).rounded() / 10) }
+        // Which kernel each product used: the large products (attention, experts, dense FFNs, head)
+        // on the chosen one; the router's small fp32 product and one-row decoding on OpenBLAS.
+        var kernels = JSONObject()
+        kernels.add("matrix_products", kernel.rawValue)
+        kernels.add("router", Kernel.openBLASFP32.rawValue)
+        object.addRaw("kernels", kernels.text)
+        var peakObject = JSONObject()
+        for candidate in Kernel.allCases { if let value = peaks.byKernel[candidate] { peakObject.add(candidate.rawValue, (value * 10).rounded() / 10) } }
+        object.addRaw("peak_gflops_by_kernel", peakObject.text)
+        object.add("fp32_peak_gflops", ((peaks.best(.fp32) ?? 0) * 10).rounded() / 10)
+        if let bf16 = peaks.best(.bf16) { object.add("bf16_peak_gflops", (bf16 * 10).rounded() / 10) }
+        // Against the best peak of the precision trained in, over every kernel: a slow kernel
+        // shows as a low MFU instead of hiding behind its own low peak.
         object.add("mfu", (achieved / peak * 1000).rounded() / 1000)
+        if let warning = kernelWarning(kernel, peaks: peaks) { object.add("warning", warning) }
+        if let choice = trainer.model.kernels { object.add("kernel_choice", choice.summary) }
         object.add("peak_rss_mib", peakMemory.rounded())
         let modelled = try communicator.allReduce(memoryModelMiB(trainer), op: .max)
         object.add("memory_model_mib", modelled.rounded())

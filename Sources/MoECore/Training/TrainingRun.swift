@@ -142,8 +142,7 @@ public final class TrainingRun {
         log("model: \(format(counts.total)) parameters, \(format(counts.active)) active per token; "
             + "\(trainer.model.moeLayers.count) MoE layers of \(config.moe.experts) experts (gate \(config.moe.gate.rawValue), top-\(config.moe.topK)); "
             + "vocabulary \(trainer.model.vocabularySize)")
-        log(trainer.model.precisionNote ?? "precision \(trainer.model.precision.rawValue) (train.precision \(config.train.precision.rawValue); "
-            + (trainer.model.precision == .bf16 ? "bf16 products through oneDNN, fp32 master weights and optimizer state)" : "products through OpenBLAS sgemm)"))
+        if let kernels = trainer.model.kernels { log(kernels.summary) }
         let accumulation = config.train.gradAccum > 1 ? "x\(config.train.gradAccum) micro-batches" : ""
         log("ranks \(communicator.size), global batch \(communicator.size)\(accumulation)x\(config.train.batchSize)x\(config.model.context) = "
             + "\(trainer.globalBatchTokens) tokens, steps \(trainer.step)..<\(steps), run directory \(runDirectory)")

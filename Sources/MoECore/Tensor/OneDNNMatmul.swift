@@ -20,8 +20,17 @@ public struct BFloat16Support: Sendable {
     }
 }
 
-/// bfloat16 matrix products through oneDNN's matmul primitive: bf16 inputs, fp32 accumulation
-/// and fp32 output, `C = alpha op(A) op(B) + beta C` with beta 0 or 1.
+/// An input element type of oneDNN's matmul: fp32 or bf16 (both accumulate and write fp32).
+public protocol MatmulInput {
+    static var dataType: dnnl_data_type_t { get }
+}
+extension Float: MatmulInput { public static var dataType: dnnl_data_type_t { dnnl_f32 } }
+extension BFloat16: MatmulInput { public static var dataType: dnnl_data_type_t { dnnl_bf16 } }
+
+/// Matrix products through oneDNN's matmul primitive: fp32 or bf16 inputs, fp32 accumulation
+/// and fp32 output, `C = alpha op(A) op(B) + beta C` with beta 0 or 1. `precision` is what the
+/// model's products use when they run on this engine (bf16: inputs rounded first); the engine
+/// itself runs either input type (the kernel measurements use both).
 ///
 /// Primitives are slow to create, so each is made once and cached. The token dimension of a
 /// 2-D product (M, or K for weight gradients) varies from call to call (experts receive a
@@ -30,7 +39,7 @@ public struct BFloat16Support: Sendable {
 /// picks its jit GEMM at the same speed as the fixed-shape kernel). Batched (attention)
 /// products have fixed shapes. Memory descriptors are cached per concrete shape, so a step
 /// allocates nothing once every shape has been seen.
-public final class BFloat16Matmul {
+public final class OneDNNMatmul {
     /// One product's shape: dims = (batch0, batch1, m, n, k), strides in elements as
     /// (batch0, batch1, row, column) of A [m, k], B [k, n] and C [m, n].
     struct Shape: Hashable {
@@ -38,6 +47,7 @@ public final class BFloat16Matmul {
         var aStrides: SIMD4<Int>, bStrides: SIMD4<Int>, cStrides: SIMD4<Int>
         var alphaBits: UInt32
         var accumulate: Bool
+        var inputType: UInt32
         var batched: Bool { dims[0] != 1 || dims[1] != 1 }
     }
 
@@ -52,10 +62,15 @@ public final class BFloat16Matmul {
     private let runtime = swiftmoe_dnnl_runtime_dim()
     /// The three execution arguments, reused by every call (an array literal would allocate).
     private let arguments = UnsafeMutablePointer<dnnl_exec_arg_t>.allocate(capacity: 3)
+    /// The input format of the model's products on this engine.
+    public let precision: Precision
     /// Conversion scratch for callers (inputs rounded to bf16 just before a product).
     public let left = BFloat16Buffer(), right = BFloat16Buffer()
+    /// The scratch pair where the model's products round their inputs: nil in fp32.
+    public var rounding: (left: BFloat16Buffer, right: BFloat16Buffer)? { precision == .bf16 ? (left, right) : nil }
 
-    public init() throws {
+    public init(precision: Precision) throws {
+        self.precision = precision
         var engine: dnnl_engine_t?
         var stream: dnnl_stream_t?
         try Self.check(dnnl_engine_create(&engine, dnnl_cpu, 0), "creating the oneDNN CPU engine")
@@ -73,9 +88,9 @@ public final class BFloat16Matmul {
     }
 
     /// Row-major `C[m,n] = alpha op(A)[m,k] op(B)[k,n] + beta C`, beta 0 or 1; the same contract
-    /// as `gemm` for Float, with bf16 A and B.
-    public func gemm(transposeA: Bool = false, transposeB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
-                     a: UnsafePointer<BFloat16>, lda: Int? = nil, b: UnsafePointer<BFloat16>, ldb: Int? = nil,
+    /// as `gemm` for Float, with fp32 or bf16 A and B.
+    public func gemm<Input: MatmulInput>(transposeA: Bool = false, transposeB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
+                     a: UnsafePointer<Input>, lda: Int? = nil, b: UnsafePointer<Input>, ldb: Int? = nil,
                      beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int? = nil) {
         let lda = lda ?? (transposeA ? m : k), ldb = ldb ?? (transposeB ? k : n), ldc = ldc ?? n
         batchedGemm(batch: (1, 1), m: m, n: n, k: k, alpha: alpha,
@@ -87,9 +102,9 @@ public final class BFloat16Matmul {
     /// `batch.0 x batch.1` independent products in one call, each operand addressed by strides
     /// (batch0, batch1, row, column) in elements: attention's per-(sequence, head) products on
     /// strided views of the QKV rows, without copies.
-    public func batchedGemm(batch: (Int, Int), m: Int, n: Int, k: Int, alpha: Float = 1,
-                            a: UnsafePointer<BFloat16>, aStrides: SIMD4<Int>,
-                            b: UnsafePointer<BFloat16>, bStrides: SIMD4<Int>,
+    public func batchedGemm<Input: MatmulInput>(batch: (Int, Int), m: Int, n: Int, k: Int, alpha: Float = 1,
+                            a: UnsafePointer<Input>, aStrides: SIMD4<Int>,
+                            b: UnsafePointer<Input>, bStrides: SIMD4<Int>,
                             beta: Float = 0, c: UnsafeMutablePointer<Float>, cStrides: SIMD4<Int>) {
         precondition(beta == 0 || beta == 1, "bf16 products accumulate with beta 0 or 1 only")
         guard m > 0, n > 0, batch.0 > 0, batch.1 > 0 else { return }
@@ -102,7 +117,8 @@ public final class BFloat16Matmul {
             return
         }
         let shape = Shape(dims: SIMD8(batch.0, batch.1, m, n, k, 0, 0, 0), aStrides: aStrides, bStrides: bStrides,
-                          cStrides: cStrides, alphaBits: alpha.bitPattern, accumulate: beta == 1)
+                          cStrides: cStrides, alphaBits: alpha.bitPattern, accumulate: beta == 1,
+                          inputType: Input.dataType.rawValue)
         let memory = memories[shape] ?? makeMemories(shape)
         dnnl_memory_set_data_handle(memory.a, UnsafeMutableRawPointer(mutating: a))
         dnnl_memory_set_data_handle(memory.b, UnsafeMutableRawPointer(mutating: b))
@@ -139,7 +155,7 @@ public final class BFloat16Matmul {
         if let postOps { dnnl_post_ops_destroy(postOps) }
         if let attributes { dnnl_primitive_attr_destroy(attributes) }
         if let primitiveDescriptor { dnnl_primitive_desc_destroy(primitiveDescriptor) }
-        precondition(status == dnnl_success, "oneDNN could not create a bf16 matmul (status \(status.rawValue)) for \(shape)")
+        precondition(status == dnnl_success, "oneDNN could not create a matmul (status \(status.rawValue)) for \(shape)")
         primitives[key] = primitive!
         return primitive!
     }
@@ -150,8 +166,8 @@ public final class BFloat16Matmul {
     private func descriptor(_ shape: Shape, _ operand: Operand) -> dnnl_memory_desc_t {
         let (batch0, batch1, m, n, k) = (shape.dims[0], shape.dims[1], shape.dims[2], shape.dims[3], shape.dims[4])
         let (rows, columns, strides, type): (Int, Int, SIMD4<Int>, dnnl_data_type_t) = switch operand {
-        case .a: (m, k, shape.aStrides, dnnl_bf16)
-        case .b: (k, n, shape.bStrides, dnnl_bf16)
+        case .a: (m, k, shape.aStrides, dnnl_data_type_t(shape.inputType))
+        case .b: (k, n, shape.bStrides, dnnl_data_type_t(shape.inputType))
         case .c: (m, n, shape.cStrides, dnnl_f32)
         }
         let dimension = { (value: Int) -> dnnl_dim_t in value < 0 ? self.runtime : dnnl_dim_t(value) }

@@ -1,0 +1,235 @@
+import Foundation
+import MoEComm
+import MoEIO
+
+/// Which library and number format run the model's matrix products, decided by measuring the
+/// candidates on the model's own shapes: never by a CPU model number. (On one Intel Xeon bf16
+/// products ran at half fp32's speed and oneDNN's fp32 beat OpenBLAS's best kernel; on AMD
+/// Zen 4/5 bf16 runs at about twice fp32's speed. Only a measurement tells.)
+///
+/// The measurement takes a fraction of a second. It is kept in a per-machine cache keyed by the
+/// CPU, the libraries' kernels and the shapes (not by rank or thread count), so every later
+/// process on the machine with the same model, on any number of ranks, makes the same choice
+/// and computes the same bits: a resumed run in particular, and 1 rank against R.
+public struct KernelChoice: Sendable, Equatable {
+    public enum FloatKernel: String, Sendable { case openblas, onednn }
+
+    public var precision: Precision
+    /// The library of the fp32 products (bf16 products run on oneDNN).
+    public var floatKernel: FloatKernel
+    public var measurement: KernelMeasurement
+    /// One line for the log: the figures and the choice.
+    public var summary: String
+
+    /// oneDNN's fp32 must beat OpenBLAS by this much to be chosen: OpenBLAS is also the Double
+    /// reference of the gradient checks, and a near tie is not worth a second code path.
+    public static let oneDNNMargin = 1.05
+    /// bf16 must beat the fp32 kernel by this much under `precision: auto`: bf16 products cost
+    /// accuracy, and the step's rounding passes are not in the product timings.
+    public static let bfloat16Margin = 1.15
+
+    /// The choice for `requested` given the measured speeds (pure: the tests force both outcomes).
+    public static func decide(precision requested: PrecisionSetting, kernel: KernelSetting, measurement: KernelMeasurement,
+                              support: BFloat16Support = .current) throws -> KernelChoice {
+        let floatKernel: FloatKernel = switch kernel {
+        case .openblas: .openblas
+        case .onednn: .onednn
+        case .auto: measurement.oneDNNFP32 >= oneDNNMargin * measurement.openBLASFP32 ? .onednn : .openblas
+        }
+        let fp32 = floatKernel == .onednn ? measurement.oneDNNFP32 : measurement.openBLASFP32
+        let precision: Precision
+        var reason: String
+        switch requested {
+        case .fp32: (precision, reason) = (.fp32, "fp32 as configured")
+        case .bf16:
+            guard support.supported else { throw PrecisionError.unsupported(isa: support.isa) }
+            (precision, reason) = (.bf16, "bf16 as configured")
+        case .auto:
+            if let bf16 = measurement.oneDNNBF16, support.supported {
+                let ratio = String(format: "%.2f", bf16 / fp32)
+                precision = bf16 >= bfloat16Margin * fp32 ? .bf16 : .fp32
+                reason = precision == .bf16 ? "auto -> bf16 (\(ratio)x fp32, at least \(bfloat16Margin)x needed)"
+                    : "auto -> fp32 (bf16 only \(ratio)x fp32, at least \(bfloat16Margin)x needed)"
+            } else {
+                (precision, reason) = (.fp32, "auto -> fp32 (no bf16 products on this CPU: oneDNN's instruction set is \(support.isa))")
+            }
+        }
+        let kernelName = precision == .bf16 ? "oneDNN" : (floatKernel == .onednn ? "oneDNN" : "OpenBLAS")
+        let summary = "products: \(precision.rawValue) on \(kernelName); precision \(reason); measured on the model's shapes, "
+            + "GFLOP/s per rank: \(measurement.description)"
+        return KernelChoice(precision: precision, floatKernel: floatKernel, measurement: measurement, summary: summary)
+    }
+
+    /// Measures (or reads from the machine's cache) and decides. Collective: every rank calls it
+    /// with the same config; all ranks average the figures and so make the same choice.
+    public static func resolve(_ run: RunConfig, communicator: Communicator) throws -> KernelChoice {
+        let shapes = ProductShapes(run)
+        let measurement = try KernelMeasurement.agreed(shapes: shapes, communicator: communicator)
+        return try decide(precision: run.train.precision, kernel: run.train.kernel, measurement: measurement)
+    }
+}
+
+/// The model's main product shapes, [m, k] x [k, n]: the attention input projection over the
+/// micro-batch and an expert's two products over its expected rows on one rank.
+public struct ProductShapes: Sendable, Hashable, CustomStringConvertible {
+    public var shapes: [SIMD3<Int>]   // (m, n, k)
+
+    public init(_ run: RunConfig) {
+        let tokens = run.train.batchSize * run.model.context, width = run.model.width, hidden = run.model.ffnHidden
+        // On one rank each expert sees tokens·k/E rows per step (R times more on R ranks: the
+        // smaller figure keeps the shapes, and so the cached choice, the same on any rank count).
+        let expertRows = max(16, tokens * run.moe.topK / max(1, run.moe.experts))
+        shapes = [SIMD3(tokens, 3 * width, width), SIMD3(expertRows, hidden, width), SIMD3(expertRows, width, hidden)]
+    }
+
+    public init(shapes: [SIMD3<Int>]) { self.shapes = shapes }
+
+    public var flops: Double { shapes.reduce(0) { $0 + 2 * Double($1[0] * $1[1] * $1[2]) } }
+    public var description: String { shapes.map { "\($0[0])x\($0[1])x\($0[2])" }.joined(separator: ",") }
+}
+
+/// Measured speeds of the candidate kernels on one set of shapes, GFLOP/s per rank.
+public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConvertible {
+    public var openBLASFP32: Double
+    public var oneDNNFP32: Double
+    /// nil where oneDNN has no bf16 products on this CPU.
+    public var oneDNNBF16: Double?
+    /// Where the figures came from: "measured" or "cached" (not part of the cache entry's value).
+    public var source = "measured"
+
+    enum CodingKeys: String, CodingKey { case openBLASFP32 = "openblas_fp32", oneDNNFP32 = "onednn_fp32", oneDNNBF16 = "onednn_bf16" }
+
+    public init(openBLASFP32: Double, oneDNNFP32: Double, oneDNNBF16: Double?, source: String = "measured") {
+        self.openBLASFP32 = openBLASFP32
+        self.oneDNNFP32 = oneDNNFP32
+        self.oneDNNBF16 = oneDNNBF16
+        self.source = source
+    }
+
+    public var description: String {
+        let bf16 = oneDNNBF16.map { String(format: "%.1f", $0) } ?? "n/a"
+        return String(format: "OpenBLAS (%@) fp32 %.1f, oneDNN fp32 %.1f, oneDNN bf16 %@ (%@)",
+                      BLASInfo.coreName, openBLASFP32, oneDNNFP32, bf16, source)
+    }
+
+    /// Times each kernel over `shapes`: best of several runs per shape, each kernel given about
+    /// `budget` seconds. bf16 includes rounding the activation operand (the weights' copy exists).
+    public static func measure(shapes: ProductShapes, budget: Double = 0.08) throws -> KernelMeasurement {
+        let matmul = try OneDNNMatmul(precision: .fp32)
+        let largest = shapes.shapes.reduce(0) { max($0, $1[0] * $1[2], $1[2] * $1[1]) }
+        let a = Tensor<Float>(rows: largest, columns: 1), b = Tensor<Float>(rows: largest, columns: 1)
+        let c = Tensor<Float>(rows: shapes.shapes.reduce(0) { max($0, $1[0] * $1[1]) }, columns: 1)
+        for index in 0..<largest { a.pointer[index] = Float(index % 7) * 0.01; b.pointer[index] = Float(index % 5) * 0.01 }
+        let weights = BFloat16Buffer()
+        weights.round(b.pointer, count: largest)
+        func speed(_ product: (SIMD3<Int>) -> Void) -> Double {
+            var seconds = 0.0
+            for shape in shapes.shapes {
+                product(shape)   // warm-up: primitive creation, packing buffers
+                var best = Double.infinity, spent = 0.0, runs = 0
+                while runs < 3 || (spent < budget / Double(shapes.shapes.count) && runs < 50) {
+                    let started = Clock.nanoseconds()
+                    product(shape)
+                    let elapsed = Double(Clock.nanoseconds() - started) * 1e-9
+                    best = min(best, elapsed)
+                    spent += elapsed
+                    runs += 1
+                }
+                seconds += best
+            }
+            return shapes.flops / seconds / 1e9
+        }
+        let openBLAS = speed { shape in
+            gemm(m: shape[0], n: shape[1], k: shape[2], a: UnsafePointer(a.pointer), b: UnsafePointer(b.pointer), c: c.pointer)
+        }
+        let oneDNN = speed { shape in
+            matmul.gemm(m: shape[0], n: shape[1], k: shape[2], a: UnsafePointer(a.pointer), b: UnsafePointer(b.pointer), c: c.pointer)
+        }
+        var bf16: Double?
+        if BFloat16Support.current.supported {
+            bf16 = speed { shape in
+                let left = matmul.left.round(a.pointer, count: shape[0] * shape[2])
+                matmul.gemm(m: shape[0], n: shape[1], k: shape[2], a: UnsafePointer(left), b: UnsafePointer(weights.pointer), c: c.pointer)
+            }
+        }
+        return KernelMeasurement(openBLASFP32: openBLAS, oneDNNFP32: oneDNN, oneDNNBF16: bf16)
+    }
+
+    /// The figures every rank uses: the machine cache's where every rank has an entry, else
+    /// measured by all ranks at once (so contention is that of a real step); then averaged over
+    /// ranks, so that all decide alike.
+    public static func agreed(shapes: ProductShapes, communicator: Communicator) throws -> KernelMeasurement {
+        let cache = KernelCache(), key = KernelCache.key(shapes: shapes)
+        let cached = cache.read(key)
+        let everyRankCached = try communicator.allReduce(cached == nil ? 0 : 1, op: .min) == 1
+        var measurement: KernelMeasurement
+        if everyRankCached, let cached {
+            measurement = cached
+        } else {
+            try communicator.barrier()
+            measurement = try measure(shapes: shapes)
+        }
+        let hasBF16 = try communicator.allReduce(measurement.oneDNNBF16 == nil ? 0 : 1, op: .min) == 1
+        var figures = [measurement.openBLASFP32, measurement.oneDNNFP32, measurement.oneDNNBF16 ?? 0]
+        try communicator.allReduce(&figures)
+        let ranks = Double(communicator.size)
+        let agreed = KernelMeasurement(openBLASFP32: figures[0] / ranks, oneDNNFP32: figures[1] / ranks,
+                                       oneDNNBF16: hasBF16 ? figures[2] / ranks : nil,
+                                       source: everyRankCached ? "cached in \(cache.file)" : "measured")
+        if !everyRankCached { cache.write(key, agreed) }
+        return agreed
+    }
+}
+
+/// The per-machine cache of kernel measurements: `$MOE_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/swiftmoe/kernels.json`, else `~/.cache/swiftmoe/kernels.json`. A JSON object
+/// from key to measurement. Unreadable or damaged files count as empty (the cache is only a
+/// cache); writes go through a temporary file and a rename, so concurrent ranks never leave a
+/// half-written file.
+public struct KernelCache {
+    public let file: String
+
+    public init(environment: [String: String] = ProcessInfo.processInfo.environment) {
+        if let path = environment["MOE_KERNEL_CACHE"], !path.isEmpty {
+            file = path
+        } else {
+            let base = environment["XDG_CACHE_HOME"].flatMap { $0.isEmpty ? nil : $0 }
+                ?? ((environment["HOME"] ?? NSTemporaryDirectory()) + "/.cache")
+            file = base + "/swiftmoe/kernels.json"
+        }
+    }
+
+    /// What makes figures comparable: the CPU, the libraries' kernels, and the shapes.
+    public static func key(shapes: ProductShapes) -> String {
+        "\(cpuModel)|OpenBLAS \(BLASInfo.coreName)|oneDNN \(BFloat16Support.current.isa)|\(shapes)"
+    }
+
+    static var cpuModel: String {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
+              let colon = line.firstIndex(of: ":") else { return "unknown CPU" }
+        return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+    }
+
+    func entries() -> [String: KernelMeasurement] {
+        guard let data = FileManager.default.contents(atPath: file),
+              let entries = try? JSONDecoder().decode([String: KernelMeasurement].self, from: data) else { return [:] }
+        return entries
+    }
+
+    public func read(_ key: String) -> KernelMeasurement? {
+        entries()[key]
+    }
+
+    /// Best effort: a cache that cannot be written costs a measurement next time, nothing else.
+    public func write(_ key: String, _ measurement: KernelMeasurement) {
+        var all = entries()
+        all[key] = measurement
+        let directory = (file as NSString).deletingLastPathComponent
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        guard let data = try? JSONEncoder().encode(all) else { return }
+        let temporary = file + ".\(getpid()).tmp"
+        guard FileManager.default.createFile(atPath: temporary, contents: data) else { return }
+        if rename(temporary, file) != 0 { unlink(temporary) }
+    }
+}

@@ -1,0 +1,89 @@
+import Foundation
+import XCTest
+
+/// The products' kernel and precision through the `moe` command: chosen by measurement at start,
+/// logged on one line, cached per machine; MFU against the machine's best kernel. Bench-sized
+/// products, so the release binary where launch/test.sh provides it.
+final class KernelChoiceCLITests: XCTestCase {
+    /// configs/bench.yaml's widths (the shapes where kernel speed is meaningful), a few steps.
+    static let benchSizedConfig = """
+        model: {context: 128, width: 256, layers: 1, heads: 4, ffn_hidden: 512, moe_every: 1}
+        moe: {experts: 8, top_k: 2, gate: topk, capacity_factor: 1.25}
+        train: {steps: 2, batch_size: 8, log_every: 1, eval_every: 0, eval_batches: 1}
+        data: {train: data/train.bin, val: data/val.bin}
+        checkpoint: {every: 0, keep: 1}
+        evomoe: {spawn_fraction: 0}
+        """
+
+    func makeWorkspace() throws -> Workspace {
+        let workspace = try Workspace()
+        try workspace.write("bench-sized.yaml", Self.benchSizedConfig)
+        return workspace
+    }
+
+    /// OpenBLAS on its generic Prescott (SSE3) kernels, as its detection gives on a CPU it does
+    /// not know (forced here with the variable): the fp32 products still run fast, on oneDNN,
+    /// and the run says which kernels it measured and chose.
+    func testGenericOpenBLASCoreMovesTheProductsToOneDNN() throws {
+        let workspace = try makeWorkspace()
+        let environment = ["OPENBLAS_CORETYPE": "Prescott", "MOE_KERNEL_CACHE": workspace.path("kernels.json")]
+        let run = try CLI.run(["train", "--config", "bench-sized.yaml", "--run-dir", "run", "--set", "train.precision=fp32"],
+                              in: workspace.url, environment: environment, executable: CLI.fastExecutable)
+        XCTAssertEqual(run.status, 0, run.stderr)
+        let line = try XCTUnwrap(run.stdout.split(separator: "\n").first { $0.hasPrefix("products: ") }, run.stdout)
+        XCTAssertTrue(line.hasPrefix("products: fp32 on oneDNN; precision fp32 as configured"), String(line))
+        XCTAssertTrue(line.contains("OpenBLAS (Prescott) fp32"), String(line))
+        XCTAssertTrue(run.stdout.contains("warning: OPENBLAS_CORETYPE=Prescott is set"), run.stdout)
+    }
+
+    /// `precision: auto` follows the measurement: the cached figures are rewritten to make bf16
+    /// half as fast, then three times as fast, as fp32 (where the CPU has bf16 at all).
+    func testAutoPrecisionFollowsTheMeasurement() throws {
+        let workspace = try makeWorkspace()
+        let cache = workspace.path("kernels.json")
+        let environment = ["MOE_KERNEL_CACHE": cache]
+        let first = try CLI.run(["train", "--config", "bench-sized.yaml", "--run-dir", "measured"], in: workspace.url, environment: environment, executable: CLI.fastExecutable)
+        XCTAssertEqual(first.status, 0, first.stderr)
+        XCTAssertTrue(first.stdout.contains("(measured)"), first.stdout)
+        var entries = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: cache))) as? [String: [String: Double]])
+        XCTAssertEqual(entries.count, 1)
+        let key = entries.keys.first!
+        guard entries[key]!["onednn_bf16"] != nil else { throw XCTSkip("this CPU has no bf16 products: only the fp32 outcome exists") }
+        func run(bf16Ratio: Double) throws -> String {
+            let fp32 = max(entries[key]!["openblas_fp32"]!, entries[key]!["onednn_fp32"]!)
+            entries[key]!["onednn_bf16"] = bf16Ratio * fp32
+            try JSONSerialization.data(withJSONObject: entries).write(to: URL(fileURLWithPath: cache))
+            let result = try CLI.run(["train", "--config", "bench-sized.yaml", "--run-dir", "ratio-\(bf16Ratio)"],
+                                     in: workspace.url, environment: environment, executable: CLI.fastExecutable)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            return result.stdout
+        }
+        let slower = try run(bf16Ratio: 0.5)
+        XCTAssertTrue(slower.contains("precision auto -> fp32 (bf16 only 0.50x fp32"), slower)
+        XCTAssertTrue(slower.contains("(cached in \(cache))"), slower)
+        let faster = try run(bf16Ratio: 3)
+        XCTAssertTrue(faster.contains("products: bf16 on oneDNN; precision auto -> bf16 (3.00x fp32"), faster)
+    }
+
+    /// MFU's denominator is the best fp32 kernel of the machine, not the one trained with: with
+    /// OpenBLAS forced onto its generic kernels and chosen by hand, MFU is against oneDNN's peak
+    /// and the bench warns.
+    func testBenchMFUIsAgainstTheBestKernel() throws {
+        let workspace = try makeWorkspace()
+        let environment = ["OPENBLAS_CORETYPE": "Prescott", "MOE_KERNEL_CACHE": workspace.path("kernels.json")]
+        let result = try CLI.run(["bench", "--config", "bench-sized.yaml", "--steps", "2", "--warmup", "1", "--precision", "fp32",
+                                  "--set", "train.kernel=openblas"], in: workspace.url, environment: environment, executable: CLI.fastExecutable)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any], result.stdout)
+        let peaks = try XCTUnwrap(object["peak_gflops_by_kernel"] as? [String: Double])
+        let openBLAS = try XCTUnwrap(peaks["openblas_fp32"]), oneDNN = try XCTUnwrap(peaks["onednn_fp32"])
+        XCTAssertEqual((object["kernels"] as? [String: String])?["matrix_products"], "openblas_fp32")
+        XCTAssertEqual(object["fp32_peak_gflops"] as? Double, max(openBLAS, oneDNN))
+        let achieved = try XCTUnwrap(object["achieved_gflops"] as? Double), mfu = try XCTUnwrap(object["mfu"] as? Double)
+        XCTAssertEqual(mfu, achieved / max(openBLAS, oneDNN), accuracy: 0.002)
+        XCTAssertGreaterThan(oneDNN, 1.1 * openBLAS, "oneDNN's fp32 against OpenBLAS's SSE3 kernels")
+        let warning = try XCTUnwrap(object["warning"] as? String, result.stdout)
+        XCTAssertTrue(warning.contains("openblas_fp32") && warning.contains("below onednn_fp32"), warning)
+        XCTAssertTrue(result.stderr.contains(warning), result.stderr)
+    }
+}

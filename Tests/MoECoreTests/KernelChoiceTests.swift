@@ -1,0 +1,105 @@
+import Foundation
+import XCTest
+@testable import MoECore
+import MoEIO
+import MoEComm
+
+/// The products' kernel and precision are decided by measured speed, and MFU is reported
+/// against the best kernel of the precision trained in.
+final class KernelChoiceTests: XCTestCase {
+    let withBF16 = BFloat16Support(isa: "avx512_core_bf16", supported: true)
+
+    func testAutoPrecisionTakesBF16OnlyWhereItMeasuresClearlyFaster() throws {
+        // AMD Zen 4/5: bf16 about twice fp32.
+        let zen = KernelMeasurement(openBLASFP32: 105, oneDNNFP32: 115, oneDNNBF16: 214)
+        let fast = try KernelChoice.decide(precision: .auto, kernel: .auto, measurement: zen, support: withBF16)
+        XCTAssertEqual(fast.precision, .bf16)
+        XCTAssertTrue(fast.summary.contains("auto -> bf16 (1.86x fp32"), fast.summary)
+        // Intel Xeon without AMX: bf16 at half fp32's speed.
+        let xeon = KernelMeasurement(openBLASFP32: 150, oneDNNFP32: 168, oneDNNBF16: 77)
+        let slow = try KernelChoice.decide(precision: .auto, kernel: .auto, measurement: xeon, support: withBF16)
+        XCTAssertEqual(slow.precision, .fp32)
+        XCTAssertTrue(slow.summary.contains("auto -> fp32 (bf16 only 0.46x fp32"), slow.summary)
+        // Below the margin: not worth bf16's rounding.
+        let close = KernelMeasurement(openBLASFP32: 100, oneDNNFP32: 90, oneDNNBF16: 110)
+        XCTAssertEqual(try KernelChoice.decide(precision: .auto, kernel: .auto, measurement: close, support: withBF16).precision, .fp32)
+        // Explicit choices stand whatever the figures.
+        XCTAssertEqual(try KernelChoice.decide(precision: .bf16, kernel: .auto, measurement: xeon, support: withBF16).precision, .bf16)
+        XCTAssertEqual(try KernelChoice.decide(precision: .fp32, kernel: .auto, measurement: zen, support: withBF16).precision, .fp32)
+    }
+
+    /// OpenBLAS on a generic core (its detection's fallback on a CPU it does not know) is several
+    /// times slower than oneDNN: the fp32 products move to oneDNN. A near tie keeps OpenBLAS.
+    func testFloatKernelIsTheFasterLibrary() throws {
+        let generic = KernelMeasurement(openBLASFP32: 33, oneDNNFP32: 168, oneDNNBF16: 77)
+        let choice = try KernelChoice.decide(precision: .auto, kernel: .auto, measurement: generic, support: withBF16)
+        XCTAssertEqual(choice.floatKernel, .onednn)
+        XCTAssertEqual(choice.precision, .fp32)
+        XCTAssertTrue(choice.summary.hasPrefix("products: fp32 on oneDNN"), choice.summary)
+        let tie = KernelMeasurement(openBLASFP32: 100, oneDNNFP32: 103, oneDNNBF16: nil)
+        XCTAssertEqual(try KernelChoice.decide(precision: .fp32, kernel: .auto, measurement: tie, support: withBF16).floatKernel, .openblas)
+        XCTAssertEqual(try KernelChoice.decide(precision: .fp32, kernel: .openblas, measurement: generic, support: withBF16).floatKernel, .openblas)
+        XCTAssertEqual(try KernelChoice.decide(precision: .fp32, kernel: .onednn, measurement: tie, support: withBF16).floatKernel, .onednn)
+    }
+
+    /// A model whose products run on oneDNN in fp32 (attention's batched path included) computes
+    /// the loss and gradients the OpenBLAS one does, up to summation order.
+    func testOneDNNFloatProductsMatchOpenBLAS() throws {
+        var run = RunConfig()
+        run.model.context = 16; run.model.width = 32; run.model.layers = 2; run.model.heads = 2; run.model.ffnHidden = 64
+        run.moe.experts = 4; run.moe.topK = 2; run.moe.gate = .topk; run.moe.capacityFactor = 4
+        run.evomoe.spawnFraction = 0
+        run.train.precision = .fp32
+        let tokens: [Int32] = (0..<64).map { Int32(($0 * 37 + $0 / 3) % 256) }
+        let targets: [Int32] = tokens.map { ($0 + 1) % 256 }
+        var losses: [KernelSetting: Double] = [:], gradients: [KernelSetting: [Float]] = [:]
+        for kernel in [KernelSetting.openblas, .onednn] {
+            run.train.kernel = kernel
+            let model = try GPTModel<Float>(run, vocabularySize: 256, communicator: SingleRankCommunicator())
+            XCTAssertEqual(model.kernels?.floatKernel.rawValue, kernel.rawValue)
+            XCTAssertEqual(model.replicated.matmul != nil, kernel == .onednn)
+            model.initializeParameters(seed: 5)
+            model.zeroGradients()
+            losses[kernel] = try model.forward(tokens: tokens, targets: targets, batch: 4, length: 16, training: true, globalTokens: 64,
+                                               firstGlobalToken: 0, noiseKey: RandomKey(1)).localLoss
+            try model.backward(globalTokens: 64)
+            gradients[kernel] = Array(UnsafeBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
+                + Array(UnsafeBufferPointer(start: model.experts.gradients, count: model.experts.count))
+        }
+        XCTAssertEqual(losses[.openblas]!, losses[.onednn]!, accuracy: 1e-5)
+        let reference = gradients[.openblas]!, other = gradients[.onednn]!
+        let scale = reference.map { abs($0) }.max()!
+        XCTAssertGreaterThan(scale, 0)
+        for (a, b) in zip(reference, other) { XCTAssertEqual(a, b, accuracy: 1e-4 * scale) }
+    }
+
+    /// MFU's denominator is the best peak of the precision trained in over every kernel, not the
+    /// chosen kernel's own peak; a kernel more than 10% below the best is named in a warning.
+    func testMFUIsAgainstTheBestKernelOfThePrecision() {
+        let peaks = Benchmark.Peaks(byKernel: [.openBLASFP32: 66, .oneDNNFP32: 336, .oneDNNBF16: 150])
+        XCTAssertEqual(peaks.best(.fp32), 336)
+        XCTAssertEqual(peaks.best(.bf16), 150)
+        let warning = Benchmark.kernelWarning(.openBLASFP32, peaks: peaks)
+        XCTAssertNotNil(warning)
+        XCTAssertTrue(warning!.contains("openblas_fp32 at 66.0 GFLOP/s, 80% below onednn_fp32 (336.0)"), warning!)
+        XCTAssertNil(Benchmark.kernelWarning(.oneDNNFP32, peaks: peaks))
+        let near = Benchmark.Peaks(byKernel: [.openBLASFP32: 310, .oneDNNFP32: 336])
+        XCTAssertNil(Benchmark.kernelWarning(.openBLASFP32, peaks: near), "within 10% of the best")
+    }
+
+    /// The cache: a measurement written is read back under its key; a damaged file is empty.
+    func testKernelCacheRoundTripsAndSurvivesDamage() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("kernel-cache-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let cache = KernelCache(environment: ["MOE_KERNEL_CACHE": directory.appendingPathComponent("k.json").path])
+        let measurement = KernelMeasurement(openBLASFP32: 1.5, oneDNNFP32: 2.5, oneDNNBF16: nil)
+        XCTAssertNil(cache.read("a"))
+        cache.write("a", measurement)
+        cache.write("b", KernelMeasurement(openBLASFP32: 3, oneDNNFP32: 4, oneDNNBF16: 5))
+        XCTAssertEqual(cache.read("a")?.oneDNNFP32, 2.5)
+        XCTAssertNil(cache.read("a")?.oneDNNBF16)
+        XCTAssertEqual(cache.read("b")?.oneDNNBF16, 5)
+        try Data("{not json".utf8).write(to: URL(fileURLWithPath: cache.file))
+        XCTAssertNil(cache.read("a"))
+    }
+}
