@@ -1,3 +1,5 @@
+import CVectorMath
+
 /// bfloat16: the upper 16 bits of an IEEE binary32 (1 sign, 8 exponent, 7 stored mantissa
 /// bits, so 8 significant bits and the same range as Float). Matrix-product inputs are rounded
 /// to it in bf16 mode; everything else stays Float.
@@ -55,7 +57,7 @@ struct VectorRounding {
         let rounded = (bits &+ half &+ ((bits &>> 16) & one)) &>> 16
         let nan = (bits & magnitudeMask) .> infinity
         let result = rounded.replacing(with: (bits | quiet) &>> 16, where: nan)
-        UnsafeMutableRawPointer(destination).storeBytes(of: SIMD16<UInt16>(truncatingIfNeeded: result), as: SIMD16<UInt16>.self)
+        UnsafeMutableRawPointer(destination).storeBytes(of: swiftmoe_narrow16(result), as: SIMD16<UInt16>.self)
     }
 }
 

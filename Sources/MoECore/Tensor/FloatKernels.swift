@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CVectorMath
 
 // Float fast paths of the element-wise kernels in Kernels.swift.
 //
@@ -117,7 +118,7 @@ enum FloatKernels {
             let v = load(second + index) * beta2 + g * g * oneMinusBeta2
             store(m, first + index)
             store(v, second + index)
-            let updated = load(values + index) * decay - stepSize * m / (v.squareRoot() + epsilon)
+            let updated = load(values + index) * decay - stepSize * m / (swiftmoe_sqrt16(v) + epsilon)
             store(updated, values + index)
             return updated
         }
