@@ -121,6 +121,7 @@ public final class BalancedAssignmentPolicy<T: Scalar>: SelectionPolicy {
         self.epsilon = epsilon
     }
 
+    @_specialize(where T == Float)
     public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
         let experts = expertCount, a = scores.logits
         guard context.training else {
@@ -145,6 +146,7 @@ public final class BalancedAssignmentPolicy<T: Scalar>: SelectionPolicy {
     }
 
     /// w = α = σ(A[s, a]): dA[s, a] = dw α (1 - α); the assignment itself is constant.
+    @_specialize(where T == Float)
     public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {
         sigmoidWeightsBackward(dWeights, routing: routing, into: dLogits)
     }

@@ -20,6 +20,7 @@ public final class ExpertChoicePolicy<T: Scalar>: SelectionPolicy {
         min(globalTokens, Int((Double(globalTokens) * capacityFactor / Double(expertCount)).rounded(.up)))
     }
 
+    @_specialize(where T == Float)
     public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
         let experts = expertCount, total = context.globalTokens, first = context.firstGlobalToken
         scores.softmax(rows: rows)
@@ -45,6 +46,7 @@ public final class ExpertChoicePolicy<T: Scalar>: SelectionPolicy {
     }
 
     /// dS = dw on the chosen pairs, then the per-token softmax backward.
+    @_specialize(where T == Float)
     public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {
         let experts = expertCount
         for s in 0..<dLogits.rows {

@@ -29,6 +29,7 @@ public final class LinearRouter<T: Scalar>: Router {
         if let orthogonal { orthogonalColumns(weight, gain: orthogonal.gain, key: orthogonal.key(seed, layer)) }
     }
 
+    @_specialize(where T == Float)
     public func forward(_ x: UnsafePointer<T>, rows: Int, context: RoutingContext, into logits: Tensor<T>) {
         jittered = context.training && jitter > 0
         let input = jittered ? UnsafePointer(jitter(x, rows: rows, context: context)) : x
@@ -54,6 +55,7 @@ public final class LinearRouter<T: Scalar>: Router {
     }
 
     /// dW += x'ᵀ dl, db += Σ_s dl, dx += (dl Wᵀ) (⊙ u with jitter, where x' = x ⊙ u).
+    @_specialize(where T == Float)
     public func backward(_ x: UnsafePointer<T>, rows: Int, dLogits: UnsafePointer<T>, dx: UnsafeMutablePointer<T>) {
         let experts = expertCount, width = weight.rows
         if let bias { Kernels.addColumnSums(dLogits, rows: rows, columns: experts, into: bias.gradient) }

@@ -49,6 +49,7 @@ public final class StableMoEPolicy<T: Scalar>: SelectionPolicy {
         [(distilledTable, isStage2(step: step)), (distilledCentroids, isStage2(step: step))]
     }
 
+    @_specialize(where T == Float)
     public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
         guard let ids = context.tokenIds else { preconditionFailure("stablemoe needs the token ids") }
         let experts = expertCount, width = distilledTable.columns, a = scores.logits
@@ -89,6 +90,7 @@ public final class StableMoEPolicy<T: Scalar>: SelectionPolicy {
         }
     }
 
+    @_specialize(where T == Float)
     public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {
         sigmoidWeightsBackward(dWeights, routing: routing, into: dLogits)
     }
@@ -110,6 +112,7 @@ public final class StableBalanceLoss<T: Scalar>: AuxiliaryLoss {
 
     public var sumCount: Int { balanceScale.count }
 
+    @_specialize(where T == Float)
     public func accumulate(_ input: LossInput<T>, into sums: UnsafeMutablePointer<Double>) {
         guard policy.stage1 else { return }
         for s in 0..<input.rows { sums[policy.choice[s]] += Double(sigmoid(input.scores.logits[s, policy.choice[s]])) }
@@ -126,6 +129,7 @@ public final class StableBalanceLoss<T: Scalar>: AuxiliaryLoss {
         return coefficient * total / n
     }
 
+    @_specialize(where T == Float)
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         guard policy.stage1 else { return }
         for s in 0..<input.rows {
@@ -149,6 +153,7 @@ public final class DistillationLoss<T: Scalar>: AuxiliaryLoss {
     public var sumCount: Int { 1 }
 
     /// Σ_s CE; the distilled rows become their probabilities (kept for the backward).
+    @_specialize(where T == Float)
     public func accumulate(_ input: LossInput<T>, into sums: UnsafeMutablePointer<Double>) {
         guard policy.stage1 else { return }
         for s in 0..<input.rows {
@@ -162,6 +167,7 @@ public final class DistillationLoss<T: Scalar>: AuxiliaryLoss {
     }
 
     /// d logits = coefficient/N (p - onehot), into D[v] and Ĉ.
+    @_specialize(where T == Float)
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         guard policy.stage1 else { return }
         let experts = policy.expertCount, width = policy.distilledTable.columns, scale = T(coefficient * input.weight / input.tokens)

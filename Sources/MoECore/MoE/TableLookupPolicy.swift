@@ -38,11 +38,13 @@ public final class TableLookupPolicy<T: Scalar>: SelectionPolicy {
         }
     }
 
+    @_specialize(where T == Float)
     public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
         guard let ids = context.tokenIds else { preconditionFailure("hash routing needs the token ids") }
         for s in 0..<rows { routing.append(token: s, expert: Int(table.value[Int(ids[s])].rounded()), weight: 1) }
     }
 
     /// The weights are constants: nothing to propagate.
+    @_specialize(where T == Float)
     public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {}
 }

@@ -83,6 +83,7 @@ public final class ThresholdPolicy<T: Scalar>: SelectionPolicy {
         return schedule.isHard(step: step) ? .hard : .soft
     }
 
+    @_specialize(where T == Float)
     public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
         let experts = expertCount
         training = context.training
@@ -164,6 +165,7 @@ public final class ThresholdPolicy<T: Scalar>: SelectionPolicy {
 
     /// relu: dl = dw on kept pairs. dts: dl = p ⊙ (dp - <p, dp>), or (1/τ) q ⊙ (dq - <q, dq>) with
     /// Gumbel weights. activation: du = G ⊙ (dG - <G, dG>), dl = du φ'(l) / τ.
+    @_specialize(where T == Float)
     public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {
         let experts = expertCount, tau = T(temperature)
         for s in 0..<dLogits.rows {
@@ -203,6 +205,7 @@ public final class SelectionBalanceLoss<T: Scalar>: AuxiliaryLoss {
     public var sumCount: Int { selectionFraction.count }
 
     /// Σ_s w_{s,e} per expert.
+    @_specialize(where T == Float)
     public func accumulate(_ input: LossInput<T>, into sums: UnsafeMutablePointer<Double>) {
         addWeightSums(input.routing, into: sums)
     }
@@ -218,6 +221,7 @@ public final class SelectionBalanceLoss<T: Scalar>: AuxiliaryLoss {
         return input.routing.training ? coefficient * Double(experts) * total : 0
     }
 
+    @_specialize(where T == Float)
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         guard input.routing.training else { return }
         let scale = T(coefficient * input.weight * Double(selectionFraction.count) / input.tokens)
@@ -249,6 +253,7 @@ public final class SparsityRegularizer<T: Scalar>: AuxiliaryLoss {
     public var sumCount: Int { fraction.count }
 
     /// Σ_s r_{s,e} per expert.
+    @_specialize(where T == Float)
     public func accumulate(_ input: LossInput<T>, into sums: UnsafeMutablePointer<Double>) {
         addWeightSums(input.routing, into: sums)
     }
@@ -265,6 +270,7 @@ public final class SparsityRegularizer<T: Scalar>: AuxiliaryLoss {
     }
 
     /// dr_{s,e} += (λ/L) f_e / N on the active pairs.
+    @_specialize(where T == Float)
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         addPerExpertGradient(input.routing, scale: T(coefficient * input.weight / input.tokens), perExpert: fraction, into: dWeights)
     }

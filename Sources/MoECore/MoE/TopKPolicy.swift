@@ -49,6 +49,7 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
         return min(globalTokens, max(minimumCapacity, raw))
     }
 
+    @_specialize(where T == Float)
     public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
         scores.softmax(rows: rows)
         resizeCaches(rows: rows)
@@ -155,6 +156,7 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
 
     /// none: w = p on the kept pairs, dl = p ⊙ (dp - <p, dp>). Renormalised: w = softmax over the
     /// normalising set K (selected for before_drop, kept for after_drop), dl_j += w_j (dw_j - Σ_K w_i dw_i).
+    @_specialize(where T == Float)
     public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {
         let experts = expertCount
         for s in 0..<dLogits.rows {
@@ -203,6 +205,7 @@ public final class LoadBalanceLoss<T: Scalar>: AuxiliaryLoss {
     public var sumCount: Int { fraction.count }
 
     /// Σ_s p_{s,e} per expert.
+    @_specialize(where T == Float)
     public func accumulate(_ input: LossInput<T>, into sums: UnsafeMutablePointer<Double>) {
         let p = input.scores.probabilities, experts = p.columns
         for s in 0..<input.rows { for e in 0..<experts { sums[e] += Double(p[s, e]) } }
@@ -221,6 +224,7 @@ public final class LoadBalanceLoss<T: Scalar>: AuxiliaryLoss {
     }
 
     /// dl_s = p_s ⊙ (g - <p_s, g>) with g_e = α E f_e / N.
+    @_specialize(where T == Float)
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         let experts = fraction.count, scale = T(coefficient * input.weight) * T(experts) / T(input.tokens)
         for s in 0..<input.rows {
@@ -239,6 +243,7 @@ public final class RouterZLoss<T: Scalar>: AuxiliaryLoss {
     public init(coefficient: Double) { self.coefficient = coefficient }
     public var sumCount: Int { 1 }
 
+    @_specialize(where T == Float)
     public func accumulate(_ input: LossInput<T>, into sums: UnsafeMutablePointer<Double>) {
         for s in 0..<input.rows { sums[0] += Double(input.scores.logSumExp[s] * input.scores.logSumExp[s]) }
     }
@@ -246,6 +251,7 @@ public final class RouterZLoss<T: Scalar>: AuxiliaryLoss {
     public func value(_ input: LossInput<T>, sums: UnsafePointer<Double>) -> Double { coefficient * sums[0] / input.tokens }
 
     /// d(lse²)/dl = 2 lse p.
+    @_specialize(where T == Float)
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         let scale = T(coefficient * input.weight) * 2 / T(input.tokens), experts = dLogits.columns
         for s in 0..<input.rows {
