@@ -137,14 +137,14 @@ final class LayerGradientTests: XCTestCase {
         store.initialize(key: RandomKey(12))
         let x = randomTensor(rows: 3, columns: 4, seed: 13, scale: 3), projection = randomTensor(rows: 3, columns: 4, seed: 14)
         let y = Tensor<Double>(rows: 3, columns: 4), dx = Tensor<Double>(rows: 3, columns: 4)
-        let pre = Tensor<Double>(rows: 3, columns: 6), act = Tensor<Double>(rows: 3, columns: 6), scratch = Tensor<Double>(rows: 3, columns: 6)
+        let hidden = FeedForwardStorage<Double>(), scratch = Tensor<Double>(rows: 3, columns: 6)
+        hidden.resize(rows: 3, hiddenSize: 6, rounded: false)
         func loss() -> Double {
-            ffn.forward(x.pointer, rows: 3, into: y.pointer, preActivation: pre.pointer, activation: act.pointer)
+            ffn.forward(x.pointer, rows: 3, into: y.pointer, hidden: hidden.hidden())
             return projectedLoss(y, projection)
         }
         _ = loss()
-        ffn.backward(x.pointer, projection.pointer, rows: 3, dx: dx.pointer, preActivation: pre.pointer,
-                     activation: act.pointer, scratch: scratch.pointer)
+        ffn.backward(x.pointer, projection.pointer, rows: 3, dx: dx.pointer, hidden: hidden.hidden(), scratch: scratch.pointer)
         for (name, parameter) in [("up.weight", ffn.up.weight), ("up.bias", ffn.up.bias!),
                                   ("down.weight", ffn.down.weight), ("down.bias", ffn.down.bias!)] {
             checker.check(name, values: parameter.value, gradients: parameter.gradient, count: parameter.count, loss: loss)
@@ -230,5 +230,41 @@ final class LayerGradientTests: XCTestCase {
         close(floatSecond, doubleSecond, 1e-6, "adamw second moment")
         // The bf16 copy written in the same pass (vector blocks and tail) is the values' rounding.
         XCTAssertEqual(floatRounded, floatValues.map(BFloat16.init), "adamw's fused bf16 copy")
+    }
+
+    /// The FFN hidden layer's fused passes (Float) compute, bit for bit, what the unfused steps
+    /// do: addBias, GELU and rounding forward; GELU', the bias column sums and rounding backward.
+    /// 37 columns: two vector blocks and a tail per row.
+    func testFusedFeedForwardPassesEqualTheUnfusedSteps() {
+        let rows = 5, columns = 37, count = rows * columns
+        let key = RandomKey(7)
+        let pre = (0..<count).map { Float(key.normal($0) * 2) }, bias = (0..<columns).map { Float(key.derive(1).normal($0)) }
+        let dActivation = (0..<count).map { Float(key.derive(2).normal($0)) }
+        let gradientStart = (0..<columns).map { Float(key.derive(3).normal($0)) }
+        // Unfused reference.
+        var referencePre = pre, referenceActivation = [Float](repeating: 0, count: count)
+        Kernels.addBias(bias, to: &referencePre, rows: rows, columns: columns)
+        Kernels.geluForward(&referencePre, &referenceActivation, count: count)
+        var referenceRounded = [BFloat16](repeating: BFloat16(bitPattern: 0), count: count)
+        BFloat16.round(referenceActivation, into: &referenceRounded, count: count)
+        var referenceD = [Float](repeating: 0, count: count), referenceBias = gradientStart
+        Kernels.geluBackward(referencePre, dActivation, &referenceD, count: count)
+        Kernels.addColumnSums(referenceD, rows: rows, columns: columns, into: &referenceBias)
+        // Fused.
+        var fusedPre = pre, fusedActivation = [Float](repeating: 0, count: count)
+        var fusedRounded = [BFloat16](repeating: BFloat16(bitPattern: 0), count: count)
+        FloatKernels.biasGELU(&fusedPre, bias: bias, rows: rows, columns: columns, activation: &fusedActivation, rounded: &fusedRounded)
+        XCTAssertEqual(fusedPre, referencePre)
+        XCTAssertEqual(fusedActivation, referenceActivation)
+        XCTAssertEqual(fusedRounded, referenceRounded)
+        var fusedD = dActivation, fusedBias = gradientStart, fusedDRounded = [BFloat16](repeating: BFloat16(bitPattern: 0), count: count)
+        FloatKernels.geluBackwardBias(fusedPre, &fusedD, rows: rows, columns: columns, biasGradient: &fusedBias, rounded: &fusedDRounded)
+        XCTAssertEqual(fusedD, referenceD)
+        XCTAssertEqual(fusedBias, referenceBias)
+        XCTAssertEqual(fusedDRounded, referenceD.map(BFloat16.init))
+        // Without a bf16 copy (fp32 products) the values are the same.
+        var plainPre = pre, plainActivation = [Float](repeating: 0, count: count)
+        FloatKernels.biasGELU(&plainPre, bias: bias, rows: rows, columns: columns, activation: &plainActivation, rounded: nil)
+        XCTAssertEqual(plainActivation, referenceActivation)
     }
 }

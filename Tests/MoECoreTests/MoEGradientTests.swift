@@ -157,11 +157,10 @@ final class MoEGradientTests: XCTestCase {
         let dxMoE = Tensor<Double>(rows: fixture.rows, columns: fixture.width), dxDense = Tensor<Double>(rows: fixture.rows, columns: fixture.width)
         try fixture.layer.forward(x.pointer, rows: fixture.rows, into: yMoE.pointer, context: fixture.context())
         try fixture.layer.backward(x.pointer, dy.pointer, rows: fixture.rows, dx: dxMoE.pointer)
-        let pre = Tensor<Double>(rows: fixture.rows, columns: 5), act = Tensor<Double>(rows: fixture.rows, columns: 5)
-        let scratch = Tensor<Double>(rows: fixture.rows, columns: 5)
-        dense.forward(x.pointer, rows: fixture.rows, into: yDense.pointer, preActivation: pre.pointer, activation: act.pointer)
-        dense.backward(x.pointer, dy.pointer, rows: fixture.rows, dx: dxDense.pointer, preActivation: pre.pointer,
-                       activation: act.pointer, scratch: scratch.pointer)
+        let hidden = FeedForwardStorage<Double>(), scratch = Tensor<Double>(rows: fixture.rows, columns: 5)
+        hidden.resize(rows: fixture.rows, hiddenSize: 5, rounded: false)
+        dense.forward(x.pointer, rows: fixture.rows, into: yDense.pointer, hidden: hidden.hidden())
+        dense.backward(x.pointer, dy.pointer, rows: fixture.rows, dx: dxDense.pointer, hidden: hidden.hidden(), scratch: scratch.pointer)
         XCTAssertEqual(yMoE.array, yDense.array)
         XCTAssertEqual(dxMoE.array, dxDense.array)
         for index in 0..<denseStore.count { XCTAssertEqual(fixture.expertStore.gradients[index], denseStore.gradients[index]) }

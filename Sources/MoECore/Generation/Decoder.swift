@@ -13,7 +13,7 @@ public final class DecodeCache<T: Scalar> {
     var keys: [Tensor<T>] = [], values: [Tensor<T>] = []
     // Per-call activations [n, C | 3C | H], scratch and norm caches.
     let stream = Tensor<T>(), normed = Tensor<T>(), qkv = Tensor<T>(), heads = Tensor<T>(), output = Tensor<T>()
-    let scores = Tensor<T>(), hidden = Tensor<T>(), activated = Tensor<T>(), logits = Tensor<T>()
+    let scores = Tensor<T>(), hidden = FeedForwardStorage<T>(), logits = Tensor<T>()
     let normCache = LayerNorm<T>.Cache()
 
     public init() {}
@@ -98,10 +98,8 @@ extension GPTModel {
         let rows = tokens.count
         switch block {
         case let .dense(ffn):
-            cache.hidden.resize(rows: rows, columns: ffn.hiddenSize)
-            cache.activated.resize(rows: rows, columns: ffn.hiddenSize)
-            ffn.forward(cache.normed.pointer, rows: rows, into: cache.output.pointer,
-                        preActivation: cache.hidden.pointer, activation: cache.activated.pointer)
+            cache.hidden.resize(rows: rows, hiddenSize: ffn.hiddenSize, rounded: false)
+            ffn.forward(cache.normed.pointer, rows: rows, into: cache.output.pointer, hidden: cache.hidden.hidden())
         case let .moe(moe):
             try tokens.withUnsafeBufferPointer { ids in
                 var context = RoutingContext(training: false, communicator: communicator, globalTokens: rows, firstGlobalToken: 0,

@@ -1,5 +1,11 @@
 /// The expert MLP: y = GELU(x W1 + b1) W2 + b2. x, y: [N, C]; hidden: [N, H].
 /// A dense FFN block is one of these; an MoE layer holds one per expert.
+///
+/// In Float the hidden layer's element-wise work is one pass each way (`FloatKernels`):
+/// forward adds b1, applies GELU and, in bf16 mode, writes the activation's bf16 copy, which
+/// both the down projection and its weight gradient multiply with; backward applies GELU',
+/// sums b1's gradient and writes dHidden's bf16 copy for the up projection's two products.
+/// Double (the gradient checks) runs the same steps one pass at a time.
 public struct FeedForward<T: Scalar, Kind> {
     public let up: Linear<T, Kind>     // [C, H]
     public let down: Linear<T, Kind>   // [H, C]
@@ -13,20 +19,73 @@ public struct FeedForward<T: Scalar, Kind> {
                       deviation: residualDeviation)
     }
 
-    /// preActivation, activation: [rows, H], the caller's storage (kept for backward).
-    public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>,
-                        preActivation: UnsafeMutablePointer<T>, activation: UnsafeMutablePointer<T>) {
-        up.forward(x, rows: rows, into: preActivation)
-        Kernels.geluForward(preActivation, activation, count: rows * hiddenSize)
-        down.forward(activation, rows: rows, into: y)
+    /// hidden: the caller's storage for `rows` rows, kept for backward.
+    public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, hidden: FeedForwardHidden<T>) {
+        guard T.self == Float.self, let bias = up.bias else {
+            up.forward(x, rows: rows, into: hidden.preActivation)
+            Kernels.geluForward(hidden.preActivation, hidden.activation, count: rows * hiddenSize)
+            return down.forward(hidden.activation, rows: rows, into: y)
+        }
+        up.forward(.values(x), rows: rows, into: hidden.preActivation, addingBias: false)
+        FloatKernels.biasGELU(asFloat(hidden.preActivation), bias: asFloat(UnsafePointer(bias.value)), rows: rows, columns: hiddenSize,
+                              activation: asFloat(hidden.activation), rounded: hidden.roundedActivation)
+        down.forward(hidden.activationOperand, rows: rows, into: y, addingBias: true)
     }
 
     /// Adjoint; `scratch` [rows, H] receives dHidden. dx is accumulated.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
-                         preActivation: UnsafePointer<T>, activation: UnsafePointer<T>, scratch: UnsafeMutablePointer<T>) {
-        scratch.update(repeating: 0, count: rows * hiddenSize)
-        down.backward(activation, dy, rows: rows, dx: scratch)
-        Kernels.geluBackward(preActivation, scratch, scratch, count: rows * hiddenSize)
-        up.backward(x, scratch, rows: rows, dx: dx)
+                         hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+        guard T.self == Float.self, let bias = up.bias else {
+            scratch.update(repeating: 0, count: rows * hiddenSize)
+            down.backward(hidden.activation, dy, rows: rows, dx: scratch)
+            Kernels.geluBackward(hidden.preActivation, scratch, scratch, count: rows * hiddenSize)
+            return up.backward(x, scratch, rows: rows, dx: dx)
+        }
+        let matmul = up.weight.store.matmul
+        // dHidden = dy W2ᵀ written (not added) into the scratch: no zeroing pass.
+        down.backward(hidden.activationOperand, .values(dy), rows: rows, dx: scratch, dxBeta: 0)
+        // dPre = dHidden GELU'(pre), db1 = Σ_rows dPre, and dPre's bf16 copy, in one pass.
+        let rounded = matmul?.rounding.map { $0.right.reserved(rows * hiddenSize) }
+        FloatKernels.geluBackwardBias(asFloat(UnsafePointer(hidden.preActivation)), asFloat(scratch), rows: rows, columns: hiddenSize,
+                                      biasGradient: asFloat(bias.gradient), rounded: rounded)
+        up.backward(.values(x), .prerounded(UnsafePointer(scratch), rounded.map { UnsafePointer($0) }), rows: rows, dx: dx,
+                    dxBeta: 1, biasGradient: false)
+    }
+}
+
+/// A feed-forward pass's hidden layer, [rows, H] each, in the caller's storage: what backward
+/// needs (the pre-activation for GELU', the activation for the down projection's weight
+/// gradient, and in bf16 mode the activation's bf16 copy that both products use).
+public struct FeedForwardHidden<T: Scalar> {
+    public let preActivation: UnsafeMutablePointer<T>
+    public let activation: UnsafeMutablePointer<T>
+    public let roundedActivation: UnsafeMutablePointer<BFloat16>?
+
+    var activationOperand: ProductOperand<T> { .prerounded(activation, roundedActivation.map { UnsafePointer($0) }) }
+}
+
+/// Storage for `FeedForwardHidden` of up to `rows` rows, grown as needed; MoE layers take views
+/// of consecutive row blocks, one per expert.
+public final class FeedForwardStorage<T: Scalar> {
+    let preActivation = Tensor<T>(), activation = Tensor<T>()
+    let roundedActivation = BFloat16Buffer()
+    private var keepsRoundedCopy = false
+    private var hiddenSize = 0
+
+    public init() {}
+
+    /// rounded: whether products run in bf16 (the activation's bf16 copy is kept).
+    public func resize(rows: Int, hiddenSize: Int, rounded: Bool) {
+        preActivation.resize(rows: rows, columns: hiddenSize)
+        activation.resize(rows: rows, columns: hiddenSize)
+        if rounded { roundedActivation.reserve(rows * hiddenSize) }
+        (keepsRoundedCopy, self.hiddenSize) = (rounded, hiddenSize)
+    }
+
+    /// The view of rows from `start` on.
+    public func hidden(fromRow start: Int = 0) -> FeedForwardHidden<T> {
+        let offset = start * hiddenSize
+        return FeedForwardHidden(preActivation: preActivation.pointer + offset, activation: activation.pointer + offset,
+                                 roundedActivation: keepsRoundedCopy ? roundedActivation.pointer + offset : nil)
     }
 }

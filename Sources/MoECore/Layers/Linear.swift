@@ -23,22 +23,40 @@ public struct Linear<T: Scalar, Kind> {
 
     /// y = x W + b (overwrites y).
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>) {
-        matrixProduct(weight.store.matmul, m: rows, n: outputSize, k: inputSize, a: .values(x), b: weight.operand, c: y)
-        if let bias { Kernels.addBias(bias.value, to: y, rows: rows, columns: outputSize) }
+        forward(.values(x), rows: rows, into: y, addingBias: true)
+    }
+
+    /// y = x W (+ b), with x as a product operand (a bf16 copy a fused pass made is used as is);
+    /// without the bias when the caller's next pass adds it.
+    public func forward(_ x: ProductOperand<T>, rows: Int, into y: UnsafeMutablePointer<T>, addingBias: Bool) {
+        matrixProduct(weight.store.matmul, m: rows, n: outputSize, k: inputSize, a: x, b: weight.operand, c: y)
+        if addingBias, let bias { Kernels.addBias(bias.value, to: y, rows: rows, columns: outputSize) }
     }
 
     /// Adjoint of `forward`: dW += xᵀ dy, db += Σ_rows dy, dx += dy Wᵀ (if dx is given).
     /// In bf16 mode x is rounded again here rather than kept from forward (a pass over memory
     /// instead of its memory for the whole step), and dy is rounded once for both products.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>?) {
-        if let bias { Kernels.addColumnSums(dy, rows: rows, columns: outputSize, into: bias.gradient) }
+        backward(.values(x), .values(dy), rows: rows, dx: dx, dxBeta: 1)
+    }
+
+    /// The adjoint with x and dy as product operands (bf16 copies made by a fused pass are used
+    /// as they are; plain dy values are rounded once for both products): dW += xᵀ dy,
+    /// db += Σ_rows dy unless the caller's pass summed it (`biasGradient` false), and
+    /// dx = dy Wᵀ + dxBeta dx (dxBeta 0 or 1).
+    public func backward(_ x: ProductOperand<T>, _ dy: ProductOperand<T>, rows: Int, dx: UnsafeMutablePointer<T>?, dxBeta: T,
+                         biasGradient: Bool = true) {
+        if biasGradient, let bias { Kernels.addColumnSums(dy.values, rows: rows, columns: outputSize, into: bias.gradient) }
         let matmul = weight.store.matmul
-        let dyOperand = ProductOperand.roundedOnce(dy, count: rows * outputSize, into: matmul?.rounding?.right)
-        matrixProduct(matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: .values(x),
+        var dyOperand = dy
+        if case let .values(values) = dy {
+            dyOperand = ProductOperand.roundedOnce(values, count: rows * outputSize, into: matmul?.rounding?.right)
+        }
+        matrixProduct(matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: x,
                       b: dyOperand, beta: 1, c: weight.gradient)
         if let dx {
             matrixProduct(matmul, transposeB: true, m: rows, n: inputSize, k: outputSize, a: dyOperand,
-                          b: weight.operand, beta: 1, c: dx)
+                          b: weight.operand, beta: dxBeta, c: dx)
         }
     }
 }

@@ -39,7 +39,7 @@ public final class MoELayer<T: Scalar> {
 
     // Activations [A, C] / [A_recv, C|H].
     let sendBuffer = Tensor<T>(), receiveBuffer = Tensor<T>(), expertInput = Tensor<T>()
-    let preActivation = Tensor<T>(), activation = Tensor<T>(), expertOutput = Tensor<T>()
+    let hidden = FeedForwardStorage<T>(), expertOutput = Tensor<T>()
     let returnedOutput = Tensor<T>()
     // Backward scratch.
     let dSend = Tensor<T>(), dReceive = Tensor<T>(), dExpertOutput = Tensor<T>(), dExpertInput = Tensor<T>()
@@ -64,6 +64,8 @@ public final class MoELayer<T: Scalar> {
     }
 
     var width: Int { experts[0].width }
+    /// Whether the experts' products run in bf16 (their hidden layers keep a bf16 copy).
+    var roundsProducts: Bool { experts[0].up.weight.store.matmul?.precision == .bf16 }
     var hiddenSize: Int { experts[0].hiddenSize }
     public func resetProfile() { profile = StepProfile() }
 
@@ -78,11 +80,8 @@ public final class MoELayer<T: Scalar> {
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, context: RoutingContext) throws {
         if isDense, let dense {
             routing.resetDense(globalTokens: context.globalTokens)
-            preActivation.resize(rows: rows, columns: hiddenSize)
-            activation.resize(rows: rows, columns: hiddenSize)
-            measure(\.experts) {
-                dense.forward(x, rows: rows, into: y, preActivation: preActivation.pointer, activation: activation.pointer)
-            }
+            hidden.resize(rows: rows, hiddenSize: hiddenSize, rounded: roundsProducts)
+            measure(\.experts) { dense.forward(x, rows: rows, into: y, hidden: hidden.hidden()) }
             return
         }
         try measure(\.route) { try gate.forward(x, rows: rows, context: context, into: routing) }
@@ -116,8 +115,7 @@ public final class MoELayer<T: Scalar> {
         if forward {
             receiveBuffer.resize(rows: received, columns: width)
             expertInput.resize(rows: received, columns: width)
-            preActivation.resize(rows: received, columns: hiddenSize)
-            activation.resize(rows: received, columns: hiddenSize)
+            hidden.resize(rows: received, hiddenSize: hiddenSize, rounded: roundsProducts)
             expertOutput.resize(rows: received, columns: width)
             returnedOutput.resize(rows: routing.count, columns: width)
         } else {
@@ -171,7 +169,7 @@ public final class MoELayer<T: Scalar> {
             let count = plan.rowsPerLocalExpert[local]
             if count > 0 {
                 experts[local].forward(expertInput.row(start), rows: count, into: expertOutput.row(start),
-                                       preActivation: preActivation.row(start), activation: activation.row(start))
+                                       hidden: hidden.hidden(fromRow: start))
             }
             start += count
         }
@@ -192,7 +190,7 @@ public final class MoELayer<T: Scalar> {
         if isDense, let dense {
             dHidden.resize(rows: rows, columns: hiddenSize)
             measure(\.experts) {
-                dense.backward(x, dy, rows: rows, dx: dx, preActivation: preActivation.pointer, activation: activation.pointer,
+                dense.backward(x, dy, rows: rows, dx: dx, hidden: hidden.hidden(),
                                scratch: dHidden.pointer)
             }
             return
@@ -227,7 +225,7 @@ public final class MoELayer<T: Scalar> {
             let count = plan.rowsPerLocalExpert[local]
             if count > 0 {
                 experts[local].backward(expertInput.row(start), dExpertOutput.row(start), rows: count, dx: dExpertInput.row(start),
-                                        preActivation: preActivation.row(start), activation: activation.row(start),
+                                        hidden: hidden.hidden(fromRow: start),
                                         scratch: dHidden.row(start))
             }
             start += count

@@ -53,7 +53,7 @@ public final class GPTModel<T: Scalar> {
     var residual: [Tensor<T>] = [], attentionNormed: [Tensor<T>] = [], middle: [Tensor<T>] = [], feedForwardNormed: [Tensor<T>] = []
     var attentionCaches: [CausalSelfAttention<T>.Cache] = []
     var normCaches: [(LayerNorm<T>.Cache, LayerNorm<T>.Cache)] = []
-    var densePreActivation: [Tensor<T>] = [], denseActivation: [Tensor<T>] = []
+    var denseHidden: [FeedForwardStorage<T>] = []
     let finalNormed = Tensor<T>(), finalNormCache = LayerNorm<T>.Cache()
     let logits = Tensor<T>()
     let scratch = Tensor<T>(), dResidual = Tensor<T>(), dScratch = Tensor<T>(), dHidden = Tensor<T>()
@@ -131,7 +131,7 @@ public final class GPTModel<T: Scalar> {
         for _ in 0..<config.layers {
             attentionNormed.append(Tensor()); middle.append(Tensor()); feedForwardNormed.append(Tensor())
             attentionCaches.append(.init()); normCaches.append((.init(), .init()))
-            densePreActivation.append(Tensor()); denseActivation.append(Tensor())
+            denseHidden.append(FeedForwardStorage())
         }
     }
 
@@ -189,10 +189,8 @@ public final class GPTModel<T: Scalar> {
             block.feedForwardNorm.forward(mid.pointer, rows: rows, into: feedForwardNormed[layer].pointer, cache: normCaches[layer].1)
             switch block.feedForward {
             case let .dense(ffn):
-                densePreActivation[layer].resize(rows: rows, columns: ffn.hiddenSize)
-                denseActivation[layer].resize(rows: rows, columns: ffn.hiddenSize)
-                ffn.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer,
-                            preActivation: densePreActivation[layer].pointer, activation: denseActivation[layer].pointer)
+                denseHidden[layer].resize(rows: rows, hiddenSize: ffn.hiddenSize, rounded: precision == .bf16)
+                ffn.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer, hidden: denseHidden[layer].hidden())
             case let .moe(moe):
                 try tokenIds.withUnsafeBufferPointer { ids in
                     var context = RoutingContext(training: training, communicator: communicator, globalTokens: globalTokens,
@@ -269,8 +267,7 @@ public final class GPTModel<T: Scalar> {
             case let .dense(ffn):
                 dHidden.resize(rows: rows, columns: ffn.hiddenSize)
                 ffn.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer,
-                             preActivation: densePreActivation[layer].pointer, activation: denseActivation[layer].pointer,
-                             scratch: dHidden.pointer)
+                             hidden: denseHidden[layer].hidden(), scratch: dHidden.pointer)
             case let .moe(moe):
                 try moe.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer)
             }

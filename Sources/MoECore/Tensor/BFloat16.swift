@@ -82,6 +82,12 @@ public final class BFloat16Buffer {
         return pointer
     }
 
+    /// The buffer, holding at least `count` values (to be written by the caller).
+    public func reserved(_ count: Int) -> UnsafeMutablePointer<BFloat16> {
+        reserve(count)
+        return pointer
+    }
+
     public func reserve(_ count: Int) {
         guard count > capacity else { return }
         pointer.deallocate()

@@ -30,28 +30,87 @@ enum FloatKernels {
 
     @inline(__always) static func tanh(_ u: Vector) -> Vector { 1 - 2 / (Float.exp(u + u) + 1) }
 
-    static func geluForward(_ input: UnsafePointer<Float>, _ output: UnsafeMutablePointer<Float>, count: Int) {
+    /// GELU (tanh form) of 16 lanes.
+    @inline(__always) static func gelu(_ x: Vector) -> Vector {
         let scale = Float(Kernels.geluScale), cubic = Float(Kernels.geluCubic)
+        let u = scale * (x + cubic * (x * x * x))
+        return 0.5 * x * (1 + tanh(u))
+    }
+
+    /// GELU'(x) of 16 lanes.
+    @inline(__always) static func geluDerivative(_ x: Vector) -> Vector {
+        let scale = Float(Kernels.geluScale), cubic = Float(Kernels.geluCubic)
+        let x2 = x * x
+        let t = tanh(scale * (x + cubic * x2 * x))
+        let slope = scale * (1 + (3 * cubic) * x2)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * slope
+    }
+
+    static func geluForward(_ input: UnsafePointer<Float>, _ output: UnsafeMutablePointer<Float>, count: Int) {
         forEachVector(count: count) { index, lanes in
             let x = lanes == 16 ? load(input + index) : loadVector(input + index, lanes: lanes)
-            let u = scale * (x + cubic * (x * x * x))
-            let y = 0.5 * x * (1 + tanh(u))
-            if lanes == 16 { store(y, output + index) } else { storeVector(y, output + index, lanes: lanes) }
+            if lanes == 16 { store(gelu(x), output + index) } else { storeVector(gelu(x), output + index, lanes: lanes) }
         }
     }
 
     static func geluBackward(_ input: UnsafePointer<Float>, _ dOutput: UnsafePointer<Float>,
                              _ dInput: UnsafeMutablePointer<Float>, count: Int) {
-        let scale = Float(Kernels.geluScale), cubic = Float(Kernels.geluCubic)
         forEachVector(count: count) { index, lanes in
             let full = lanes == 16
             let x = full ? load(input + index) : loadVector(input + index, lanes: lanes)
             let dy = full ? load(dOutput + index) : loadVector(dOutput + index, lanes: lanes)
-            let x2 = x * x
-            let t = tanh(scale * (x + cubic * x2 * x))
-            let slope = scale * (1 + (3 * cubic) * x2)
-            let derivative = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * slope
-            if full { store(dy * derivative, dInput + index) } else { storeVector(dy * derivative, dInput + index, lanes: lanes) }
+            let dx = dy * geluDerivative(x)
+            if full { store(dx, dInput + index) } else { storeVector(dx, dInput + index, lanes: lanes) }
+        }
+    }
+
+    /// Stores `values` and, where `rounded` is given, their bf16 rounding at the same index.
+    @inline(__always) static func store(_ values: Vector, _ destination: UnsafeMutablePointer<Float>,
+                                        rounded: UnsafeMutablePointer<BFloat16>?, rounding: VectorRounding, lanes: Int) {
+        if lanes == 16 {
+            store(values, destination)
+            if let rounded { rounding.store(unsafeBitCast(values, to: SIMD16<UInt32>.self), into: rounded) }
+        } else {
+            storeVector(values, destination, lanes: lanes)
+            if let rounded { for lane in 0..<lanes { rounded[lane] = BFloat16(values[lane]) } }
+        }
+    }
+
+    /// The FFN hidden layer's forward element-wise work in one pass over [rows, columns]:
+    /// h += bias (h holds x W1), a = GELU(h), and a's bf16 copy where `rounded` is given.
+    /// The same arithmetic as addBias, then geluForward, then BFloat16.round.
+    static func biasGELU(_ h: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>, rows: Int, columns: Int,
+                         activation: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
+        let rounding = VectorRounding()
+        for row in 0..<rows {
+            let offset = row * columns
+            forEachVector(count: columns) { index, lanes in
+                let at = offset + index
+                let pre = (lanes == 16 ? load(h + at) : loadVector(h + at, lanes: lanes))
+                    + (lanes == 16 ? load(bias + index) : loadVector(bias + index, lanes: lanes))
+                if lanes == 16 { store(pre, h + at) } else { storeVector(pre, h + at, lanes: lanes) }
+                store(gelu(pre), activation + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
+            }
+        }
+    }
+
+    /// The FFN hidden layer's backward element-wise work in one pass over [rows, columns]:
+    /// d = d GELU'(h) in place, biasGradient += Σ_rows d, and d's bf16 copy where `rounded` is
+    /// given. The same arithmetic, in the same order, as geluBackward, addColumnSums, BFloat16.round.
+    static func geluBackwardBias(_ h: UnsafePointer<Float>, _ d: UnsafeMutablePointer<Float>, rows: Int, columns: Int,
+                                 biasGradient: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
+        let rounding = VectorRounding()
+        for row in 0..<rows {
+            let offset = row * columns
+            forEachVector(count: columns) { index, lanes in
+                let at = offset + index, full = lanes == 16
+                let x = full ? load(h + at) : loadVector(h + at, lanes: lanes)
+                let dy = full ? load(d + at) : loadVector(d + at, lanes: lanes)
+                let dx = dy * geluDerivative(x)
+                store(dx, d + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
+                let sums = (full ? load(biasGradient + index) : loadVector(biasGradient + index, lanes: lanes)) + dx
+                if full { store(sums, biasGradient + index) } else { storeVector(sums, biasGradient + index, lanes: lanes) }
+            }
         }
     }
 
