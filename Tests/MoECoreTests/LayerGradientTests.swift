@@ -53,6 +53,36 @@ final class LayerGradientTests: XCTestCase {
         checker.check("x", values: x.pointer, gradients: dx.pointer, count: 18, loss: loss)
     }
 
+    /// Float's vectorised layer norm (row sums in 16 lanes) against the Double reference, forward
+    /// and backward; width 37 exercises two vector blocks and a tail.
+    func testLayerNormFloatPathMatchesTheDoubleReference() {
+        let rows = 4, width = 37
+        let doubleStore = ParameterStore<Double, Replicated>(), floatStore = ParameterStore<Float, Replicated>()
+        let doubleNorm = LayerNorm(store: doubleStore, name: "norm", width: width, decay: false)
+        let floatNorm = LayerNorm(store: floatStore, name: "norm", width: width, decay: false)
+        for i in 0..<width {
+            doubleNorm.gain.value[i] = 1 + 0.03 * Double(i); doubleNorm.bias.value[i] = 0.02 * Double(i) - 0.3
+            floatNorm.gain.value[i] = Float(doubleNorm.gain.value[i]); floatNorm.bias.value[i] = Float(doubleNorm.bias.value[i])
+        }
+        let x = randomTensor(rows: rows, columns: width, seed: 8, scale: 2), dy = randomTensor(rows: rows, columns: width, seed: 9)
+        let floatX = Tensor<Float>(rows: rows, columns: width, values: x.array.map(Float.init))
+        let floatDy = Tensor<Float>(rows: rows, columns: width, values: dy.array.map(Float.init))
+        let y = Tensor<Double>(rows: rows, columns: width), floatY = Tensor<Float>(rows: rows, columns: width)
+        let dx = Tensor<Double>(rows: rows, columns: width), floatDx = Tensor<Float>(rows: rows, columns: width)
+        let cache = LayerNorm<Double>.Cache(), floatCache = LayerNorm<Float>.Cache()
+        doubleNorm.forward(x.pointer, rows: rows, into: y.pointer, cache: cache)
+        floatNorm.forward(floatX.pointer, rows: rows, into: floatY.pointer, cache: floatCache)
+        doubleNorm.backward(x.pointer, dy.pointer, rows: rows, dx: dx.pointer, cache: cache)
+        floatNorm.backward(floatX.pointer, floatDy.pointer, rows: rows, dx: floatDx.pointer, cache: floatCache)
+        func close(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Double>, _ count: Int, _ what: String) {
+            for i in 0..<count { XCTAssertEqual(Double(a[i]), b[i], accuracy: 2e-5 * max(1, abs(b[i])), "\(what)[\(i)]") }
+        }
+        close(floatY.pointer, y.pointer, rows * width, "y")
+        close(floatDx.pointer, dx.pointer, rows * width, "dx")
+        close(floatNorm.gain.gradient, doubleNorm.gain.gradient, width, "dgain")
+        close(floatNorm.bias.gradient, doubleNorm.bias.gradient, width, "dbias")
+    }
+
     func testCausalSelfAttention() {
         let store = ParameterStore<Double, Replicated>()
         let attention = CausalSelfAttention(store: store, name: "attention", width: 8, heads: 2, residualDeviation: 0.3)

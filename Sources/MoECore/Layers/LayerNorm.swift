@@ -1,4 +1,6 @@
 /// Layer normalisation over the last dimension. x, y: [N, C]; gain, bias: [C].
+/// Float runs `FloatKernels.layerNormForward/Backward` (the same math, row sums in 16 lanes);
+/// the loops here are the reference, in Double for the gradient checks.
 public struct LayerNorm<T: Scalar> {
     public let gain: Parameter<T, Replicated>
     public let bias: Parameter<T, Replicated>
@@ -23,6 +25,11 @@ public struct LayerNorm<T: Scalar> {
         // Pointers hoisted out of the loops: reaching them through the store costs a retain.
         let gain = self.gain.value, bias = self.bias.value
         let means = cache.mean.pointer, reciprocals = cache.reciprocalDeviation.pointer
+        if T.self == Float.self {
+            return FloatKernels.layerNormForward(asFloat(x), asFloat(y), rows: rows, width: width, gain: asFloat(UnsafePointer(gain)),
+                                                 bias: asFloat(UnsafePointer(bias)), epsilon: Float(epsilon), means: asFloat(means),
+                                                 reciprocals: asFloat(reciprocals))
+        }
         for row in 0..<rows {
             let input = x + row * width, output = y + row * width
             var sum: T = 0
@@ -43,6 +50,12 @@ public struct LayerNorm<T: Scalar> {
         let inverseWidth = 1 / T(width)
         let gain = self.gain.value, gainGradient = self.gain.gradient, biasGradient = self.bias.gradient
         let means = cache.mean.pointer, reciprocals = cache.reciprocalDeviation.pointer
+        if T.self == Float.self {
+            return FloatKernels.layerNormBackward(asFloat(x), asFloat(dy), asFloat(dx), rows: rows, width: width,
+                                                  gain: asFloat(UnsafePointer(gain)), gainGradient: asFloat(gainGradient),
+                                                  biasGradient: asFloat(biasGradient), means: asFloat(UnsafePointer(means)),
+                                                  reciprocals: asFloat(UnsafePointer(reciprocals)))
+        }
         for row in 0..<rows {
             let input = x + row * width, dOut = dy + row * width, dIn = dx + row * width
             let mean = means[row], reciprocal = reciprocals[row]

@@ -114,6 +114,79 @@ enum FloatKernels {
         }
     }
 
+    /// Σ of `count` values in 16 lane sums (then the lanes' sum): a fixed order, vectorised.
+    @inline(__always) static func sum(_ x: UnsafePointer<Float>, count: Int, _ term: (Vector, Int) -> Vector) -> Float {
+        var sums = Vector(repeating: 0)
+        forEachVector(count: count) { index, lanes in
+            let v = lanes == 16 ? load(x + index) : loadVector(x + index, lanes: lanes)
+            var t = term(v, index)
+            if lanes < 16 { for lane in lanes..<16 { t[lane] = 0 } }
+            sums += t
+        }
+        return sums.sum()
+    }
+
+    /// Layer norm forward over rows of `width`: y = (x - mean) rstd gain + bias; keeps mean and
+    /// rstd per row.
+    static func layerNormForward(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, width: Int,
+                                 gain: UnsafePointer<Float>, bias: UnsafePointer<Float>, epsilon: Float,
+                                 means: UnsafeMutablePointer<Float>, reciprocals: UnsafeMutablePointer<Float>) {
+        let inverseWidth = 1 / Float(width)
+        for row in 0..<rows {
+            let input = x + row * width, output = y + row * width
+            let mean = sum(input, count: width) { v, _ in v } * inverseWidth
+            let squares = sum(input, count: width) { v, _ in (v - mean) * (v - mean) }
+            let reciprocal = 1 / (squares * inverseWidth + epsilon).squareRoot()
+            forEachVector(count: width) { index, lanes in
+                let full = lanes == 16
+                let v = full ? load(input + index) : loadVector(input + index, lanes: lanes)
+                let g = full ? load(gain + index) : loadVector(gain + index, lanes: lanes)
+                let b = full ? load(bias + index) : loadVector(bias + index, lanes: lanes)
+                let out = (v - mean) * reciprocal * g + b
+                if full { store(out, output + index) } else { storeVector(out, output + index, lanes: lanes) }
+            }
+            means[row] = mean
+            reciprocals[row] = reciprocal
+        }
+    }
+
+    /// Layer norm backward: dgain += Σ dy x̂, dbias += Σ dy, dx += rstd (dŷ - mean(dŷ) - x̂ mean(dŷ x̂)), dŷ = dy gain.
+    static func layerNormBackward(_ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
+                                  rows: Int, width: Int, gain: UnsafePointer<Float>, gainGradient: UnsafeMutablePointer<Float>,
+                                  biasGradient: UnsafeMutablePointer<Float>, means: UnsafePointer<Float>, reciprocals: UnsafePointer<Float>) {
+        let inverseWidth = 1 / Float(width)
+        for row in 0..<rows {
+            let input = x + row * width, dOut = dy + row * width, dIn = dx + row * width
+            let mean = means[row], reciprocal = reciprocals[row]
+            var dNormSums = Vector(repeating: 0), dNormTimesNormSums = Vector(repeating: 0)
+            forEachVector(count: width) { index, lanes in
+                let full = lanes == 16
+                let v = full ? load(input + index) : loadVector(input + index, lanes: lanes)
+                let d = full ? load(dOut + index) : loadVector(dOut + index, lanes: lanes)
+                let g = full ? load(gain + index) : loadVector(gain + index, lanes: lanes)
+                let normalized = (v - mean) * reciprocal, dNorm = d * g   // padded lanes: d = 0, so dNorm = 0
+                dNormSums += dNorm
+                dNormTimesNormSums += dNorm * normalized
+                let gains = (full ? load(gainGradient + index) : loadVector(gainGradient + index, lanes: lanes)) + d * normalized
+                let biases = (full ? load(biasGradient + index) : loadVector(biasGradient + index, lanes: lanes)) + d
+                if full { store(gains, gainGradient + index); store(biases, biasGradient + index) } else {
+                    storeVector(gains, gainGradient + index, lanes: lanes); storeVector(biases, biasGradient + index, lanes: lanes)
+                }
+            }
+            let meanDNorm = dNormSums.sum() * inverseWidth, meanDNormTimesNorm = dNormTimesNormSums.sum() * inverseWidth
+            forEachVector(count: width) { index, lanes in
+                let full = lanes == 16
+                let v = full ? load(input + index) : loadVector(input + index, lanes: lanes)
+                let d = full ? load(dOut + index) : loadVector(dOut + index, lanes: lanes)
+                let g = full ? load(gain + index) : loadVector(gain + index, lanes: lanes)
+                let normalized = (v - mean) * reciprocal
+                let out = (full ? load(dIn + index) : loadVector(dIn + index, lanes: lanes))
+                    + reciprocal * (d * g - meanDNorm - normalized * meanDNormTimesNorm)
+                if full { store(out, dIn + index) } else { storeVector(out, dIn + index, lanes: lanes) }
+            }
+        }
+    }
+
     /// row[j] = exp(row[j] - shift) for j < count; returns their sum.
     static func expShifted(_ row: UnsafeMutablePointer<Float>, count: Int, shift: Float) -> Float {
         var sumVector = Vector(repeating: 0)
