@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 /// An error another rank saw, delivered to every rank by `agree`.
 public struct RemoteFailure: Error, CustomStringConvertible, AgreedFailure {
     public let rank: Int
@@ -35,5 +38,20 @@ extension Communicator {
         if let failure { throw AgreedLocalFailure(underlying: failure) }
         let text = String(decoding: message.prefix { $0 != 0 }, as: UTF8.self)
         throw RemoteFailure(rank: Int(failedRank), message: text)
+    }
+}
+
+extension Communicator {
+    /// Whether every rank runs on the same host (collective): their host names agree. Ranks in
+    /// separate network namespaces of one machine count as one host.
+    public func ranksShareOneHost() throws -> Bool {
+        guard size > 1 else { return true }
+        var name = [CChar](repeating: 0, count: 256)
+        gethostname(&name, name.count - 1)
+        // FNV-1a of the name; equal minimum and maximum over ranks mean one name (collisions aside).
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in name.prefix(while: { $0 != 0 }) { hash = (hash ^ UInt64(UInt8(bitPattern: byte))) &* 0x100_0000_01b3 }
+        let value = Int64(bitPattern: hash)
+        return try allReduce(value, op: .min) == allReduce(value, op: .max)
     }
 }

@@ -49,6 +49,17 @@ public struct ConfigField<Root> {
         }, write: { $0[keyPath: path].map(ConfigValue.format) ?? "none" })
     }
 
+    /// An integer, or `auto` (nil) for "decided at start".
+    public static func optionalInt(_ key: String, _ path: WritableKeyPath<Root, Int?>, min: Int, _ help: String) -> ConfigField {
+        ConfigField(key: key, help: help, read: { root, value, name in
+            if (value as? String)?.lowercased() == "auto" { root[keyPath: path] = nil; return }
+            guard let number = ConfigValue.integer(value), number >= min else {
+                throw ConfigError.invalid(key: name, value: value, expected: "an integer >= \(min) or auto")
+            }
+            root[keyPath: path] = number
+        }, write: { $0[keyPath: path].map { "\($0)" } ?? "auto" })
+    }
+
     public static func bool(_ key: String, _ path: WritableKeyPath<Root, Bool>, _ help: String) -> ConfigField {
         ConfigField(key: key, help: help, read: { root, value, name in
             guard let flag = value as? Bool else { throw ConfigError.invalid(key: name, value: value, expected: "true or false") }

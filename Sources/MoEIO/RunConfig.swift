@@ -80,7 +80,8 @@ public struct TrainConfig: Equatable, Sendable {
     public var gradAccum = 1
     public var shardOptimizer = false
     public var overlapAllReduce = true
-    public var dispatchChunks = 4
+    /// nil: auto (1 when every rank runs on one host, else 4).
+    public var dispatchChunks: Int? = nil
     public var attentionTile = 128
     public var seed = 1337
     public var learningRate = 1e-3
@@ -201,7 +202,7 @@ public struct RunConfig: Equatable, Sendable {
             .int("batch_size", \.batchSize, min: 1, "sequences per rank per micro-batch; the global batch is ranks x grad_accum x batch_size"),
             .int("grad_accum", \.gradAccum, min: 1, "micro-batches per optimizer step, gradients summed (A); routing, capacity and aux losses work per micro-batch"),
             .int("attention_tile", \.attentionTile, min: 1, "sequences longer than this use tiled attention: T x T probabilities never stored, recomputed in backward (memory linear in T)"),
-            .int("dispatch_chunks", \.dispatchChunks, min: 1, "MoE exchanges per direction: groups of local experts whose rows travel while the previous group's experts compute (at most the experts per rank; results are bitwise those of 1; 4 measured fastest at 1 Gbit/s, README)"),
+            .optionalInt("dispatch_chunks", \.dispatchChunks, min: 1, "MoE exchanges per direction: groups of local experts whose rows travel while the previous group's experts compute (at most the experts per rank; results are bitwise those of 1); auto = 1 when all ranks run on one host (shared memory, where the pipeline only costs), else 4 (fastest at 1 Gbit/s, README)"),
             .bool("overlap_all_reduce", \.overlapAllReduce, "all-reduce each block's replicated gradients (non-blocking) while backward goes on through the blocks below; false: one all-reduce after backward (shard_optimizer always uses the latter)"),
             .bool("shard_optimizer", \.shardOptimizer, "ZeRO stage 1: each rank keeps the AdamW moments of 1/R of the replicated parameters (gradients reduce-scattered, parameters all-gathered)"),
             .int("seed", \.seed, min: 0, "seed of initialisation, data order and routing noise"),

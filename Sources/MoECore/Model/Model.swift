@@ -67,6 +67,8 @@ public final class GPTModel<T: Scalar> {
     /// (training-token counts per id) feed the balanced hash table.
     public init(_ run: RunConfig, vocabularySize: Int, communicator: Communicator, tokenFrequencies: [Int]? = nil) throws {
         let config = run.model, moe = run.moe, training = run.train
+        // auto: one exchange on one host (shared memory), the pipeline across hosts.
+        let dispatchChunks = try training.dispatchChunks ?? (communicator.ranksShareOneHost() ? 1 : 4)
         self.run = run
         self.config = config
         self.moeConfig = moe
@@ -105,7 +107,7 @@ public final class GPTModel<T: Scalar> {
                 let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator,
                                         dense: dense)
                 moeLayer.layerIndex = layer
-                moeLayer.dispatchChunks = training.dispatchChunks
+                moeLayer.dispatchChunks = dispatchChunks
                 feedForward = .moe(moeLayer)
             } else {
                 feedForward = .dense(FeedForward(store: replicated, name: "\(name).ffn", width: width,

@@ -145,7 +145,8 @@ public final class TrainingRun {
         if let kernels = trainer.model.kernels { log(kernels.summary) }
         let accumulation = config.train.gradAccum > 1 ? "x\(config.train.gradAccum) micro-batches" : ""
         log("ranks \(communicator.size), global batch \(communicator.size)\(accumulation)x\(config.train.batchSize)x\(config.model.context) = "
-            + "\(trainer.globalBatchTokens) tokens, steps \(trainer.step)..<\(steps), run directory \(runDirectory)")
+            + "\(trainer.globalBatchTokens) tokens, steps \(trainer.step)..<\(steps), run directory \(runDirectory)"
+            + (trainer.model.moeLayers.first.map { "; MoE exchanges per direction: \($0.dispatchChunks)" } ?? ""))
         var lastValidation: Double?
         var intervalSeconds = 0.0, intervalTokens = 0, totalSeconds = 0.0, timedSteps = 0
         StallWatchdog(heartbeat: trainer.heartbeat, rank: communicator.rank, minimumSeconds: config.train.stallSeconds,
