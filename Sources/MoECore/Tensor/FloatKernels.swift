@@ -126,6 +126,11 @@ enum FloatKernels {
         return sums.sum()
     }
 
+    /// Σ x y in 16 lane sums.
+    static func dot(_ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, count: Int) -> Float {
+        sum(x, count: count) { v, index in v * loadVector(y + index, lanes: min(16, count - index)) }
+    }
+
     /// Layer norm forward over rows of `width`: y = (x - mean) rstd gain + bias; keeps mean and
     /// rstd per row.
     static func layerNormForward(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, width: Int,

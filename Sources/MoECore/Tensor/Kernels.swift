@@ -149,8 +149,10 @@ public enum Kernels {
         for i in 0..<count { y[i] += alpha * x[i] }
     }
 
+    /// Σ x y; Float sums in 16 lanes (`FloatKernels.dot`), Double in order.
     @inline(__always)
     public static func dot<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafePointer<T>, count: Int) -> T {
+        if T.self == Float.self { return FloatKernels.dot(asFloat(x), asFloat(y), count: count) as! T }
         var sum: T = 0
         for i in 0..<count { sum += x[i] * y[i] }
         return sum
