@@ -60,7 +60,7 @@ echo "bench-peer: PyTorch on $(nproc) thread(s) ..." >&2
 peer=$(python3 launch/peer_moe.py --model "$model" --steps "$steps" --threads "$(nproc)" | tail -1)
 echo "bench-peer: moe bench on $ranks rank(s) ..." >&2
 swift=$(mpirun --allow-run-as-root --oversubscribe --timeout 1800 -np "$ranks" --bind-to core \
-        --mca btl_vader_single_copy_mechanism none "$moe" bench --config "$config" --steps "$steps" "$@" | tail -1)
+        "$moe" bench --config "$config" --steps "$steps" "$@" | tail -1)
 
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
 python3 - "$cpu" "$peer" "$swift" <<'EOF'

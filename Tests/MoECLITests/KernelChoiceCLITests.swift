@@ -86,4 +86,29 @@ final class KernelChoiceCLITests: XCTestCase {
         XCTAssertTrue(warning.contains("openblas_fp32") && warning.contains("below onednn_fp32"), warning)
         XCTAssertTrue(result.stderr.contains(warning), result.stderr)
     }
+
+    /// launch/bench-peer.sh: the same (tiny) model in plain PyTorch and in `moe bench` on 2
+    /// ranks, one JSON line with both and their ratio.
+    func testBenchPeerPrintsBothAndTheirRatio() throws {
+        _ = try CLI.requireMPI()
+        try CLI.requirePython("torch", "PyTorch is not installed (launch/test.sh installs it)")
+        let workspace = try Workspace()
+        try workspace.write("tiny.yaml", Workspace.tinyConfig)
+        let result = try CLI.launchScript("bench-peer.sh", in: workspace.url,
+                                          environment: ["CONFIG": workspace.path("tiny.yaml"), "STEPS": "2", "RANKS": "2"])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let lines = result.stdout.split(separator: "\n")
+        XCTAssertEqual(lines.count, 1, result.stdout)
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as? [String: Any], result.stdout)
+        let swift = try XCTUnwrap(object["swiftmoe"] as? [String: Any]), torch = try XCTUnwrap(object["pytorch"] as? [String: Any])
+        let swiftSpeed = try XCTUnwrap(swift["tokens_per_sec"] as? Double), torchSpeed = try XCTUnwrap(torch["tokens_per_sec"] as? Double)
+        XCTAssertGreaterThan(swiftSpeed, 0)
+        XCTAssertGreaterThan(torch["fp32"] as? Double ?? 0, 0)
+        XCTAssertGreaterThan(torch["bf16_autocast"] as? Double ?? 0, 0)
+        XCTAssertEqual(torchSpeed, max(torch["fp32"] as! Double, torch["bf16_autocast"] as! Double), "the stronger PyTorch run is the peer")
+        XCTAssertEqual(try XCTUnwrap(object["ratio"] as? Double), swiftSpeed / torchSpeed, accuracy: 0.001)
+        XCTAssertEqual(object["cores"] as? Int, 2)
+        XCTAssertEqual(swift["global_batch_tokens"] as? Int, torch["global_batch_tokens"] as? Int, "the same global batch")
+        XCTAssertFalse((object["cpu"] as? String ?? "").isEmpty)
+    }
 }
