@@ -244,6 +244,10 @@ final class LayerGradientTests: XCTestCase {
         let doubleLogSumExp = Kernels.softmaxRow(&doubleRow, count: count)
         close(floatRow, doubleRow, 1e-6, "softmax")
         XCTAssertEqual(Double(floatLogSumExp), doubleLogSumExp, accuracy: 1e-5)
+        var floatGradient = floatDy, doubleGradient = doubleDy
+        Kernels.softmaxBackwardRow(probabilities: floatRow, &floatGradient, count: count)
+        Kernels.softmaxBackwardRow(probabilities: doubleRow, &doubleGradient, count: count)
+        close(floatGradient, doubleGradient, 1e-6, "softmax backward")
         XCTAssertEqual(Kernels.sumOfSquares(&floatX, count: count), Kernels.sumOfSquares(&doubleX, count: count),
                        accuracy: 1e-5 * Kernels.sumOfSquares(&doubleX, count: count))
         // AdamW: one update of each precision from the same state.

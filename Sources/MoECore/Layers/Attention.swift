@@ -83,15 +83,17 @@ public struct CausalSelfAttention<T: Scalar> {
                          dx: UnsafeMutablePointer<T>, cache: Cache) {
         let width = projection.inputSize, headSize = width / heads, rows = batch * length
         let scale = 1 / T(headSize).squareRoot()
-        cache.dHeadOutputs.resize(rows: rows, columns: width, zero: true)
-        cache.dQKV.resize(rows: rows, columns: 3 * width, zero: true)
-        projection.backward(cache.headOutputs.pointer, dOut, rows: rows, dx: cache.dHeadOutputs.pointer)
+        let matmul = qkv.weight.store.matmul, batched = matmul != nil && length <= tile
+        cache.dHeadOutputs.resize(rows: rows, columns: width)
+        // The batched products write every column of dQKV; the per-head and tiled paths add into it.
+        cache.dQKV.resize(rows: rows, columns: 3 * width, zero: !batched)
+        projection.backward(.values(cache.headOutputs.pointer), .values(dOut), rows: rows, dx: cache.dHeadOutputs.pointer, dxBeta: 0)
         if length > tile {
             backwardTiled(batch: batch, length: length, cache: cache)
             return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
         }
         cache.dScores.resize(rows: length, columns: length)
-        if let matmul = qkv.weight.store.matmul {
+        if let matmul {
             if matmul.precision == .bf16 {
                 backwardBatched(matmul, BFloat16.self, batch: batch, length: length, cache: cache)
             } else {

@@ -131,6 +131,16 @@ enum FloatKernels {
         sum(x, count: count) { v, index in v * loadVector(y + index, lanes: min(16, count - index)) }
     }
 
+    /// dRow = p (dRow - <p, dRow>) in place, the dot in 16 lanes.
+    static func softmaxBackwardRow(probabilities p: UnsafePointer<Float>, _ dRow: UnsafeMutablePointer<Float>, count: Int) {
+        let dot = self.dot(p, UnsafePointer(dRow), count: count)
+        forEachVector(count: count) { index, lanes in
+            if lanes == 16 { store(load(p + index) * (load(dRow + index) - dot), dRow + index) } else {
+                for i in index..<index + lanes { dRow[i] = p[i] * (dRow[i] - dot) }
+            }
+        }
+    }
+
     /// Layer norm forward over rows of `width`: y = (x - mean) rstd gain + bias; keeps mean and
     /// rstd per row.
     static func layerNormForward(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, width: Int,

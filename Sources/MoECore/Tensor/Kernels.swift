@@ -119,6 +119,9 @@ public enum Kernels {
 
     /// Softmax backward for one row: dLogits = p * (dP - <p, dP>), written over `dRow`.
     public static func softmaxBackwardRow<T: Scalar>(probabilities: UnsafePointer<T>, _ dRow: UnsafeMutablePointer<T>, count: Int) {
+        if T.self == Float.self {
+            return FloatKernels.softmaxBackwardRow(probabilities: asFloat(probabilities), asFloat(dRow), count: count)
+        }
         var dot: T = 0
         for i in 0..<count { dot += probabilities[i] * dRow[i] }
         for i in 0..<count { dRow[i] = probabilities[i] * (dRow[i] - dot) }
