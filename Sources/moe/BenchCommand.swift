@@ -71,6 +71,7 @@ struct BenchCommand: ParsableCommand {
                 trainFiles = [TokenFile(path: "synthetic", tokens: tokens, vocabularySize: 256)]
                 description = "synthetic random bytes"
             }
+            if communicator.rank == 0, let warning = BLASInfo.genericCoreWarning() { FileHandle.standardError.write(Data((warning + "\n").utf8)) }
             let peaks = try Benchmark.Peaks.measure(resolved, communicator: communicator)
             func bench(_ precision: PrecisionSetting) throws -> (json: JSONObject, tokensPerSecond: Double) {
                 var config = resolved

@@ -86,5 +86,6 @@ enum Runtime {
             line += "; warning: OPENBLAS_CORETYPE=\(String(cString: forced)) is set and overrides CPU detection (unset it for full speed)"
         }
         log(line)
+        if let warning = BLASInfo.genericCoreWarning() { log(warning) }
     }
 }

@@ -102,4 +102,17 @@ final class KernelChoiceTests: XCTestCase {
         try Data("{not json".utf8).write(to: URL(fileURLWithPath: cache.file))
         XCTAssertNil(cache.read("a"))
     }
+
+    /// OpenBLAS on a generic core is named loudly, with the core the CPU's features allow; not
+    /// when the user chose the core, nor on a CPU without AVX2.
+    func testGenericOpenBLASCoreIsNamedWithTheSuitedCore() throws {
+        let zen4: Set<Substring> = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"]
+        let warning = try XCTUnwrap(BLASInfo.genericCoreWarning(core: "Prescott", cpuFlags: zen4, coreTypeSet: false))
+        XCTAssertTrue(warning.contains("generic Prescott kernels") && warning.contains("OPENBLAS_CORETYPE=Cooperlake"), warning)
+        XCTAssertEqual(BLASInfo.suitedCore(flags: ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"]), "SkylakeX")
+        XCTAssertEqual(BLASInfo.suitedCore(flags: ["avx2", "fma"]), "Haswell")
+        XCTAssertNil(BLASInfo.genericCoreWarning(core: "Prescott", cpuFlags: zen4, coreTypeSet: true))
+        XCTAssertNil(BLASInfo.genericCoreWarning(core: "Cooperlake", cpuFlags: zen4, coreTypeSet: false))
+        XCTAssertNil(BLASInfo.genericCoreWarning(core: "Prescott", cpuFlags: ["sse3"], coreTypeSet: false))
+    }
 }
