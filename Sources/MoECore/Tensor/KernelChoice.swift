@@ -233,3 +233,30 @@ public struct KernelCache {
         if rename(temporary, file) != 0 { unlink(temporary) }
     }
 }
+
+extension BLASInfo {
+    /// OpenBLAS's kernels for CPUs without AVX (its fallback when it does not recognise a CPU).
+    static let genericCores: Set<String> = ["prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "katmai",
+                                            "coppermine", "northwood", "banias", "opteron", "barcelona", "bobcat"]
+
+    /// The OpenBLAS core that suits this CPU's features (from /proc/cpuinfo's flags), if it has AVX2.
+    public static func suitedCore(flags: Set<Substring>) -> String? {
+        if ["avx512f", "avx512bw", "avx512vl", "avx512dq"].allSatisfy(flags.contains) {
+            return flags.contains("avx512_bf16") ? "Cooperlake" : "SkylakeX"
+        }
+        return flags.contains("avx2") && flags.contains("fma") ? "Haswell" : nil
+    }
+
+    /// A warning when OpenBLAS detected a generic core on a CPU with AVX2 or AVX-512 (it does not
+    /// know the CPU), unless the user chose the core with OPENBLAS_CORETYPE.
+    public static func genericCoreWarning(core: String = coreName, cpuFlags: Set<Substring>? = nil,
+                                          coreTypeSet: Bool = getenv("OPENBLAS_CORETYPE") != nil) -> String? {
+        guard !coreTypeSet, genericCores.contains(core.lowercased()) else { return nil }
+        let flags = cpuFlags ?? Set(((try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? "")
+            .split(separator: "\n").first { $0.hasPrefix("flags") }?.split(separator: " ") ?? [])
+        guard let suited = suitedCore(flags: flags) else { return nil }
+        return "warning: OpenBLAS does not recognise this CPU and runs its generic \(core) kernels; fp32 products go to oneDNN "
+            + "where it measures faster (see the products line), and `export OPENBLAS_CORETYPE=\(suited)` gives OpenBLAS "
+            + "the kernels this CPU's features allow"
+    }
+}
