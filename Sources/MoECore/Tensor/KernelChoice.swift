@@ -113,15 +113,17 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
     }
 
     /// Times each kernel over `shapes`: best of several runs per shape, each kernel given about
-    /// `budget` seconds. bf16 includes rounding the activation operand (the weights' copy exists).
-    public static func measure(shapes: ProductShapes, budget: Double = 0.08) throws -> KernelMeasurement {
+    /// `budget` seconds. bf16 includes rounding the activation operand, as a step does (the
+    /// weights' copy exists), unless `roundingActivations` is false (the kernel's own peak).
+    public static func measure(shapes: ProductShapes, budget: Double = 0.08, roundingActivations: Bool = true) throws -> KernelMeasurement {
         let matmul = try OneDNNMatmul(precision: .fp32)
         let largest = shapes.shapes.reduce(0) { max($0, $1[0] * $1[2], $1[2] * $1[1]) }
         let a = Tensor<Float>(rows: largest, columns: 1), b = Tensor<Float>(rows: largest, columns: 1)
         let c = Tensor<Float>(rows: shapes.shapes.reduce(0) { max($0, $1[0] * $1[1]) }, columns: 1)
         for index in 0..<largest { a.pointer[index] = Float(index % 7) * 0.01; b.pointer[index] = Float(index % 5) * 0.01 }
-        let weights = BFloat16Buffer()
+        let weights = BFloat16Buffer(), activations = BFloat16Buffer()
         weights.round(b.pointer, count: largest)
+        activations.round(a.pointer, count: largest)
         func speed(_ product: (SIMD3<Int>) -> Void) -> Double {
             var seconds = 0.0
             for shape in shapes.shapes {
@@ -148,7 +150,7 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
         var bf16: Double?
         if BFloat16Support.current.supported {
             bf16 = speed { shape in
-                let left = matmul.left.round(a.pointer, count: shape[0] * shape[2])
+                let left = roundingActivations ? matmul.left.round(a.pointer, count: shape[0] * shape[2]) : activations.pointer
                 matmul.gemm(m: shape[0], n: shape[1], k: shape[2], a: UnsafePointer(left), b: UnsafePointer(weights.pointer), c: c.pointer)
             }
         }

@@ -4,41 +4,13 @@ import Glibc
 import MoEComm
 import MoEIO
 
-/// `moe bench`: this process's sgemm peak, then timed training steps, as one JSON object.
+/// `moe bench`: this machine's GEMM peak per kernel, then timed training steps, as one JSON object.
 public enum Benchmark {
     /// The candidate kernels of a product: OpenBLAS sgemm and oneDNN's matmul in fp32, oneDNN
     /// on bf16 inputs.
     public enum Kernel: String, CaseIterable, Sendable {
         case openBLASFP32 = "openblas_fp32", oneDNNFP32 = "onednn_fp32", oneDNNBF16 = "onednn_bf16"
         public var precision: Precision { self == .oneDNNBF16 ? .bf16 : .fp32 }
-    }
-
-    /// Best-of-repeats GFLOP/s of a row-major product [m, k] x [k, n], the shape of the model's
-    /// largest GEMMs (B*T tokens against the width and the expert hidden size), on `kernel`.
-    /// All ranks measure at the same time, so the figure includes the contention of a real step.
-    public static func gemmPeak(_ kernel: Kernel, m: Int, n: Int, k: Int, repeats: Int = 20,
-                                communicator: Communicator) throws -> Double {
-        let a = Tensor<Float>(rows: m, columns: k), b = Tensor<Float>(rows: k, columns: n), c = Tensor<Float>(rows: m, columns: n)
-        for index in 0..<a.count { a.pointer[index] = Float(index % 7) * 0.01 }
-        for index in 0..<b.count { b.pointer[index] = Float(index % 5) * 0.01 }
-        let matmul = try OneDNNMatmul(precision: kernel.precision)
-        let product: () -> Void
-        switch kernel {
-        case .openBLASFP32: product = { gemm(m: m, n: n, k: k, a: a.pointer, b: b.pointer, c: c.pointer) }
-        case .oneDNNFP32: product = { matmul.gemm(m: m, n: n, k: k, a: UnsafePointer(a.pointer), b: UnsafePointer(b.pointer), c: c.pointer) }
-        case .oneDNNBF16:
-            let left = matmul.left.round(a.pointer, count: a.count), right = matmul.right.round(b.pointer, count: b.count)
-            product = { matmul.gemm(m: m, n: n, k: k, a: UnsafePointer(left), b: UnsafePointer(right), c: c.pointer) }
-        }
-        for _ in 0..<3 { product() }
-        try communicator.barrier()
-        var best = Double.infinity
-        for _ in 0..<repeats {
-            let started = Clock.nanoseconds()
-            product()
-            best = min(best, Double(Clock.nanoseconds() - started) * 1e-9)
-        }
-        return 2 * Double(m * n * k) / best / 1e9
     }
 
     /// GEMM peaks of this machine per kernel, GFLOP/s summed over ranks (bf16 where the CPU has
@@ -48,12 +20,18 @@ public enum Benchmark {
 
         public init(byKernel: [Kernel: Double]) { self.byKernel = byKernel }
 
+        /// Best-of-repeats speed of each kernel on the model's largest GEMM shape ([B*T, C] x
+        /// [C, H]), bf16 on operands rounded beforehand (the kernel's own peak). All ranks
+        /// measure at the same time, so the figure includes the contention of a real step.
         public static func measure(_ config: RunConfig, communicator: Communicator) throws -> Peaks {
-            let (m, n, k) = (config.train.batchSize * config.model.context, config.model.ffnHidden, config.model.width)
-            var byKernel: [Kernel: Double] = [:]
-            for kernel in Kernel.allCases where kernel != .oneDNNBF16 || BFloat16Support.current.supported {
-                byKernel[kernel] = try communicator.allReduce(gemmPeak(kernel, m: m, n: n, k: k, communicator: communicator))
-            }
+            let shape = ProductShapes(shapes: [SIMD3(config.train.batchSize * config.model.context, config.model.ffnHidden, config.model.width)])
+            try communicator.barrier()
+            let measured = try KernelMeasurement.measure(shapes: shape, budget: 0.3, roundingActivations: false)
+            let hasBF16 = try communicator.allReduce(measured.oneDNNBF16 == nil ? 0 : 1, op: .min) == 1
+            var figures = [measured.openBLASFP32, measured.oneDNNFP32, measured.oneDNNBF16 ?? 0]
+            try communicator.allReduce(&figures)
+            var byKernel: [Kernel: Double] = [.openBLASFP32: figures[0], .oneDNNFP32: figures[1]]
+            if hasBF16 { byKernel[.oneDNNBF16] = figures[2] }
             return Peaks(byKernel: byKernel)
         }
 
