@@ -60,7 +60,7 @@ final class PrecisionTests: XCTestCase {
     /// change in the float order of any product sends both trajectories elsewhere. Measured on
     /// this generated corpus across versions of the code: 1.01%, 1.23%, and 1.92% once experts
     /// that receive a single row went through sgemv instead of sgemm (Shakespeare: 0.98%,
-    /// README). The bound, 3%, sits above that spread and far below what a wrong bf16 product
+    /// docs/PERFORMANCE.md). The bound, 3%, sits above that spread and far below what a wrong bf16 product
     /// does (a broken attention gradient: tens of percent). For scale: fp32 on 1 rank vs 2
     /// ranks, which differ only in summation order, drift 0.24% apart on Shakespeare by step 300. Needs the release binary
     /// (the debug build runs this model at ~60 tokens/s): launch/test.sh builds it and passes
