@@ -99,11 +99,12 @@ public struct ConfigField<Root> {
         })
     }
 
-    /// A typed choice: the YAML string must be one of `Choice`'s raw values.
+    /// A typed choice: the YAML string must be one of `Choice`'s raw values, which the help
+    /// lists after the text (so a new case shows in `--print-config` and the reference config).
     public static func choice<Choice: RawRepresentable & CaseIterable>(_ key: String, _ path: WritableKeyPath<Root, Choice>,
                                                                       _ help: String) -> ConfigField where Choice.RawValue == String {
         let allowed = Choice.allCases.map(\.rawValue)
-        return ConfigField(key: key, help: help, read: { root, value, name in
+        return ConfigField(key: key, help: help + " [" + allowed.joined(separator: " | ") + "]", read: { root, value, name in
             guard let text = value as? String, let choice = Choice(rawValue: text) else {
                 throw ConfigError.invalid(key: name, value: value, expected: "one of \(allowed.joined(separator: ", "))")
             }

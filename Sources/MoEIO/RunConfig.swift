@@ -151,7 +151,7 @@ public struct RunConfig: Equatable, Sendable {
         ConfigSection("moe", \.moe, help: "Mixture-of-experts layers and their gate (docs/ALGORITHMS.md).", [
             .int("experts", \.experts, min: 1, "experts per MoE layer (E)"),
             .int("top_k", \.topK, min: 1, "experts per token (k); at most experts"),
-            .choice("gate", \.gate, "router: topk (softmax top-k), switch (top-1, raw probability weights)"),
+            .choice("gate", \.gate, "the gate (router) of every MoE layer; the table of gates is in the README, their math in docs/ALGORITHMS.md"),
             .optionalDouble("capacity_factor", \.capacityFactor, 0.01...1e6,
                             "training capacity factor CF: slots per expert = max(min_capacity, ceil(k*CF*N/E)); none = dropless"),
             .optionalDouble("eval_capacity_factor", \.evalCapacityFactor, 0.01...1e6, "capacity factor for evaluation and generation; none = dropless"),

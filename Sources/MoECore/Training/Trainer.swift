@@ -43,7 +43,7 @@ public struct StepReport: Sendable {
     public var skipped = false
 }
 
-/// Owns the model, its optimizers and the data; `step()` is the one place a training step is
+/// Owns the model, its optimizers and the data; `trainStep()` is the one place a training step is
 /// sequenced (docs/ARCHITECTURE.md, "One training step"):
 ///   batch -> forward -> backward -> all-reduce replicated gradients -> clip -> AdamW.
 /// Logging, evaluation and checkpoints happen in `TrainingRun`, around it.

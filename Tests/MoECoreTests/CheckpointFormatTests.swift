@@ -1,0 +1,77 @@
+import Foundation
+import XCTest
+@testable import MoECore
+import MoEComm
+import MoEIO
+
+final class CheckpointFormatTests: XCTestCase {
+    func testSHA256StandardVectors() {
+        XCTAssertEqual(SHA256.hex(of: Array("".utf8)), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        XCTAssertEqual(SHA256.hex(of: Array("abc".utf8)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        XCTAssertEqual(SHA256.hex(of: Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)),
+                       "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+        let million = [UInt8](repeating: 0x61, count: 1_000_000)
+        var hasher = SHA256()
+        million.withUnsafeBytes { hasher.update($0) }
+        XCTAssertEqual(hasher.finalizeHex(), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
+    }
+
+    func testSafetensorsRoundTrip() throws {
+        let a: [Float] = (0..<6).map { Float($0) * 0.5 }, b: [Float] = [-1, 2, 3.25]
+        let data = try a.withUnsafeBufferPointer { pa in
+            try b.withUnsafeBufferPointer { pb in
+                try Safetensors.encode([.init(name: "a", shape: [2, 3], values: pa), .init(name: "b", shape: [3], values: pb)],
+                                       metadata: ["format": "pt"])
+            }
+        }
+        let file = try Safetensors.File(path: "memory", data: data)
+        XCTAssertEqual(file.tensors["a"]?.shape, [2, 3])
+        XCTAssertEqual(file.metadata["format"], "pt")
+        var out = [Float](repeating: 0, count: 3)
+        try out.withUnsafeMutableBufferPointer { try file.read("b", shape: [3], into: $0.baseAddress!) }
+        XCTAssertEqual(out, b)
+        XCTAssertThrowsError(try out.withUnsafeMutableBufferPointer { try file.read("a", shape: [3], into: $0.baseAddress!) })
+        XCTAssertEqual((8 + Int(data.withUnsafeBytes { $0.load(as: UInt64.self) })) % 8, 0, "data section 8-byte aligned")
+    }
+
+    /// Hostile files give errors, never crashes or huge allocations.
+    func testSafetensorsRejectsHostileHeaders() throws {
+        func header(_ json: String, dataBytes: Int = 0) -> Data {
+            var data = Data()
+            withUnsafeBytes(of: UInt64(json.utf8.count).littleEndian) { data.append(contentsOf: $0) }
+            data.append(Data(json.utf8))
+            data.append(Data(count: dataBytes))
+            return data
+        }
+        var absurd = Data()
+        withUnsafeBytes(of: UInt64(1) << 62) { absurd.append(contentsOf: $0) }
+        let hostile: [(Data, String)] = [
+            (Data([1, 2, 3]), "shorter than"),
+            (absurd, "header length"),
+            (header("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", dataBytes: 8), "outside"),
+            (header("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,16]}}", dataBytes: 16), "does not match"),
+            (header("{\"a\":{\"dtype\":\"F16\",\"shape\":[4],\"data_offsets\":[0,8]}}", dataBytes: 8), "dtype"),
+            (header("[1,2]"), "not a JSON object"),
+            (header("{\"a\":{\"dtype\":\"F32\",\"shape\":[1099511627775,1099511627775],\"data_offsets\":[0,4]}}", dataBytes: 4), "does not match"),
+            (header("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", dataBytes: 12), "overlap"),
+        ]
+        for (data, expected) in hostile {
+            XCTAssertThrowsError(try Safetensors.File(path: "x.safetensors", data: data)) { error in
+                XCTAssertTrue("\(error)".contains(expected) && "\(error)".contains("x.safetensors"), "\(error)")
+            }
+        }
+        // Random mutations of a valid file: every outcome is a parse or an error.
+        let values: [Float] = (0..<32).map(Float.init)
+        let valid = try values.withUnsafeBufferPointer { try Safetensors.encode([.init(name: "w", shape: [4, 8], values: $0)]) }
+        let key = RandomKey(11)
+        for trial in 0..<2000 {
+            var mutated = valid
+            for flip in 0..<(1 + key.derive(trial).integer(0, below: 4)) {
+                let index = key.derive(trial).integer(1 + flip, below: mutated.count)
+                mutated[index] = UInt8(key.derive(trial).integer(10 + flip, below: 256))
+            }
+            if key.derive(trial).integer(99, below: 5) == 0 { mutated = mutated.prefix(key.derive(trial).integer(98, below: mutated.count)) }
+            _ = try? Safetensors.File(path: "fuzz", data: Data(mutated))
+        }
+    }
+}
