@@ -121,6 +121,30 @@ final class RecipeTests: XCTestCase {
         }
     }
 
+    /// After a skipped (non-finite) update, StableMoE's stage is counted in applied updates both
+    /// where the forward pass chooses its routing and where the distilled router is frozen, so
+    /// the two agree at the stage-2 boundary. (They used to disagree: the freezing counted
+    /// attempted steps, and froze the distilled router for one step of stage-1 training.)
+    func testStableMoEStageAndFreezingAgreeAfterASkippedUpdate() throws {
+        let trainer = try trainer { $0.moe.gate = .stablemoe; $0.gates.stableStage2Fraction = 0.25; $0.train.steps = 20 }
+        FaultInjection(kind: .nanGradient, rank: 0, step: 2).arm(trainer)
+        let policy = trainer.model.moeLayers[0].gate.policy as! StableMoEPolicy<Float>
+        XCTAssertEqual(policy.stage2Step, 5)
+        for _ in 0..<5 { _ = try trainer.trainStep() }
+        XCTAssertEqual(trainer.skippedUpdates, 1)
+        // Attempted step 5 is applied update 4: still stage 1, and the distilled router trains.
+        XCTAssertEqual(trainer.phase, .stage1)
+        let table = { Array(UnsafeBufferPointer(start: policy.distilledTable.value, count: policy.distilledTable.count)) }
+        let before = table()
+        XCTAssertEqual(try trainer.trainStep().phase, .stage1)
+        XCTAssertTrue(table() != before, "the distilled router trains in its last stage-1 step")
+        // The next step is stage 2: routing by the distilled router, which no longer changes.
+        XCTAssertEqual(trainer.phase, .stage2)
+        let frozen = table()
+        XCTAssertEqual(try trainer.trainStep().phase, .stage2)
+        XCTAssertTrue(table() == frozen, "stage 2 freezes the distilled router")
+    }
+
     /// ReLU routing's controller drives the fraction of zero weights toward 1 - k/E (here k = 1:
     /// 0.75, one active expert of 4, from about half active at initialisation).
     func testReLUSparsityApproachesItsTarget() throws {

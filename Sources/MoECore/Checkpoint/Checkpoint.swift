@@ -162,7 +162,7 @@ public enum Checkpoint {
                 expertFiles: expertFiles, learningRate: trainer.schedule.learningRate(at: trainer.step),
                 optimizerSteps: optimizerSteps(trainer),
                 seed: trainer.config.train.seed, config: trainer.config.yaml(withHelp: false), files: files,
-                phase: trainer.phase.rawValue, temperature: model.moeLayers.first?.gate.temperature(step: trainer.step),
+                phase: trainer.phase.rawValue, temperature: model.moeLayers.first?.gate.temperature(step: trainer.appliedUpdates),
                 spawnStep: trainer.recipe.spawnStep,
                 gateState: Dictionary(uniqueKeysWithValues: model.moeLayers.compactMap { layer in
                     layer.gate.state.isEmpty ? nil : ("blocks.\(layer.layerIndex)", layer.gate.state)

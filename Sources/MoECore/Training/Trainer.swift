@@ -227,7 +227,7 @@ public final class Trainer {
         profile.total = Double(Clock.nanoseconds() - started) * 1e-9
         let report = StepReport(step: step, loss: scalars[0] / Double(globalBatchTokens), auxiliaryLoss: auxiliaryLoss,
                                 learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: moeLayers,
-                                profile: profile, temperature: model.moeLayers.first?.gate.temperature(step: step - skippedUpdates),
+                                profile: profile, temperature: model.moeLayers.first?.gate.temperature(step: appliedUpdates),
                                 phase: phase, skipped: skipped)
         adaptGates(moeLayers)
         // A skipped update still spent its forward and backward.
@@ -256,7 +256,7 @@ public final class Trainer {
             let forward = try model.forward(tokens: inputs, targets: targets, batch: batchSize, length: context, training: true,
                                             globalTokens: microBatchTokens, firstGlobalToken: rank * localTokens,
                                             noiseKey: accumulation == 1 ? stepKey : stepKey.derive(micro),
-                                            step: step - skippedUpdates, lossWeight: 1 / Double(accumulation))
+                                            step: appliedUpdates, lossWeight: 1 / Double(accumulation))
             heartbeat.beat("backward", step: step)
             FaultInjection.trigger(.kill, faults: faults, step: step)
             FaultInjection.trigger(.sleep, faults: faults, step: step)
@@ -282,6 +282,10 @@ public final class Trainer {
 
     /// Updates skipped because the loss or gradient was not finite (all, and in a row).
     public internal(set) var skippedUpdates = 0
+    /// Updates applied so far: the clock of every gate schedule (DTS temperature, StableMoE's
+    /// stages and freezing), which a skipped non-finite update does not advance. `step` counts
+    /// attempted steps (data, learning rate, the spawn).
+    public var appliedUpdates: Int { step - skippedUpdates }
     public internal(set) var consecutiveSkips = 0
     var firstNonFinite: (step: Int, location: String)?
     /// Benchmarks: time the wait for the slowest rank apart from the transfers (a barrier before
@@ -309,13 +313,13 @@ public final class Trainer {
     /// The phase the next step trains in.
     public var phase: TrainingPhase {
         guard let layer = model.moeLayers.first, !layer.isDense else { return .dense }
-        return layer.gate.phase(step: step)
+        return layer.gate.phase(step: appliedUpdates)
     }
 
     /// Parameters a gate freezes in its current phase (StableMoE's stage 2: no updates, no decay).
     func prepareGates() {
         for layer in model.moeLayers {
-            for (parameter, frozen) in layer.gate.frozenParameters(step: step) {
+            for (parameter, frozen) in layer.gate.frozenParameters(step: appliedUpdates) {
                 replicatedOptimizer.freeze(model.replicated.name(of: parameter), frozen)
             }
         }

@@ -107,9 +107,13 @@ public final class TrainingRun {
                 log("note: \(checkpoint.directory) predates compute accounting; train_flops continues from the nominal estimate")
             }
             trainer.restorePhase()
-            if let saved = checkpoint.manifest.temperature, let now = trainer.model.moeLayers.first?.gate.temperature(step: trainer.step),
-               abs(saved - now) > 1e-12 * max(1, abs(saved)) {
-                throw CheckpointError.incompatible(path: checkpoint.directory, reason: "its temperature \(saved) differs from the schedule's \(now) at step \(trainer.step)")
+            // The schedule runs on applied updates (checkpoints before that change recorded it at
+            // the attempted step; either matches).
+            if let saved = checkpoint.manifest.temperature, let gate = trainer.model.moeLayers.first?.gate,
+               let now = gate.temperature(step: trainer.appliedUpdates),
+               ![now, gate.temperature(step: trainer.step) ?? now].contains(where: { abs(saved - $0) <= 1e-12 * max(1, abs(saved)) }) {
+                throw CheckpointError.incompatible(path: checkpoint.directory,
+                                                   reason: "its temperature \(saved) differs from the schedule's \(now) after \(trainer.appliedUpdates) applied updates")
             }
             log(String(format: "resumed from %@ at step %d (saved on %d ranks), loaded and verified in %.2f s", checkpoint.directory,
                        trainer.step, checkpoint.manifest.worldSize, Double(DispatchTime.now().uptimeNanoseconds - loadStarted) / 1e9))
