@@ -78,8 +78,12 @@ public final class AdamW<T: Scalar, Kind> {
         }
     }
 
+    /// Stops (or resumes) updating the parameter `name`; a name the store does not hold is a
+    /// programming error, not something to skip silently.
     public func freeze(_ name: String, _ isFrozen: Bool = true) {
-        guard let index = store.entries.firstIndex(where: { $0.name == name }) else { return }
+        guard let index = store.entries.firstIndex(where: { $0.name == name }) else {
+            preconditionFailure("AdamW.freeze: no parameter named \(name) in this optimizer's store")
+        }
         if isFrozen { frozen.insert(index) } else { frozen.remove(index) }
     }
 
