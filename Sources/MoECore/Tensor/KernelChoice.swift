@@ -171,15 +171,20 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
             try communicator.barrier()
             measurement = try measure(shapes: shapes)
         }
-        let hasBF16 = try communicator.allReduce(measurement.oneDNNBF16 == nil ? 0 : 1, op: .min) == 1
-        var figures = [measurement.openBLASFP32, measurement.oneDNNFP32, measurement.oneDNNBF16 ?? 0]
-        try communicator.allReduce(&figures)
-        let ranks = Double(communicator.size)
-        let agreed = KernelMeasurement(openBLASFP32: figures[0] / ranks, oneDNNFP32: figures[1] / ranks,
-                                       oneDNNBF16: hasBF16 ? figures[2] / ranks : nil,
-                                       source: everyRankCached ? "cached in \(cache.file)" : "measured")
+        var agreed = try measurement.summed(over: communicator, scale: 1 / Double(communicator.size))
+        agreed.source = everyRankCached ? "cached in \(cache.file)" : "measured"
         if !everyRankCached { cache.write(key, agreed) }
         return agreed
+    }
+
+    /// Each figure summed over ranks and multiplied by `scale` (1/R: the mean), bf16 only where
+    /// every rank has it. Collective.
+    public func summed(over communicator: Communicator, scale: Double = 1) throws -> KernelMeasurement {
+        let hasBF16 = try communicator.allReduce(oneDNNBF16 == nil ? 0 : 1, op: .min) == 1
+        var figures = [openBLASFP32, oneDNNFP32, oneDNNBF16 ?? 0]
+        try communicator.allReduce(&figures)
+        return KernelMeasurement(openBLASFP32: figures[0] * scale, oneDNNFP32: figures[1] * scale,
+                                 oneDNNBF16: hasBF16 ? figures[2] * scale : nil, source: source)
     }
 }
 

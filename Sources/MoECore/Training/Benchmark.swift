@@ -26,12 +26,9 @@ public enum Benchmark {
         public static func measure(_ config: RunConfig, communicator: Communicator) throws -> Peaks {
             let shape = ProductShapes(shapes: [SIMD3(config.train.batchSize * config.model.context, config.model.ffnHidden, config.model.width)])
             try communicator.barrier()
-            let measured = try KernelMeasurement.measure(shapes: shape, budget: 0.3, roundingActivations: false)
-            let hasBF16 = try communicator.allReduce(measured.oneDNNBF16 == nil ? 0 : 1, op: .min) == 1
-            var figures = [measured.openBLASFP32, measured.oneDNNFP32, measured.oneDNNBF16 ?? 0]
-            try communicator.allReduce(&figures)
-            var byKernel: [Kernel: Double] = [.openBLASFP32: figures[0], .oneDNNFP32: figures[1]]
-            if hasBF16 { byKernel[.oneDNNBF16] = figures[2] }
+            let summed = try KernelMeasurement.measure(shapes: shape, budget: 0.3, roundingActivations: false).summed(over: communicator)
+            var byKernel: [Kernel: Double] = [.openBLASFP32: summed.openBLASFP32, .oneDNNFP32: summed.oneDNNFP32]
+            byKernel[.oneDNNBF16] = summed.oneDNNBF16
             return Peaks(byKernel: byKernel)
         }
 
