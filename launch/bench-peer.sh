@@ -46,7 +46,18 @@ for line in sys.stdin:
     values[section + "." + key] = value.strip()
 def number(key):
     return float(values[key])
-vocab = int(number("model.vocab_size")) or 256
+# vocab_size 0: the vocabulary of the training file as moe reads it (header slot 3 of an llm.c token file), else bytes.
+vocab = int(number("model.vocab_size"))
+if not vocab:
+    vocab = 256
+    try:
+        import struct
+        with open(values["data.train"].strip(chr(34)), "rb") as f:
+            magic, _, _, declared = struct.unpack("<4i", f.read(16))
+        if magic == 20240520 and declared > 0:
+            vocab = declared
+    except (OSError, KeyError, struct.error):
+        pass
 print(json.dumps({
     "vocab": vocab, "context": int(number("model.context")), "width": int(number("model.width")),
     "layers": int(number("model.layers")), "heads": int(number("model.heads")),
