@@ -71,16 +71,16 @@ struct BenchCommand: ParsableCommand {
                 trainFiles = [TokenFile(path: "synthetic", tokens: tokens, vocabularySize: 256)]
                 description = "synthetic random bytes"
             }
-            if communicator.rank == 0, let warning = BLASInfo.genericCoreWarning() { FileHandle.standardError.write(Data((warning + "\n").utf8)) }
+            if let warning = BLASInfo.genericCoreWarning() { Runtime.note(warning, communicator: communicator) }
             let peaks = try Benchmark.Peaks.measure(resolved, communicator: communicator)
             func bench(_ precision: PrecisionSetting) throws -> (json: JSONObject, tokensPerSecond: Double) {
                 var config = resolved
                 config.train.precision = precision
                 let trainer = try Trainer(config: config, communicator: communicator, trainFiles: trainFiles, validationFiles: [])
-                if communicator.rank == 0, let kernels = trainer.model.kernels { FileHandle.standardError.write(Data((kernels.summary + "\n").utf8)) }
+                if let kernels = trainer.model.kernels { Runtime.note(kernels.summary, communicator: communicator) }
                 let result = try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: peaks)
-                if communicator.rank == 0, let warning = Benchmark.kernelWarning(Benchmark.kernel(of: trainer.model), peaks: peaks) {
-                    FileHandle.standardError.write(Data((warning + "\n").utf8))
+                if let warning = Benchmark.kernelWarning(Benchmark.kernel(of: trainer.model), peaks: peaks) {
+                    Runtime.note(warning, communicator: communicator)
                 }
                 return result
             }

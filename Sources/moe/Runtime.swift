@@ -78,6 +78,12 @@ enum Runtime {
         }
     }
 
+    /// A line on rank 0's stderr (where `moe bench` keeps its stdout for the JSON line).
+    static func note(_ line: String, communicator: Communicator) {
+        guard communicator.rank == 0 else { return }
+        FileHandle.standardError.write(Data((line + "\n").utf8))
+    }
+
     /// Start-up facts every run and benchmark should show (see the OPENBLAS_CORETYPE trap).
     static func announceEnvironment(_ log: (String) -> Void) {
         var line = "OpenBLAS core \(BLASInfo.coreName), \(BLASInfo.threads) thread(s) per rank; oneDNN \(BFloat16Support.current.isa), "

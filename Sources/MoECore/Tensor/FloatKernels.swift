@@ -21,6 +21,16 @@ enum FloatKernels {
         UnsafeMutableRawPointer(destination).storeBytes(of: vector, as: Vector.self)
     }
 
+    /// The first `lanes` values (the rest zero): a plain load for a full vector.
+    @inline(__always) static func load(_ source: UnsafePointer<Float>, lanes: Int) -> Vector {
+        lanes == 16 ? load(source) : loadVector(source, lanes: lanes)
+    }
+
+    /// Stores the first `lanes` values: a plain store for a full vector.
+    @inline(__always) static func store(_ vector: Vector, _ destination: UnsafeMutablePointer<Float>, lanes: Int) {
+        if lanes == 16 { store(vector, destination) } else { storeVector(vector, destination, lanes: lanes) }
+    }
+
     /// Runs `body` on full 16-lane vectors; the tail goes through a zero-padded vector.
     @inline(__always) static func forEachVector(count: Int, _ body: (Int, Int) -> Void) {
         var index = 0
@@ -49,19 +59,18 @@ enum FloatKernels {
 
     static func geluForward(_ input: UnsafePointer<Float>, _ output: UnsafeMutablePointer<Float>, count: Int) {
         forEachVector(count: count) { index, lanes in
-            let x = lanes == 16 ? load(input + index) : loadVector(input + index, lanes: lanes)
-            if lanes == 16 { store(gelu(x), output + index) } else { storeVector(gelu(x), output + index, lanes: lanes) }
+            let x = load(input + index, lanes: lanes)
+            store(gelu(x), output + index, lanes: lanes)
         }
     }
 
     static func geluBackward(_ input: UnsafePointer<Float>, _ dOutput: UnsafePointer<Float>,
                              _ dInput: UnsafeMutablePointer<Float>, count: Int) {
         forEachVector(count: count) { index, lanes in
-            let full = lanes == 16
-            let x = full ? load(input + index) : loadVector(input + index, lanes: lanes)
-            let dy = full ? load(dOutput + index) : loadVector(dOutput + index, lanes: lanes)
+            let x = load(input + index, lanes: lanes)
+            let dy = load(dOutput + index, lanes: lanes)
             let dx = dy * geluDerivative(x)
-            if full { store(dx, dInput + index) } else { storeVector(dx, dInput + index, lanes: lanes) }
+            store(dx, dInput + index, lanes: lanes)
         }
     }
 
@@ -87,9 +96,8 @@ enum FloatKernels {
             let offset = row * columns
             forEachVector(count: columns) { index, lanes in
                 let at = offset + index
-                let pre = (lanes == 16 ? load(h + at) : loadVector(h + at, lanes: lanes))
-                    + (lanes == 16 ? load(bias + index) : loadVector(bias + index, lanes: lanes))
-                if lanes == 16 { store(pre, h + at) } else { storeVector(pre, h + at, lanes: lanes) }
+                let pre = load(h + at, lanes: lanes) + load(bias + index, lanes: lanes)
+                store(pre, h + at, lanes: lanes)
                 store(gelu(pre), activation + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
             }
         }
@@ -104,13 +112,13 @@ enum FloatKernels {
         for row in 0..<rows {
             let offset = row * columns
             forEachVector(count: columns) { index, lanes in
-                let at = offset + index, full = lanes == 16
-                let x = full ? load(h + at) : loadVector(h + at, lanes: lanes)
-                let dy = full ? load(d + at) : loadVector(d + at, lanes: lanes)
+                let at = offset + index
+                let x = load(h + at, lanes: lanes)
+                let dy = load(d + at, lanes: lanes)
                 let dx = dy * geluDerivative(x)
                 store(dx, d + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
-                let sums = (full ? load(biasGradient + index) : loadVector(biasGradient + index, lanes: lanes)) + dx
-                if full { store(sums, biasGradient + index) } else { storeVector(sums, biasGradient + index, lanes: lanes) }
+                let sums = load(biasGradient + index, lanes: lanes) + dx
+                store(sums, biasGradient + index, lanes: lanes)
             }
         }
     }
@@ -119,7 +127,7 @@ enum FloatKernels {
     @inline(__always) static func sum(_ x: UnsafePointer<Float>, count: Int, _ term: (Vector, Int) -> Vector) -> Float {
         var sums = Vector(repeating: 0)
         forEachVector(count: count) { index, lanes in
-            let v = lanes == 16 ? load(x + index) : loadVector(x + index, lanes: lanes)
+            let v = load(x + index, lanes: lanes)
             var t = term(v, index)
             if lanes < 16 { for lane in lanes..<16 { t[lane] = 0 } }
             sums += t
@@ -161,12 +169,11 @@ enum FloatKernels {
             let squares = sum(input, count: width) { v, _ in (v - mean) * (v - mean) }
             let reciprocal = 1 / (squares * inverseWidth + epsilon).squareRoot()
             forEachVector(count: width) { index, lanes in
-                let full = lanes == 16
-                let v = full ? load(input + index) : loadVector(input + index, lanes: lanes)
-                let g = full ? load(gain + index) : loadVector(gain + index, lanes: lanes)
-                let b = full ? load(bias + index) : loadVector(bias + index, lanes: lanes)
+                    let v = load(input + index, lanes: lanes)
+                let g = load(gain + index, lanes: lanes)
+                let b = load(bias + index, lanes: lanes)
                 let out = (v - mean) * reciprocal * g + b
-                if full { store(out, output + index) } else { storeVector(out, output + index, lanes: lanes) }
+                store(out, output + index, lanes: lanes)
             }
             means[row] = mean
             reciprocals[row] = reciprocal
@@ -183,29 +190,26 @@ enum FloatKernels {
             let mean = means[row], reciprocal = reciprocals[row]
             var dNormSums = Vector(repeating: 0), dNormTimesNormSums = Vector(repeating: 0)
             forEachVector(count: width) { index, lanes in
-                let full = lanes == 16
-                let v = full ? load(input + index) : loadVector(input + index, lanes: lanes)
-                let d = full ? load(dOut + index) : loadVector(dOut + index, lanes: lanes)
-                let g = full ? load(gain + index) : loadVector(gain + index, lanes: lanes)
+                    let v = load(input + index, lanes: lanes)
+                let d = load(dOut + index, lanes: lanes)
+                let g = load(gain + index, lanes: lanes)
                 let normalized = (v - mean) * reciprocal, dNorm = d * g   // padded lanes: d = 0, so dNorm = 0
                 dNormSums += dNorm
                 dNormTimesNormSums += dNorm * normalized
-                let gains = (full ? load(gainGradient + index) : loadVector(gainGradient + index, lanes: lanes)) + d * normalized
-                let biases = (full ? load(biasGradient + index) : loadVector(biasGradient + index, lanes: lanes)) + d
-                if full { store(gains, gainGradient + index); store(biases, biasGradient + index) } else {
-                    storeVector(gains, gainGradient + index, lanes: lanes); storeVector(biases, biasGradient + index, lanes: lanes)
-                }
+                let gains = load(gainGradient + index, lanes: lanes) + d * normalized
+                let biases = load(biasGradient + index, lanes: lanes) + d
+                store(gains, gainGradient + index, lanes: lanes)
+                store(biases, biasGradient + index, lanes: lanes)
             }
             let meanDNorm = dNormSums.sum() * inverseWidth, meanDNormTimesNorm = dNormTimesNormSums.sum() * inverseWidth
             forEachVector(count: width) { index, lanes in
-                let full = lanes == 16
-                let v = full ? load(input + index) : loadVector(input + index, lanes: lanes)
-                let d = full ? load(dOut + index) : loadVector(dOut + index, lanes: lanes)
-                let g = full ? load(gain + index) : loadVector(gain + index, lanes: lanes)
+                    let v = load(input + index, lanes: lanes)
+                let d = load(dOut + index, lanes: lanes)
+                let g = load(gain + index, lanes: lanes)
                 let normalized = (v - mean) * reciprocal
-                let out = (full ? load(dIn + index) : loadVector(dIn + index, lanes: lanes))
+                let out = load(dIn + index, lanes: lanes)
                     + reciprocal * (d * g - meanDNorm - normalized * meanDNormTimesNorm)
-                if full { store(out, dIn + index) } else { storeVector(out, dIn + index, lanes: lanes) }
+                store(out, dIn + index, lanes: lanes)
             }
         }
     }
