@@ -42,7 +42,9 @@ let package = Package(
             "MoECore", "MoEComm", "MoEIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "MoECoreTests", dependencies: ["MoECore", "MoEComm", "MoEIO"]),
+        // Ranks as threads of one process: only tests need it, so it ships in no product.
+        .target(name: "MoETestSupport", dependencies: ["MoEComm"], path: "Tests/MoETestSupport"),
+        .testTarget(name: "MoECoreTests", dependencies: ["MoECore", "MoEComm", "MoEIO", "MoETestSupport"]),
         .testTarget(name: "MoECLITests", dependencies: ["moe", "MoEIO", "MoECore"], exclude: ["Scripts"]),
     ]
 )

@@ -122,6 +122,13 @@ public struct CheckpointConfig: Equatable, Sendable {
     public var keep = 2
 }
 
+public extension RunConfig {
+    /// T_s: the update at which EvoMoE spawns the experts from the dense FFNs (0: no dense phase).
+    var spawnStep: Int {
+        evomoe.spawnFraction > 0 ? max(1, Int((evomoe.spawnFraction * Double(train.steps)).rounded())) : 0
+    }
+}
+
 /// A whole run's configuration. The defaults are the embedded main job (EvoMoE on Shakespeare:
 /// 5% dense, then 8 experts under the Dense-To-Sparse gate); `configs/shakespeare.yaml` spells
 /// the same values out.

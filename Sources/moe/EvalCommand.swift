@@ -33,7 +33,7 @@ struct EvalCommand: ParsableCommand {
             let path = windows.path
             let batchCount = batches ?? loaded.config.train.evalBatches
             guard batchCount > 0 else { throw ValidationError("--batches must be positive") }
-            let loss = try Trainer.evaluate(model: loaded.model, data: windows, batches: batchCount,
+            let loss = try Evaluation.loss(model: loaded.model, data: windows, batches: batchCount,
                                             batchSize: loaded.config.train.batchSize, communicator: communicator,
                                             step: loaded.manifest.step)
             let tokens = batchCount * communicator.size * loaded.config.train.batchSize * loaded.config.model.context
@@ -42,7 +42,7 @@ struct EvalCommand: ParsableCommand {
             // Nats per byte of text compare models with different tokenizers (a byte model's
             // loss already is one).
             if let tokenizer = try? loaded.textTokenizer(override: nil), loaded.model.vocabularySize != 256 {
-                let bytes = try Trainer.evaluatedBytes(data: windows, batches: batchCount, batchSize: loaded.config.train.batchSize,
+                let bytes = try Evaluation.bytes(data: windows, batches: batchCount, batchSize: loaded.config.train.batchSize,
                                                        communicator: communicator, tokenizer: tokenizer)
                 let perByte = loss * Double(tokens) / Double(bytes)
                 line += String(format: " | %.4f nats per byte (%.3f bytes per token)", perByte, Double(bytes) / Double(tokens))

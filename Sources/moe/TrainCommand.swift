@@ -55,9 +55,9 @@ struct TrainCommand: ParsableCommand {
                 throw ValidationError("run directory '\(directory)' already holds checkpoints (newest \(existing)); pass --resume to continue it or choose another --run-dir")
             }
             Runtime.announceEnvironment(log)
+            let injector = faults.isEmpty ? nil : FaultInjector(faults.compactMap(FaultInjection.init), rank: communicator.rank)
             let run = try TrainingRun(config: resolved, runDirectory: directory, resume: resume, communicator: communicator,
-                                      faults: faults.compactMap(FaultInjection.init), log: log)
-            for fault in faults.compactMap(FaultInjection.init) { fault.arm(run.trainer) }
+                                      hooks: injector, log: log)
             Runtime.installTerminationHandler()
             try run.run(stopAt: stopAt, stopRequested: { Runtime.terminationFlag.pointee != 0 })
         }

@@ -47,7 +47,7 @@ final class BFloat16Tests: XCTestCase {
     func testLinearMatchesItsFP32TwinWithinTheRoundingBound() throws {
         let rows = 37, input = 64, output = 48
         let store = ParameterStore<Float, Replicated>()
-        let linear = Linear(store: store, name: "linear", inputSize: input, outputSize: output, deviation: 0.3)
+        let linear = Linear(store: store, path: ParameterPath("linear", role: .feedForward), inputSize: input, outputSize: output, deviation: 0.3)
         store.initialize(key: RandomKey(11))
         let x = floatTensor(rows: rows, columns: input, seed: 12), dy = floatTensor(rows: rows, columns: output, seed: 13)
         func products() -> (y: [Float], dW: [Float], dx: [Float]) {
@@ -86,7 +86,7 @@ final class BFloat16Tests: XCTestCase {
     func testAttentionMatchesItsFP32TwinInRMS() throws {
         let batch = 3, length = 10, width = 32, heads = 4, rows = batch * length
         let store = ParameterStore<Float, Replicated>()
-        let attention = CausalSelfAttention(store: store, name: "attention", width: width, heads: heads, residualDeviation: 0.1)
+        let attention = CausalSelfAttention(store: store, path: ParameterPath("attention", role: .attention), width: width, heads: heads, residualDeviation: 0.1)
         store.initialize(key: RandomKey(21))
         // Larger QKV weights than at initialisation, so attention is peaked and the score path's
         // gradients (dQ, dK) are as large as the value path's instead of vanishing beside it.
@@ -184,8 +184,8 @@ final class BFloat16Tests: XCTestCase {
     /// `didWriteAllValues` rounds the new values and releases the same pages again.
     func testKeepingPartOfTheMasterValuesReleasesTheRest() throws {
         let store = ParameterStore<Float, Replicated>()
-        _ = store.add("norm", rows: 1, columns: 100, weightDecay: false, initialization: .ones)
-        _ = store.add("weight", rows: 1024, columns: 1024, weightDecay: true, initialization: .normal(standardDeviation: 0.02),
+        _ = store.add(ParameterPath("norm", role: .routingTable), rows: 1, columns: 100, weightDecay: false, initialization: .ones)
+        _ = store.add(ParameterPath("weight", role: .routingTable), rows: 1024, columns: 1024, weightDecay: true, initialization: .normal(standardDeviation: 0.02),
                       productOnly: true)   // 4 MiB
         store.runProducts(on: try OneDNNMatmul(precision: .bf16))
         store.initialize(key: RandomKey(3))

@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import MoECore
 import MoEComm
+import MoETestSupport
 import MoEIO
 
 /// Distributed logic with ranks as threads (`ThreadedCommunicator`); the same code paths run
@@ -117,7 +118,7 @@ final class DistributedTrainingTests: XCTestCase {
         }
         let collector = Collector()
         try ThreadedCommunicator.run(size: ranks) { comm in
-            let trainer = try Trainer(config: config, communicator: comm, trainFile: tokens, validationFile: nil)
+            let trainer = try Trainer(config: config, communicator: comm, trainFiles: [tokens], validationFiles: [])
             prepare?(trainer)
             var losses: [Double] = [], auxiliary: [Double] = [], norms: [Double] = []
             for _ in 0..<config.train.steps {
@@ -363,7 +364,7 @@ final class DistributedTrainingTests: XCTestCase {
         var config = Self.config(experts: 4, globalBatch: 8, ranks: 2)
         config.train.steps = 2
         XCTAssertThrowsError(try Self.train(config, ranks: 2) { trainer in
-            if trainer.communicator.rank == 1 { trainer.model.moeLayers[0].injectedCountError = 1 }
+            trainer.hooks = FaultInjector([FaultInjection(kind: .dispatchCount, rank: 1)], rank: trainer.communicator.rank)
         }) { error in
             XCTAssertTrue("\(error)".contains("MoE dispatch (layer 0)") && "\(error)".contains("disagree with their routing"), "\(error)")
         }

@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import MoECore
 import MoEComm
+import MoETestSupport
 import MoEIO
 
 /// The defining property of each gate (docs/ALGORITHMS.md), on standalone gates in Double.
@@ -22,7 +23,7 @@ final class GateTests: XCTestCase {
 
     func testBaseGivesEveryExpertExactlyItsShareAndIsNearOptimal() throws {
         let store = ParameterStore<Double, Replicated>()
-        let centroids = store.add("c", rows: 6, columns: 4, weightDecay: false, initialization: .zeros)
+        let centroids = store.add(ParameterPath("c", role: .routingTable), rows: 6, columns: 4, weightDecay: false, initialization: .zeros)
         let gate = TestGates.base(centroids: centroids, epsilon: 0.0078125)
         gate.initializeState(seed: 1, layer: 0)
         let x = randomTensor(rows: 32, columns: 6, seed: 3)
@@ -59,7 +60,7 @@ final class GateTests: XCTestCase {
             let x = randomTensor(rows: 10, columns: 6, seed: 4)
             try ThreadedCommunicator.run(size: ranks) { comm in
                 let store = ParameterStore<Double, Replicated>()
-                let gate = TestGates.base(centroids: store.add("c", rows: 6, columns: 4, weightDecay: false, initialization: .zeros),
+                let gate = TestGates.base(centroids: store.add(ParameterPath("c", role: .routingTable), rows: 6, columns: 4, weightDecay: false, initialization: .zeros),
                                           epsilon: 0.0078125)
                 gate.initializeState(seed: 1, layer: 0)
                 let rows = 10 / ranks, first = comm.rank * rows
@@ -84,7 +85,7 @@ final class GateTests: XCTestCase {
 
     func testHashRoutingDependsOnlyOnTheTokenIdAndBalancedTablesAreBalanced() throws {
         let store = ParameterStore<Double, Replicated>()
-        let table = store.add("t", rows: 1, columns: 50, weightDecay: false, initialization: .zeros)
+        let table = store.add(ParameterPath("t", role: .routingTable), rows: 1, columns: 50, weightDecay: false, initialization: .zeros)
         let frequencies = (0..<50).map { ($0 * 37) % 23 }
         let gate = TestGates.hash(table: table, expertCount: 4, balancedBy: frequencies)
         gate.initializeState(seed: 1, layer: 0)
@@ -104,7 +105,7 @@ final class GateTests: XCTestCase {
 
     func testExpertChoiceFillsEveryExpertExactly() throws {
         let store = ParameterStore<Double, Replicated>()
-        let router = store.add("r", rows: 5, columns: 4, weightDecay: false, initialization: .normal(standardDeviation: 1))
+        let router = store.add(ParameterPath("r", role: .router), rows: 5, columns: 4, weightDecay: false, initialization: .normal(standardDeviation: 1))
         store.initialize(key: RandomKey(2))
         let gate = TestGates.expertChoice(router: router, capacityFactor: 2)
         let routing = Routing<Double>()
@@ -113,7 +114,7 @@ final class GateTests: XCTestCase {
     }
 
     func dtsGate(tauMax: Double, hardStep: Int?, store: ParameterStore<Double, Replicated>) -> (gate: Gate<Double>, router: Parameter<Double, Replicated>) {
-        let router = store.add("r\(store.entries.count)", rows: 5, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
+        let router = store.add(ParameterPath("r\(store.entries.count)", role: .router), rows: 5, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
         store.initialize(key: RandomKey(3))
         let schedule = TemperatureSchedule(kind: .linear, maximum: tauMax, minimum: 0.05, annealSteps: 100, hardStep: hardStep, startStep: 0)
         return (TestGates.denseToSparse(router: router, bias: nil, transform: .gumbelSoftmax(weightsFromGumbel: false), schedule: schedule,
@@ -154,8 +155,8 @@ final class GateTests: XCTestCase {
     func testActivationGateBreaksTheTemperatureSymmetryAndHasItsLowerBound() throws {
         func weights(scale: Double, tau: Double) throws -> [Double] {
             let store = ParameterStore<Double, Replicated>()
-            let router = store.add("r", rows: 5, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
-            let bias = store.add("b", rows: 1, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
+            let router = store.add(ParameterPath("r", role: .router), rows: 5, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
+            let bias = store.add(ParameterPath("b", role: .routerBias), rows: 1, columns: 8, weightDecay: false, initialization: .normal(standardDeviation: 1))
             store.initialize(key: RandomKey(3))
             for index in 0..<store.count { store.values[index] *= scale }
             let schedule = TemperatureSchedule(kind: .constant, maximum: tau, minimum: tau, annealSteps: 1, hardStep: nil, startStep: 0)
@@ -174,7 +175,7 @@ final class GateTests: XCTestCase {
 
     func testGShardWeightsSumToOneAndFirstChoicesFillFirst() throws {
         let store = ParameterStore<Double, Replicated>()
-        let router = store.add("r", rows: 5, columns: 4, weightDecay: false, initialization: .normal(standardDeviation: 1))
+        let router = store.add(ParameterPath("r", role: .router), rows: 5, columns: 4, weightDecay: false, initialization: .normal(standardDeviation: 1))
         store.initialize(key: RandomKey(6))
         for policy in SecondChoicePolicy.allCases {
             let (gate, selection) = TestGates.topK(router: router, k: 2, renormalization: .afterDrop, capacityFactor: 0.6, evalCapacityFactor: 1,

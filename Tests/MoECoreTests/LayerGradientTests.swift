@@ -8,7 +8,7 @@ final class LayerGradientTests: XCTestCase {
 
     func testLinear() {
         let store = ParameterStore<Double, Replicated>()
-        let linear = Linear(store: store, name: "linear", inputSize: 5, outputSize: 3, deviation: 0.5)
+        let linear = Linear(store: store, path: ParameterPath("linear", role: .feedForward), inputSize: 5, outputSize: 3, deviation: 0.5)
         store.initialize(key: RandomKey(1))
         for i in 0..<3 { linear.bias!.value[i] = Double(i) * 0.1 }
         let x = randomTensor(rows: 4, columns: 5, seed: 2), projection = randomTensor(rows: 4, columns: 3, seed: 3)
@@ -40,7 +40,7 @@ final class LayerGradientTests: XCTestCase {
 
     func testLayerNorm() {
         let store = ParameterStore<Double, Replicated>()
-        let norm = LayerNorm(store: store, name: "norm", width: 6, decay: false)
+        let norm = LayerNorm(store: store, path: ParameterPath("norm", role: .norm), width: 6, decay: false)
         for i in 0..<6 { norm.gain.value[i] = 1 + 0.1 * Double(i); norm.bias.value[i] = 0.05 * Double(i) }
         let x = randomTensor(rows: 3, columns: 6, seed: 6, scale: 2), projection = randomTensor(rows: 3, columns: 6, seed: 7)
         let y = Tensor<Double>(rows: 3, columns: 6), dx = Tensor<Double>(rows: 3, columns: 6)
@@ -58,8 +58,8 @@ final class LayerGradientTests: XCTestCase {
     func testLayerNormFloatPathMatchesTheDoubleReference() {
         let rows = 4, width = 37
         let doubleStore = ParameterStore<Double, Replicated>(), floatStore = ParameterStore<Float, Replicated>()
-        let doubleNorm = LayerNorm(store: doubleStore, name: "norm", width: width, decay: false)
-        let floatNorm = LayerNorm(store: floatStore, name: "norm", width: width, decay: false)
+        let doubleNorm = LayerNorm(store: doubleStore, path: ParameterPath("norm", role: .norm), width: width, decay: false)
+        let floatNorm = LayerNorm(store: floatStore, path: ParameterPath("norm", role: .norm), width: width, decay: false)
         for i in 0..<width {
             doubleNorm.gain.value[i] = 1 + 0.03 * Double(i); doubleNorm.bias.value[i] = 0.02 * Double(i) - 0.3
             floatNorm.gain.value[i] = Float(doubleNorm.gain.value[i]); floatNorm.bias.value[i] = Float(doubleNorm.bias.value[i])
@@ -85,7 +85,7 @@ final class LayerGradientTests: XCTestCase {
 
     func testCausalSelfAttention() {
         let store = ParameterStore<Double, Replicated>()
-        let attention = CausalSelfAttention(store: store, name: "attention", width: 8, heads: 2, residualDeviation: 0.3)
+        let attention = CausalSelfAttention(store: store, path: ParameterPath("attention", role: .attention), width: 8, heads: 2, residualDeviation: 0.3)
         store.initialize(key: RandomKey(8))
         for i in 0..<24 { attention.qkv.bias!.value[i] = 0.01 * Double(i) }
         let (batch, length) = (2, 5)
@@ -110,13 +110,13 @@ final class LayerGradientTests: XCTestCase {
     /// recomputes the probabilities) passes the finite-difference check.
     func testTiledAttentionMatchesTheFullPathAndItsGradient() {
         let store = ParameterStore<Double, Replicated>()
-        let full = CausalSelfAttention(store: store, name: "attention", width: 8, heads: 2, residualDeviation: 0.3)
+        let full = CausalSelfAttention(store: store, path: ParameterPath("attention", role: .attention), width: 8, heads: 2, residualDeviation: 0.3)
         store.initialize(key: RandomKey(8))
         for i in 0..<24 { full.qkv.bias!.value[i] = 0.01 * Double(i) }
         for i in 0..<store.count { store.values[i] *= 3 }   // sharper softmax rows
         // The same parameters in a second store, read by the tiled layer.
         let tiledStore = ParameterStore<Double, Replicated>()
-        let tiled = CausalSelfAttention(store: tiledStore, name: "attention", width: 8, heads: 2, residualDeviation: 0.3, tile: 3)
+        let tiled = CausalSelfAttention(store: tiledStore, path: ParameterPath("attention", role: .attention), width: 8, heads: 2, residualDeviation: 0.3, tile: 3)
         tiledStore.initialize(key: RandomKey(1))
         tiledStore.values.update(from: store.values, count: store.count)
         let (batch, length) = (2, 11), rows = 22
@@ -149,7 +149,7 @@ final class LayerGradientTests: XCTestCase {
     func testCausalityOfAttention() {
         // Changing a later token must not change earlier outputs.
         let store = ParameterStore<Double, Replicated>()
-        let attention = CausalSelfAttention(store: store, name: "attention", width: 8, heads: 2, residualDeviation: 0.3)
+        let attention = CausalSelfAttention(store: store, path: ParameterPath("attention", role: .attention), width: 8, heads: 2, residualDeviation: 0.3)
         store.initialize(key: RandomKey(8))
         let x = randomTensor(rows: 5, columns: 8, seed: 11)
         let y1 = Tensor<Double>(rows: 5, columns: 8), y2 = Tensor<Double>(rows: 5, columns: 8)
@@ -163,7 +163,7 @@ final class LayerGradientTests: XCTestCase {
 
     func testFeedForward() {
         let store = ParameterStore<Double, ExpertSharded>()
-        let ffn = FeedForward(store: store, name: "ffn", width: 4, hiddenSize: 6, residualDeviation: 0.5)
+        let ffn = FeedForward(store: store, path: ParameterPath("ffn", role: .feedForward), width: 4, hiddenSize: 6, residualDeviation: 0.5)
         store.initialize(key: RandomKey(12))
         let x = randomTensor(rows: 3, columns: 4, seed: 13, scale: 3), projection = randomTensor(rows: 3, columns: 4, seed: 14)
         let y = Tensor<Double>(rows: 3, columns: 4), dx = Tensor<Double>(rows: 3, columns: 4)

@@ -18,7 +18,7 @@ final class MoEFixture {
          hidden: Int = 5, balance: Double = 0.01, zLoss: Double = 0.001, minimumCapacity: Int = 1) throws {
         self.rows = rows
         self.width = width
-        let router = replicated.add("router", rows: width, columns: experts, weightDecay: false,
+        let router = replicated.add(ParameterPath("router", role: .router), rows: width, columns: experts, weightDecay: false,
                                     initialization: .normal(standardDeviation: 0.8))
         self.router = router
         (gate, policy) = TestGates.topK(router: router, k: k, renormalization: renormalization, capacityFactor: capacityFactor,
@@ -27,7 +27,7 @@ final class MoEFixture {
         let placement = try ExpertPlacement(expertCount: experts, rankCount: 1, rank: 0)
         let store = expertStore
         let ffns = (0..<experts).map {
-            FeedForward(store: store, name: "experts.\($0)", width: width, hiddenSize: hidden, residualDeviation: 0.5)
+            FeedForward(store: store, path: ParameterPath("experts.\($0)", role: .expert), width: width, hiddenSize: hidden, residualDeviation: 0.5)
         }
         layer = MoELayer(gate: gate, experts: ffns, placement: placement, communicator: communicator)
         replicated.initialize(key: RandomKey(21))
@@ -149,7 +149,7 @@ final class MoEGradientTests: XCTestCase {
     func testSingleExpertEqualsDenseFFN() throws {
         let fixture = try MoEFixture(experts: 1, k: 1, renormalization: .none, capacityFactor: nil, balance: 0, zLoss: 0)
         let denseStore = ParameterStore<Double, ExpertSharded>()
-        let dense = FeedForward(store: denseStore, name: "experts.0", width: fixture.width, hiddenSize: 5, residualDeviation: 0.5)
+        let dense = FeedForward(store: denseStore, path: ParameterPath("experts.0", role: .expert), width: fixture.width, hiddenSize: 5, residualDeviation: 0.5)
         denseStore.values.update(from: fixture.expertStore.values, count: fixture.expertStore.count)
         let x = randomTensor(rows: fixture.rows, columns: fixture.width, seed: 33)
         let dy = randomTensor(rows: fixture.rows, columns: fixture.width, seed: 34)

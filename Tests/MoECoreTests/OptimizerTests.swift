@@ -9,8 +9,8 @@ final class OptimizerTests: XCTestCase {
     /// one undecayed tensor, a gradient scale (clipping) and 5 steps.
     func testAdamWMatchesTheReferenceUpdate() {
         let store = ParameterStore<Double, Replicated>()
-        let matrix = store.add("w", rows: 3, columns: 7, weightDecay: true, initialization: .normal(standardDeviation: 1))
-        _ = store.add("b", rows: 1, columns: 19, weightDecay: false, initialization: .normal(standardDeviation: 1))
+        let matrix = store.add(ParameterPath("w", role: .routingTable), rows: 3, columns: 7, weightDecay: true, initialization: .normal(standardDeviation: 1))
+        _ = store.add(ParameterPath("b", role: .routerBias), rows: 1, columns: 19, weightDecay: false, initialization: .normal(standardDeviation: 1))
         store.initialize(key: RandomKey(3))
         let settings = AdamWSettings(beta1: 0.9, beta2: 0.95, epsilon: 1e-8, weightDecay: 0.1)
         let optimizer = AdamW(store: store, settings: settings)

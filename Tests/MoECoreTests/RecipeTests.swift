@@ -10,8 +10,8 @@ final class RecipeTests: XCTestCase {
 
     func trainer(_ configure: (inout RunConfig) -> Void) throws -> Trainer {
         let config = DistributedTrainingTests.config(experts: 4, globalBatch: 8, ranks: 1, configure)
-        return try Trainer(config: config, communicator: SingleRankCommunicator(), trainFile: DistributedTrainingTests.tokens,
-                           validationFile: nil)
+        return try Trainer(config: config, communicator: SingleRankCommunicator(), trainFiles: [DistributedTrainingTests.tokens],
+                           validationFiles: [])
     }
 
     /// docs/ALGORITHMS.md 4.1: with r = 0, no noise and a zero router, the MoE right after the spawn
@@ -26,7 +26,7 @@ final class RecipeTests: XCTestCase {
         let tokens = Array(DistributedTrainingTests.tokens.tokens[0..<64].map(Int32.init))
         func loss() throws -> Double {
             try trainer.model.forward(tokens: tokens, targets: tokens, batch: 4, length: 16, training: true, globalTokens: 64,
-                                      firstGlobalToken: 0, noiseKey: RandomKey(1), step: trainer.step).localLoss
+                                      firstGlobalToken: 0, noiseKey: RandomKey(1), step: trainer.state.attempted).localLoss
         }
         let dense = try loss()
         _ = trainer.recipe.spawn(trainer.model, seed: 1)
@@ -52,7 +52,7 @@ final class RecipeTests: XCTestCase {
             phases.append(report.phase)
             active.append(report.moeLayers.map(\.activeExperts).reduce(0, +) / Double(report.moeLayers.count))
             temperatures.append(report.temperature ?? .nan)
-            if trainer.step == 4 {
+            if trainer.state.attempted == 4 {
                 XCTAssertEqual(trainer.expertOptimizer.stepCount, 0, "spawned experts start a new AdamW history")
                 let router = trainer.model.replicated.entries.firstIndex { $0.name == "blocks.0.moe.router" }!
                 XCTAssertEqual(trainer.replicatedOptimizer.stepCounts[router], 0)
@@ -86,8 +86,8 @@ final class RecipeTests: XCTestCase {
         for _ in 0..<40 {
             let report = try trainer.trainStep()
             let kept = Double(report.moeLayers.map(\.keptCount).reduce(0, +))
-            let spent = trainer.trainingFlops - before
-            before = trainer.trainingFlops
+            let spent = trainer.state.trainingFlops - before
+            before = trainer.state.trainingFlops
             XCTAssertEqual(spent, tokens * perToken + 6 * perExpert * kept, accuracy: 1e-9 * spent, "step \(report.step)")
             if report.phase == .soft && kept > 2 * moeLayers * tokens { soft += 1 }
             if report.phase != .soft { XCTAssertEqual(kept, moeLayers * tokens, "\(report.phase) computes one expert per token") }
@@ -108,7 +108,7 @@ final class RecipeTests: XCTestCase {
         for _ in 0..<6 {
             _ = try trainer.trainStep()
             _ = try trainer.model.forward(tokens: tokens, targets: tokens, batch: 4, length: 16, training: true, globalTokens: 64,
-                                          firstGlobalToken: 0, noiseKey: RandomKey(1), step: trainer.step)
+                                          firstGlobalToken: 0, noiseKey: RandomKey(1), step: trainer.state.attempted)
             for layer in trainer.model.moeLayers {
                 let gate = layer.gate.policy as! StableMoEPolicy<Float>
                 for (token, expert) in zip(tokens, gate.choice) {
@@ -127,11 +127,11 @@ final class RecipeTests: XCTestCase {
     /// attempted steps, and froze the distilled router for one step of stage-1 training.)
     func testStableMoEStageAndFreezingAgreeAfterASkippedUpdate() throws {
         let trainer = try trainer { $0.moe.gate = .stablemoe; $0.gates.stableStage2Fraction = 0.25; $0.train.steps = 20 }
-        FaultInjection(kind: .nanGradient, rank: 0, step: 2).arm(trainer)
+        trainer.hooks = FaultInjector([FaultInjection(kind: .nanGradient, rank: 0, step: 2)], rank: 0)
         let policy = trainer.model.moeLayers[0].gate.policy as! StableMoEPolicy<Float>
         XCTAssertEqual(policy.stage2Step, 5)
         for _ in 0..<5 { _ = try trainer.trainStep() }
-        XCTAssertEqual(trainer.skippedUpdates, 1)
+        XCTAssertEqual(trainer.state.skipped, 1)
         // Attempted step 5 is applied update 4: still stage 1, and the distilled router trains.
         XCTAssertEqual(trainer.phase, .stage1)
         let table = { Array(UnsafeBufferPointer(start: policy.distilledTable.value, count: policy.distilledTable.count)) }

@@ -34,7 +34,7 @@ public struct CheckpointManifest: Codable, Equatable {
     public var files: [String: FileRecord]
     /// Schedule positions at `step` (informative; all are functions of step and config, and
     /// resume recomputes and checks them): training phase, gate temperature, EvoMoE spawn step.
-    public var phase: String?
+    public var phase: TrainingPhase?
     public var temperature: Double?
     public var spawnStep: Int?
     /// Gate state outside the parameters, by layer (ReLU routing's λ).
@@ -44,6 +44,35 @@ public struct CheckpointManifest: Codable, Equatable {
     /// Model FLOPs and seconds of the training steps so far (`Trainer.trainingFlops`).
     public var trainingFlops: Double?
     public var trainingSeconds: Double?
+}
+
+extension CheckpointManifest {
+    /// The counters saved (checkpoints from before compute accounting have no FLOPs: nil).
+    public var trainingState: TrainingState {
+        TrainingState(attempted: step, skipped: skippedUpdates ?? 0, trainingFlops: trainingFlops ?? 0, trainingSeconds: trainingSeconds ?? 0)
+    }
+}
+
+/// What a checkpoint saves: the model with its optimizers' state, the run's counters and config.
+public struct CheckpointContents {
+    public var model: GPTModel<Float>
+    public var replicatedOptimizer: AdamW<Float, Replicated>
+    public var expertOptimizer: AdamW<Float, ExpertSharded>
+    public var state: TrainingState
+    public var config: RunConfig
+    /// Runs its argument with every replicated fp32 master value present on this rank
+    /// (collective with sharded masters: `Trainer.withAllReplicatedValues`).
+    public var withAllReplicatedValues: (() throws -> Void) throws -> Void
+
+    public init(model: GPTModel<Float>, replicatedOptimizer: AdamW<Float, Replicated>, expertOptimizer: AdamW<Float, ExpertSharded>,
+                state: TrainingState, config: RunConfig, withAllReplicatedValues: @escaping (() throws -> Void) throws -> Void) {
+        self.model = model
+        self.replicatedOptimizer = replicatedOptimizer
+        self.expertOptimizer = expertOptimizer
+        self.state = state
+        self.config = config
+        self.withAllReplicatedValues = withAllReplicatedValues
+    }
 }
 
 public enum CheckpointError: Error, CustomStringConvertible {
@@ -92,100 +121,124 @@ public enum Checkpoint {
     /// Collective: every rank calls it. Returns the checkpoint directory. Rank 0 also writes
     /// `attachments` (file name -> contents, such as the tokenizer), listed in the manifest.
     @discardableResult
-    public static func save(_ trainer: Trainer, runDirectory: String, attachments: [String: Data] = [:]) throws -> String {
-        let communicator = trainer.communicator, rank = communicator.rank, ranks = communicator.size
+    public static func save(_ contents: CheckpointContents, communicator: Communicator, runDirectory: String,
+                            attachments: [String: Data] = [:], hooks: TrainingHooks? = nil) throws -> String {
+        let rank = communicator.rank, step = contents.state.attempted
         let directory = ((runDirectory as NSString).appendingPathComponent("checkpoints") as NSString)
-            .appendingPathComponent(directoryName(step: trainer.step))
+            .appendingPathComponent(directoryName(step: step))
         // Rank 0 prepares an empty directory (a leftover without DONE is an interrupted save).
         try communicator.agree {
             guard rank == 0 else { return }
             if FileManager.default.fileExists(atPath: directory) { try FileManager.default.removeItem(atPath: directory) }
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         }
-        // Each rank of the first expert-parallel group writes its experts; digests go to rank 0
-        // as [present, bytes, 4 x 64-bit digest words] per rank through one all-reduce.
-        let model = trainer.model
-        var reports = [Int64](repeating: 0, count: ranks * 6)
+        let shards = try writeExpertShard(contents, directory: directory, communicator: communicator, hooks: hooks)
+        let replicated = try encodeReplicated(contents, communicator: communicator)
+        try communicator.agree {
+            guard rank == 0 else { return }
+            var files: [String: CheckpointManifest.FileRecord] = [:]
+            files[replicatedFile] = try writeDurably(replicated, to: (directory as NSString).appendingPathComponent(replicatedFile))
+            for (name, data) in attachments.sorted(by: { $0.key < $1.key }) {
+                files[name] = try writeDurably(data, to: (directory as NSString).appendingPathComponent(name))
+            }
+            let expertFiles = try verifyExpertShards(shards, directory: directory, ranks: communicator.size, files: &files)
+            let manifest = makeManifest(contents, worldSize: communicator.size, expertFiles: expertFiles, files: files)
+            let encoder = JSONEncoder()
+            encoder.keyEncodingStrategy = .convertToSnakeCase
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            _ = try writeDurably(try encoder.encode(manifest), to: (directory as NSString).appendingPathComponent(manifestFile))
+            try hooks?.reached(.manifestWritten, step: step)
+            _ = try writeDurably(Data("step \(step)\n".utf8), to: (directory as NSString).appendingPathComponent(doneFile))
+            syncDirectory(directory)
+            try prune(runDirectory: runDirectory, keep: contents.config.checkpoint.keep, midway: { try hooks?.reached(.pruning, step: step) })
+        }
+        return directory
+    }
+
+    /// Each rank of the first expert-parallel group writes its experts; what each wrote reaches
+    /// every rank as [present, bytes, 4 x 64-bit digest words] per rank through one all-reduce.
+    static func writeExpertShard(_ contents: CheckpointContents, directory: String, communicator: Communicator,
+                                 hooks: TrainingHooks?) throws -> [Int64] {
+        let rank = communicator.rank, model = contents.model, optimizer = contents.expertOptimizer
+        var reports = [Int64](repeating: 0, count: communicator.size * 6)
         try communicator.agree {
             guard model.placement.groupBase == 0 else { return }
-            let record = try writeDurably(try encode(model.experts, first: trainer.expertOptimizer.firstMoment,
-                                                     second: trainer.expertOptimizer.secondMoment),
+            let record = try writeDurably(try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment),
                                           to: (directory as NSString).appendingPathComponent(expertFileName(rank: rank)),
-                                          beforeRename: { FaultInjection.trigger(.killDuringSave, faults: trainer.faults, step: trainer.step) })
+                                          beforeRename: { try hooks?.reached(.writingShard, step: contents.state.attempted) })
             reports[rank * 6] = 1
             reports[rank * 6 + 1] = Int64(record.bytes)
             for word in 0..<4 { reports[rank * 6 + 2 + word] = digestWord(record.sha256, word) }
         }
         try communicator.allReduce(&reports)
-        // A sharded optimizer's slices, gathered (the file holds whole-store moments, so it
-        // resumes on any number of ranks, sharded or not).
-        let optimizer = trainer.replicatedOptimizer
+        return reports
+    }
+
+    /// The replicated parameters and their moments, encoded on rank 0 (empty elsewhere). A
+    /// sharded optimizer's slices are gathered (the file holds whole-store moments, so it resumes
+    /// on any number of ranks, sharded or not); sharded masters (bf16) are gathered for the
+    /// encoding too, and released after.
+    static func encodeReplicated(_ contents: CheckpointContents, communicator: Communicator) throws -> Data {
+        let optimizer = contents.replicatedOptimizer, store = contents.model.replicated
         let gathered = optimizer.isSharded ? try optimizer.fullMoments(over: communicator) : nil
         var data = Data()
-        //  Sharded masters (bf16) are gathered for the encoding too, and released after.
-        try trainer.withAllReplicatedValues {
+        try contents.withAllReplicatedValues {
             try communicator.agree {
-                guard rank == 0 else { return }
+                guard communicator.rank == 0 else { return }
                 if let gathered {
                     data = try gathered.first.withUnsafeBufferPointer { first in
-                        try gathered.second.withUnsafeBufferPointer { try encode(model.replicated, first: first.baseAddress!, second: $0.baseAddress!) }
+                        try gathered.second.withUnsafeBufferPointer { try encode(store, first: first.baseAddress!, second: $0.baseAddress!) }
                     }
                 } else {
-                    data = try encode(model.replicated, first: optimizer.firstMoment, second: optimizer.secondMoment)
+                    data = try encode(store, first: optimizer.firstMoment, second: optimizer.secondMoment)
                 }
             }
         }
-        try communicator.agree {
-            guard rank == 0 else { return }
-            var files: [String: CheckpointManifest.FileRecord] = [:]
-            files[replicatedFile] = try writeDurably(data, to: (directory as NSString).appendingPathComponent(replicatedFile))
-            for (name, contents) in attachments.sorted(by: { $0.key < $1.key }) {
-                files[name] = try writeDurably(contents, to: (directory as NSString).appendingPathComponent(name))
+        return data
+    }
+
+    /// Rank 0: checks every expert shard on disk against what its writer reported, adds them to
+    /// `files`, and returns the shard file of each rank (nil for ranks holding replicas only).
+    static func verifyExpertShards(_ reports: [Int64], directory: String, ranks: Int,
+                                   files: inout [String: CheckpointManifest.FileRecord]) throws -> [String?] {
+        var expertFiles: [String?] = Array(repeating: nil, count: ranks)
+        for source in 0..<ranks where reports[source * 6] == 1 {
+            let name = expertFileName(rank: source)
+            let onDisk = try record(of: (directory as NSString).appendingPathComponent(name))
+            let reportedDigest = (0..<4).map { reports[source * 6 + 2 + $0] }
+            guard onDisk.bytes == Int(reports[source * 6 + 1]), (0..<4).map({ digestWord(onDisk.sha256, $0) }) == reportedDigest else {
+                throw CheckpointError.saveFailed(rank: source, reason: "\(name) on disk differs from what rank \(source) wrote")
             }
-            var expertFiles: [String?] = Array(repeating: nil, count: ranks)
-            for source in 0..<ranks where reports[source * 6] == 1 {
-                let name = expertFileName(rank: source)
-                // Verify what the writer reported against what is on disk now.
-                let onDisk = try record(of: (directory as NSString).appendingPathComponent(name))
-                let reportedDigest = (0..<4).map { reports[source * 6 + 2 + $0] }
-                guard onDisk.bytes == Int(reports[source * 6 + 1]), (0..<4).map({ digestWord(onDisk.sha256, $0) }) == reportedDigest else {
-                    throw CheckpointError.saveFailed(rank: source, reason: "\(name) on disk differs from what rank \(source) wrote")
-                }
-                files[name] = onDisk
-                expertFiles[source] = name
-            }
-            let placement = model.placement
-            let manifest = CheckpointManifest(
-                step: trainer.step, tokensSeen: trainer.step * trainer.globalBatchTokens, worldSize: ranks,
-                vocabularySize: model.vocabularySize,
-                expertRanks: (0..<placement.expertCount).map { placement.owner(of: $0) - placement.groupBase },
-                expertFiles: expertFiles, learningRate: trainer.schedule.learningRate(at: trainer.step),
-                optimizerSteps: optimizerSteps(trainer),
-                seed: trainer.config.train.seed, config: trainer.config.yaml(withHelp: false), files: files,
-                phase: trainer.phase.rawValue, temperature: model.moeLayers.first?.gate.temperature(step: trainer.appliedUpdates),
-                spawnStep: trainer.recipe.spawnStep,
-                gateState: Dictionary(uniqueKeysWithValues: model.moeLayers.compactMap { layer in
-                    layer.gate.state.isEmpty ? nil : ("blocks.\(layer.layerIndex)", layer.gate.state)
-                }), skippedUpdates: trainer.skippedUpdates, trainingFlops: trainer.trainingFlops, trainingSeconds: trainer.trainingSeconds)
-            let encoder = JSONEncoder()
-            encoder.keyEncodingStrategy = .convertToSnakeCase
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            _ = try writeDurably(try encoder.encode(manifest), to: (directory as NSString).appendingPathComponent(manifestFile))
-            FaultInjection.trigger(.killBeforeDone, faults: trainer.faults, step: trainer.step)
-            _ = try writeDurably(Data("step \(trainer.step)\n".utf8), to: (directory as NSString).appendingPathComponent(doneFile))
-            syncDirectory(directory)
-            try prune(runDirectory: runDirectory, keep: trainer.config.checkpoint.keep,
-                      midway: { FaultInjection.trigger(.killDuringPrune, faults: trainer.faults, step: trainer.step) })
+            files[name] = onDisk
+            expertFiles[source] = name
         }
-        return directory
+        return expertFiles
+    }
+
+    /// The manifest of `contents`: its counters, the schedule positions they imply, the config.
+    static func makeManifest(_ contents: CheckpointContents, worldSize: Int, expertFiles: [String?],
+                             files: [String: CheckpointManifest.FileRecord]) -> CheckpointManifest {
+        let model = contents.model, config = contents.config, state = contents.state, placement = model.placement
+        let globalBatchTokens = worldSize * config.train.batchSize * config.model.context * config.train.gradAccum
+        return CheckpointManifest(
+            step: state.attempted, tokensSeen: state.attempted * globalBatchTokens, worldSize: worldSize,
+            vocabularySize: model.vocabularySize,
+            expertRanks: (0..<placement.expertCount).map { placement.owner(of: $0) - placement.groupBase },
+            expertFiles: expertFiles, learningRate: LearningRateSchedule(config.train).learningRate(at: state.attempted),
+            optimizerSteps: optimizerSteps(contents), seed: config.train.seed, config: config.yaml(withHelp: false), files: files,
+            phase: model.phase(afterUpdates: state.applied), temperature: model.temperature(afterUpdates: state.applied),
+            spawnStep: config.spawnStep,
+            gateState: Dictionary(uniqueKeysWithValues: model.moeLayers.compactMap { layer in
+                layer.gate.state.isEmpty ? nil : ("blocks.\(layer.layerIndex)", layer.gate.state)
+            }), skippedUpdates: state.skipped, trainingFlops: state.trainingFlops, trainingSeconds: state.trainingSeconds)
     }
 
     /// AdamW step counters: one per replicated entry, one for all experts (they are created and
     /// reset together, so every expert entry on every rank has the same count).
-    static func optimizerSteps(_ trainer: Trainer) -> [String: Int] {
-        var steps: [String: Int] = ["experts": trainer.expertOptimizer.stepCount]
-        for (index, entry) in trainer.model.replicated.entries.enumerated() {
-            steps["replicated." + entry.name] = trainer.replicatedOptimizer.stepCounts[index]
+    static func optimizerSteps(_ contents: CheckpointContents) -> [String: Int] {
+        var steps: [String: Int] = ["experts": contents.expertOptimizer.stepCount]
+        for (index, entry) in contents.model.replicated.entries.enumerated() {
+            steps["replicated." + entry.name] = contents.replicatedOptimizer.stepCounts[index]
         }
         return steps
     }
@@ -215,12 +268,12 @@ public enum Checkpoint {
     }
 
     /// Writes to a temporary name, fsyncs, renames: a reader sees the old file or the whole new one.
-    static func writeDurably(_ data: Data, to path: String, beforeRename: () -> Void = {}) throws -> CheckpointManifest.FileRecord {
+    static func writeDurably(_ data: Data, to path: String, beforeRename: () throws -> Void = {}) throws -> CheckpointManifest.FileRecord {
         let temporary = path + ".partial"
         guard FileManager.default.createFile(atPath: temporary, contents: data) else {
             throw CheckpointError.corrupt(path: path, reason: "cannot create it (permissions or disk full?)")
         }
-        beforeRename()
+        try beforeRename()
         guard let handle = FileHandle(forWritingAtPath: temporary) else {
             throw CheckpointError.corrupt(path: path, reason: "cannot reopen it to sync")
         }
@@ -245,7 +298,7 @@ public enum Checkpoint {
 
     /// Keeps the newest `keep` complete checkpoints; incomplete directories older than the
     /// newest complete one are leftovers of interrupted saves and go too.
-    static func prune(runDirectory: String, keep: Int, midway: () -> Void = {}) throws {
+    static func prune(runDirectory: String, keep: Int, midway: () throws -> Void = {}) throws {
         let completed = complete(in: runDirectory)
         guard let newest = completed.last else { return }
         for old in completed.dropLast(keep) { try remove(checkpoint: old, midway: midway) }
@@ -259,13 +312,13 @@ public enum Checkpoint {
     /// Deletes a checkpoint so that a crash at any point never leaves it looking complete with
     /// files missing: DONE goes first (durably), then the files. `midway` runs after the first
     /// file (a test fault kills the process there).
-    static func remove(checkpoint directory: String, midway: () -> Void = {}) throws {
+    static func remove(checkpoint directory: String, midway: () throws -> Void = {}) throws {
         let done = (directory as NSString).appendingPathComponent(doneFile)
         if FileManager.default.fileExists(atPath: done) { try FileManager.default.removeItem(atPath: done) }
         syncDirectory(directory)
         for (index, name) in try FileManager.default.contentsOfDirectory(atPath: directory).sorted().enumerated() {
             try FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(name))
-            if index == 0 { midway() }
+            if index == 0 { try midway() }
         }
         try FileManager.default.removeItem(atPath: directory)
     }

@@ -60,7 +60,7 @@ public enum HuggingFaceExport {
     public static func export(checkpoint directory: String, manifest: CheckpointManifest, to output: String,
                               dataType: Safetensors.DataType) throws -> Summary {
         let config = try Checkpoint.config(of: manifest, directory: directory)
-        let densePhase = manifest.phase == TrainingPhase.dense.rawValue
+        let densePhase = manifest.phase == .dense
         let rule = densePhase ? nil : try RoutingRule(config.moe)
         let moeLayers = (0..<config.model.layers).filter { GPTModel<Float>.isMoE(layer: $0, every: config.model.moeEvery) }
         let (values, found) = try weights(of: directory, manifest: manifest)

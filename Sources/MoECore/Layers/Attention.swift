@@ -31,13 +31,13 @@ public struct CausalSelfAttention<T: Scalar> {
         public init() {}
     }
 
-    public init(store: ParameterStore<T, Replicated>, name: String, width: Int, heads: Int, residualDeviation: Double,
+    public init(store: ParameterStore<T, Replicated>, path: ParameterPath, width: Int, heads: Int, residualDeviation: Double,
                 tile: Int = 128) {
         precondition(width % heads == 0, "heads must divide the width")
         precondition(tile > 0, "a tile holds at least one row")
         self.tile = tile
-        qkv = Linear(store: store, name: "\(name).qkv", inputSize: width, outputSize: 3 * width, deviation: 0.02)
-        projection = Linear(store: store, name: "\(name).projection", inputSize: width, outputSize: width,
+        qkv = Linear(store: store, path: path.appending("qkv"), inputSize: width, outputSize: 3 * width, deviation: 0.02)
+        projection = Linear(store: store, path: path.appending("projection"), inputSize: width, outputSize: width,
                             deviation: residualDeviation)
         self.heads = heads
     }

@@ -7,9 +7,9 @@ public struct Embedding<T: Scalar> {
     public var vocabularySize: Int { tokenTable.rows }
 
     public init(store: ParameterStore<T, Replicated>, vocabularySize: Int, context: Int, width: Int, decay: Bool) {
-        tokenTable = store.add("embedding.token", rows: vocabularySize, columns: width, weightDecay: decay,
+        tokenTable = store.add(ParameterPath("embedding.token", role: .tokenEmbedding), rows: vocabularySize, columns: width, weightDecay: decay,
                                initialization: .normal(standardDeviation: 0.02))
-        positionTable = store.add("embedding.position", rows: context, columns: width, weightDecay: decay,
+        positionTable = store.add(ParameterPath("embedding.position", role: .positionEmbedding), rows: context, columns: width, weightDecay: decay,
                                   initialization: .normal(standardDeviation: 0.01))
     }
 

@@ -13,9 +13,9 @@ public struct FeedForward<T: Scalar, Kind> {
     public var width: Int { up.inputSize }
     public var hiddenSize: Int { up.outputSize }
 
-    public init(store: ParameterStore<T, Kind>, name: String, width: Int, hiddenSize: Int, residualDeviation: Double) {
-        up = Linear(store: store, name: "\(name).up", inputSize: width, outputSize: hiddenSize, deviation: 0.02)
-        down = Linear(store: store, name: "\(name).down", inputSize: hiddenSize, outputSize: width,
+    public init(store: ParameterStore<T, Kind>, path: ParameterPath, width: Int, hiddenSize: Int, residualDeviation: Double) {
+        up = Linear(store: store, path: path.appending("up"), inputSize: width, outputSize: hiddenSize, deviation: 0.02)
+        down = Linear(store: store, path: path.appending("down"), inputSize: hiddenSize, outputSize: width,
                       deviation: residualDeviation)
     }
 

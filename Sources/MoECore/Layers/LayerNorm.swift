@@ -12,9 +12,9 @@ public struct LayerNorm<T: Scalar> {
         public init() {}
     }
 
-    public init(store: ParameterStore<T, Replicated>, name: String, width: Int, decay: Bool) {
-        gain = store.add("\(name).gain", rows: 1, columns: width, weightDecay: decay, initialization: .ones)
-        bias = store.add("\(name).bias", rows: 1, columns: width, weightDecay: decay, initialization: .zeros)
+    public init(store: ParameterStore<T, Replicated>, path: ParameterPath, width: Int, decay: Bool) {
+        gain = store.add(path.appending("gain"), rows: 1, columns: width, weightDecay: decay, initialization: .ones)
+        bias = store.add(path.appending("bias"), rows: 1, columns: width, weightDecay: decay, initialization: .zeros)
     }
 
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, cache: Cache) {

@@ -12,12 +12,12 @@ public struct Linear<T: Scalar, Kind> {
         self.bias = bias
     }
 
-    /// Registers `name.weight` [in, out] (decayed, normal(deviation)) and `name.bias` (zeros).
-    public init(store: ParameterStore<T, Kind>, name: String, inputSize: Int, outputSize: Int,
+    /// Registers `path.weight` [in, out] (decayed, normal(deviation)) and `path.bias` (zeros).
+    public init(store: ParameterStore<T, Kind>, path: ParameterPath, inputSize: Int, outputSize: Int,
                 deviation: Double, bias: Bool = true) {
-        self.weight = store.add("\(name).weight", rows: inputSize, columns: outputSize, weightDecay: true,
+        self.weight = store.add(path.appending("weight"), rows: inputSize, columns: outputSize, weightDecay: true,
                                 initialization: .normal(standardDeviation: deviation), productOnly: true)
-        self.bias = bias ? store.add("\(name).bias", rows: 1, columns: outputSize, weightDecay: false,
+        self.bias = bias ? store.add(path.appending("bias"), rows: 1, columns: outputSize, weightDecay: false,
                                      initialization: .zeros) : nil
     }
 
@@ -103,4 +103,9 @@ public func matrixProduct<T: Scalar>(_ matmul: OneDNNMatmul?, transposeA: Bool =
     matmul.gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k,
                 a: rounded(a, count: m * k, into: matmul.left), b: rounded(b, count: k * n, into: matmul.right),
                 beta: Float(beta), c: asFloat(c))
+}
+
+extension Parameter {
+    /// The value as a product operand (with its bf16 copy in bf16 mode).
+    public var operand: ProductOperand<T> { .prerounded(value, bfloat16Value.map { UnsafePointer($0) }) }
 }

@@ -24,7 +24,7 @@ struct DispatchPlan {
     var receivedPerExpert: [Int64] = []
 
     /// Sorts the assignments by expert, then exchanges the counts so every rank knows what it
-    /// will receive. `countError` is a test hook added to this rank's first send count.
+    /// will receive. `countError` is added to this rank's first send count (`TrainingHooks.dispatchCountError`).
     mutating func build(_ experts: [Int32], placement: ExpertPlacement, communicator: Communicator, countError: Int64) throws {
         sortByExpert(experts, expertCount: placement.expertCount)
         let ranks = placement.rankCount, perRank = placement.expertsPerRank

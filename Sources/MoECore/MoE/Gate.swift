@@ -88,7 +88,7 @@ extension AuxiliaryLoss {
 
 /// The phase a step trains in: EvoMoE's dense phase (decided by the recipe), DTS's soft and hard
 /// selection, StableMoE's two stages, or plain sparse routing.
-public enum TrainingPhase: String, Sendable {
+public enum TrainingPhase: String, Codable, Sendable {
     case dense, soft, hard, stage1, stage2, sparse
 }
 

@@ -5,7 +5,7 @@ struct GateRegistry<T: Scalar> {
     let run: RunConfig
     /// Where the gate's parameters are registered, and under which prefix ("blocks.L.moe").
     let store: ParameterStore<T, Replicated>
-    let name: String
+    let path: ParameterPath
     let vocabularySize: Int
     let moeLayerCount: Int
     let tokenFrequencies: [Int]?
@@ -35,15 +35,15 @@ struct GateRegistry<T: Scalar> {
     /// Router weights start as a truncated normal of variance 0.1 / C (and the bias at 0).
     func linearRouter(jitter: Double = 0, bias: Bool = false) -> LinearRouter<T> {
         let width = run.model.width
-        let bias = bias ? store.add("\(name).router_bias", rows: 1, columns: experts, weightDecay: false, initialization: .zeros) : nil
-        let weight = store.add("\(name).router", rows: width, columns: experts, weightDecay: false,
+        let bias = bias ? store.add(path.appending("router_bias", role: .routerBias), rows: 1, columns: experts, weightDecay: false, initialization: .zeros) : nil
+        let weight = store.add(path.appending("router", role: .router), rows: width, columns: experts, weightDecay: false,
                                initialization: .truncatedNormal(standardDeviation: (0.1 / Double(width)).squareRoot()))
         return LinearRouter(weight: weight, bias: bias, jitter: jitter)
     }
 
     /// BASE's and StableMoE's centroids: orthogonal columns of norm 0.1, keyed by seed and layer.
     func centroids(key: @escaping (_ seed: Int, _ layer: Int) -> RandomKey) -> LinearRouter<T> {
-        let weight = store.add("\(name).centroids", rows: run.model.width, columns: experts, weightDecay: false, initialization: .zeros)
+        let weight = store.add(path.appending("centroids", role: .routingTable), rows: run.model.width, columns: experts, weightDecay: false, initialization: .zeros)
         return LinearRouter(weight: weight, orthogonal: (gain: 0.1, key: key))
     }
 
@@ -79,7 +79,7 @@ struct GateRegistry<T: Scalar> {
     }
 
     func hashTable() -> TableLookupPolicy<T> {
-        let table = store.add("\(name).hash_table", rows: 1, columns: vocabularySize, weightDecay: false, initialization: .zeros)
+        let table = store.add(path.appending("hash_table", role: .routingTable), rows: 1, columns: vocabularySize, weightDecay: false, initialization: .zeros)
         return TableLookupPolicy(table: table, expertCount: experts,
                                  balancedBy: run.gates.hashTable == .balanced ? (tokenFrequencies ?? []) : nil)
     }
@@ -87,9 +87,9 @@ struct GateRegistry<T: Scalar> {
     func stableMoE() -> Gate<T> {
         let gates = run.gates, dimension = gates.stableDistillDimension
         let router = centroids { StableMoEPolicy<T>.key(seed: $0, layer: $1).derive(0) }
-        let table = store.add("\(name).distilled_table", rows: vocabularySize, columns: dimension, weightDecay: false,
+        let table = store.add(path.appending("distilled_table", role: .routingTable), rows: vocabularySize, columns: dimension, weightDecay: false,
                               initialization: .normal(standardDeviation: 0.02))
-        let distilledCentroids = store.add("\(name).distilled_centroids", rows: dimension, columns: experts, weightDecay: false,
+        let distilledCentroids = store.add(path.appending("distilled_centroids", role: .routingTable), rows: dimension, columns: experts, weightDecay: false,
                                            initialization: .zeros)
         let policy = StableMoEPolicy(expertCount: experts, distilledTable: table, distilledCentroids: distilledCentroids,
                                      stage2Step: Int((gates.stableStage2Fraction * Double(run.train.steps)).rounded()),

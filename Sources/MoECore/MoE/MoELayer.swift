@@ -20,15 +20,12 @@ public final class MoELayer<T: Scalar> {
     let communicator: Communicator
     public let routing = Routing<T>()
     var plan = DispatchPlan()
-    /// Test hook: added to this rank's first send count after routing, to prove that a
-    /// dispatch whose counts disagree with the routing is caught (not a hang or garbage).
-    public var injectedCountError: Int64 = 0
+    /// A test's or a benchmark's hooks (nil in production runs).
+    public weak var hooks: TrainingHooks?
     /// This layer's index in the model, for error messages.
     public var layerIndex = 0
     /// Time spent since the last `resetProfile()`, by stage.
     public private(set) var profile = StepProfile()
-    /// Benchmarks: a barrier before each exchange, timed as `waiting` (see StepProfile).
-    public var separateWaiting = false
     /// Exchanges per direction (`train.dispatch_chunks`): groups of local experts pipelined
     /// with the experts' compute (at most one group per local expert).
     public var dispatchChunks = 1 { didSet { makeGroups() } }
@@ -76,6 +73,11 @@ public final class MoELayer<T: Scalar> {
         return try body()
     }
 
+    /// The hooks' wait for the slowest rank before an exchange, counted as `waiting`.
+    private func waitForSlowestRank() throws {
+        if let hooks { profile.waiting += try hooks.waitForSlowestRank(communicator) }
+    }
+
     /// x, y: [N, C]. y is overwritten.
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, context: RoutingContext) throws {
         if isDense, let dense {
@@ -86,7 +88,7 @@ public final class MoELayer<T: Scalar> {
         }
         try measure(\.route) { try gate.forward(x, rows: rows, context: context, into: routing) }
         try measure(\.plan) {
-            try plan.build(routing.experts, placement: placement, communicator: communicator, countError: injectedCountError)
+            try plan.build(routing.experts, placement: placement, communicator: communicator, countError: hooks?.dispatchCountError ?? 0)
             try plan.validate(keptPerExpert: routing.statistics.keptPerExpert, assignments: routing.count, placement: placement,
                               communicator: communicator, layer: layerIndex)
         }
@@ -127,7 +129,7 @@ public final class MoELayer<T: Scalar> {
         let (outgoing, incoming) = forward ? (sendBuffer, receiveBuffer) : (dSend, dReceive)
         let (expertsIn, expertsOut) = forward ? (expertInput, expertOutput) : (dExpertOutput, dExpertInput)
         let returned = forward ? returnedOutput : dSend
-        if separateWaiting { try Clock.measure(&profile.waiting) { try communicator.barrier() } }
+        try waitForSlowestRank()
         try startExchange(outgoing, into: incoming, reverse: false, group: groups[0], in: inbound[0])
         for (index, group) in groups.enumerated() {
             if index + 1 < groups.count {
@@ -140,7 +142,7 @@ public final class MoELayer<T: Scalar> {
             measure(\.experts) { forward ? runExperts(group) : runExpertsBackward(group) }
             // One group (no pipeline): the benchmark's barrier keeps the slower rank's expert
             // time out of the return exchange, as before the forward one.
-            if separateWaiting && groups.count == 1 { try Clock.measure(&profile.waiting) { try communicator.barrier() } }
+            if groups.count == 1 { try waitForSlowestRank() }
             try measure(\.combine) {
                 permute(expertsOut, into: incoming, toExpertOrder: false, group: group)
                 try startExchange(incoming, into: returned, reverse: true, group: group, in: outbound[index])

@@ -76,48 +76,14 @@ public final class GPTModel<T: Scalar> {
         self.communicator = communicator
         let placement = try ExpertPlacement(expertCount: moe.experts, rankCount: communicator.size, rank: communicator.rank)
         self.placement = placement
-        let width = config.width
-        let residualDeviation = 0.02 / (2.0 * Double(config.layers)).squareRoot()
-        let decayNorms = training.decayNormsAndBiases
-        let moeLayerCount = (0..<config.layers).filter { GPTModel.isMoE(layer: $0, every: config.moeEvery) }.count
-        let replicated = self.replicated
+        let replicated = self.replicated, width = config.width, decayNorms = training.decayNormsAndBiases
         embedding = Embedding(store: replicated, vocabularySize: vocabularySize, context: config.context, width: width,
                               decay: training.decayEmbeddings)
-        for layer in 0..<config.layers {
-            let name = "blocks.\(layer)"
-            let attentionNorm = LayerNorm(store: replicated, name: "\(name).attention_norm", width: width, decay: decayNorms)
-            let attention = CausalSelfAttention(store: replicated, name: "\(name).attention", width: width,
-                                                heads: config.heads, residualDeviation: residualDeviation,
-                                                tile: training.attentionTile)
-            let feedForwardNorm = LayerNorm(store: replicated, name: "\(name).ffn_norm", width: width, decay: decayNorms)
-            let feedForward: FeedForwardBlock<T>
-            if GPTModel.isMoE(layer: layer, every: config.moeEvery) {
-                let gate = GateRegistry(run: run, store: replicated, name: "\(name).moe", vocabularySize: vocabularySize,
-                                        moeLayerCount: moeLayerCount, tokenFrequencies: tokenFrequencies,
-                                        spawnStep: EvoMoERecipe.spawnStep(for: run)).makeGate()
-                let expertStore = experts
-                let local = placement.localExperts.map { expert in
-                    FeedForward(store: expertStore, name: "\(name).moe.experts.\(expert)", width: width,
-                                hiddenSize: config.ffnHidden, residualDeviation: residualDeviation)
-                }
-                // EvoMoE phase 1: one replicated dense FFN per MoE position until the spawn.
-                let dense = run.evomoe.spawnFraction > 0
-                    ? FeedForward(store: replicated, name: "\(name).moe.dense", width: width, hiddenSize: config.ffnHidden,
-                                  residualDeviation: residualDeviation) : nil
-                let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator,
-                                        dense: dense)
-                moeLayer.layerIndex = layer
-                moeLayer.dispatchChunks = dispatchChunks
-                feedForward = .moe(moeLayer)
-            } else {
-                feedForward = .dense(FeedForward(store: replicated, name: "\(name).ffn", width: width,
-                                                 hiddenSize: config.ffnHidden, residualDeviation: residualDeviation))
-            }
-            blocks.append(TransformerBlock(attentionNorm: attentionNorm, attention: attention,
-                                           feedForwardNorm: feedForwardNorm, feedForward: feedForward))
-        }
-        finalNorm = LayerNorm(store: replicated, name: "final_norm", width: width, decay: decayNorms)
-        head = config.tieEmbeddings ? nil : replicated.add("head.weight", rows: width, columns: vocabularySize,
+        let builder = BlockBuilder(run: run, replicated: replicated, experts: experts, placement: placement, communicator: communicator,
+                                   vocabularySize: vocabularySize, tokenFrequencies: tokenFrequencies, dispatchChunks: dispatchChunks)
+        blocks = (0..<config.layers).map(builder.block)
+        finalNorm = LayerNorm(store: replicated, path: ParameterPath("final_norm", role: .norm), width: width, decay: decayNorms)
+        head = config.tieEmbeddings ? nil : replicated.add(ParameterPath("head.weight", role: .head), rows: width, columns: vocabularySize,
                                                           weightDecay: true, initialization: .normal(standardDeviation: 0.02),
                                                           productOnly: true)
         if T.self == Float.self {
@@ -165,13 +131,7 @@ public final class GPTModel<T: Scalar> {
         self.length = length
         tokens = tokenIds
         targets = targetIds ?? []
-        for tensor in residual { tensor.resize(rows: rows, columns: width) }
-        for layer in 0..<config.layers {
-            attentionNormed[layer].resize(rows: rows, columns: width)
-            middle[layer].resize(rows: rows, columns: width)
-            feedForwardNormed[layer].resize(rows: rows, columns: width)
-        }
-        scratch.resize(rows: rows, columns: width)
+        resizeActivations(rows: rows)
         tokenIds.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: batch, length: length, into: residual[0].pointer) }
         // Reused from step to step (moved out and back, so no allocation once the previous
         // step's report is gone).
@@ -208,6 +168,33 @@ public final class GPTModel<T: Scalar> {
             let output = residual[layer + 1]
             Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
         }
+        computeLogits(rows: rows)
+        guard let targetIds else {
+            return ForwardResult(localLoss: 0, localLossSum: 0, auxiliaryLoss: auxiliary, moeLayers: statistics)
+        }
+        precondition(targetIds.count == rows, "targets must be [B*T]")
+        let lossSum = targetIds.withUnsafeBufferPointer {
+            CrossEntropy.forward(logits: logits.pointer, targets: $0.baseAddress!, rows: rows, vocabularySize: vocabularySize)
+        }
+        return ForwardResult(localLoss: lossSum / Double(rows), localLossSum: lossSum, auxiliaryLoss: auxiliary,
+                             moeLayers: statistics)
+    }
+
+    /// The activations of a forward over `rows` rows (their buffers grow once, then are reused).
+    func resizeActivations(rows: Int) {
+        let width = config.width
+        for tensor in residual { tensor.resize(rows: rows, columns: width) }
+        for layer in 0..<config.layers {
+            attentionNormed[layer].resize(rows: rows, columns: width)
+            middle[layer].resize(rows: rows, columns: width)
+            feedForwardNormed[layer].resize(rows: rows, columns: width)
+        }
+        scratch.resize(rows: rows, columns: width)
+    }
+
+    /// logits [N, V] = final_norm(residual[L]) · head (or the token table, transposed, when tied).
+    func computeLogits(rows: Int) {
+        let width = config.width
         finalNormed.resize(rows: rows, columns: width)
         finalNorm.forward(residual[config.layers].pointer, rows: rows, into: finalNormed.pointer, cache: finalNormCache)
         logits.resize(rows: rows, columns: vocabularySize)
@@ -218,15 +205,6 @@ public final class GPTModel<T: Scalar> {
             matrixProduct(matmul, transposeB: true, m: rows, n: vocabularySize, k: width, a: .values(finalNormed.pointer),
                           b: embedding.tokenTable.operand, c: logits.pointer)
         }
-        guard let targetIds else {
-            return ForwardResult(localLoss: 0, localLossSum: 0, auxiliaryLoss: auxiliary, moeLayers: statistics)
-        }
-        precondition(targetIds.count == rows, "targets must be [B*T]")
-        let lossSum = targetIds.withUnsafeBufferPointer {
-            CrossEntropy.forward(logits: logits.pointer, targets: $0.baseAddress!, rows: rows, vocabularySize: vocabularySize)
-        }
-        return ForwardResult(localLoss: lossSum / Double(rows), localLossSum: lossSum, auxiliaryLoss: auxiliary,
-                             moeLayers: statistics)
     }
 
     /// Logits of row `row` from the last forward (generation; valid only with targets nil).
@@ -329,7 +307,7 @@ public final class GPTModel<T: Scalar> {
     /// token uses one only before the spawn, where it counts as one routed assignment
     /// (`RoutingStatistics.dense`).
     var routedAroundParameters: Int {
-        replicated.count - replicated.entries.filter { $0.name.contains(".moe.dense.") }.reduce(0) { $0 + $1.count }
+        replicated.count - replicated.entries.filter { $0.role == .denseFeedForward }.reduce(0) { $0 + $1.count }
     }
 
     /// Model FLOPs of training on `tokens` tokens whose MoE layers computed `expertAssignments`

@@ -18,8 +18,46 @@ public enum Initialization: Sendable, Equatable {
     case uniform(bound: Double)
 }
 
+/// What a parameter is for. Gradient buckets, EvoMoE's recipe, FLOP counting, freezing and
+/// the optimizer's resets read the role (and the block), never the name, which is only the key
+/// on disk (checkpoints, export).
+public enum ParameterRole: String, Sendable, CaseIterable {
+    case tokenEmbedding, positionEmbedding, norm, attention
+    /// The feed-forward network of a block without experts.
+    case feedForward
+    /// EvoMoE's dense FFN at an MoE position: trained until the spawn, frozen after.
+    case denseFeedForward
+    case expert
+    /// A gate's linear router weight, its bias, and the other tables gates learn or keep
+    /// (BASE and StableMoE centroids, hash and distilled tables).
+    case router, routerBias, routingTable
+    case head
+}
+
+/// A parameter's name (its key on disk) with its role and the block it belongs to (nil outside
+/// the blocks: embeddings, the final norm, the head).
+public struct ParameterPath: Sendable {
+    public let name: String
+    public let role: ParameterRole
+    public let block: Int?
+
+    public init(_ name: String, role: ParameterRole, block: Int? = nil) {
+        self.name = name
+        self.role = role
+        self.block = block
+    }
+
+    /// `name.component` in the same block, with the same role unless another is given.
+    public func appending(_ component: String, role: ParameterRole? = nil) -> ParameterPath {
+        ParameterPath(name + "." + component, role: role ?? self.role, block: block)
+    }
+}
+
 public struct ParameterEntry: Sendable {
     public let name: String
+    public let role: ParameterRole
+    /// The block the parameter belongs to (nil: embeddings, final norm, head).
+    public let block: Int?
     public let rows: Int
     public let columns: Int
     public let offset: Int
@@ -155,11 +193,12 @@ public final class ParameterStore<T: Scalar, Kind> {
 
     /// Adds a parameter. Only while building a model: the slab may move, so hold `Parameter`
     /// handles (store + offset), never raw pointers across a call to `add`.
-    public func add(_ name: String, rows: Int, columns: Int, weightDecay: Bool,
+    public func add(_ path: ParameterPath, rows: Int, columns: Int, weightDecay: Bool,
                     initialization: Initialization, productOnly: Bool = false) -> Parameter<T, Kind> {
+        let name = path.name
         precondition(indexByName[name] == nil, "duplicate parameter \(name)")
         precondition(bfloat16Values == nil, "parameters are added before bf16 is enabled")
-        let entry = ParameterEntry(name: name, rows: rows, columns: columns, offset: count,
+        let entry = ParameterEntry(name: name, role: path.role, block: path.block, rows: rows, columns: columns, offset: count,
                                    weightDecay: weightDecay, initialization: initialization, productOnly: productOnly)
         reserve(count + entry.count)
         (values + count).initialize(repeating: 0, count: entry.count)
@@ -188,9 +227,17 @@ public final class ParameterStore<T: Scalar, Kind> {
         entry(named: name).map { Parameter(store: self, offset: $0.offset, rows: $0.rows, columns: $0.columns) }
     }
 
-    /// The registered name of a parameter handle.
-    public func name(of parameter: Parameter<T, Kind>) -> String {
-        entries.first { $0.offset == parameter.offset }?.name ?? ""
+    /// The index of a parameter handle's entry (a handle comes from `add`, so it has one).
+    public func entryIndex(of parameter: Parameter<T, Kind>) -> Int {
+        guard let index = entries.firstIndex(where: { $0.offset == parameter.offset }) else {
+            preconditionFailure("no parameter at offset \(parameter.offset) in this store")
+        }
+        return index
+    }
+
+    /// The indices of the entries with `role` (in block `block`, when given).
+    public func entryIndices(role: ParameterRole, block: Int? = nil) -> Set<Int> {
+        Set(entries.indices.filter { entries[$0].role == role && (block == nil || entries[$0].block == block) })
     }
 
     public func zeroGradients() { gradients.update(repeating: 0, count: count) }
@@ -231,8 +278,6 @@ public struct Parameter<T: Scalar, Kind> {
     @inline(__always) public var gradient: UnsafeMutablePointer<T> { store.gradients + offset }
     /// The bf16 copy of the value, in bf16 mode.
     @inline(__always) public var bfloat16Value: UnsafeMutablePointer<BFloat16>? { store.bfloat16Values.map { $0 + offset } }
-    /// The value as a product operand (with its bf16 copy in bf16 mode).
-    public var operand: ProductOperand<T> { .prerounded(value, bfloat16Value.map { UnsafePointer($0) }) }
 }
 
 /// The parameter values' memory mapping could not be made (out of memory, or a limit).

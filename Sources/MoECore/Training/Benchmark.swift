@@ -106,20 +106,8 @@ public enum Benchmark {
         let precision = trainer.model.precision
         let kernel = kernel(of: trainer.model)
         let peak = peaks.best(precision) ?? peaks.byKernel[kernel]!
-        trainer.separateWaiting = communicator.size > 1
-        for _ in 0..<warmup { _ = try trainer.trainStep() }
-        try communicator.barrier()
-        var profile = StepProfile()
-        let started = Clock.nanoseconds()
-        for _ in 0..<steps { profile += try trainer.trainStep().profile }
-        try communicator.barrier()
-        let seconds = Double(Clock.nanoseconds() - started) * 1e-9
-        // Per-part times averaged over ranks (peaks were summed when measured); memory maximum.
-        var sums = StepProfile.summed.map { profile[keyPath: $0] }
-        try communicator.allReduce(&sums)
+        let (seconds, mean) = try timeSteps(trainer, steps: steps, warmup: warmup)
         let peakMemory = try communicator.allReduce(peakResidentMiB(), op: .max)
-        var mean = StepProfile()
-        for (part, sum) in zip(StepProfile.summed, sums) { mean[keyPath: part] = sum / Double(communicator.size) }
         let tokensPerSecond = Double(steps * trainer.globalBatchTokens) / seconds
         let flopsPerToken = modelFlopsPerToken(trainer.model)
         let achieved = tokensPerSecond * flopsPerToken / 1e9
@@ -135,22 +123,7 @@ public enum Benchmark {
         object.add("tokens_per_sec", tokensPerSecond.rounded())
         object.add("model_flops_per_token", flopsPerToken)
         object.add("achieved_gflops", (achieved * 10).rounded() / 10)
-        // Which kernel each product used: the large products (attention, experts, dense FFNs, head)
-        // on the chosen one; the router's small fp32 product and one-row decoding on OpenBLAS.
-        var kernels = JSONObject()
-        kernels.add("matrix_products", kernel.rawValue)
-        kernels.add("router", Kernel.openBLASFP32.rawValue)
-        object.addRaw("kernels", kernels.text)
-        var peakObject = JSONObject()
-        for candidate in Kernel.allCases { if let value = peaks.byKernel[candidate] { peakObject.add(candidate.rawValue, (value * 10).rounded() / 10) } }
-        object.addRaw("peak_gflops_by_kernel", peakObject.text)
-        object.add("fp32_peak_gflops", ((peaks.best(.fp32) ?? 0) * 10).rounded() / 10)
-        if let bf16 = peaks.best(.bf16) { object.add("bf16_peak_gflops", (bf16 * 10).rounded() / 10) }
-        // Against the best peak of the precision trained in, over every kernel: a slow kernel
-        // shows as a low MFU instead of hiding behind its own low peak.
-        object.add("mfu", (achieved / peak * 1000).rounded() / 1000)
-        if let warning = kernelWarning(kernel, peaks: peaks) { object.add("warning", warning) }
-        if let choice = trainer.model.kernels { object.add("kernel_choice", choice.summary) }
+        addKernels(kernel, peaks: peaks, mfu: achieved / peak, choice: trainer.model.kernels, to: &object)
         object.add("peak_rss_mib", peakMemory.rounded())
         let modelled = try communicator.allReduce(memoryModelMiB(trainer), op: .max)
         object.add("memory_model_mib", modelled.rounded())
@@ -169,5 +142,57 @@ public enum Benchmark {
         communication.add("exposed", (mean.exposedCommunication / Double(steps) * 1e4).rounded() / 10)
         object.addRaw("communication_ms", communication.text)
         return (object, tokensPerSecond)
+    }
+
+    /// Runs `warmup` untimed steps, then times `steps`; returns their seconds and the per-part
+    /// times summed over the steps, averaged over ranks (the waiting probe times the wait for the
+    /// slowest rank apart, on more than one rank).
+    static func timeSteps(_ trainer: Trainer, steps: Int, warmup: Int) throws -> (seconds: Double, mean: StepProfile) {
+        let communicator = trainer.communicator
+        if communicator.size > 1 { trainer.hooks = WaitingProbe() }
+        defer { trainer.hooks = nil }
+        for _ in 0..<warmup { _ = try trainer.trainStep() }
+        try communicator.barrier()
+        var profile = StepProfile()
+        let started = Clock.nanoseconds()
+        for _ in 0..<steps { profile += try trainer.trainStep().profile }
+        try communicator.barrier()
+        let seconds = Double(Clock.nanoseconds() - started) * 1e-9
+        var sums = StepProfile.summed.map { profile[keyPath: $0] }
+        try communicator.allReduce(&sums)
+        var mean = StepProfile()
+        for (part, sum) in zip(StepProfile.summed, sums) { mean[keyPath: part] = sum / Double(communicator.size) }
+        return (seconds, mean)
+    }
+
+    /// Which kernel each product used (the large products, attention, experts, dense FFNs and
+    /// head, on the chosen one; the router's small fp32 product and one-row decoding on
+    /// OpenBLAS), every kernel's peak, and the MFU against the best peak of the precision trained
+    /// in, over every kernel: a slow kernel shows as a low MFU instead of hiding behind its own
+    /// low peak.
+    static func addKernels(_ kernel: Kernel, peaks: Peaks, mfu: Double, choice: KernelChoice?, to object: inout JSONObject) {
+        var kernels = JSONObject()
+        kernels.add("matrix_products", kernel.rawValue)
+        kernels.add("router", Kernel.openBLASFP32.rawValue)
+        object.addRaw("kernels", kernels.text)
+        var peakObject = JSONObject()
+        for candidate in Kernel.allCases { if let value = peaks.byKernel[candidate] { peakObject.add(candidate.rawValue, (value * 10).rounded() / 10) } }
+        object.addRaw("peak_gflops_by_kernel", peakObject.text)
+        object.add("fp32_peak_gflops", ((peaks.best(.fp32) ?? 0) * 10).rounded() / 10)
+        if let bf16 = peaks.best(.bf16) { object.add("bf16_peak_gflops", (bf16 * 10).rounded() / 10) }
+        object.add("mfu", (mfu * 1000).rounded() / 1000)
+        if let warning = kernelWarning(kernel, peaks: peaks) { object.add("warning", warning) }
+        if let choice { object.add("kernel_choice", choice.summary) }
+    }
+}
+
+/// The benchmark's hook: a barrier before each exchange and before the gradient all-reduce,
+/// timed apart, so that `StepProfile.waiting` holds the wait for the slowest rank (expert load
+/// imbalance) and the transfers only their own time.
+final class WaitingProbe: TrainingHooks {
+    func waitForSlowestRank(_ communicator: Communicator) throws -> Double {
+        var seconds = 0.0
+        try Clock.measure(&seconds) { try communicator.barrier() }
+        return seconds
     }
 }

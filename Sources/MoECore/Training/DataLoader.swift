@@ -98,3 +98,28 @@ public final class TokenBatches {
         }
     }
 }
+
+/// A run's data: the training and validation batches, the vocabulary they imply (the config's
+/// `model.vocab_size`, or 0 for the largest file header's) and the training tokens' counts per
+/// id (hash routing's balanced table), counted in one streaming pass over the shards.
+struct TrainingData {
+    let train: TokenBatches
+    let validation: TokenBatches?
+    let vocabularySize: Int
+    let frequencies: [Int]
+
+    init(config: RunConfig, trainFiles: [TokenFile], validationFiles: [TokenFile]) throws {
+        let dataVocabulary = trainFiles.map(\.vocabularySize).max() ?? 256
+        let vocabularySize = config.model.vocabularySize > 0 ? config.model.vocabularySize : dataVocabulary
+        for file in trainFiles + validationFiles where file.vocabularySize > vocabularySize {
+            throw TokenBatches.DataError.vocabularyMismatch(path: file.path, file: file.vocabularySize, model: vocabularySize)
+        }
+        var frequencies = [Int](repeating: 0, count: vocabularySize)
+        for file in trainFiles { file.forEachChunk { for token in $0 { frequencies[Int(token)] += 1 } } }
+        let length = config.model.context, seed = config.train.seed
+        train = try TokenBatches(files: trainFiles, length: length, seed: seed)
+        validation = validationFiles.isEmpty ? nil : try TokenBatches(files: validationFiles, length: length, seed: seed)
+        self.vocabularySize = vocabularySize
+        self.frequencies = frequencies
+    }
+}

@@ -10,11 +10,7 @@ public struct EvoMoERecipe: Sendable {
 
     public init(_ run: RunConfig) {
         settings = run.evomoe
-        spawnStep = EvoMoERecipe.spawnStep(for: run)
-    }
-
-    public static func spawnStep(for run: RunConfig) -> Int {
-        run.evomoe.spawnFraction > 0 ? max(1, Int((run.evomoe.spawnFraction * Double(run.train.steps)).rounded())) : 0
+        spawnStep = run.spawnStep
     }
 
     /// Whether update `step` trains the dense FFNs.
@@ -25,18 +21,39 @@ public struct EvoMoERecipe: Sendable {
         for layer in model.moeLayers where layer.dense != nil { layer.isDense = isDense(step: step) }
     }
 
-    /// The replicated tensors unused after the spawn (the dense FFNs): frozen from then on.
-    public func retiredEntries<T>(_ model: GPTModel<T>) -> Set<String> {
-        Set(model.replicated.entries.map(\.name).filter { $0.contains(".moe.dense.") })
+    /// After loading a checkpoint saved at `step`: the model's phase, and the dense FFNs frozen
+    /// when it is past the spawn.
+    func restore(_ model: GPTModel<Float>, step: Int, optimizer: AdamW<Float, Replicated>) {
+        restore(model, step: step)
+        if !isDense(step: step) {
+            for entry in retiredEntries(model) { optimizer.freeze(entry) }
+        }
+    }
+
+    /// The spawn at T_s, in a training run: the experts from the dense FFNs (with every replicated
+    /// master value present: collective with sharded masters); new tensors restart their AdamW
+    /// state, the dense FFNs are frozen from here on.
+    func spawnExperts(_ model: GPTModel<Float>, seed: Int, optimizers: (AdamW<Float, Replicated>, AdamW<Float, ExpertSharded>),
+                      sync: GradientSync) throws {
+        let (fresh, retired) = try sync.withAllReplicatedValues(model, writing: true) { spawn(model, seed: seed) }
+        model.experts.didWriteAllValues()
+        optimizers.0.reset(entries: fresh)
+        optimizers.1.reset(entries: Set(model.experts.entries.indices))
+        for entry in retired { optimizers.0.freeze(entry) }
+    }
+
+    /// The replicated entries unused after the spawn (the dense FFNs): frozen from then on.
+    public func retiredEntries<T>(_ model: GPTModel<T>) -> Set<Int> {
+        model.replicated.entryIndices(role: .denseFeedForward)
     }
 
     /// Expert-diversify (docs/ALGORITHMS.md 4.1): every expert e of layer L becomes
     /// (W ⊙ M)/(1 - r) + ξ of the layer's dense FFN W, with M ~ Bernoulli(1 - r) and
     /// ξ ~ N(0, (noise · rms W)²) keyed by (seed, layer, e, tensor), biases copied; the router is
     /// drawn afresh from U(±1/√d). Returns the replicated entries that are new (their optimizer
-    /// state must restart) and those now unused (to freeze).
-    public func spawn<T>(_ model: GPTModel<T>, seed: Int) -> (fresh: Set<String>, retired: Set<String>) {
-        var fresh: Set<String> = []
+    /// state must restart) and those now unused (to freeze), by index.
+    public func spawn<T>(_ model: GPTModel<T>, seed: Int) -> (fresh: Set<Int>, retired: Set<Int>) {
+        var fresh: Set<Int> = []
         let key = RandomKey(UInt64(seed)).derive("spawn")
         for layer in model.moeLayers {
             guard let dense = layer.dense, layer.isDense else { continue }
@@ -69,17 +86,16 @@ public struct EvoMoERecipe: Sendable {
         }
     }
 
-    /// The router (and its bias, zeroed) of block `layer`, drawn from U(±1/√d); returns their names.
-    private func redrawRouter<T>(_ model: GPTModel<T>, layer: Int, key: RandomKey) -> Set<String> {
-        let prefix = "blocks.\(layer).moe."
-        var redrawn: Set<String> = []
-        for entry in model.replicated.entries where entry.name == prefix + "router" || entry.name == prefix + "router_bias" {
-            let bound = 1 / Double(model.config.width).squareRoot()
-            let values = model.replicated.values + entry.offset
+    /// The router (and its bias, zeroed) of block `layer`, drawn from U(±1/√d); returns their indices.
+    private func redrawRouter<T>(_ model: GPTModel<T>, layer: Int, key: RandomKey) -> Set<Int> {
+        let store = model.replicated
+        let redrawn = store.entryIndices(role: .router, block: layer).union(store.entryIndices(role: .routerBias, block: layer))
+        let bound = 1 / Double(model.config.width).squareRoot()
+        for entry in redrawn.map({ store.entries[$0] }) {
+            let values = store.values + entry.offset
             for index in 0..<entry.count {
-                values[index] = entry.name.hasSuffix("bias") ? 0 : T((2 * key.uniform(index) - 1) * bound)
+                values[index] = entry.role == .routerBias ? 0 : T((2 * key.uniform(index) - 1) * bound)
             }
-            redrawn.insert(entry.name)
         }
         return redrawn
     }

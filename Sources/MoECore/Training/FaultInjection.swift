@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import MoEIO
 
 /// Deliberate faults for testing failure handling end to end (`moe train --inject-fault`,
 /// hidden from the help). Written `KIND@RANK` or `KIND@RANK:STEP`, e.g. `dispatch-count@1` or
@@ -46,23 +47,35 @@ public struct FaultInjection: Equatable, Sendable {
         self.init(kind: kind, rank: rank, step: step)
     }
 
-    /// Arms the fault on `trainer` if it runs on the targeted rank.
-    public func arm(_ trainer: Trainer) {
-        guard trainer.communicator.rank == rank else { return }
-        switch kind {
-        case .dispatchCount: for layer in trainer.model.moeLayers { layer.injectedCountError = 1 }
-        case .killDuringSave, .killBeforeDone, .killDuringPrune, .kill, .sleep, .nanGradient: trainer.faults.append(self)
-        case .dataUnreadable: break   // acted on while the run reads its data
+    /// Whether the fault acts at `step` (any step when it names none).
+    func isDue(_ kind: Kind, step: Int) -> Bool { self.kind == kind && (self.step == nil || self.step == step) }
+}
+
+/// The faults aimed at this rank, acting at their points of the run (`TrainingHooks`).
+public final class FaultInjector: TrainingHooks {
+    let faults: [FaultInjection]
+
+    /// Keeps the faults of `faults` that target `rank`.
+    public init(_ faults: [FaultInjection], rank: Int) {
+        self.faults = faults.filter { $0.rank == rank }
+    }
+
+    public var dispatchCountError: Int64 { faults.contains { $0.kind == .dispatchCount } ? 1 : 0 }
+
+    public func reached(_ point: HookPoint, step: Int) throws {
+        switch point {
+        case let .readingData(path):
+            if due(.dataUnreadable, step) { throw TokenFile.ReadError.unreadable(path: path) }
+        case .betweenForwardAndBackward:
+            if due(.sleep, step) { Glibc.sleep(3600) }
+            if due(.kill, step) { raise(SIGKILL) }
+        case let .gradientsReady(gradients):
+            if due(.nanGradient, step) { gradients[0] = .nan }
+        case .writingShard: if due(.killDuringSave, step) { raise(SIGKILL) }
+        case .manifestWritten: if due(.killBeforeDone, step) { raise(SIGKILL) }
+        case .pruning: if due(.killDuringPrune, step) { raise(SIGKILL) }
         }
     }
 
-    static func due(_ kind: Kind, faults: [FaultInjection], step: Int) -> Bool {
-        faults.contains { $0.kind == kind && ($0.step == nil || $0.step == step) }
-    }
-
-    /// Called at the fault's point of action: kills or stalls the process when it is due.
-    static func trigger(_ kind: Kind, faults: [FaultInjection], step: Int) {
-        guard due(kind, faults: faults, step: step) else { return }
-        if kind == .sleep { Glibc.sleep(3600) } else { raise(SIGKILL) }
-    }
+    private func due(_ kind: FaultInjection.Kind, _ step: Int) -> Bool { faults.contains { $0.isDue(kind, step: step) } }
 }

@@ -25,7 +25,7 @@ final class GradientBuckets {
         var others: [Range<Int>] = []
         for entry in entries.sorted(by: { $0.offset < $1.offset }) {
             let range = entry.offset..<(entry.offset + entry.count)
-            if let layer = Self.layer(of: entry.name), layer < layers {
+            if let layer = entry.block, layer < layers {
                 blocks[layer] = blocks[layer].map { min($0.lowerBound, range.lowerBound)..<max($0.upperBound, range.upperBound) } ?? range
                 counts[layer] += entry.count
             } else if let last = others.last, last.upperBound == range.lowerBound {
@@ -38,12 +38,6 @@ final class GradientBuckets {
         blockRanges = blocks.map { $0 ?? 0..<0 }
         otherRanges = others
         transfers = (0..<(blocks.count + others.count)).map { _ in PendingTransfer() }
-    }
-
-    /// "blocks.L.<anything>" -> L.
-    static func layer(of name: String) -> Int? {
-        guard name.hasPrefix("blocks.") else { return nil }
-        return Int(name.dropFirst("blocks.".count).prefix { $0.isNumber })
     }
 
     func start(_ range: Range<Int>, of gradients: UnsafeMutablePointer<Float>, communicator: Communicator) throws {

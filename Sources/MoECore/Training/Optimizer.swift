@@ -68,9 +68,9 @@ public final class AdamW<T: Scalar, Kind> {
     /// The step count of every entry (they differ only after a reset).
     public var stepCount: Int { stepCounts.max() ?? 0 }
 
-    /// Zeroes the moments and step counter of the named entries (new tensors).
-    public func reset(entries names: Set<String>) {
-        for (index, entry) in store.entries.enumerated() where names.contains(entry.name) {
+    /// Zeroes the moments and step counter of the entries at `indices` (new tensors).
+    public func reset(entries indices: Set<Int>) {
+        for (index, entry) in store.entries.enumerated() where indices.contains(index) {
             let part = shardPart(of: entry)
             (firstMoment + part.lowerBound - shard.lowerBound).update(repeating: 0, count: part.count)
             (secondMoment + part.lowerBound - shard.lowerBound).update(repeating: 0, count: part.count)
@@ -78,13 +78,16 @@ public final class AdamW<T: Scalar, Kind> {
         }
     }
 
-    /// Stops (or resumes) updating the parameter `name`; a name the store does not hold is a
+    /// Stops (or resumes) updating the entry at `index`; an index the store does not hold is a
     /// programming error, not something to skip silently.
-    public func freeze(_ name: String, _ isFrozen: Bool = true) {
-        guard let index = store.entries.firstIndex(where: { $0.name == name }) else {
-            preconditionFailure("AdamW.freeze: no parameter named \(name) in this optimizer's store")
-        }
+    public func freeze(_ index: Int, _ isFrozen: Bool = true) {
+        precondition(store.entries.indices.contains(index), "AdamW.freeze: no entry \(index) in this optimizer's store")
         if isFrozen { frozen.insert(index) } else { frozen.remove(index) }
+    }
+
+    /// Stops (or resumes) updating `parameter` (a handle of this optimizer's store).
+    public func freeze(_ parameter: Parameter<T, Kind>, _ isFrozen: Bool = true) {
+        freeze(store.entryIndex(of: parameter), isFrozen)
     }
 
     deinit {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import MoEIO
 
 /// Linear warm-up from lr/warmup to lr, then cosine decay to `minimum` at the last step.
 ///   step < W:  lr (step + 1) / W
@@ -16,6 +17,11 @@ public struct LearningRateSchedule: Sendable, Equatable {
         self.minimum = minimum
         self.warmupSteps = warmupSteps
         self.totalSteps = totalSteps
+    }
+
+    /// The schedule of `train` (train.lr, min_lr, warmup_steps, steps).
+    public init(_ train: TrainConfig) {
+        self.init(peak: train.learningRate, minimum: train.minLearningRate, warmupSteps: train.warmupSteps, totalSteps: train.steps)
     }
 
     /// Learning rate of the update made at `step` (0-based).

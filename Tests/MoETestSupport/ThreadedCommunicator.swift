@@ -1,4 +1,5 @@
 import Foundation
+import MoEComm
 
 /// Several ranks as threads of one process, for testing distributed logic without `mpirun`.
 ///

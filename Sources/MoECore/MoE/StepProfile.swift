@@ -1,0 +1,51 @@
+/// Where one training step's time went, in seconds, summed over the step (forward and
+/// backward). Filled by the model, its MoE layers and the trainer; `other` is the rest
+/// (embedding, norms, dense FFNs, the output projection, the loss).
+public struct StepProfile: Sendable {
+    public var attention = 0.0
+    /// MoE stage 1: the gate's router, selection policy and auxiliary losses (forward and backward).
+    public var route = 0.0
+    /// MoE stage 2: sorting the assignments and the count exchange with its check.
+    public var plan = 0.0
+    /// MoE stage 3: gathering token rows, the all-to-all-v to the experts, regrouping (and adjoints).
+    public var dispatch = 0.0
+    /// MoE stage 4: the experts' GEMMs and GELUs (and EvoMoE's dense FFN before the spawn).
+    public var experts = 0.0
+    /// MoE stage 5: regrouping, the all-to-all-v back and the weighted combine (and adjoints).
+    public var combine = 0.0
+    /// Gradient all-reduces and the other small collectives of the trainer.
+    public var allReduce = 0.0
+    public var optimizer = 0.0
+    /// With the benchmark's WaitingProbe hook: time spent in a barrier before each exchange and
+    /// all-reduce, i.e. waiting for the slowest rank (load imbalance), so that the stages and
+    /// `allReduce` hold the work and transfers alone.
+    public var waiting = 0.0
+    public var total = 0.0
+    /// Communication of data (the expert all-to-alls, gradient all-reduces and the trainer's
+    /// small collectives), counted inside the parts above as well: `totalCommunication` from each
+    /// transfer's start to its completion, `exposedCommunication` the time a rank was blocked on
+    /// one (equal for blocking collectives; less when a transfer overlaps computation).
+    public var totalCommunication = 0.0
+    public var exposedCommunication = 0.0
+
+    public init() {}
+
+    /// Everything else: embedding, norms, dense FFNs, the output projection, the loss.
+    public var other: Double { max(0, total - attention - moe - allReduce - optimizer - waiting) }
+    /// The five MoE stages.
+    public var moe: Double { route + plan + dispatch + experts + combine }
+
+    public static func += (lhs: inout StepProfile, rhs: StepProfile) {
+        for part in StepProfile.summed { lhs[keyPath: part] += rhs[keyPath: part] }
+    }
+
+    static let summed: [WritableKeyPath<StepProfile, Double>] =
+        [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.allReduce, \.optimizer, \.waiting, \.total,
+         \.totalCommunication, \.exposedCommunication]
+
+    /// Named parts, for reports.
+    public var parts: [(String, Double)] {
+        [("attention", attention), ("route", route), ("plan", plan), ("dispatch", dispatch), ("experts", experts),
+         ("combine", combine), ("all_reduce", allReduce), ("optimizer", optimizer), ("waiting", waiting), ("other", other)]
+    }
+}
