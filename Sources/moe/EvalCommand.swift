@@ -38,7 +38,8 @@ struct EvalCommand: ParsableCommand {
                                             step: loaded.manifest.step)
             let tokens = batchCount * communicator.size * loaded.config.train.batchSize * loaded.config.model.context
             var line = String(format: "step %d | val_loss %.4f | perplexity %.3f | %d tokens of %@", loaded.manifest.step, loss, exp(loss), tokens, path)
-            var record: [String: Any] = ["step": loaded.manifest.step, "val_loss": loss, "perplexity": exp(loss), "tokens": tokens, "data": path]
+            var record = MetricsRecord(step: loaded.manifest.step)
+            (record.validationLoss, record.perplexity, record.tokens, record.data) = (loss, exp(loss), tokens, path)
             // Nats per byte of text compare models with different tokenizers (a byte model's
             // loss already is one).
             if let tokenizer = try? loaded.textTokenizer(override: nil), loaded.model.vocabularySize != 256 {
@@ -46,10 +47,9 @@ struct EvalCommand: ParsableCommand {
                                                        communicator: communicator, tokenizer: tokenizer)
                 let perByte = loss * Double(tokens) / Double(bytes)
                 line += String(format: " | %.4f nats per byte (%.3f bytes per token)", perByte, Double(bytes) / Double(tokens))
-                record["nats_per_byte"] = perByte
-                record["bytes"] = bytes
+                (record.natsPerByte, record.bytes) = (perByte, bytes)
             }
-            if json { line = String(decoding: try JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]), as: UTF8.self) }
+            if json { line = record.jsonLine }
             Runtime.logger(communicator)(line)
         }
     }

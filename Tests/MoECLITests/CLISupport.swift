@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import MoECore
 import MoEIO
 
 /// Runs the `moe` executable built next to the test bundle.
@@ -151,13 +152,8 @@ final class Workspace {
         """
 }
 
-/// Parsed `metrics.jsonl`.
-func readMetrics(_ path: String) throws -> [[String: Any]] {
-    let text = try String(contentsOfFile: path, encoding: .utf8)
-    return try text.split(separator: "\n").map { line in
-        try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "not a JSON object: \(line)")
-    }
-}
+/// Parsed `metrics.jsonl` (the schema is `MetricsRecord`'s).
+func readMetrics(_ path: String) throws -> [MetricsRecord] { try MetricsRecord.read(path) }
 
 extension CLI {
     /// `mpirun -np ranks moe ...` with a timeout, so a hang fails the test instead of CI.

@@ -23,7 +23,7 @@ final class CheckpointTests: XCTestCase {
     func losses(_ workspace: Workspace, _ run: String) throws -> [Int: Double] {
         var losses: [Int: Double] = [:]
         for object in try readMetrics(workspace.path("\(run)/metrics.jsonl")) {
-            if let step = object["step"] as? Int, let loss = object["loss"] as? Double { losses[step] = loss }
+            if let loss = object.loss { losses[object.step] = loss }
         }
         return losses
     }
@@ -65,8 +65,8 @@ final class CheckpointTests: XCTestCase {
             XCTAssertEqual(expected[step], again[step], "\(run), \(ranks) ranks, step \(step): not bit-identical", file: file, line: line)
         }
         // The compute count continues from the checkpoint (the last line: the final evaluation).
-        let computeStraight = try readMetrics(workspace.path("\(straight)/metrics.jsonl")).last?["train_flops"] as? Double
-        let computeResumed = try readMetrics(workspace.path("\(run)/metrics.jsonl")).last?["train_flops"] as? Double
+        let computeStraight = try readMetrics(workspace.path("\(straight)/metrics.jsonl")).last?.trainingFlops
+        let computeResumed = try readMetrics(workspace.path("\(run)/metrics.jsonl")).last?.trainingFlops
         XCTAssertNotNil(computeStraight, file: file, line: line)
         XCTAssertEqual(computeStraight, computeResumed, "\(run): training compute after resume", file: file, line: line)
         let final = "/checkpoints/step_00000020/"

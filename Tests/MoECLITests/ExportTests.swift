@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import MoECore
 
 /// `moe export --format hf`: the exported model, loaded with transformers, scores the
 /// validation windows as `moe eval` does.
@@ -34,8 +35,7 @@ final class ExportTests: XCTestCase {
     func evalLoss(_ workspace: Workspace, run: String) throws -> Double {
         let result = try CLI.run(["eval", "--checkpoint", run, "--json"], in: workspace.url)
         XCTAssertEqual(result.status, 0, result.stderr)
-        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any], result.stdout)
-        return try XCTUnwrap(object["val_loss"] as? Double)
+        return try XCTUnwrap(MetricsRecord(line: result.stdout.trimmingCharacters(in: .newlines))?.validationLoss, result.stdout)
     }
 
     /// Trained on 2 ranks (each saves half the experts), exported merged: the transformers model

@@ -78,8 +78,8 @@ final class FaultTests: XCTestCase {
         let (result, _) = try run(workspace, ["--inject-fault", "nan-gradient@1:7"])
         XCTAssertEqual(result.status, 0, result.stderr)
         XCTAssertTrue(result.stdout.contains("warning: step 7 skipped"), result.stdout)
-        let metrics = try readMetrics(workspace.path("run/metrics.jsonl")).filter { $0["loss"] != nil }
-        XCTAssertEqual(metrics.last?["skipped_updates"] as? Int, 1)
+        let metrics = try readMetrics(workspace.path("run/metrics.jsonl")).filter(\.isTrainingStep)
+        XCTAssertEqual(metrics.last?.skippedUpdates, 1)
         // With no skips allowed, the run stops naming where the NaN appeared.
         let stop = try Workspace()
         try stop.write("c.yaml", Self.config)
@@ -111,7 +111,7 @@ final class FaultTests: XCTestCase {
         // Wait for a few logged steps, then signal one rank (a child of mpirun).
         let metrics = workspace.path("run/metrics.jsonl")
         let deadline = Date().addingTimeInterval(60)
-        while Date() < deadline, ((try? readMetrics(metrics))?.filter { $0["loss"] != nil }.count ?? 0) < 3 {
+        while Date() < deadline, ((try? readMetrics(metrics))?.filter(\.isTrainingStep).count ?? 0) < 3 {
             Thread.sleep(forTimeInterval: 0.05)
         }
         let children = try CLI.capture(shell("pgrep -P \(process.processIdentifier)")).stdout
@@ -123,7 +123,7 @@ final class FaultTests: XCTestCase {
         while process.isRunning && Date() < waitLimit { Thread.sleep(forTimeInterval: 0.05) }
         XCTAssertFalse(process.isRunning, "the job did not stop within 60 s of SIGTERM")
         XCTAssertEqual(process.terminationStatus, 0, "a requested stop exits 0")
-        let steps = try readMetrics(metrics).compactMap { $0["step"] as? Int }
+        let steps = try readMetrics(metrics).map(\.step)
         let stopped = try XCTUnwrap(steps.max()) + 1
         let checkpoint = "run/checkpoints/" + Checkpoint.directoryName(step: stopped)
         XCTAssertEqual(try Checkpoint.readManifest(workspace.path(checkpoint)).step, stopped, "the checkpoint is of the last finished step")
@@ -138,7 +138,7 @@ final class FaultTests: XCTestCase {
         func losses(_ run: String) throws -> [Int: Double] {
             var losses: [Int: Double] = [:]
             for object in try readMetrics(workspace.path("\(run)/metrics.jsonl")) {
-                if let step = object["step"] as? Int, let loss = object["loss"] as? Double { losses[step] = loss }
+                if let loss = object.loss { losses[object.step] = loss }
             }
             return losses
         }

@@ -44,7 +44,7 @@ final class MPITests: XCTestCase {
                 parameters[tensorName] = values
             }
         }
-        return Run(losses: metrics.compactMap { $0["loss"] as? Double }, validation: metrics.compactMap { $0["val_loss"] as? Double },
+        return Run(losses: metrics.compactMap(\.loss), validation: metrics.compactMap(\.validationLoss),
                    parameters: parameters)
     }
 
@@ -139,7 +139,7 @@ final class MPITests: XCTestCase {
         XCTAssertEqual(result.status, 0, result.stderr)
         let reference = try train(ranks: 1, in: workspace, name: "r1")
         let metrics = try readMetrics(workspace.path("netns/metrics.jsonl"))
-        let losses = metrics.compactMap { $0["loss"] as? Double }
+        let losses = metrics.compactMap(\.loss)
         XCTAssertEqual(losses.count, 20)
         for (step, (a, b)) in zip(reference.losses, losses).enumerated() {
             XCTAssertEqual(a, b, accuracy: 1e-4 * abs(a), "two namespaces: loss at step \(step)")

@@ -27,7 +27,7 @@ final class PrecisionTests: XCTestCase {
         XCTAssertTrue(uncapped.stdout.contains("precision auto -> "), uncapped.stdout)
     }
 
-    /// On 2 ranks, so the profile's barrier timing (`separateWaiting`, bench only) runs too.
+    /// On 2 ranks, so the profile's barrier timing (the WaitingProbe hook, bench only) runs too.
     func testBenchPrintsOneJSONObjectForBothPrecisions() throws {
         let workspace = try Workspace()
         try workspace.write("tiny.yaml", Workspace.tinyConfig)
@@ -82,9 +82,7 @@ final class PrecisionTests: XCTestCase {
             let result = try CLI.mpirun(ranks: 2, arguments, in: workspace.url, timeout: 900, executable: binary)
             XCTAssertEqual(result.status, 0, result.stderr)
             let metrics = try readMetrics(workspace.path("\(precision)/metrics.jsonl"))
-            losses[precision] = Dictionary(uniqueKeysWithValues: metrics.compactMap { line in
-                (line["step"] as? Int).flatMap { step in (line["loss"] as? Double).map { (step, $0) } }
-            })
+            losses[precision] = Dictionary(uniqueKeysWithValues: metrics.compactMap { record in record.loss.map { (record.step, $0) } })
         }
         let fp32 = try XCTUnwrap(losses["fp32"]), bf16 = try XCTUnwrap(losses["bf16"])
         XCTAssertEqual(fp32.count, 31, "a metrics line every 10 of 300 steps, and the last")

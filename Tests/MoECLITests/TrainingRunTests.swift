@@ -5,9 +5,9 @@ import MoECore
 
 /// End-to-end runs of the `moe` executable on the tiny model.
 final class TrainingRunTests: XCTestCase {
-    func losses(_ metrics: [[String: Any]]) -> [Int: Double] {
+    func losses(_ metrics: [MetricsRecord]) -> [Int: Double] {
         var losses: [Int: Double] = [:]
-        for object in metrics { if let step = object["step"] as? Int, let loss = object["loss"] as? Double { losses[step] = loss } }
+        for object in metrics { if let loss = object.loss { losses[object.step] = loss } }
         return losses
     }
 
@@ -20,25 +20,26 @@ final class TrainingRunTests: XCTestCase {
 
         // metrics.jsonl: every contracted key on every logged step, validation records at 0, 6, 12.
         let metrics = try readMetrics(workspace.path("run/metrics.jsonl"))
-        let stepRecords = metrics.filter { $0["loss"] != nil }
-        XCTAssertEqual(stepRecords.compactMap { $0["step"] as? Int }, Array(0..<12))
+        let stepRecords = metrics.filter(\.isTrainingStep)
+        XCTAssertEqual(stepRecords.map(\.step), Array(0..<12))
         for record in stepRecords {
-            for key in ["step", "loss", "lr", "tokens_per_sec", "aux_loss", "dropped_fraction", "expert_load", "active_experts", "grad_norm"] {
-                XCTAssertNotNil(record[key], "metrics record lacks \(key): \(record)")
-            }
-            let load = try XCTUnwrap(record["expert_load"] as? [[Double]])
+            let fields: [(String, Any?)] = [("loss", record.loss), ("lr", record.learningRate), ("tokens_per_sec", record.tokensPerSecond),
+                                            ("aux_loss", record.auxiliaryLoss), ("dropped_fraction", record.droppedFraction),
+                                            ("active_experts", record.activeExperts), ("grad_norm", record.gradientNorm), ("phase", record.phase)]
+            for (key, value) in fields { XCTAssertNotNil(value, "metrics record lacks \(key): \(record)") }
+            let load = try XCTUnwrap(record.expertLoad)
             XCTAssertEqual(load.count, 2, "one row per MoE layer")
             for row in load {
                 XCTAssertEqual(row.count, 4)
                 XCTAssertEqual(row.reduce(0, +), 1, accuracy: 1e-9)
             }
-            let active = try XCTUnwrap(record["active_experts"] as? Double)
+            let active = try XCTUnwrap(record.activeExperts)
             XCTAssertTrue(active > 1 && active <= 2, "top-2 with capacity keeps between 1 and 2 experts per token: \(active)")
         }
-        let validation = metrics.filter { $0["val_loss"] != nil }
-        XCTAssertEqual(validation.compactMap { $0["step"] as? Int }, [0, 6, 12])
-        let firstLoss = try XCTUnwrap(stepRecords.first?["loss"] as? Double)
-        let lastLoss = try XCTUnwrap(stepRecords.last?["loss"] as? Double)
+        let validation = metrics.filter { $0.validationLoss != nil }
+        XCTAssertEqual(validation.map(\.step), [0, 6, 12])
+        let firstLoss = try XCTUnwrap(stepRecords.first?.loss)
+        let lastLoss = try XCTUnwrap(stepRecords.last?.loss)
         XCTAssertEqual(firstLoss, log(256), accuracy: 0.3, "an untrained byte model is near uniform")
         XCTAssertLessThan(lastLoss, firstLoss - 1, "12 steps at lr 1e-2 must learn the repetitive text")
 
@@ -57,7 +58,7 @@ final class TrainingRunTests: XCTestCase {
         // eval reproduces the final validation loss of the run (same windows, same weights).
         let evaluation = try CLI.run(["eval", "--checkpoint", "run"], in: workspace.url)
         XCTAssertEqual(evaluation.status, 0, evaluation.stderr)
-        let finalValidation = try XCTUnwrap(validation.last?["val_loss"] as? Double)
+        let finalValidation = try XCTUnwrap(validation.last?.validationLoss)
         XCTAssertTrue(evaluation.stdout.contains(String(format: "val_loss %.4f", finalValidation)), evaluation.stdout)
 
         let verify = try CLI.run(["checkpoint", "verify", "run/checkpoints/step_00000012"], in: workspace.url)
@@ -120,7 +121,7 @@ final class TrainingRunTests: XCTestCase {
         XCTAssertEqual(other.status, 0, other.stderr)
         let compare = try CLI.run(["compare", "a", "c", "d/seed1", "--output", "cmp"], in: workspace.url)
         XCTAssertEqual(compare.status, 0, compare.stderr)
-        let finals = try ["a", "c"].map { try XCTUnwrap(readMetrics(workspace.path("\($0)/metrics.jsonl")).last?["val_loss"] as? Double) }
+        let finals = try ["a", "c"].map { try XCTUnwrap(readMetrics(workspace.path("\($0)/metrics.jsonl")).last?.validationLoss) }
         let mean = (finals[0] + finals[1]) / 2, sd = abs(finals[0] - finals[1]) / 2.squareRoot()
         let rows = compare.stdout.split(separator: "\n").filter { $0.hasPrefix("| a ") || $0.hasPrefix("| d ") }
         XCTAssertEqual(rows.count, 2, compare.stdout)
@@ -189,7 +190,7 @@ final class TrainingRunTests: XCTestCase {
         let result = try study("hash dense")
         XCTAssertEqual(result.status, 0, result.stderr)
         func finalCompute(_ run: String) throws -> Double {
-            try XCTUnwrap(readMetrics(workspace.path("study/\(run)/metrics.jsonl")).last?["train_flops"] as? Double, run)
+            try XCTUnwrap(readMetrics(workspace.path("study/\(run)/metrics.jsonl")).last?.trainingFlops, run)
         }
         let budget = (try finalCompute("steps/evomoe/seed1") + finalCompute("steps/evomoe/seed2")) / 2
         let equalCompute = try String(contentsOfFile: workspace.path("study/equal-compute.md"), encoding: .utf8)

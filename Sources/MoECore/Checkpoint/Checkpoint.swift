@@ -41,7 +41,7 @@ public struct CheckpointManifest: Codable, Equatable {
     public var gateState: [String: [String: Double]]?
     /// Updates skipped for non-finite values so far (schedules count applied updates).
     public var skippedUpdates: Int?
-    /// Model FLOPs and seconds of the training steps so far (`Trainer.trainingFlops`).
+    /// Model FLOPs and seconds of the training steps so far (`TrainingState.trainingFlops`).
     public var trainingFlops: Double?
     public var trainingSeconds: Double?
 }

@@ -23,17 +23,6 @@ public struct RunSummary {
     public var trainingFlops: Double?
     public var trainingSeconds: Double?
 
-    public enum ReadError: Error, CustomStringConvertible {
-        case unreadable(String)
-        case malformed(path: String, line: Int)
-        public var description: String {
-            switch self {
-            case let .unreadable(path): return "run summary: cannot read '\(path)'"
-            case let .malformed(path, line): return "run summary: '\(path)' line \(line) is not a metrics object"
-            }
-        }
-    }
-
     /// Reads `runDirectory/metrics.jsonl` (and `config.yaml`, when there). The name is the
     /// directory's, or its parent's for a directory named `seed<N>` (runs/compare/hash/seed2 is "hash").
     public init(runDirectory: String, name: String? = nil) throws {
@@ -45,26 +34,22 @@ public struct RunSummary {
         if let text = try? String(contentsOfFile: configPath, encoding: .utf8) {
             config = try RunConfig.fromResolved(text, file: configPath)
         }
-        let path = directory.appendingPathComponent("metrics.jsonl")
-        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
-            throw ReadError.unreadable(path)
-        }
-        for (index, line) in text.split(separator: "\n").enumerated() {
-            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
-                  let step = object["step"] as? Int else { throw ReadError.malformed(path: path, line: index + 1) }
-            if let loss = object["val_loss"] as? Double { validation.append((step, loss, object["train_flops"] as? Double)); continue }
-            guard let loss = object["loss"] as? Double else { continue }
+        for record in try MetricsRecord.read(directory.appendingPathComponent("metrics.jsonl")) {
+            let step = record.step
+            if let loss = record.validationLoss { validation.append((step, loss, record.trainingFlops)); continue }
+            // Skipped steps (a non-finite loss) are left out.
+            guard record.isTrainingStep, let loss = record.loss else { continue }
             steps.append(step)
             losses.append(loss)
-            tokensPerSecond.append(object["tokens_per_sec"] as? Double ?? 0)
-            expertLoad.append(object["expert_load"] as? [[Double]] ?? [])
-            droppedFraction.append(object["dropped_fraction"] as? Double ?? 0)
-            activeExperts.append(object["active_experts"] as? Double ?? 0)
-            learningRates.append(object["lr"] as? Double ?? 0)
-            phases.append(object["phase"] as? String ?? "")
-            if let temperature = object["temperature"] as? Double { temperatures.append((step, temperature)) }
-            if let flops = object["train_flops"] as? Double { trainingFlops = flops }
-            if let seconds = object["train_seconds"] as? Double { trainingSeconds = seconds }
+            tokensPerSecond.append(record.tokensPerSecond ?? 0)
+            expertLoad.append(record.expertLoad ?? [])
+            droppedFraction.append(record.droppedFraction ?? 0)
+            activeExperts.append(record.activeExperts ?? 0)
+            learningRates.append(record.learningRate ?? 0)
+            phases.append(record.phase?.rawValue ?? "")
+            if let temperature = record.temperature { temperatures.append((step, temperature)) }
+            if let flops = record.trainingFlops { trainingFlops = flops }
+            if let seconds = record.trainingSeconds { trainingSeconds = seconds }
         }
     }
 

@@ -226,11 +226,10 @@ public final class TrainingRun {
     func evaluate() throws -> Double? {
         trainer.heartbeat.beat("evaluation", step: trainer.state.attempted)
         guard let loss = try trainer.evaluate() else { return nil }
-        var object = JSONObject()
-        object.add("step", trainer.state.attempted)
-        object.add("val_loss", loss)
-        object.add("train_flops", trainer.state.trainingFlops)
-        metrics?.write(object)
+        var record = MetricsRecord(step: trainer.state.attempted)
+        record.validationLoss = loss
+        record.trainingFlops = trainer.state.trainingFlops
+        metrics?.write(record)
         log(String(format: "step %d | val_loss %.4f | perplexity %.2f", trainer.state.attempted, loss, exp(loss)))
         return loss
     }
@@ -247,26 +246,25 @@ public final class TrainingRun {
 
     func record(_ report: StepReport, tokensPerSecond: Double) {
         guard let metrics else { return }
-        var object = JSONObject()
-        object.add("step", report.step)
-        object.add("loss", report.loss)
-        object.add("lr", report.learningRate)
-        object.add("tokens_per_sec", tokensPerSecond)
-        object.add("aux_loss", report.auxiliaryLoss)
         let layers = report.moeLayers
-        let dropped = layers.isEmpty ? 0 : layers.map(\.droppedFraction).reduce(0, +) / Double(layers.count)
-        object.add("dropped_fraction", dropped)
-        object.add("expert_load", layers.map(\.expertLoad))
-        object.add("active_experts", layers.isEmpty ? 0 : layers.map(\.activeExperts).reduce(0, +) / Double(layers.count))
-        object.add("grad_norm", report.gradientNorm)
-        if let temperature = report.temperature { object.add("temperature", temperature) }
-        object.add("phase", report.phase.rawValue)
-        object.add("skipped_updates", trainer.state.skipped)
-        object.add("train_flops", trainer.state.trainingFlops)
-        object.add("train_seconds", trainer.state.trainingSeconds)
-        object.add("load_cv", layers.map { ExpertHealth.coefficientOfVariation($0.expertLoad) })
-        if layers.contains(where: { $0.routerEntropy != nil }) { object.add("router_entropy", layers.map { $0.routerEntropy ?? .nan }) }
-        metrics.write(object)
+        func mean(_ values: [Double]) -> Double { values.isEmpty ? 0 : values.reduce(0, +) / Double(values.count) }
+        var record = MetricsRecord(step: report.step)
+        record.loss = report.loss
+        record.learningRate = report.learningRate
+        record.tokensPerSecond = tokensPerSecond
+        record.auxiliaryLoss = report.auxiliaryLoss
+        record.droppedFraction = mean(layers.map(\.droppedFraction))
+        record.expertLoad = layers.map(\.expertLoad)
+        record.activeExperts = mean(layers.map(\.activeExperts))
+        record.gradientNorm = report.gradientNorm
+        record.temperature = report.temperature
+        record.phase = report.phase
+        record.skippedUpdates = trainer.state.skipped
+        record.trainingFlops = trainer.state.trainingFlops
+        record.trainingSeconds = trainer.state.trainingSeconds
+        record.loadCoefficientOfVariation = layers.map { ExpertHealth.coefficientOfVariation($0.expertLoad) }
+        if layers.contains(where: { $0.routerEntropy != nil }) { record.routerEntropy = layers.map(\.routerEntropy) }
+        metrics.write(record)
     }
 
     func format(_ count: Int) -> String {

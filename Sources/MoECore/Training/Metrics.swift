@@ -52,9 +52,8 @@ public final class MetricsLog {
         let manager = FileManager.default
         if let resumeStep, let data = manager.contents(atPath: path), let text = String(data: data, encoding: .utf8) {
             let kept = text.split(separator: "\n").filter { line in
-                guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
-                      let step = object["step"] as? Int else { return false }
-                return step < resumeStep
+                guard let record = MetricsRecord(line: line) else { return false }
+                return record.step < resumeStep
             }
             let rewritten = kept.map { $0 + "\n" }.joined()
             try Data(rewritten.utf8).write(to: URL(fileURLWithPath: path), options: .atomic)
@@ -70,8 +69,8 @@ public final class MetricsLog {
         handle.seekToEndOfFile()
     }
 
-    public func write(_ object: JSONObject) {
-        handle.write(Data((object.text + "\n").utf8))
+    public func write(_ record: MetricsRecord) {
+        handle.write(Data((record.jsonLine + "\n").utf8))
     }
 
     deinit { try? handle.close() }

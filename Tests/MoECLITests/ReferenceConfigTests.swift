@@ -1,0 +1,16 @@
+import Foundation
+import XCTest
+import MoEIO
+
+final class ReferenceConfigTests: XCTestCase {
+    /// configs/reference.yaml documents every key once; it must be exactly what the binary prints.
+    func testReferenceConfigIsCurrent() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let printed = try CLI.run(["train", "--print-config"], in: root)
+        XCTAssertEqual(printed.status, 0, printed.stderr)
+        let reference = try String(contentsOf: root.appendingPathComponent("configs/reference.yaml"), encoding: .utf8)
+        let body = reference.split(separator: "\n", omittingEmptySubsequences: false).drop { $0.hasPrefix("# Every") || $0.hasPrefix("# Generated") }
+        XCTAssertEqual(body.joined(separator: "\n"), printed.stdout,
+                       "regenerate configs/reference.yaml (see its first lines)")
+    }
+}
