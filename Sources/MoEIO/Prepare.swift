@@ -34,11 +34,13 @@ public enum DatasetPreparation {
 
     public enum PrepareError: Error, CustomStringConvertible {
         case missing(String)
+        case notARegularFile(path: String, what: String)
         case empty(String)
         case cannotSplit(String)
         public var description: String {
             switch self {
             case let .missing(path): return "prepare: input '\(path)' does not exist"
+            case let .notARegularFile(path, what): return "prepare: input '\(path)' is \(what)"
             case let .empty(what): return "prepare: \(what) holds no text"
             case let .cannotSplit(reason): return "prepare: \(reason)"
             }
@@ -55,8 +57,8 @@ public enum DatasetPreparation {
                 let enumerator = FileManager.default.enumerator(atPath: path)
                 while let relative = enumerator?.nextObject() as? String {
                     let full = (path as NSString).appendingPathComponent(relative)
-                    var childIsDirectory: ObjCBool = false
-                    if FileManager.default.fileExists(atPath: full, isDirectory: &childIsDirectory), !childIsDirectory.boolValue,
+                    // Regular files only: a FIFO or socket in the folder would block the read.
+                    if RegularFile.problem(full) == nil,
                        !relative.split(separator: "/").contains(where: { $0.hasPrefix(".") }) {
                         files.append(full)
                     }
@@ -128,6 +130,9 @@ public enum DatasetPreparation {
     }
 
     static func read(_ path: String) throws -> [UInt8] {
+        if let problem = RegularFile.problem(path) {
+            throw problem == "no such file" ? PrepareError.missing(path) : PrepareError.notARegularFile(path: path, what: problem)
+        }
         guard let data = FileManager.default.contents(atPath: path) else { throw PrepareError.missing(path) }
         return [UInt8](data)
     }

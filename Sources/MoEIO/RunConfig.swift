@@ -253,10 +253,10 @@ public struct RunConfig: Equatable, Sendable {
     public static func load(file: String?, overrides: [String] = []) throws -> RunConfig {
         var tree: [String: Any] = [:]
         if let file {
+            if let problem = RegularFile.problem(file) { throw ConfigError.unreadable(file: file, reason: problem) }
             let text: String
             do { text = try String(contentsOfFile: file, encoding: .utf8) } catch {
-                let reason = FileManager.default.fileExists(atPath: file) ? "not UTF-8 text" : "no such file"
-                throw ConfigError.unreadable(file: file, reason: reason)
+                throw ConfigError.unreadable(file: file, reason: "not UTF-8 text")
             }
             tree = try parse(text, file: file)
         }
@@ -265,7 +265,7 @@ public struct RunConfig: Equatable, Sendable {
             let key = String(override[..<equals]), valueText = String(override[override.index(after: equals)...])
             let parts = key.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
             guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { throw ConfigError.badOverride(override) }
-            let value = (try? Yams.load(yaml: valueText)).flatMap { $0 } ?? valueText
+            let value = (try? SafeYAML.load(valueText, file: "--set")).flatMap { $0 } ?? valueText
             var section = tree[parts[0]] as? [String: Any] ?? [:]
             section[parts[1]] = value
             tree[parts[0]] = section
@@ -277,11 +277,7 @@ public struct RunConfig: Equatable, Sendable {
     }
 
     static func parse(_ text: String, file: String) throws -> [String: Any] {
-        let loaded: Any?
-        do { loaded = try Yams.load(yaml: text) } catch {
-            throw ConfigError.syntax(file: file, reason: "\(error)".split(separator: "\n").first.map(String.init) ?? "")
-        }
-        guard let loaded else { return [:] }
+        guard let loaded = try SafeYAML.load(text, file: file) else { return [:] }
         guard let mapping = loaded as? [String: Any] else { throw ConfigError.notAMapping(file: file, key: "the document") }
         return mapping
     }

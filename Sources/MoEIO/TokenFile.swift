@@ -37,6 +37,7 @@ public final class TokenFile: @unchecked Sendable {
 
     public enum ReadError: Error, CustomStringConvertible {
         case unreadable(path: String)
+        case notARegularFile(path: String, what: String)
         case tooShort(path: String, bytes: Int)
         case badMagic(path: String, found: Int32)
         case badVersion(path: String, found: Int32)
@@ -47,6 +48,7 @@ public final class TokenFile: @unchecked Sendable {
         public var description: String {
             switch self {
             case let .unreadable(path): return "token file '\(path)': cannot read it (missing or not a file); run `moe prepare` first"
+            case let .notARegularFile(path, what): return "token file '\(path)': cannot read it: it is \(what)"
             case let .tooShort(path, bytes):
                 return "token file '\(path)': \(bytes) bytes is shorter than the 1024-byte header; the file is truncated or not a token file"
             case let .badMagic(path, found):
@@ -106,8 +108,8 @@ public final class TokenFile: @unchecked Sendable {
     /// (pages released as it goes, so the pass does not leave the file in this process's
     /// resident set).
     public static func read(_ path: String) throws -> TokenFile {
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue else {
+        if let problem = RegularFile.problem(path) {
+            guard problem == "no such file" else { throw ReadError.notARegularFile(path: path, what: problem) }
             throw ReadError.unreadable(path: path)
         }
         let descriptor = open(path, O_RDONLY)

@@ -31,10 +31,10 @@ struct BenchCommand: ParsableCommand {
     @Option(help: ArgumentHelp("fp32, bf16, both, or auto (default: the config's train.precision).", valueName: "precision"))
     var precision: String?
 
-    @Option(help: "Timed steps.")
+    @Option(parsing: .unconditional, help: "Timed steps.")
     var steps: Int = 20
 
-    @Option(help: "Untimed warm-up steps.")
+    @Option(parsing: .unconditional, help: "Untimed warm-up steps.")
     var warmup: Int = 3
 
     func validate() throws {

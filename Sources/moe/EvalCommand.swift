@@ -14,7 +14,7 @@ struct EvalCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Token file or glob to evaluate on (default: the checkpoint config's data.val).", valueName: "path"))
     var data: String?
 
-    @Option(help: "Global batches of evaluation windows (default: the checkpoint config's train.eval_batches).")
+    @Option(parsing: .unconditional, help: "Global batches of evaluation windows (default: the checkpoint config's train.eval_batches).")
     var batches: Int?
 
     @Flag(help: "Print one JSON object (full precision) instead of the text line.")

@@ -15,19 +15,19 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "Text to continue.")
     var prompt: String = "\n"
 
-    @Option(help: "Tokens to generate.")
+    @Option(parsing: .unconditional, help: "Tokens to generate.")
     var tokens: Int = 500
 
-    @Option(help: "Sampling temperature; 0 picks the most likely token.")
+    @Option(parsing: .unconditional, help: "Sampling temperature; 0 picks the most likely token.")
     var temperature: Double = 0.8
 
-    @Option(name: .customLong("top-k"), help: "Sample among the k most likely tokens only (0: all).")
+    @Option(name: .customLong("top-k"), parsing: .unconditional, help: "Sample among the k most likely tokens only (0: all).")
     var topK: Int = 0
 
-    @Option(name: .customLong("top-p"), help: "Sample within the smallest set of tokens whose probability reaches p (1: all).")
+    @Option(name: .customLong("top-p"), parsing: .unconditional, help: "Sample within the smallest set of tokens whose probability reaches p (1: all).")
     var topP: Double = 1
 
-    @Option(help: "Seed of the sampling draws.")
+    @Option(parsing: .unconditional, help: "Seed of the sampling draws.")
     var seed: Int = 0
 
     @Flag(name: .customLong("no-cache"), help: "Recompute the whole window for every token instead of using the key/value cache (for comparison).")

@@ -27,13 +27,13 @@ struct PrepareCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Output directory.", valueName: "dir"))
     var output: String
 
-    @Option(name: .customLong("val-fraction"), help: "Fraction of the files (or of a single file) held out for validation.")
+    @Option(name: .customLong("val-fraction"), parsing: .unconditional, help: "Fraction of the files (or of a single file) held out for validation.")
     var validationFraction: Double = 0.1
 
     @Option(help: "Tokens: bytes (one per byte, vocabulary 256) or bpe (learned on the training split).")
     var tokenizer: TokenizerKind = .bytes
 
-    @Option(name: .customLong("vocab-size"), help: "Vocabulary of the BPE tokenizer (257 to 65536: 256 bytes plus merges).")
+    @Option(name: .customLong("vocab-size"), parsing: .unconditional, help: "Vocabulary of the BPE tokenizer (257 to 65536: 256 bytes plus merges).")
     var vocabularySize: Int?
 
     func validate() throws {

@@ -25,7 +25,7 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "Continue from the newest complete checkpoint in the run directory (starts fresh if there is none).")
     var resume = false
 
-    @Option(name: .customLong("stop-at"), help: ArgumentHelp("Stop after this step with a checkpoint, keeping the schedule of train.steps (for time-limited allocations; continue with --resume).", valueName: "step"))
+    @Option(name: .customLong("stop-at"), parsing: .unconditional, help: ArgumentHelp("Stop after this step with a checkpoint, keeping the schedule of train.steps (for time-limited allocations; continue with --resume).", valueName: "step"))
     var stopAt: Int?
 
     @Option(name: .customLong("inject-fault"), help: .hidden)

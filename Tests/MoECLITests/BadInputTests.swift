@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import XCTest
 import MoEIO
 
@@ -14,6 +17,28 @@ final class BadInputTests: XCTestCase {
     }
 
     static let good = Workspace.tinyConfig
+
+    /// Nine to the ninth list elements in eleven lines.
+    static let aliasBomb = "x:\n  a: &a [1,1,1,1,1,1,1,1,1]\n" + (1...8).map { level in
+        "  b\(level): &b\(level) [" + Array(repeating: level == 1 ? "*a" : "*b\(level - 1)", count: 9).joined(separator: ",") + "]\n"
+    }.joined()
+
+    /// A negative number given to a numeric option is named by the option's own check (it used
+    /// to be read as an unknown flag: "Missing value for ...").
+    func testNegativeOptionValuesAreNamed() throws {
+        let workspace = try Workspace()
+        let cases: [([String], String)] = [
+            (["generate", "--checkpoint", "none", "--tokens", "-1"], "--tokens must be >= 0"),
+            (["generate", "--checkpoint", "none", "--temperature", "-1"], "--temperature must be >= 0"),
+            (["train", "--stop-at", "-1"], "--stop-at must be >= 1"),
+            (["bench", "--steps", "-2"], "--steps must be > 0"),
+        ]
+        for (arguments, expected) in cases {
+            let result = try CLI.run(arguments, in: workspace.url)
+            XCTAssertNotEqual(result.status, 0, "\(arguments)")
+            XCTAssertTrue(result.stderr.split(separator: "\n").first?.contains(expected) == true, "\(arguments): \(result.stderr)")
+        }
+    }
 
     func testMalformedInputsGiveOneLineErrors() throws {
         let train = ["train", "--config", "bad.yaml", "--run-dir", "run"]
@@ -67,6 +92,27 @@ final class BadInputTests: XCTestCase {
                  expected: "checkpoint 'nowhere'"),
             Case(name: "prepare of a missing input", config: nil, arguments: ["prepare", "--input", "missing.txt", "--output", "out"],
                  expected: "prepare: input 'missing.txt' does not exist"),
+            // Hostile YAML: the library would expand the aliases until memory runs out, recurse
+            // until the stack overflows, and let the second `train:` replace the first.
+            Case(name: "alias bomb", config: Self.aliasBomb, arguments: train, expected: "uses a YAML anchor or alias"),
+            Case(name: "deep nesting", config: "model: " + String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000) + "\n",
+                 arguments: train, expected: "nests deeper than"),
+            Case(name: "duplicate section", config: Self.good + "\ntrain:\n  steps: 5\n", arguments: train, expected: "key 'train' appears twice"),
+            Case(name: "duplicate key", config: "train:\n  steps: 3\n  steps: 5\n", arguments: train, expected: "key 'train.steps' appears twice"),
+            // Not regular files: a FIFO would block the read forever.
+            Case(name: "FIFO as config", config: nil, arguments: ["train", "--config", "pipe"], expected: "config file 'pipe': cannot read it (a FIFO",
+                 setup: { _ = mkfifo($0.path("pipe"), 0o600) }),
+            Case(name: "directory as config", config: nil, arguments: ["train", "--config", "data"], expected: "config file 'data': cannot read it (a directory"),
+            Case(name: "FIFO as token file", config: Self.good, arguments: train + ["--set", "data.train=pipe"],
+                 expected: "token file 'pipe': cannot read it: it is a FIFO", setup: { _ = mkfifo($0.path("pipe"), 0o600) }),
+            Case(name: "FIFO to prepare", config: nil, arguments: ["prepare", "--input", "pipe", "--output", "out"],
+                 expected: "prepare: input 'pipe' is a FIFO", setup: { _ = mkfifo($0.path("pipe"), 0o600) }),
+            // Reports: steps no run can have (compare used to trap on step + 1).
+            Case(name: "compare of an impossible step", config: nil, arguments: ["compare", "a", "a"], expected: "step 9223372036854775807 is outside",
+                 setup: { workspace in
+                     try FileManager.default.createDirectory(atPath: workspace.path("a"), withIntermediateDirectories: true)
+                     try workspace.write("a/metrics.jsonl", "{\"step\":9223372036854775807,\"loss\":1,\"lr\":0.1}\n")
+                 }),
         ]
         XCTAssertGreaterThanOrEqual(cases.count, 15)
         for testCase in cases {

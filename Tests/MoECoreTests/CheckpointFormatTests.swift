@@ -53,6 +53,8 @@ final class CheckpointFormatTests: XCTestCase {
             (header("{\"a\":{\"dtype\":\"F16\",\"shape\":[4],\"data_offsets\":[0,8]}}", dataBytes: 8), "dtype"),
             (header("[1,2]"), "not a JSON object"),
             (header("{\"a\":{\"dtype\":\"F32\",\"shape\":[1099511627775,1099511627775],\"data_offsets\":[0,4]}}", dataBytes: 4), "does not match"),
+            // 2^61 elements: the element count fits in Int, its bytes (x 4) do not (used to trap).
+            (header("{\"a\":{\"dtype\":\"F32\",\"shape\":[1073741824,2147483648],\"data_offsets\":[0,4]}}", dataBytes: 4), "does not match"),
             (header("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", dataBytes: 12), "overlap"),
         ]
         for (data, expected) in hostile {

@@ -42,6 +42,11 @@ final class MetricsRecordTests: XCTestCase {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("metrics-\(UUID().uuidString).jsonl").path
         try (old + "\n{\"loss\": 1}\n").write(toFile: path, atomically: true, encoding: .utf8)
         XCTAssertThrowsError(try MetricsRecord.read(path)) { XCTAssertTrue("\($0)".contains("line 2"), "\($0)") }
+        // Steps a run cannot have (moe compare and report used to trap on step + 1).
+        for step in [Int.max, -1] {
+            try "{\"step\":\(step),\"loss\":1,\"lr\":0.1}\n".write(toFile: path, atomically: true, encoding: .utf8)
+            XCTAssertThrowsError(try MetricsRecord.read(path)) { XCTAssertTrue("\($0)".contains("step \(step) is outside"), "\($0)") }
+        }
     }
 
     /// The manifest's phase is typed; manifests written when it was a string decode the same.

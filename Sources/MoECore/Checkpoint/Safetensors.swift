@@ -107,11 +107,13 @@ public enum Safetensors {
             guard shape.allSatisfy({ $0 >= 0 && $0 < 1 << 40 }), offsets[0] >= 0, offsets[0] <= offsets[1], offsets[1] <= dataBytes else {
                 throw FormatError.malformed(path: path, reason: "tensor '\(name)' has data_offsets \(offsets) outside the \(dataBytes)-byte data section")
             }
-            let (elements, overflow) = shape.reduce((1, false)) { partial, dimension in
+            // Bytes = 4 · Π shape, every product checked: a header is untrusted input, and a shape
+            // whose size overflows must be refused, not trap.
+            let (bytes, overflow) = shape.reduce((4, false)) { partial, dimension in
                 let product = partial.0.multipliedReportingOverflow(by: dimension)
                 return (product.partialValue, partial.1 || product.overflow)
             }
-            guard !overflow, elements * 4 == offsets[1] - offsets[0] else {
+            guard !overflow, bytes == offsets[1] - offsets[0] else {
                 throw FormatError.malformed(path: path, reason: "tensor '\(name)': shape \(shape) does not match its \(offsets[1] - offsets[0]) bytes")
             }
             tensors[name] = TensorInfo(shape: shape, begin: offsets[0], end: offsets[1])

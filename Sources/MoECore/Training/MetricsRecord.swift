@@ -51,13 +51,20 @@ public struct MetricsRecord: Codable, Equatable {
     public enum ReadError: Error, CustomStringConvertible {
         case unreadable(String)
         case malformed(path: String, line: Int)
+        case stepOutOfRange(path: String, line: Int, step: Int)
         public var description: String {
             switch self {
             case let .unreadable(path): return "metrics: cannot read '\(path)'"
             case let .malformed(path, line): return "metrics: '\(path)' line \(line) is not a metrics record"
+            case let .stepOutOfRange(path, line, step):
+                return "metrics: '\(path)' line \(line): step \(step) is outside 0...\(MetricsRecord.maximumStep)"
             }
         }
     }
+
+    /// The largest step a record may carry: every step is exact as a Double (the charts' x) and
+    /// step + 1 cannot overflow.
+    public static let maximumStep = 1 << 53
 
     public init(step: Int) { self.step = step }
 
@@ -104,6 +111,9 @@ public struct MetricsRecord: Codable, Equatable {
         }
         return try text.split(separator: "\n").enumerated().map { index, line in
             guard let record = MetricsRecord(line: line) else { throw ReadError.malformed(path: path, line: index + 1) }
+            guard (0...maximumStep).contains(record.step) else {
+                throw ReadError.stepOutOfRange(path: path, line: index + 1, step: record.step)
+            }
             return record
         }
     }
