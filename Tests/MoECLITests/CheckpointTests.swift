@@ -230,12 +230,40 @@ final class CheckpointTests: XCTestCase {
             ("truncated file", "replicated.safetensors", "replicated.safetensors", "(truncated?)",
              { path in try rewrite(path) { $0 = $0.prefix($0.count / 2) } }),
             ("flipped byte", shard, shard, digestMismatch, { path in try rewrite(path) { $0[$0.count - 10] ^= 0x01 } }),
-            ("wrong digest in the manifest", "manifest.json", "experts-rank-00000.safetensors", digestMismatch, { path in   // the first digest listed
+            // DONE records the manifest's digest: any edit of the manifest is caught whole.
+            ("wrong digest in the manifest", "manifest.json", "manifest.json", "differs from the one DONE records", { path in
                 try rewrite(path) { data in
                     var text = String(decoding: data, as: UTF8.self)
                     let range = text.range(of: "\"sha256\" : \"")!
                     text.replaceSubrange(range.upperBound..<text.index(range.upperBound, offsetBy: 4), with: "0000")
                     data = Data(text.utf8)
+                }
+            }),
+            ("one bit of the step flipped", "manifest.json", "manifest.json", "differs from the one DONE records", { path in
+                try rewrite(path) { data in data = Data(String(decoding: data, as: UTF8.self)
+                    .replacingOccurrences(of: "\"step\" : 15", with: "\"step\" : 14").utf8) }
+            }),
+            // A manifest edited and its digest left out of DONE (as in checkpoints older than the
+            // digest): the fields themselves are checked.
+            ("negative step", "manifest.json", "manifest.json", "step is -15, below 0", { path in
+                try Self.editWithoutDigest(path) { $0.replacingOccurrences(of: "\"step\" : 15", with: "\"step\" : -15") }
+            }),
+            ("a file name leaving the checkpoint", "manifest.json", "manifest.json", "'../../c.yaml' is not a plain name", { path in
+                try Self.editWithoutDigest(path) { $0.replacingOccurrences(of: "\"tokenizer.json\"", with: "\"../../c.yaml\"")
+                    .replacingOccurrences(of: "\"experts-rank-00000.safetensors\" :", with: "\"../../c.yaml\" :") }
+            }),
+            ("non-finite weights with matching digests", "replicated.safetensors", "replicated.safetensors", "non-finite values", { path in
+                try rewrite(path) { data in   // a NaN as the first value of the data section
+                    let start = 8 + Int(data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+                    data.replaceSubrange(start..<(start + 4), with: [0x00, 0x00, 0xc0, 0x7f])
+                }
+                let data = try XCTUnwrap(FileManager.default.contents(atPath: path))
+                try Self.editWithoutDigest((path as NSString).deletingLastPathComponent + "/manifest.json") { text in
+                    let name = "\"replicated.safetensors\" : {", start = text.range(of: name)!
+                    let digest = text.range(of: "\"sha256\" : \"", range: start.upperBound..<text.endIndex)!
+                    var edited = text
+                    edited.replaceSubrange(digest.upperBound..<text.index(digest.upperBound, offsetBy: 64), with: SHA256.hex(of: data))
+                    return edited
                 }
             }),
             ("missing shard", shard, shard, "missing or unreadable", { path in try FileManager.default.removeItem(atPath: path) }),
@@ -269,6 +297,34 @@ final class CheckpointTests: XCTestCase {
                               "\(damage.name), \(ranks) ranks: \(resumed.stdout)")
             }
         }
+    }
+
+    /// Edits `manifest` through `change` and rewrites DONE as checkpoints before the manifest
+    /// digest had it (step only), so that the edit reaches the manifest's own checks.
+    static func editWithoutDigest(_ manifest: String, _ change: (String) -> String) throws {
+        let text = try String(contentsOfFile: manifest, encoding: .utf8)
+        try change(text).write(toFile: manifest, atomically: true, encoding: .utf8)
+        try "step 15\n".write(toFile: (manifest as NSString).deletingLastPathComponent + "/DONE", atomically: true, encoding: .utf8)
+    }
+
+    /// Entries that look like checkpoints and are not are never trusted: a `step_*` directory
+    /// that is a symbolic link (pruning used to delete the files it points to), and a stray
+    /// DONE in a directory with no manifest (resume used to stop on it instead of falling back).
+    func testLinksAndStrayMarkersAreNotCheckpoints() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config + "\n")
+        try train(workspace, ranks: 1, ["--run-dir", "run", "--stop-at", "10"])
+        // Outside the run: a directory the link points to, which must survive pruning.
+        try FileManager.default.createDirectory(atPath: workspace.path("precious"), withIntermediateDirectories: true)
+        try workspace.write("precious/DONE", "step 1\n")
+        try workspace.write("precious/manifest.json", "{}")
+        try FileManager.default.createSymbolicLink(atPath: workspace.path("run/checkpoints/step_00000001"), withDestinationPath: workspace.path("precious"))
+        try FileManager.default.createDirectory(atPath: workspace.path("run/checkpoints/step_00000099"), withIntermediateDirectories: true)
+        try workspace.write("run/checkpoints/step_00000099/DONE", "step 99\n")
+        let resumed = try train(workspace, ranks: 1, ["--run-dir", "run", "--resume"])
+        XCTAssertTrue(resumed.stdout.contains("warning: skipping checkpoint run/checkpoints/step_00000099"), resumed.stdout)
+        XCTAssertTrue(resumed.stdout.contains("resumed from run/checkpoints/step_00000010"), resumed.stdout)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("precious/manifest.json")), "pruning followed the link")
     }
 
     /// Any safetensors reader opens the files (checked with the reference Python package when

@@ -47,6 +47,28 @@ public struct CheckpointManifest: Codable, Equatable {
 }
 
 extension CheckpointManifest {
+    /// What makes the manifest's fields impossible, if anything: a manifest is input (a file
+    /// anyone can edit), and a step, a rank or a file name taken from it unchecked would resume at
+    /// a wrong step, index out of range or open files outside the checkpoint.
+    public var problem: String? {
+        let names = Array(files.keys) + expertFiles.compactMap { $0 }
+        if let name = names.first(where: { $0.isEmpty || $0.contains("/") || $0 == "." || $0 == ".." || $0.hasPrefix(".") }) {
+            return "file name '\(name)' is not a plain name inside the checkpoint"
+        }
+        let counts: [(String, Int)] = [("step", step), ("tokens_seen", tokensSeen), ("spawn_step", spawnStep ?? 0),
+                                       ("skipped_updates", skippedUpdates ?? 0)] + optimizerSteps.map { ("optimizer_steps." + $0.key, $0.value) }
+        if let (key, value) = counts.first(where: { $0.1 < 0 }) { return "\(key) is \(value), below 0" }
+        if (skippedUpdates ?? 0) > step { return "skipped_updates \(skippedUpdates ?? 0) exceeds step \(step)" }
+        guard worldSize >= 1, vocabularySize >= 1, expertFiles.count == worldSize else {
+            return "world_size \(worldSize), vocabulary_size \(vocabularySize) and \(expertFiles.count) expert files do not fit together"
+        }
+        if let rank = expertRanks.first(where: { !(0..<worldSize).contains($0) }) { return "expert rank \(rank) is outside 0..<\(worldSize)" }
+        let numbers = [("learning_rate", learningRate), ("temperature", temperature ?? 0), ("training_flops", trainingFlops ?? 0),
+                       ("training_seconds", trainingSeconds ?? 0)] + (gateState ?? [:]).flatMap { layer in layer.value.map { ("gate_state", $0.value) } }
+        if let (key, value) = numbers.first(where: { !$0.1.isFinite || ($0.0 != "gate_state" && $0.1 < 0) }) { return "\(key) is \(value)" }
+        return nil
+    }
+
     /// The counters saved (checkpoints from before compute accounting have no FLOPs: nil).
     public var trainingState: TrainingState {
         TrainingState(attempted: step, skipped: skippedUpdates ?? 0, trainingFlops: trainingFlops ?? 0, trainingSeconds: trainingSeconds ?? 0)
@@ -108,12 +130,19 @@ public enum Checkpoint {
     public static func expertFileName(rank: Int) -> String { "experts-rank-" + String(format: "%05d", rank) + ".safetensors" }
 
     /// Complete checkpoints (with DONE) in `runDirectory/checkpoints`, oldest first.
+    /// Only real directories count: a `step_*` entry that is a symbolic link is never followed
+    /// (loading from it or pruning through it would reach outside the run).
     public static func complete(in runDirectory: String) -> [String] {
+        stepDirectories(in: runDirectory).filter { FileManager.default.fileExists(atPath: ($0 as NSString).appendingPathComponent(doneFile)) }
+    }
+
+    /// `checkpoints/step_XXXXXXXX` entries that are directories themselves (not links), sorted.
+    static func stepDirectories(in runDirectory: String) -> [String] {
         let root = (runDirectory as NSString).appendingPathComponent("checkpoints")
         let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
-        return names.filter { $0.hasPrefix("step_") && $0.count == 13 }.sorted()
+        return names.filter { $0.hasPrefix("step_") && $0.count == 13 && $0.dropFirst(5).allSatisfy(\.isNumber) }.sorted()
             .map { (root as NSString).appendingPathComponent($0) }
-            .filter { FileManager.default.fileExists(atPath: ($0 as NSString).appendingPathComponent(doneFile)) }
+            .filter { (try? FileManager.default.attributesOfItem(atPath: $0)[.type] as? FileAttributeType) == .typeDirectory }
     }
 
     // MARK: saving
@@ -146,9 +175,11 @@ public enum Checkpoint {
             let encoder = JSONEncoder()
             encoder.keyEncodingStrategy = .convertToSnakeCase
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            _ = try writeDurably(try encoder.encode(manifest), to: (directory as NSString).appendingPathComponent(manifestFile))
+            let written = try writeDurably(try encoder.encode(manifest), to: (directory as NSString).appendingPathComponent(manifestFile))
             try hooks?.reached(.manifestWritten, step: step)
-            _ = try writeDurably(Data("step \(step)\n".utf8), to: (directory as NSString).appendingPathComponent(doneFile))
+            // DONE holds the manifest's digest, so the manifest is verified like every file it lists.
+            _ = try writeDurably(Data("step \(step)\nmanifest_sha256 \(written.sha256)\n".utf8),
+                                 to: (directory as NSString).appendingPathComponent(doneFile))
             syncDirectory(directory)
             try prune(runDirectory: runDirectory, keep: contents.config.checkpoint.keep, midway: { try hooks?.reached(.pruning, step: step) })
         }
@@ -302,10 +333,8 @@ public enum Checkpoint {
         let completed = complete(in: runDirectory)
         guard let newest = completed.last else { return }
         for old in completed.dropLast(keep) { try remove(checkpoint: old, midway: midway) }
-        let root = (runDirectory as NSString).appendingPathComponent("checkpoints")
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [] where name.hasPrefix("step_") {
-            let path = (root as NSString).appendingPathComponent(name)
-            if path < newest && !completed.contains(path) { try? FileManager.default.removeItem(atPath: path) }
+        for path in stepDirectories(in: runDirectory) where path < newest && !completed.contains(path) {
+            try? FileManager.default.removeItem(atPath: path)
         }
     }
 
@@ -325,13 +354,21 @@ public enum Checkpoint {
 
     // MARK: loading
 
+    /// The manifest, verified against the digest DONE records (checkpoints from before DONE held
+    /// one are read without it) and checked field by field (`validate`).
     public static func readManifest(_ directory: String) throws -> CheckpointManifest {
-        guard FileManager.default.fileExists(atPath: (directory as NSString).appendingPathComponent(doneFile)) else {
+        let donePath = (directory as NSString).appendingPathComponent(doneFile)
+        guard RegularFile.problem(donePath) == nil, let done = FileManager.default.contents(atPath: donePath) else {
             throw CheckpointError.notACheckpoint(path: directory, reason: "no DONE marker (missing directory or an interrupted save)")
         }
         let path = (directory as NSString).appendingPathComponent(manifestFile)
-        guard let data = FileManager.default.contents(atPath: path) else {
+        guard RegularFile.problem(path) == nil, let data = FileManager.default.contents(atPath: path) else {
             throw CheckpointError.corrupt(path: path, reason: "missing or unreadable")
+        }
+        let recorded = String(decoding: done, as: UTF8.self).split(separator: "\n")
+            .first { $0.hasPrefix("manifest_sha256 ") }.map { String($0.dropFirst("manifest_sha256 ".count)) }
+        if let recorded, recorded != SHA256.hex(of: data) {
+            throw CheckpointError.corrupt(path: path, reason: "its SHA-256 differs from the one DONE records (the manifest was changed after the save)")
         }
         let decoder = JSONDecoder()
         decoder.keyDecodingStrategy = .convertFromSnakeCase
@@ -342,6 +379,7 @@ public enum Checkpoint {
         guard manifest.format == CheckpointManifest.currentFormat, manifest.version == CheckpointManifest.currentVersion else {
             throw CheckpointError.corrupt(path: path, reason: "format \(manifest.format) version \(manifest.version) is not \(CheckpointManifest.currentFormat) version \(CheckpointManifest.currentVersion)")
         }
+        if let problem = manifest.problem { throw CheckpointError.corrupt(path: path, reason: problem) }
         return manifest
     }
 
@@ -422,9 +460,18 @@ public enum Checkpoint {
                 throw CheckpointError.corrupt(path: files.first?.path ?? "?", reason: "parameter '\(entry.name)' is in no file of this checkpoint")
             }
             try file.read(entry.name, shape: shape(of: entry), into: store.values + entry.offset)
+            // A run resumed from non-finite weights would skip every update and, ending, save
+            // and prune its way past the good checkpoints: such a checkpoint is not trusted.
+            guard Kernels.isFinite(store.values + entry.offset, count: entry.count) else {
+                throw CheckpointError.corrupt(path: file.path, reason: "parameter '\(entry.name)' holds non-finite values")
+            }
             if let optimizer, !optimizer.isSharded {
                 try file.read(firstMomentPrefix + entry.name, shape: shape(of: entry), into: optimizer.firstMoment + entry.offset)
                 try file.read(secondMomentPrefix + entry.name, shape: shape(of: entry), into: optimizer.secondMoment + entry.offset)
+                guard Kernels.isFinite(optimizer.firstMoment + entry.offset, count: entry.count),
+                      Kernels.isFinite(optimizer.secondMoment + entry.offset, count: entry.count) else {
+                    throw CheckpointError.corrupt(path: file.path, reason: "the optimizer state of '\(entry.name)' holds non-finite values")
+                }
             }
         }
         if let optimizer, optimizer.isSharded { try readSharded(store, optimizer: optimizer, from: files) }
@@ -454,7 +501,12 @@ extension Checkpoint {
         var problems: [String] = []
         for name in manifest.files.keys.sorted() {
             do {
-                if name.hasSuffix(".safetensors") { _ = try verifiedFile(name, in: directory, manifest: manifest) }
+                if name.hasSuffix(".safetensors") {
+                    let file = try verifiedFile(name, in: directory, manifest: manifest)
+                    if let tensor = file.firstNonFiniteTensor() {
+                        throw CheckpointError.corrupt(path: file.path, reason: "tensor '\(tensor)' holds non-finite values")
+                    }
+                }
                 else { _ = try verifiedData(name, in: directory, manifest: manifest) }
             } catch { problems.append("\(error)") }
         }

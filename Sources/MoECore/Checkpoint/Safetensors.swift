@@ -147,6 +147,17 @@ public enum Safetensors {
         }
 
         /// Copies tensor `name` into `destination` after checking it has `shape`.
+        /// The first tensor (in name order) holding a NaN or an infinity, if any.
+        public func firstNonFiniteTensor() -> String? {
+            data.withUnsafeBytes { raw in
+                tensors.sorted { $0.key < $1.key }.first { _, info in
+                    var copy = [Float](repeating: 0, count: (info.end - info.begin) / 4)
+                    copy.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[(dataStart + info.begin)..<(dataStart + info.end)])) }
+                    return copy.contains { !$0.isFinite }
+                }?.key
+            }
+        }
+
         public func read(_ name: String, shape: [Int], into destination: UnsafeMutablePointer<Float>) throws {
             guard let info = tensors[name] else { throw FormatError.missingTensor(path: path, name: name) }
             guard info.shape == shape else { throw FormatError.shapeMismatch(path: path, name: name, found: info.shape, expected: shape) }

@@ -47,7 +47,7 @@ public final class TrainingRun {
         if resume && candidates.isEmpty {
             log("--resume: no complete checkpoint in \(runDirectory)/checkpoints; starting from step 0")
         }
-        let config = try TrainingRun.resolve(requested, against: candidates.first)
+        let (config, trusted) = try TrainingRun.resolve(requested, candidates: candidates, communicator: communicator, log: log)
         // Every rank reads the data itself; a file one node cannot read stops every rank with
         // that node's message (before any other collective).
         let dataConfig = config.data
@@ -64,18 +64,33 @@ public final class TrainingRun {
         if let tokenizer, tokenizer.tokenizer.vocabularySize > trainer.model.vocabularySize {
             throw TokenizerError.vocabularyMismatch(path: tokenizer.path, tokenizer: tokenizer.tokenizer.vocabularySize, model: trainer.model.vocabularySize)
         }
-        let checkpoint = try TrainingRun.loadNewest(of: candidates, into: trainer, log: log)
+        let checkpoint = try TrainingRun.loadNewest(of: trusted, into: trainer, log: log)
         if resume && !candidates.isEmpty && checkpoint == nil {
             throw CheckpointError.notACheckpoint(path: runDirectory, reason: "none of its \(candidates.count) complete checkpoints could be loaded (see the warnings)")
         }
         metrics = try TrainingRun.prepare(runDirectory, config: trainer.config, resumeStep: checkpoint?.step, communicator: communicator)
     }
 
-    /// The requested config with the architecture sections of the newest checkpoint (when
-    /// resuming); a request that changes them is an error.
-    static func resolve(_ requested: RunConfig, against newest: String?) throws -> RunConfig {
-        guard let newest else { return requested }
-        let saved = try Checkpoint.config(of: try Checkpoint.readManifest(newest), directory: newest)
+    /// The requested config with the architecture sections of the newest checkpoint whose
+    /// manifest and config can be read (when resuming; newer ones that cannot are skipped with a
+    /// warning, on every rank together), and the candidates from that one on. A request that
+    /// changes the architecture is an error.
+    static func resolve(_ requested: RunConfig, candidates: [String], communicator: Communicator,
+                        log: (String) -> Void) throws -> (RunConfig, [String]) {
+        for (index, newest) in candidates.enumerated() {
+            let saved: RunConfig
+            do {
+                saved = try communicator.agree { try Checkpoint.config(of: try Checkpoint.readManifest(newest), directory: newest) }
+            } catch let failure as AgreedFailure {
+                log("warning: skipping checkpoint \(newest): \(failure); trying the previous one")
+                continue
+            }
+            return (try resolve(requested, against: saved, from: newest), Array(candidates[index...]))
+        }
+        return (requested, [])
+    }
+
+    static func resolve(_ requested: RunConfig, against saved: RunConfig, from newest: String) throws -> RunConfig {
         var comparable = requested
         if comparable.model.vocabularySize == 0 { comparable.model.vocabularySize = saved.model.vocabularySize }
         let conflicts = comparable.differingKeys(from: saved, sections: TrainingRun.architectureSections)
