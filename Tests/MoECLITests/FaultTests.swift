@@ -72,6 +72,21 @@ final class FaultTests: XCTestCase {
         XCTAssertFalse(result.stderr.contains("MPI_ABORT"), "agreed errors end cleanly: \(result.stderr)")
     }
 
+    /// Ranks given different configs (here another learning rate on rank 1, through mpirun's
+    /// MPMD form) stop before training, every rank naming the one that differs; they used to
+    /// train and save with different learning rates.
+    func testRanksWithDifferentConfigsStopBeforeTraining() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let train = ["train", "--config", "c.yaml", "--run-dir", "run"]
+        let result = try CLI.mpirun(ranks: 1, train + [":", "-np", "1", CLI.executable.path] + train + ["--set", "train.lr=0.5"],
+                                    in: workspace.url, timeout: 90)
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertTrue(result.stderr.contains("rank 1 resolved another config than rank 0"), result.stderr)
+        XCTAssertTrue(result.stderr.contains("error (rank 0): rank 1 failed"), result.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: workspace.path("run/metrics.jsonl")), "no rank trained")
+    }
+
     func testNaNGradientOnOneRankSkipsTheStepOnAllRanks() throws {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)

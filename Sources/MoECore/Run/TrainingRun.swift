@@ -17,11 +17,14 @@ public final class TrainingRun {
     public enum RunError: Error, CustomStringConvertible {
         case architectureConflict(checkpoint: String, keys: [String])
         case cannotCreate(path: String, reason: String)
+        case configMismatch(rank: Int)
         public var description: String {
             switch self {
             case let .architectureConflict(checkpoint, keys):
                 return "cannot resume from '\(checkpoint)': the config changes \(keys.joined(separator: ", ")), which must match the checkpoint (drop those --set overrides or start a new run directory)"
             case let .cannotCreate(path, reason): return "run directory '\(path)': \(reason)"
+            case let .configMismatch(rank):
+                return "rank \(rank) resolved another config than rank 0 (another --config, --set or file contents): every rank must train the same config"
             }
         }
     }
@@ -48,6 +51,7 @@ public final class TrainingRun {
             log("--resume: no complete checkpoint in \(runDirectory)/checkpoints; starting from step 0")
         }
         let (config, trusted) = try TrainingRun.resolve(requested, candidates: candidates, communicator: communicator, log: log)
+        try TrainingRun.checkRanksAgree(on: config, communicator: communicator)
         // Every rank reads the data itself; a file one node cannot read stops every rank with
         // that node's message (before any other collective).
         let dataConfig = config.data
@@ -98,6 +102,18 @@ public final class TrainingRun {
         var config = requested
         for section in TrainingRun.checkpointedSections { section(&config, saved) }
         return config
+    }
+
+    /// Every rank must train the same resolved config (a rank given other overrides or another
+    /// config file would train and save another model): rank 0's digest of it is compared on every
+    /// rank, and a rank that differs stops every rank with its message.
+    static func checkRanksAgree(on config: RunConfig, communicator: Communicator) throws {
+        let digest = SHA256.hex(of: Array(config.yaml(withHelp: false).utf8))
+        var first = Array(digest.utf8)
+        try first.withUnsafeMutableBytes { try communicator.broadcast($0, root: 0) }
+        try communicator.agree {
+            guard first == Array(digest.utf8) else { throw RunError.configMismatch(rank: communicator.rank) }
+        }
     }
 
     /// Loads the newest of `candidates` every rank can read and verify into `trainer`, with its
@@ -244,7 +260,7 @@ public final class TrainingRun {
         var record = MetricsRecord(step: trainer.state.attempted)
         record.validationLoss = loss
         record.trainingFlops = trainer.state.trainingFlops
-        metrics?.write(record)
+        writeMetrics(record)
         log(String(format: "step %d | val_loss %.4f | perplexity %.2f", trainer.state.attempted, loss, exp(loss)))
         return loss
     }
@@ -260,7 +276,7 @@ public final class TrainingRun {
     }
 
     func record(_ report: StepReport, tokensPerSecond: Double) {
-        guard let metrics else { return }
+        guard metrics != nil else { return }
         let layers = report.moeLayers
         func mean(_ values: [Double]) -> Double { values.isEmpty ? 0 : values.reduce(0, +) / Double(values.count) }
         var record = MetricsRecord(step: report.step)
@@ -279,7 +295,13 @@ public final class TrainingRun {
         record.trainingSeconds = trainer.state.trainingSeconds
         record.loadCoefficientOfVariation = layers.map { ExpertHealth.coefficientOfVariation($0.expertLoad) }
         if layers.contains(where: { $0.routerEntropy != nil }) { record.routerEntropy = layers.map(\.routerEntropy) }
-        metrics.write(record)
+        writeMetrics(record)
+    }
+
+    /// A record that cannot be written (a full disk) is left out with a warning: the run goes on,
+    /// and its checkpoint save will say whether the disk can still hold the run.
+    func writeMetrics(_ record: MetricsRecord) {
+        do { try metrics?.write(record) } catch { log("warning: \(error)") }
     }
 
     func format(_ count: Int) -> String {
