@@ -107,6 +107,13 @@ final class BadInputTests: XCTestCase {
                  expected: "token file 'pipe': cannot read it: it is a FIFO", setup: { _ = mkfifo($0.path("pipe"), 0o600) }),
             Case(name: "FIFO to prepare", config: nil, arguments: ["prepare", "--input", "pipe", "--output", "out"],
                  expected: "prepare: input 'pipe' is a FIFO", setup: { _ = mkfifo($0.path("pipe"), 0o600) }),
+            // Sizes no machine holds: refused from the config before anything is allocated (they
+            // used to end in "Fatal error: failed to allocate").
+            Case(name: "huge hidden size", config: Self.good, arguments: train + ["--set", "model.ffn_hidden=2000000000"],
+                 expected: "more than this machine's"),
+            Case(name: "token file declaring a huge vocabulary", config: Self.good, arguments: train + ["--set", "data.train=data/huge.bin"],
+                 expected: "vocabulary 2147483647), more than this machine's",
+                 setup: { try TokenFile.write(tokens: Workspace.text(lines: 40, seed: 3), vocabularySize: Int(Int32.max), to: $0.path("data/huge.bin")) }),
             // Reports: steps no run can have (compare used to trap on step + 1).
             Case(name: "compare of an impossible step", config: nil, arguments: ["compare", "a", "a"], expected: "step 9223372036854775807 is outside",
                  setup: { workspace in

@@ -75,6 +75,7 @@ public final class GPTModel<T: Scalar> {
         self.vocabularySize = vocabularySize
         self.communicator = communicator
         let placement = try ExpertPlacement(expertCount: moe.experts, rankCount: communicator.size, rank: communicator.rank)
+        try ModelSize(run, vocabularySize: vocabularySize, localExperts: placement.localExperts.count).check(run, vocabularySize: vocabularySize)
         self.placement = placement
         let replicated = self.replicated, width = config.width, decayNorms = training.decayNormsAndBiases
         embedding = Embedding(store: replicated, vocabularySize: vocabularySize, context: config.context, width: width,

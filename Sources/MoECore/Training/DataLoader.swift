@@ -108,12 +108,15 @@ struct TrainingData {
     let vocabularySize: Int
     let frequencies: [Int]
 
-    init(config: RunConfig, trainFiles: [TokenFile], validationFiles: [TokenFile]) throws {
+    init(config: RunConfig, trainFiles: [TokenFile], validationFiles: [TokenFile], ranks: Int) throws {
         let dataVocabulary = trainFiles.map(\.vocabularySize).max() ?? 256
         let vocabularySize = config.model.vocabularySize > 0 ? config.model.vocabularySize : dataVocabulary
         for file in trainFiles + validationFiles where file.vocabularySize > vocabularySize {
             throw TokenBatches.DataError.vocabularyMismatch(path: file.path, file: file.vocabularySize, model: vocabularySize)
         }
+        // Before anything of the vocabulary's size is allocated (a header may declare 2^31 ids).
+        let localExperts = max(1, (config.moe.experts + ranks - 1) / ranks)
+        try ModelSize(config, vocabularySize: vocabularySize, localExperts: localExperts).check(config, vocabularySize: vocabularySize)
         var frequencies = [Int](repeating: 0, count: vocabularySize)
         for file in trainFiles { file.forEachChunk { for token in $0 { frequencies[Int(token)] += 1 } } }
         let length = config.model.context, seed = config.train.seed

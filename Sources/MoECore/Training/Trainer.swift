@@ -35,7 +35,7 @@ public final class Trainer {
 
     /// trainFiles: the training shards (at least one); validationFiles: none for no validation.
     public init(config: RunConfig, communicator: Communicator, trainFiles: [TokenFile], validationFiles: [TokenFile]) throws {
-        let data = try TrainingData(config: config, trainFiles: trainFiles, validationFiles: validationFiles)
+        let data = try TrainingData(config: config, trainFiles: trainFiles, validationFiles: validationFiles, ranks: communicator.size)
         var resolved = config
         resolved.model.vocabularySize = data.vocabularySize
         self.config = resolved
