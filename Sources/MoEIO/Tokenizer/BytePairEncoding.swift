@@ -91,7 +91,8 @@ public final class BytePairEncoding: Tokenizer, @unchecked Sendable {
         return result
     }
 
-    public func decode(_ token: Int32) -> [UInt8] { tokenBytes[Int(token)] }
+    /// An id outside the vocabulary (a model with more ids than its tokenizer) decodes to nothing.
+    public func decode(_ token: Int32) -> [UInt8] { tokenBytes.indices.contains(Int(token)) ? tokenBytes[Int(token)] : [] }
 }
 
 // MARK: learning the merges
@@ -240,16 +241,19 @@ extension BytePairEncoding {
         guard let vocabulary = model["vocab"] as? [String: Int], let rawMerges = model["merges"] as? [Any] else {
             throw malformed("model.vocab or model.merges is missing")
         }
+        // Ids come from the file: bounded before the table of that size is allocated.
+        if let id = vocabulary.values.first(where: { !(0..<maximumTokenizerVocabulary).contains($0) }) {
+            throw malformed("id \(id) is outside 0..<\(maximumTokenizerVocabulary)")
+        }
         var tokenBytes = [[UInt8]?](repeating: nil, count: (vocabulary.values.max() ?? -1) + 1)
         for (text, id) in vocabulary {
-            guard id >= 0 else { throw malformed("negative id \(id)") }
             tokenBytes[id] = try text.unicodeScalars.map { scalar in
                 guard let byte = scalarToByte[scalar] else { throw malformed("vocabulary entry '\(text)' is not byte-level") }
                 return byte
             }
         }
         for added in root["added_tokens"] as? [[String: Any]] ?? [] {
-            if let id = added["id"] as? Int, let content = added["content"] as? String, id < tokenBytes.count, tokenBytes[id] == nil {
+            if let id = added["id"] as? Int, let content = added["content"] as? String, (0..<tokenBytes.count).contains(id), tokenBytes[id] == nil {
                 tokenBytes[id] = Array(content.utf8)
             }
         }

@@ -21,6 +21,10 @@ public struct ByteTokenizer: Tokenizer {
     public func decode(_ token: Int32) -> [UInt8] { [UInt8(truncatingIfNeeded: token)] }
 }
 
+/// The most tokens a tokenizer may have: token files hold uint16 ids. Loaders check sizes and
+/// ids read from a file against it before allocating anything of that size.
+public let maximumTokenizerVocabulary = 65536
+
 public enum TokenizerError: Error, CustomStringConvertible {
     case unreadable(path: String)
     case malformed(path: String, reason: String)
@@ -76,7 +80,9 @@ public enum Tokenizers {
 
     /// Reads `tokenizer.json` (byte-level BPE) or llm.c's `gpt2_tokenizer.bin`, told apart by content.
     public static func load(_ path: String) throws -> Tokenizer {
-        guard let data = FileManager.default.contents(atPath: path) else { throw TokenizerError.unreadable(path: path) }
+        guard RegularFile.problem(path) == nil, let data = FileManager.default.contents(atPath: path) else {
+            throw TokenizerError.unreadable(path: path)
+        }
         return try load(data, path: path)
     }
 
@@ -109,6 +115,12 @@ public struct LlmcTokenizer: Tokenizer {
         }
         guard [1, 2].contains(word(1)) else { throw TokenizerError.malformed(path: path, reason: "unsupported llm.c tokenizer version \(word(1))") }
         let count = Int(word(2))
+        guard (1...maximumTokenizerVocabulary).contains(count) else {
+            throw TokenizerError.malformed(path: path, reason: "vocabulary size \(count) is outside 1...\(maximumTokenizerVocabulary)")
+        }
+        guard word(1) == 1 || Int(word(3)) < count else {
+            throw TokenizerError.malformed(path: path, reason: "end-of-text id \(word(3)) is outside the \(count) tokens")
+        }
         endOfText = word(1) == 2 ? Int32(word(3)) : nil
         var tokens: [[UInt8]] = [], offset = 1024
         tokens.reserveCapacity(count)
@@ -121,7 +133,7 @@ public struct LlmcTokenizer: Tokenizer {
             offset += 1 + length
         }
         tokenBytes = tokens
-        longest = tokens.map(\.count).max() ?? 1
+        longest = max(1, tokens.map(\.count).max() ?? 1)
         var ids: [[UInt8]: Int32] = [:]
         for (id, token) in tokens.enumerated() where !token.isEmpty && ids[token] == nil && Int32(id) != endOfText { ids[token] = Int32(id) }
         self.ids = ids
@@ -130,7 +142,8 @@ public struct LlmcTokenizer: Tokenizer {
     public func encode(_ bytes: [UInt8]) -> [Int32] {
         var tokens: [Int32] = [], start = 0
         while start < bytes.count {
-            var length = min(longest, bytes.count - start)
+            // At least one byte a round, so the loop advances whatever the vocabulary holds.
+            var length = max(1, min(longest, bytes.count - start))
             while length > 1 && ids[Array(bytes[start..<(start + length)])] == nil { length -= 1 }
             // A byte without a token of its own cannot be encoded; GPT-2's vocabulary has all 256.
             tokens.append(ids[Array(bytes[start..<(start + length)])] ?? endOfText ?? 0)
@@ -139,5 +152,6 @@ public struct LlmcTokenizer: Tokenizer {
         return tokens
     }
 
-    public func decode(_ token: Int32) -> [UInt8] { tokenBytes[Int(token)] }
+    /// An id outside the vocabulary (a model with more ids than its tokenizer) decodes to nothing.
+    public func decode(_ token: Int32) -> [UInt8] { tokenBytes.indices.contains(Int(token)) ? tokenBytes[Int(token)] : [] }
 }
