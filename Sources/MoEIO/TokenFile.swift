@@ -33,6 +33,8 @@ public final class TokenFile: @unchecked Sendable {
     public let vocabularySize: Int
     /// The mapping to unmap (base, bytes), or the owned buffer to free.
     private let mapping: (base: UnsafeMutableRawPointer, bytes: Int)?
+    /// The mapping's slot in `MappedFiles` (its SIGBUS guard), when it has one.
+    private var guardSlot: Int?
     private let owned: UnsafeMutableBufferPointer<UInt16>?
 
     public enum ReadError: Error, CustomStringConvertible {
@@ -100,6 +102,7 @@ public final class TokenFile: @unchecked Sendable {
     }
 
     deinit {
+        if let guardSlot { MappedFiles.unregister(guardSlot) }
         if let mapping { munmap(mapping.base, mapping.bytes) }
         owned?.deallocate()
     }
@@ -122,6 +125,7 @@ public final class TokenFile: @unchecked Sendable {
         guard let base = mmap(nil, bytes, PROT_READ, MAP_SHARED, descriptor, 0), base != MAP_FAILED else {
             throw ReadError.unreadable(path: path)
         }
+        let slot = MappedFiles.register(base: base, bytes: bytes, path: path)
         do {
             let header = (0..<4).map { Int32(littleEndian: base.loadUnaligned(fromByteOffset: $0 * 4, as: Int32.self)) }
             guard header[0] == magic else { throw ReadError.badMagic(path: path, found: header[0]) }
@@ -141,8 +145,11 @@ public final class TokenFile: @unchecked Sendable {
             } else {
                 vocabulary = largest < 256 ? 256 : (largest < 50257 ? 50257 : Int(largest) + 1)
             }
-            return TokenFile(path: path, mapping: (base, bytes), count: count, vocabularySize: vocabulary)
+            let file = TokenFile(path: path, mapping: (base, bytes), count: count, vocabularySize: vocabulary)
+            file.guardSlot = slot
+            return file
         } catch {
+            if let slot { MappedFiles.unregister(slot) }
             munmap(base, bytes)
             throw error
         }

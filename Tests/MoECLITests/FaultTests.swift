@@ -106,6 +106,38 @@ final class FaultTests: XCTestCase {
 
     /// SIGTERM (what Slurm sends before a time limit) to one rank of two: both finish the same
     /// step, write a checkpoint and exit 0; --resume then continues exactly.
+    /// The training file truncated under a running 2-rank job: the rank that reads past the new
+    /// end names the file and exits 74, and mpirun ends the job (a SIGBUS crash report before).
+    func testTokenFileTruncatedUnderARunEndsWithItsName() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        try FileManager.default.copyItem(atPath: workspace.path("data/train.bin"), toPath: workspace.path("data/mine.bin"))
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try CLI.requireMPI())
+        process.arguments = ["--allow-run-as-root", "--timeout", "120", "-np", "2", CLI.executable.path, "train", "--config", "c.yaml",
+                             "--run-dir", "run", "--set", "train.steps=100000", "--set", "checkpoint.every=0", "--set", "data.train=data/mine.bin"]
+        process.currentDirectoryURL = workspace.url
+        var environment = ProcessInfo.processInfo.environment
+        for key in environment.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { environment.removeValue(forKey: key) }
+        environment["OPENBLAS_NUM_THREADS"] = "1"
+        process.environment = environment
+        let errors = Pipe()
+        process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        process.standardError = errors
+        try process.run()
+        defer { if process.isRunning { process.terminate() } }
+        let metrics = workspace.path("run/metrics.jsonl"), deadline = Date().addingTimeInterval(60)
+        while Date() < deadline, ((try? readMetrics(metrics))?.filter(\.isTrainingStep).count ?? 0) < 2 { Thread.sleep(forTimeInterval: 0.05) }
+        XCTAssertEqual(truncate(workspace.path("data/mine.bin"), 1024), 0)
+        let waitLimit = Date().addingTimeInterval(60)
+        while process.isRunning && Date() < waitLimit { Thread.sleep(forTimeInterval: 0.05) }
+        XCTAssertFalse(process.isRunning, "the job did not end within 60 s of the truncation")
+        let stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertNotEqual(process.terminationStatus, 0)
+        XCTAssertTrue(stderr.contains("token file 'data/mine.bin' was truncated or replaced while the run read it"), stderr)
+        XCTAssertFalse(stderr.contains("Backtracing"), stderr)
+    }
+
     func testSIGTERMFinishesTheStepCheckpointsAndExitsCleanly() throws {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)
