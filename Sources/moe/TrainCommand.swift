@@ -55,7 +55,8 @@ struct TrainCommand: ParsableCommand {
                 throw ValidationError("run directory '\(directory)' already holds checkpoints (newest \(existing)); pass --resume to continue it or choose another --run-dir")
             }
             Runtime.announceEnvironment(log)
-            let injector = faults.isEmpty ? nil : FaultInjector(faults.compactMap(FaultInjection.init), rank: communicator.rank)
+            let injector = faults.isEmpty ? nil : FaultInjector(faults.compactMap(FaultInjection.init), rank: communicator.rank,
+                                                                runDirectory: directory)
             let run = try TrainingRun(config: resolved, runDirectory: directory, resume: resume, communicator: communicator,
                                       hooks: injector, log: log)
             Runtime.installTerminationHandler()

@@ -50,6 +50,38 @@ final class FaultTests: XCTestCase {
         try assertRecoverable(workspace, from: 5)
     }
 
+    /// launch/train.sh with RESTARTS relaunches a job whose rank was killed from its newest
+    /// checkpoint, and it ends with the parameters of a job never interrupted (bitwise, same
+    /// ranks); with MIN_RANKS 1 the restart runs on half the ranks. A bad argument is not
+    /// restarted (the same input would fail again).
+    func testKilledJobRestartsByItselfAndFinishesAsIfUninterrupted() throws {
+        let workspace = try Workspace()
+        // The script runs from the repository: absolute paths.
+        try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "data/", with: workspace.path("data") + "/"))
+        let environment = ["RANKS": "2", "RESTARTS": "2", "TIMEOUT": "90"]
+        let run = { (name: String) in workspace.path(name) }
+        let train = ["--config", workspace.path("c.yaml"), "--run-dir"]
+        let restarted = try CLI.launchScript("train.sh", train + [run("restarted"), "--inject-fault", "kill-once@1:7"], in: workspace.url,
+                                             environment: environment)
+        XCTAssertEqual(restarted.status, 0, restarted.stderr)
+        XCTAssertTrue(restarted.stderr.contains("restart 1 of 2: the job ended with status 137; resuming \(run("restarted")) from \(run("restarted"))/checkpoints/step_00000005 on 2 ranks"),
+                      restarted.stderr)
+        XCTAssertTrue(restarted.stdout.contains("resumed from \(run("restarted"))/checkpoints/step_00000005"), restarted.stdout + restarted.stderr)
+        let straight = try CLI.launchScript("train.sh", train + [run("straight")], in: workspace.url, environment: environment)
+        XCTAssertEqual(straight.status, 0, straight.stderr)
+        for file in ["replicated.safetensors", "experts-rank-00000.safetensors", "experts-rank-00001.safetensors"] {
+            let path = { (run: String) in workspace.path("\(run)/checkpoints/step_00000020/\(file)") }
+            XCTAssertEqual(FileManager.default.contents(atPath: path("restarted")), FileManager.default.contents(atPath: path("straight")), file)
+        }
+        let fewer = try CLI.launchScript("train.sh", train + [run("fewer"), "--inject-fault", "kill-once@1:7"], in: workspace.url,
+                                         environment: environment.merging(["MIN_RANKS": "1"]) { $1 })
+        XCTAssertEqual(fewer.status, 0, fewer.stderr)
+        XCTAssertTrue(fewer.stderr.contains("on 1 ranks") && fewer.stdout.contains("(saved on 2 ranks)"), fewer.stderr + fewer.stdout)
+        let bad = try CLI.launchScript("train.sh", train + [run("bad"), "--set", "train.steps=-1"], in: workspace.url, environment: environment)
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.stderr.contains("not restarting") && !bad.stderr.contains("restart 1"), bad.stderr)
+    }
+
     func testSleepingRankIsCaughtByTheWatchdog() throws {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)

@@ -19,6 +19,9 @@ public struct FaultInjection: Equatable, Sendable {
         case killDuringPrune = "kill-during-prune"
         /// SIGKILL this rank in the middle of step STEP (between forward and backward).
         case kill
+        /// As `kill`, once per run directory (a marker file remembers it): a restarted job
+        /// passes the same arguments and must not be killed again (launch/train.sh's RESTARTS).
+        case killOnce = "kill-once"
         /// This rank stops for an hour in the middle of step STEP (a hung node).
         case sleep
         /// This rank's gradient gets a NaN at step STEP (before the all-reduce).
@@ -54,10 +57,13 @@ public struct FaultInjection: Equatable, Sendable {
 /// The faults aimed at this rank, acting at their points of the run (`TrainingHooks`).
 public final class FaultInjector: TrainingHooks {
     let faults: [FaultInjection]
+    /// Where `kill-once` leaves its marker (the run directory).
+    let markerDirectory: String
 
     /// Keeps the faults of `faults` that target `rank`.
-    public init(_ faults: [FaultInjection], rank: Int) {
+    public init(_ faults: [FaultInjection], rank: Int, runDirectory: String = ".") {
         self.faults = faults.filter { $0.rank == rank }
+        markerDirectory = runDirectory
     }
 
     public var dispatchCountError: Int64 { faults.contains { $0.kind == .dispatchCount } ? 1 : 0 }
@@ -69,6 +75,13 @@ public final class FaultInjector: TrainingHooks {
         case .betweenForwardAndBackward:
             if due(.sleep, step) { Glibc.sleep(3600) }
             if due(.kill, step) { raise(SIGKILL) }
+            if due(.killOnce, step) {
+                let marker = "\(markerDirectory)/.fault-kill-once-\(step)"
+                if access(marker, F_OK) != 0 {
+                    close(open(marker, O_CREAT | O_WRONLY, 0o644))
+                    raise(SIGKILL)
+                }
+            }
         case let .gradientsReady(gradients):
             if due(.nanGradient, step) { gradients[0] = .nan }
         case .writingShard: if due(.killDuringSave, step) { raise(SIGKILL) }
