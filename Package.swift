@@ -42,6 +42,8 @@ let package = Package(
             "MoECore", "MoEComm", "MoEIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // Fuzz targets of the parsers of untrusted bytes (launch/fuzz.sh builds it with libFuzzer).
+        .executableTarget(name: "moe-fuzz", dependencies: ["MoECore", "MoEIO"], swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
         // Ranks as threads of one process: only tests need it, so it ships in no product.
         .target(name: "MoETestSupport", dependencies: ["MoEComm"], path: "Tests/MoETestSupport"),
         .testTarget(name: "MoECoreTests", dependencies: ["MoECore", "MoEComm", "MoEIO", "MoETestSupport"]),

@@ -22,3 +22,7 @@ swift build -c release
 export MOE_RELEASE_BINARY="$(swift build -c release --show-bin-path)/moe"
 swift build --build-tests
 swift test --skip-build
+# The parsers of untrusted bytes under libFuzzer (FUZZ_SECONDS each, default 10), and the core
+# tests under AddressSanitizer and the threads-as-ranks tests under ThreadSanitizer.
+launch/fuzz.sh
+launch/sanitize.sh

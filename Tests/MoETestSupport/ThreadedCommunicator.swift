@@ -41,15 +41,15 @@ public final class ThreadedCommunicator: Communicator {
     }
 
     private func stage(_ bytes: UnsafeRawBufferPointer, extra: [Int] = []) {
-        group.staged[rank] = Array(bytes)
-        group.stagedCounts[rank] = extra
+        group.slots[rank].bytes = Array(bytes)
+        group.slots[rank].counts = extra
     }
 
     public func allReduce(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType, op: ReduceOp) throws {
         stage(UnsafeRawBufferPointer(buffer), extra: [buffer.count])
         try group.barrier(rank)
-        for source in 0..<size where group.stagedCounts[source] != [buffer.count] {
-            throw CommError.mismatch(operation: "all-reduce", rank: rank, detail: "rank \(source) reduces \(group.stagedCounts[source]) bytes, this rank \(buffer.count)")
+        for source in 0..<size where group.slots[source].counts != [buffer.count] {
+            throw CommError.mismatch(operation: "all-reduce", rank: rank, detail: "rank \(source) reduces \(group.slots[source].counts) bytes, this rank \(buffer.count)")
         }
         switch type {
         case .float32: reduce(buffer, as: Float.self, op: op)
@@ -62,9 +62,9 @@ public final class ThreadedCommunicator: Communicator {
     private func reduce<T: Comparable & AdditiveArithmetic>(_ buffer: UnsafeMutableRawBufferPointer, as: T.Type, op: ReduceOp) {
         let output = buffer.bindMemory(to: T.self)
         for index in output.indices {
-            var value = group.staged[0].withUnsafeBytes { $0.load(fromByteOffset: index * MemoryLayout<T>.stride, as: T.self) }
+            var value = group.slots[0].bytes.withUnsafeBytes { $0.load(fromByteOffset: index * MemoryLayout<T>.stride, as: T.self) }
             for source in 1..<size {
-                let next = group.staged[source].withUnsafeBytes { $0.load(fromByteOffset: index * MemoryLayout<T>.stride, as: T.self) }
+                let next = group.slots[source].bytes.withUnsafeBytes { $0.load(fromByteOffset: index * MemoryLayout<T>.stride, as: T.self) }
                 switch op {
                 case .sum: value = value + next
                 case .max: value = max(value, next)
@@ -81,7 +81,7 @@ public final class ThreadedCommunicator: Communicator {
         for index in buffer.indices {
             var sum: Int64 = 0
             for source in 0..<rank {
-                sum += group.staged[source].withUnsafeBytes { $0.load(fromByteOffset: index * 8, as: Int64.self) }
+                sum += group.slots[source].bytes.withUnsafeBytes { $0.load(fromByteOffset: index * 8, as: Int64.self) }
             }
             buffer[index] = sum
         }
@@ -94,7 +94,7 @@ public final class ThreadedCommunicator: Communicator {
         try group.barrier(rank)
         for source in 0..<size {
             for index in 0..<blockCount {
-                recv[source * blockCount + index] = group.staged[source].withUnsafeBytes {
+                recv[source * blockCount + index] = group.slots[source].bytes.withUnsafeBytes {
                     $0.load(fromByteOffset: (rank * blockCount + index) * 8, as: Int64.self)
                 }
             }
@@ -104,19 +104,19 @@ public final class ThreadedCommunicator: Communicator {
 
     public func allToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
                           recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws {
-        group.staged[rank] = Array(send)
-        group.stagedCounts[rank] = sendCounts + sendOffsets
+        group.slots[rank].bytes = Array(send)
+        group.slots[rank].counts = sendCounts + sendOffsets
         try group.barrier(rank)
         var failure: Error?
         for source in 0..<size {
-            let count = group.stagedCounts[source][rank], offset = group.stagedCounts[source][size + rank]
+            let count = group.slots[source].counts[rank], offset = group.slots[source].counts[size + rank]
             guard count == recvCounts[source] else {
                 failure = CommError.mismatch(operation: "all-to-all-v", rank: rank,
                                              detail: "rank \(source) sends \(count) bytes, this rank expects \(recvCounts[source])")
                 break
             }
             if count > 0 {
-                group.staged[source].withUnsafeBytes { staged in
+                group.slots[source].bytes.withUnsafeBytes { staged in
                     (recv.baseAddress! + recvOffsets[source]).copyMemory(from: staged.baseAddress! + offset, byteCount: count)
                 }
             }
@@ -137,7 +137,7 @@ public final class ThreadedCommunicator: Communicator {
         stage(UnsafeRawBufferPointer(rebasing: buffer[offsets[rank]..<offsets[rank] + blockByteCounts[rank]]))
         try group.barrier(rank)
         for source in 0..<size where source != rank && blockByteCounts[source] > 0 {
-            group.staged[source].withUnsafeBytes { (buffer.baseAddress! + offsets[source]).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            group.slots[source].bytes.withUnsafeBytes { (buffer.baseAddress! + offsets[source]).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         }
         try group.barrier(rank)
     }
@@ -145,17 +145,17 @@ public final class ThreadedCommunicator: Communicator {
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {
         if rank == root { stage(UnsafeRawBufferPointer(buffer)) }
         try group.barrier(rank)
-        if rank != root { group.staged[root].withUnsafeBytes { buffer.copyMemory(from: $0) } }
+        if rank != root { group.slots[root].bytes.withUnsafeBytes { buffer.copyMemory(from: $0) } }
         try group.barrier(rank)
     }
 
     public func barrier() throws { try group.barrier(rank) }
 
     public func split(color: Int, key: Int) throws -> Communicator {
-        group.stagedCounts[rank] = [color, key]
+        group.slots[rank].counts = [color, key]
         try group.barrier(rank)
-        let members = (0..<size).filter { group.stagedCounts[$0][0] == color }
-            .sorted { (group.stagedCounts[$0][1], $0) < (group.stagedCounts[$1][1], $1) }
+        let members = (0..<size).filter { group.slots[$0].counts[0] == color }
+            .sorted { (group.slots[$0].counts[1], $0) < (group.slots[$1].counts[1], $1) }
         // The lowest old rank of each color creates the child group; everyone picks theirs up.
         if members.min() == rank { group.adopt(ThreadGroup(size: members.count), color: color) }
         try group.barrier(rank)
@@ -170,12 +170,19 @@ public final class ThreadedCommunicator: Communicator {
     }
 }
 
-/// Shared state of one group of thread-ranks. Access to `staged`, `stagedCounts` and `children`
-/// is ordered by the barriers (the condition's lock publishes the writes).
+/// One rank's staging area: what it contributes to the collective in progress. Each rank writes
+/// only its own slot (the slots are separate objects, so no two threads mutate one array) and
+/// reads the others' after a barrier.
+final class StagingSlot: @unchecked Sendable {
+    var bytes: [UInt8] = []
+    var counts: [Int] = []
+}
+
+/// Shared state of one group of thread-ranks. Access to the slots and `children` is ordered by
+/// the barriers (the condition's lock publishes the writes).
 final class ThreadGroup: @unchecked Sendable {
     let size: Int
-    var staged: [[UInt8]]
-    var stagedCounts: [[Int]]
+    let slots: [StagingSlot]
     /// Groups made by `split`, by color (the latest split's); all of them are aborted with this one.
     private var children: [Int: ThreadGroup] = [:]
     private var descendants: [ThreadGroup] = []
@@ -186,8 +193,7 @@ final class ThreadGroup: @unchecked Sendable {
 
     init(size: Int) {
         self.size = size
-        staged = Array(repeating: [], count: size)
-        stagedCounts = Array(repeating: [], count: size)
+        slots = (0..<size).map { _ in StagingSlot() }
     }
 
     func barrier(_ rank: Int) throws {
