@@ -120,6 +120,7 @@ public struct CheckpointConfig: Equatable, Sendable {
     public init() {}
     public var every = 500
     public var keep = 2
+    public var async = false
 }
 
 public extension RunConfig {
@@ -246,6 +247,7 @@ public struct RunConfig: Equatable, Sendable {
         ConfigSection("checkpoint", \.checkpoint, help: "Checkpoints in RUN_DIR/checkpoints.", [
             .int("every", \.every, min: 0, "save every n steps (0: only at the end)"),
             .int("keep", \.keep, min: 1, "complete checkpoints to keep"),
+            .bool("async", \.async, "write the periodic checkpoints in the background while training goes on (the state is snapshotted in memory first: about 12 bytes per parameter); the last one and one on a stop signal are written before the run ends"),
         ]),
     ]
 

@@ -176,6 +176,27 @@ final class CheckpointTests: XCTestCase {
         try assertResumeContinues(workspace, from: 5)
     }
 
+    /// Asynchronous saves (checkpoint.async): a rank killed while its background thread writes
+    /// the shard of step 10 leaves step 5 complete and step 10 without DONE, the resume is exact,
+    /// and the files of a background save are byte for byte those of a blocking one.
+    func testAsynchronousSavesSurviveACrashAndWriteWhatABlockingSaveWrites() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let async = ["--set", "checkpoint.async=true"]
+        let killed = try train(workspace, ranks: 2, ["--run-dir", "run", "--inject-fault", "kill-during-save@1:10"] + async,
+                               expectSuccess: false)
+        assertKilled(killed)
+        XCTAssertTrue(killed.stdout.contains("saved run/checkpoints/step_00000005 in the background"), killed.stdout)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000005/DONE")))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000010/DONE")))
+        try assertResumeContinues(workspace, from: 5, extra: async)
+        try train(workspace, ranks: 2, ["--run-dir", "blocking"])
+        for file in ["replicated.safetensors", "experts-rank-00000.safetensors", "experts-rank-00001.safetensors"] {
+            let path = { (run: String) in workspace.path("\(run)/checkpoints/step_00000015/\(file)") }
+            XCTAssertEqual(FileManager.default.contents(atPath: path("straight")), FileManager.default.contents(atPath: path("blocking")), file)
+        }
+    }
+
     /// Rank 0 killed after writing the manifest of step 10 and before DONE: the directory is
     /// ignored and --resume continues from step 5, exactly.
     func testRankZeroCrashBetweenManifestAndDone() throws {

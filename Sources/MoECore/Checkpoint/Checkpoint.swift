@@ -152,6 +152,18 @@ public enum Checkpoint {
     @discardableResult
     public static func save(_ contents: CheckpointContents, communicator: Communicator, runDirectory: String,
                             attachments: [String: Data] = [:], hooks: TrainingHooks? = nil) throws -> String {
+        let pending = try begin(contents, communicator: communicator, runDirectory: runDirectory, attachments: attachments,
+                                hooks: hooks, inBackground: false)
+        return try pending.complete(communicator: communicator, wait: true)!
+    }
+
+    /// Collective: starts a save. The state is snapshotted now (each writing rank encodes its
+    /// files into memory: the parameters and moments once more, the snapshot's cost), then
+    /// written, in the background with `inBackground` while the training goes on, and finished by
+    /// `PendingCheckpoint.complete` (the manifest, DONE and pruning, as in a blocking save).
+    public static func begin(_ contents: CheckpointContents, communicator: Communicator, runDirectory: String,
+                             attachments: [String: Data] = [:], hooks: TrainingHooks? = nil,
+                             inBackground: Bool) throws -> PendingCheckpoint {
         let rank = communicator.rank, step = contents.state.attempted
         let directory = ((runDirectory as NSString).appendingPathComponent("checkpoints") as NSString)
             .appendingPathComponent(directoryName(step: step))
@@ -161,48 +173,18 @@ public enum Checkpoint {
             if FileManager.default.fileExists(atPath: directory) { try FileManager.default.removeItem(atPath: directory) }
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         }
-        let shards = try writeExpertShard(contents, directory: directory, communicator: communicator, hooks: hooks)
+        let model = contents.model, optimizer = contents.expertOptimizer
+        let shard = try communicator.agree {
+            model.placement.groupBase == 0 ? try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment) : nil
+        }
+        var files = rank == 0 ? attachments : [:]
         let replicated = try encodeReplicated(contents, communicator: communicator)
-        try communicator.agree {
-            guard rank == 0 else { return }
-            var files: [String: CheckpointManifest.FileRecord] = [:]
-            files[replicatedFile] = try writeDurably(replicated, to: (directory as NSString).appendingPathComponent(replicatedFile))
-            for (name, data) in attachments.sorted(by: { $0.key < $1.key }) {
-                files[name] = try writeDurably(data, to: (directory as NSString).appendingPathComponent(name))
-            }
-            let expertFiles = try verifyExpertShards(shards, directory: directory, ranks: communicator.size, files: &files)
-            let manifest = makeManifest(contents, worldSize: communicator.size, expertFiles: expertFiles, files: files)
-            let encoder = JSONEncoder()
-            encoder.keyEncodingStrategy = .convertToSnakeCase
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            let written = try writeDurably(try encoder.encode(manifest), to: (directory as NSString).appendingPathComponent(manifestFile))
-            try hooks?.reached(.manifestWritten, step: step)
-            // DONE holds the manifest's digest, so the manifest is verified like every file it lists.
-            _ = try writeDurably(Data("step \(step)\nmanifest_sha256 \(written.sha256)\n".utf8),
-                                 to: (directory as NSString).appendingPathComponent(doneFile))
-            syncDirectory(directory)
-            try prune(runDirectory: runDirectory, keep: contents.config.checkpoint.keep, midway: { try hooks?.reached(.pruning, step: step) })
-        }
-        return directory
-    }
-
-    /// Each rank of the first expert-parallel group writes its experts; what each wrote reaches
-    /// every rank as [present, bytes, 4 x 64-bit digest words] per rank through one all-reduce.
-    static func writeExpertShard(_ contents: CheckpointContents, directory: String, communicator: Communicator,
-                                 hooks: TrainingHooks?) throws -> [Int64] {
-        let rank = communicator.rank, model = contents.model, optimizer = contents.expertOptimizer
-        var reports = [Int64](repeating: 0, count: communicator.size * 6)
-        try communicator.agree {
-            guard model.placement.groupBase == 0 else { return }
-            let record = try writeDurably(try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment),
-                                          to: (directory as NSString).appendingPathComponent(expertFileName(rank: rank)),
-                                          beforeRename: { try hooks?.reached(.writingShard, step: contents.state.attempted) })
-            reports[rank * 6] = 1
-            reports[rank * 6 + 1] = Int64(record.bytes)
-            for word in 0..<4 { reports[rank * 6 + 2 + word] = digestWord(record.sha256, word) }
-        }
-        try communicator.allReduce(&reports)
-        return reports
+        if rank == 0 { files[replicatedFile] = replicated }
+        let pending = PendingCheckpoint(directory: directory, runDirectory: runDirectory, keep: contents.config.checkpoint.keep,
+                                        manifest: makeManifest(contents, worldSize: communicator.size, expertFiles: [], files: [:]),
+                                        hooks: hooks)
+        pending.write(shard: shard.map { (expertFileName(rank: rank), $0) }, files: files, inBackground: inBackground)
+        return pending
     }
 
     /// The replicated parameters and their moments, encoded on rank 0 (empty elsewhere). A

@@ -215,18 +215,19 @@ public final class TrainingRun {
             }
             if try communicator.allReduce(Int64(stopRequested() ? 1 : 0), op: .max) != 0 {
                 log("termination requested: stopping after step \(trainer.state.attempted) with a checkpoint; continue with --resume")
-                try saveCheckpoint()   // no evaluation: the scheduler's grace period is short
+                try saveCheckpoint(inBackground: false)   // no evaluation: the scheduler's grace period is short
                 return lastValidation
             }
+            try completePendingSave(wait: false)
             if config.checkpoint.every > 0 && trainer.state.attempted % config.checkpoint.every == 0 && trainer.state.attempted < end {
-                try saveCheckpoint()
+                try saveCheckpoint(inBackground: config.checkpoint.async)
             }
         }
         lastValidation = try evaluate()
         log(String(format: "trained %d steps: %.4g TFLOP of model compute in %@ of training steps", trainer.state.attempted,
                    trainer.state.trainingFlops / 1e12, duration(trainer.state.trainingSeconds)))
         if end < steps { log("stopping at step \(end) of \(steps) as asked; continue with --resume") }
-        try saveCheckpoint()
+        try saveCheckpoint(inBackground: false)
         return lastValidation
     }
 
@@ -265,14 +266,40 @@ public final class TrainingRun {
         return loss
     }
 
-    func saveCheckpoint() throws {
+    /// Saves the state after the current step; `inBackground`: the files are written while the
+    /// next steps run and the save completes at a later step (`completePendingSave`). A save
+    /// still in progress is completed first.
+    func saveCheckpoint(inBackground: Bool) throws {
+        try completePendingSave(wait: true)
         // Never rewrite a complete checkpoint (a resume that has nothing left to do).
         if Checkpoint.complete(in: runDirectory).last?.hasSuffix(Checkpoint.directoryName(step: trainer.state.attempted)) == true { return }
         trainer.heartbeat.beat("checkpoint save", step: trainer.state.attempted)
         let started = DispatchTime.now().uptimeNanoseconds
-        let directory = try Checkpoint.save(trainer.checkpointContents, communicator: communicator, runDirectory: runDirectory,
-                                            attachments: tokenizer.map { [$0.checkpointName: $0.contents] } ?? [:], hooks: trainer.hooks)
-        log(String(format: "saved %@ in %.2f s", directory, Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+        let pending = try Checkpoint.begin(trainer.checkpointContents, communicator: communicator, runDirectory: runDirectory,
+                                           attachments: tokenizer.map { [$0.checkpointName: $0.contents] } ?? [:], hooks: trainer.hooks,
+                                           inBackground: inBackground)
+        let blocked = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
+        if inBackground {
+            pendingSave = (pending, blocked)
+        } else {
+            _ = try pending.complete(communicator: communicator, wait: true)
+            log(String(format: "saved %@ in %.2f s", pending.directory, Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+        }
+    }
+
+    /// A background save and the seconds its snapshot held the steps up.
+    var pendingSave: (save: PendingCheckpoint, blocked: Double)?
+
+    /// Completes a background save when every rank has written its files (or, with `wait`, once
+    /// they have); collective, every step while one is in progress.
+    func completePendingSave(wait: Bool) throws {
+        guard let (pending, blocked) = pendingSave else { return }
+        let started = DispatchTime.now().uptimeNanoseconds
+        guard let directory = try pending.complete(communicator: communicator, wait: wait) else { return }
+        pendingSave = nil
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - pending.started.uptimeNanoseconds) / 1e9
+        log(String(format: "saved %@ in the background in %.2f s (steps held up %.2f s)", directory, seconds,
+                   blocked + Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
     }
 
     func record(_ report: StepReport, tokensPerSecond: Double) {
