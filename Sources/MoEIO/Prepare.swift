@@ -130,8 +130,10 @@ public enum DatasetPreparation {
     }
 
     static func read(_ path: String) throws -> [UInt8] {
-        if let problem = RegularFile.problem(path) {
-            throw problem == "no such file" ? PrepareError.missing(path) : PrepareError.notARegularFile(path: path, what: problem)
+        switch RegularFile.problem(path) {
+        case nil: break
+        case .missing?: throw PrepareError.missing(path)
+        case let problem?: throw PrepareError.notARegularFile(path: path, what: "\(problem)")
         }
         guard let data = FileManager.default.contents(atPath: path) else { throw PrepareError.missing(path) }
         return [UInt8](data)

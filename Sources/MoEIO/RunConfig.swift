@@ -255,7 +255,7 @@ public struct RunConfig: Equatable, Sendable {
     public static func load(file: String?, overrides: [String] = []) throws -> RunConfig {
         var tree: [String: Any] = [:]
         if let file {
-            if let problem = RegularFile.problem(file) { throw ConfigError.unreadable(file: file, reason: problem) }
+            if let problem = RegularFile.problem(file) { throw ConfigError.unreadable(file: file, reason: "\(problem)") }
             let text: String
             do { text = try String(contentsOfFile: file, encoding: .utf8) } catch {
                 throw ConfigError.unreadable(file: file, reason: "not UTF-8 text")

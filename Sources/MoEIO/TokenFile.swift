@@ -111,9 +111,10 @@ public final class TokenFile: @unchecked Sendable {
     /// (pages released as it goes, so the pass does not leave the file in this process's
     /// resident set).
     public static func read(_ path: String) throws -> TokenFile {
-        if let problem = RegularFile.problem(path) {
-            guard problem == "no such file" else { throw ReadError.notARegularFile(path: path, what: problem) }
-            throw ReadError.unreadable(path: path)
+        switch RegularFile.problem(path) {
+        case nil: break
+        case .missing?: throw ReadError.unreadable(path: path)
+        case let problem?: throw ReadError.notARegularFile(path: path, what: "\(problem)")
         }
         let descriptor = open(path, O_RDONLY)
         guard descriptor >= 0 else { throw ReadError.unreadable(path: path) }

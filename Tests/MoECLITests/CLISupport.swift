@@ -35,10 +35,7 @@ enum CLI {
         process.executableURL = executable
         process.arguments = arguments
         process.currentDirectoryURL = directory
-        var env = ProcessInfo.processInfo.environment
-        // Tests run the executable as a single rank unless they launch mpirun themselves.
-        for key in env.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { env.removeValue(forKey: key) }
-        env["OPENBLAS_NUM_THREADS"] = "1"
+        var env = baseEnvironment
         for (key, value) in environment { env[key] = value }
         process.environment = env
         return try capture(process, timeout: timeout)
@@ -156,19 +153,34 @@ final class Workspace {
 func readMetrics(_ path: String) throws -> [MetricsRecord] { try MetricsRecord.read(path) }
 
 extension CLI {
-    /// `mpirun -np ranks moe ...` with a timeout, so a hang fails the test instead of CI.
-    @discardableResult
-    static func mpirun(ranks: Int, _ arguments: [String], in directory: URL, transport: [String] = [],
-                       timeout: Int = 120, executable: URL = CLI.executable) throws -> CommandResult {
+    /// The environment every command of the tests runs in: without the variables of an MPI job
+    /// the test process may itself run in (each command is one rank unless it launches mpirun),
+    /// with one BLAS thread.
+    static var baseEnvironment: [String: String] {
+        var env = ProcessInfo.processInfo.environment
+        for key in env.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { env.removeValue(forKey: key) }
+        env["OPENBLAS_NUM_THREADS"] = "1"
+        return env
+    }
+
+    /// `mpirun -np ranks moe ...` with a timeout (so a hang fails the test instead of CI), made
+    /// and not started: for tests that act on the job while it runs.
+    static func mpirunProcess(ranks: Int, _ arguments: [String], in directory: URL, transport: [String] = [],
+                              timeout: Int = 120, executable: URL = CLI.executable) throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try requireMPI())
         process.arguments = ["--allow-run-as-root", "--oversubscribe", "--timeout", "\(timeout)", "-np", "\(ranks)"]
             + transport + [executable.path] + arguments
         process.currentDirectoryURL = directory
-        var env = ProcessInfo.processInfo.environment
-        for key in env.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { env.removeValue(forKey: key) }
-        env["OPENBLAS_NUM_THREADS"] = "1"
-        process.environment = env
+        process.environment = baseEnvironment
+        return process
+    }
+
+    /// `mpirun -np ranks moe ...` run to its end.
+    @discardableResult
+    static func mpirun(ranks: Int, _ arguments: [String], in directory: URL, transport: [String] = [],
+                       timeout: Int = 120, executable: URL = CLI.executable) throws -> CommandResult {
+        let process = try mpirunProcess(ranks: ranks, arguments, in: directory, transport: transport, timeout: timeout, executable: executable)
         return try capture(process, timeout: Double(timeout + 30))
     }
 

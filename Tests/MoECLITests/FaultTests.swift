@@ -144,15 +144,8 @@ final class FaultTests: XCTestCase {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)
         try FileManager.default.copyItem(atPath: workspace.path("data/train.bin"), toPath: workspace.path("data/mine.bin"))
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try CLI.requireMPI())
-        process.arguments = ["--allow-run-as-root", "--timeout", "120", "-np", "2", CLI.executable.path, "train", "--config", "c.yaml",
-                             "--run-dir", "run", "--set", "train.steps=100000", "--set", "checkpoint.every=0", "--set", "data.train=data/mine.bin"]
-        process.currentDirectoryURL = workspace.url
-        var environment = ProcessInfo.processInfo.environment
-        for key in environment.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { environment.removeValue(forKey: key) }
-        environment["OPENBLAS_NUM_THREADS"] = "1"
-        process.environment = environment
+        let process = try CLI.mpirunProcess(ranks: 2, ["train", "--config", "c.yaml", "--run-dir", "run", "--set", "train.steps=100000",
+                                                       "--set", "checkpoint.every=0", "--set", "data.train=data/mine.bin"], in: workspace.url)
         let errors = Pipe()
         process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         process.standardError = errors
@@ -174,15 +167,7 @@ final class FaultTests: XCTestCase {
         let workspace = try Workspace()
         try workspace.write("c.yaml", Self.config)
         let long = ["--set", "train.steps=100000", "--set", "checkpoint.every=0"]
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try CLI.requireMPI())
-        process.arguments = ["--allow-run-as-root", "--timeout", "120", "-np", "2", CLI.executable.path,
-                             "train", "--config", "c.yaml", "--run-dir", "run"] + long
-        process.currentDirectoryURL = workspace.url
-        var environment = ProcessInfo.processInfo.environment
-        for key in environment.keys where key.hasPrefix("OMPI_") || key.hasPrefix("PMIX_") { environment.removeValue(forKey: key) }
-        environment["OPENBLAS_NUM_THREADS"] = "1"
-        process.environment = environment
+        let process = try CLI.mpirunProcess(ranks: 2, ["train", "--config", "c.yaml", "--run-dir", "run"] + long, in: workspace.url)
         process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         process.standardError = FileHandle(forWritingAtPath: "/dev/null")
         try process.run()

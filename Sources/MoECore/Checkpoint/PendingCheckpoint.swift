@@ -13,7 +13,7 @@ public final class PendingCheckpoint {
     /// The manifest of the snapshot, its file lists filled in at completion.
     var manifest: CheckpointManifest
     let hooks: TrainingHooks?
-    /// When the save began and when this rank's writes ended (for the log).
+    /// When the save began (for the log).
     public let started = DispatchTime.now()
     private let writes = DispatchGroup()
     /// Set by the writer before it leaves `writes`; read after `writes` is done.

@@ -146,7 +146,6 @@ public enum Safetensors {
             (tensors, metadata, dataStart) = try Safetensors.parseHeader(data, path: path)
         }
 
-        /// Copies tensor `name` into `destination` after checking it has `shape`.
         /// The first tensor (in name order) holding a NaN or an infinity, if any.
         public func firstNonFiniteTensor() -> String? {
             data.withUnsafeBytes { raw in
@@ -158,6 +157,7 @@ public enum Safetensors {
             }
         }
 
+        /// Copies tensor `name` into `destination` after checking it has `shape`.
         public func read(_ name: String, shape: [Int], into destination: UnsafeMutablePointer<Float>) throws {
             guard let info = tensors[name] else { throw FormatError.missingTensor(path: path, name: name) }
             guard info.shape == shape else { throw FormatError.shapeMismatch(path: path, name: name, found: info.shape, expected: shape) }
