@@ -16,6 +16,24 @@ public enum GateKind: String, CaseIterable, Sendable {
     case activationDTS = "activation_dts"
 }
 
+/// `model.architecture`: the decoder block (docs/ARCHITECTURE.md).
+public enum Architecture: String, CaseIterable, Sendable {
+    /// LayerNorm, learned position embeddings, GELU feed-forward layers, biases.
+    case gpt2
+    /// RMSNorm, rotary position embeddings, SwiGLU feed-forward layers, no biases,
+    /// grouped-query attention: the block of Mixtral, Qwen-MoE and OLMoE.
+    case llama
+}
+
+/// `model.qk_norm`: RMSNorm on queries and keys before the rotation (llama).
+public enum QueryKeyNorm: String, CaseIterable, Sendable {
+    case none
+    /// Each head's hd values, one gain of hd shared by the heads (Qwen3-MoE).
+    case head
+    /// The whole query (C) and key (kv_heads * hd) projection of a token (OLMoE).
+    case full
+}
+
 /// `moe.renormalize`: how top-k weights are normalised (docs/ALGORITHMS.md 2.1).
 public enum Renormalization: String, CaseIterable, Sendable {
     /// w = p on the selected experts (Switch).

@@ -12,6 +12,15 @@ public struct ModelConfig: Equatable, Sendable {
     public var ffnHidden = 512
     public var moeEvery = 1
     public var tieEmbeddings = true
+    public var architecture = Architecture.gpt2
+    /// Key/value heads of grouped-query attention (llama); nil: one per query head.
+    public var kvHeads: Int? = nil
+    public var ropeTheta = 10_000.0
+    public var normEpsilon = 1e-5
+    public var queryKeyNorm = QueryKeyNorm.none
+
+    /// Key/value heads in effect.
+    public var keyValueHeads: Int { kvHeads ?? heads }
 }
 
 /// The mixture-of-experts blocks and their gate.
@@ -146,7 +155,9 @@ public struct RunConfig: Equatable, Sendable {
     public init() {}
 
     public static let sections: [ConfigSection<RunConfig>] = [
-        ConfigSection("model", \.model, help: "Architecture: a GPT-style pre-norm decoder.", [
+        ConfigSection("model", \.model, help: "Architecture: a pre-norm decoder, GPT-2 or Llama style (docs/ARCHITECTURE.md).", [
+            .choice("architecture", \.architecture,
+                    "gpt2: LayerNorm, learned positions, GELU, biases; llama: RMSNorm, rotary positions, SwiGLU, no biases (Mixtral, Qwen-MoE, OLMoE)"),
             .int("vocab_size", \.vocabularySize, min: 0, "vocabulary size; 0 takes it from the training token file"),
             .int("context", \.context, min: 1, max: 65536, "tokens per sequence (T)"),
             .int("width", \.width, min: 1, "model width (C)"),
@@ -155,6 +166,11 @@ public struct RunConfig: Equatable, Sendable {
             .int("ffn_hidden", \.ffnHidden, min: 1, "hidden size of every FFN and expert (H)"),
             .int("moe_every", \.moeEvery, min: 0, "every n-th block's FFN is an MoE layer (1: all, 2: blocks 2, 4, ...; 0: none)"),
             .bool("tie_embeddings", \.tieEmbeddings, "share the token embedding with the output projection"),
+            .optionalInt("kv_heads", \.kvHeads, min: 1, "llama: key/value heads of grouped-query attention, dividing heads; auto = heads"),
+            .double("rope_theta", \.ropeTheta, 1...1e12, "llama: base of the rotary position embedding's frequencies"),
+            .double("norm_epsilon", \.normEpsilon, 1e-12...1e-1, "epsilon of every LayerNorm (gpt2) or RMSNorm (llama)"),
+            .choice("qk_norm", \.queryKeyNorm,
+                    "llama: RMSNorm on queries and keys before the rotation: none, head (each head, Qwen3) or full (the whole projection, OLMoE)"),
         ]),
         ConfigSection("moe", \.moe, help: "Mixture-of-experts layers and their gate (docs/ALGORITHMS.md).", [
             .int("experts", \.experts, min: 1, "experts per MoE layer (E)"),
@@ -304,6 +320,15 @@ public struct RunConfig: Equatable, Sendable {
     public func validate() throws {
         if model.width % model.heads != 0 {
             throw ConfigError.inconsistent("model.heads (\(model.heads)) must divide model.width (\(model.width))")
+        }
+        if let kvHeads = model.kvHeads, model.heads % kvHeads != 0 {
+            throw ConfigError.inconsistent("model.kv_heads (\(kvHeads)) must divide model.heads (\(model.heads))")
+        }
+        if model.architecture == .gpt2 && (model.keyValueHeads != model.heads || model.queryKeyNorm != .none) {
+            throw ConfigError.inconsistent("model.kv_heads and model.qk_norm need model.architecture: llama (the gpt2 block has neither)")
+        }
+        if model.architecture == .llama && (model.width / model.heads) % 2 != 0 {
+            throw ConfigError.inconsistent("model.architecture llama rotates pairs of dimensions: the head size model.width / model.heads (\(model.width / model.heads)) must be even")
         }
         if moe.topK > moe.experts {
             throw ConfigError.inconsistent("moe.top_k (\(moe.topK)) cannot exceed moe.experts (\(moe.experts))")

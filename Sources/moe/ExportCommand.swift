@@ -7,8 +7,10 @@ struct ExportCommand: ParsableCommand {
         commandName: "export", abstract: "Write a checkpoint's model in another format (Hugging Face).",
         discussion: """
             --format hf writes OUTPUT/model.safetensors (weights only, the experts of every rank merged),
-            config.json, modeling_swiftmoe.py and the tokenizer, loadable with
-            AutoModelForCausalLM.from_pretrained(OUTPUT, trust_remote_code=True). The exported model
+            config.json and the tokenizer. A model.architecture llama model becomes one of transformers'
+            own classes (Mixtral, Qwen3-MoE or OLMoE, by its query/key norm and MoE layers; see
+            docs/EXPORT.md), loadable with AutoModelForCausalLM.from_pretrained(OUTPUT); a gpt2 model
+            adds modeling_swiftmoe.py and loads with trust_remote_code=True. The exported model
             routes without a capacity limit.
             """)
 

@@ -50,6 +50,18 @@ final class CheckpointTests: XCTestCase {
         }
     }
 
+    /// The llama block resumes bit for bit on 2 ranks (stopped after EvoMoE's spawn), and on 1.
+    func testExactResumeWithTheLlamaBlock() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        let llama = ["--set", "model.architecture=llama", "--set", "model.kv_heads=1", "--set", "model.qk_norm=head",
+                     "--set", "model.tie_embeddings=false"]
+        for ranks in [2, 1] {
+            try train(workspace, ranks: ranks, ["--run-dir", "llama\(ranks)"] + llama)
+            try assertResumesExactly(workspace, ranks: ranks, straight: "llama\(ranks)", stopAt: 10, extra: llama)
+        }
+    }
+
     /// Stops `run` at `stopAt`, resumes it to the end, and compares every later loss and the
     /// final checkpoint's files bit for bit with the uninterrupted run `straight`.
     func assertResumesExactly(_ workspace: Workspace, ranks: Int, straight: String, stopAt: Int, extra: [String] = [],

@@ -23,13 +23,59 @@ final class ExportTests: XCTestCase {
     }
 
     /// The exported model's validation loss (computed in PyTorch by Scripts/check-hf-export.py).
-    func transformersLoss(_ workspace: Workspace, export: String, windows: Int) throws -> Double {
+    /// (It also generates with transformers' defaults, the key/value cache on, and round-trips
+    /// text through the tokenizer.) `native`: loaded without remote code, as `modelClass`.
+    func transformersLoss(_ workspace: Workspace, export: String, windows: Int, native modelClass: String? = nil) throws -> Double {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Scripts/check-hf-export.py")
-        let result = try CLI.python([script.path, workspace.path(export), workspace.path("data/val.bin"), "\(windows)"], timeout: 300)
+        let result = try CLI.python([script.path, workspace.path(export), workspace.path("data/val.bin"), "\(windows)"]
+                                        + (modelClass == nil ? [] : ["--native"]), timeout: 300)
         XCTAssertEqual(result.status, 0, result.stderr)
         let line = try XCTUnwrap(result.stdout.split(separator: "\n").last, result.stderr)
         let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], String(line))
+        if let modelClass { XCTAssertEqual(object["class"] as? String, modelClass) }
         return try XCTUnwrap(object["val_loss"] as? Double)
+    }
+
+    /// The llama block trained on 2 ranks exports as transformers' own classes, chosen by what
+    /// the model has, and each scores the validation windows as `moe eval` does (1e-4 relative):
+    /// Mixtral (no query/key norm, renormalised top-2, grouped-query attention, untied head),
+    /// Qwen3-MoE (per-head norms, an MoE every second block, Switch's raw top-1 weight), OLMoE
+    /// (whole-projection norms, weights not renormalised, tied head).
+    func testLlamaExportsAsTransformersOwnClasses() throws {
+        try requireTransformers()
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "moe_every: 1}", with: "moe_every: 1, architecture: llama}"))
+        let variants: [(String, [String])] = [
+            ("MixtralForCausalLM", ["model.kv_heads=1", "model.tie_embeddings=false"]),
+            ("Qwen3MoeForCausalLM", ["model.qk_norm=head", "model.moe_every=2", "moe.gate=switch", "moe.top_k=1", "model.rope_theta=500"]),
+            ("OlmoeForCausalLM", ["model.qk_norm=full", "moe.renormalize=none", "model.norm_epsilon=1e-6"]),
+        ]
+        for (modelClass, settings) in variants {
+            let run = "run-\(modelClass)", export = "hf-\(modelClass)"
+            let trained = try CLI.mpirun(ranks: 2, ["train", "--config", "c.yaml", "--run-dir", run] + settings.flatMap { ["--set", $0] },
+                                         in: workspace.url)
+            XCTAssertEqual(trained.status, 0, trained.stderr)
+            let result = try CLI.run(["export", "--checkpoint", run, "--output", export], in: workspace.url)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            XCTAssertTrue(result.stdout.contains("\(modelClass): "), result.stdout)
+            XCTAssertFalse(FileManager.default.fileExists(atPath: workspace.path("\(export)/modeling_swiftmoe.py")))
+            let expected = try evalLoss(workspace, run: run)
+            XCTAssertEqual(try transformersLoss(workspace, export: export, windows: 4, native: modelClass), expected,
+                           accuracy: 1e-4 * expected, modelClass)
+        }
+    }
+
+    /// A llama model no transformers class represents is a one-line error saying what is missing.
+    func testUnrepresentableLlamaModelIsRefused() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "moe_every: 1}", with: "moe_every: 2, architecture: llama}"))
+        let trained = try CLI.run(["train", "--config", "c.yaml", "--run-dir", "run", "--set", "train.steps=2"], in: workspace.url)
+        XCTAssertEqual(trained.status, 0, trained.stderr)
+        let result = try CLI.run(["export", "--checkpoint", "run", "--output", "hf"], in: workspace.url)
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertTrue(result.stderr.contains("export: no transformers class represents this llama model: dense blocks (model.moe_every 2) without query/key norms"),
+                      result.stderr)
+        XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
     }
 
     func evalLoss(_ workspace: Workspace, run: String) throws -> Double {

@@ -268,6 +268,29 @@ final class DistributedTrainingTests: XCTestCase {
         }
     }
 
+    /// The llama block (grouped-query attention with per-head norms, RoPE, SwiGLU experts, an
+    /// untied head) trains the same model on 1 and 2 ranks, in fp32 as above and in bf16 within
+    /// the bf16 test's tolerance.
+    func testLlamaBlockTrainsTheSameModelOnOneAndTwoRanks() throws {
+        let llama: (inout RunConfig) -> Void = {
+            $0.model.architecture = .llama; $0.model.kvHeads = 1; $0.model.queryKeyNorm = .head; $0.model.tieEmbeddings = false
+        }
+        let single = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1, llama), ranks: 1)
+        let double = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 2, llama), ranks: 2)
+        XCTAssertLessThan(single.losses.last!, single.losses.first! - 0.5, "llama learns")
+        assertEquivalent(single, double, "llama on 2 ranks")
+        XCTAssertNotNil(single.parameters["blocks.0.attention.query_norm.gain"])
+        XCTAssertNil(single.parameters["embedding.position"])
+        guard BFloat16Support.current.supported else { return }
+        let bf16: (inout RunConfig) -> Void = { llama(&$0); $0.train.precision = .bf16 }
+        let singleBF16 = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1, bf16), ranks: 1)
+        let doubleBF16 = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 2, bf16), ranks: 2)
+        for (step, (a, b)) in zip(singleBF16.losses, doubleBF16.losses).enumerated() {
+            XCTAssertEqual(a, b, accuracy: 1e-3 * abs(a), "llama bf16 loss at step \(step)")
+        }
+        XCTAssertNotEqual(singleBF16.losses.last, single.losses.last, "bf16 ran")
+    }
+
     /// Every gate trains on 2 ranks (8 steps): finite losses that go down.
     func testEveryGateTrainsOnTwoRanks() throws {
         for gate in GateKind.allCases {

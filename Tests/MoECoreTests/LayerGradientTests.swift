@@ -35,7 +35,7 @@ final class LayerGradientTests: XCTestCase {
         _ = loss()
         tokens.withUnsafeBufferPointer { embedding.backward(tokens: $0.baseAddress!, batch: 2, length: 4, dOut: projection.pointer) }
         checker.check("token", values: embedding.tokenTable.value, gradients: embedding.tokenTable.gradient, count: 21, loss: loss)
-        checker.check("position", values: embedding.positionTable.value, gradients: embedding.positionTable.gradient, count: 12, loss: loss)
+        checker.check("position", values: embedding.positionTable!.value, gradients: embedding.positionTable!.gradient, count: 12, loss: loss)
     }
 
     func testLayerNorm() {
@@ -168,7 +168,7 @@ final class LayerGradientTests: XCTestCase {
         let x = randomTensor(rows: 3, columns: 4, seed: 13, scale: 3), projection = randomTensor(rows: 3, columns: 4, seed: 14)
         let y = Tensor<Double>(rows: 3, columns: 4), dx = Tensor<Double>(rows: 3, columns: 4)
         let hidden = FeedForwardStorage<Double>(), scratch = Tensor<Double>(rows: 3, columns: 6)
-        hidden.resize(rows: 3, hiddenSize: 6, rounded: false)
+        hidden.resize(rows: 3, for: ffn, rounded: false)
         func loss() -> Double {
             ffn.forward(x.pointer, rows: 3, into: y.pointer, hidden: hidden.hidden())
             return projectedLoss(y, projection)

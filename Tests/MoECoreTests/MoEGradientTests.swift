@@ -158,7 +158,7 @@ final class MoEGradientTests: XCTestCase {
         try fixture.layer.forward(x.pointer, rows: fixture.rows, into: yMoE.pointer, context: fixture.context())
         try fixture.layer.backward(x.pointer, dy.pointer, rows: fixture.rows, dx: dxMoE.pointer)
         let hidden = FeedForwardStorage<Double>(), scratch = Tensor<Double>(rows: fixture.rows, columns: 5)
-        hidden.resize(rows: fixture.rows, hiddenSize: 5, rounded: false)
+        hidden.resize(rows: fixture.rows, for: dense, rounded: false)
         dense.forward(x.pointer, rows: fixture.rows, into: yDense.pointer, hidden: hidden.hidden())
         dense.backward(x.pointer, dy.pointer, rows: fixture.rows, dx: dxDense.pointer, hidden: hidden.hidden(), scratch: scratch.pointer)
         XCTAssertEqual(yMoE.array, yDense.array)

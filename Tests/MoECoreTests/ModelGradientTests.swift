@@ -77,5 +77,14 @@ final class ModelGradientTests: XCTestCase {
         try checkModel { $0.moe.gate = .expertChoice; $0.gates.allowNonCausal = true; $0.gates.expertChoiceCapacity = 1.5 }
     }
     func testReLU() throws { try checkModel { $0.moe.gate = .relu; $0.gates.reluInitialLambda = 0.5 } }
+    /// The llama block: RMSNorm, RoPE, grouped-query attention with per-head query/key norms,
+    /// SwiGLU experts, an untied head; dense blocks with the whole-projection norm; the tiled path.
+    func testLlamaBlock() throws {
+        try checkModel {
+            $0.model.architecture = .llama; $0.model.kvHeads = 1; $0.model.queryKeyNorm = .head; $0.model.tieEmbeddings = false
+        }
+        try checkModel { $0.model.architecture = .llama; $0.model.queryKeyNorm = .full; $0.model.moeEvery = 2 }
+        try checkModel { $0.model.architecture = .llama; $0.model.kvHeads = 1; $0.train.attentionTile = 4 }
+    }
     func testEvoMoEDensePhase() throws { try checkModel { $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.1 } }
 }

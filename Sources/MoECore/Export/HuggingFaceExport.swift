@@ -1,12 +1,14 @@
 import Foundation
 import MoEIO
 
-/// `moe export --format hf`: a checkpoint as a Hugging Face model directory that
-/// `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads:
+/// `moe export --format hf`: a checkpoint as a Hugging Face model directory. The llama block
+/// becomes one of transformers' own MoE classes (NativeExport.swift), loaded by
+/// `AutoModelForCausalLM.from_pretrained(dir)`; the GPT-2 block, which no transformers class
+/// represents, loads with `trust_remote_code=True`:
 ///   model.safetensors      the weights only (no optimizer state), every rank's experts merged
 ///   config.json            the architecture and the routing rule
-///   modeling_swiftmoe.py   the model in PyTorch (HuggingFaceModeling.swift), with SwiftMoE's
-///                          tensor names and layouts (linear weights are [in, out])
+///   modeling_swiftmoe.py   gpt2 only: the model in PyTorch (HuggingFaceModeling.swift), with
+///                          SwiftMoE's tensor names and layouts (linear weights are [in, out])
 ///   tokenizer.json         the run's tokenizer, or a byte-level one for a byte model
 ///   tokenizer_config.json  so that AutoTokenizer loads it
 /// The exported model routes dropless (no capacity), as `moe generate` does; `moe eval` matches
@@ -52,8 +54,9 @@ public enum HuggingFaceExport {
         public var parameters: Int
         public var bytes: Int
         public var files: [String]
+        public var modelClass: String
         public var description: String {
-            "\(tensors) tensors, \(parameters) parameters, \(bytes) bytes of weights; files: \(files.joined(separator: ", "))"
+            "\(modelClass): \(tensors) tensors, \(parameters) parameters, \(bytes) bytes of weights; files: \(files.joined(separator: ", "))"
         }
     }
 
@@ -62,11 +65,46 @@ public enum HuggingFaceExport {
         let config = try Checkpoint.config(of: manifest, directory: directory)
         let densePhase = manifest.phase == .dense
         let rule = densePhase ? nil : try RoutingRule(config.moe)
-        let moeLayers = (0..<config.model.layers).filter { GPTModel<Float>.isMoE(layer: $0, every: config.model.moeEvery) }
+        let moeLayers = densePhase ? [] : (0..<config.model.layers).filter { GPTModel<Float>.isMoE(layer: $0, every: config.model.moeEvery) }
+        let (values, tensors) = try modelWeights(of: directory, manifest: manifest, config: config, densePhase: densePhase)
+        func read(_ name: String) throws -> (shape: [Int], values: [Float]) {
+            guard let tensor = tensors[name] else { throw ExportError.missingTensor(checkpoint: directory, name: name) }
+            return (tensor.shape, Array(values[tensor.offset..<(tensor.offset + tensor.count)]))
+        }
+        let native = config.model.architecture == .llama ? try NativeClass.choose(config, rule: rule) : nil
+        let layout = try native.map { try nativeTensors(config, target: $0, moeLayers: Set(moeLayers), read: read) }
+            ?? tensors.keys.map { ExportedTensor(name: $0, shape: tensors[$0]!.shape, values: try read($0).values) }
+        do {
+            try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+            let data = try encode(layout, dataType: dataType)
+            try write(data, output, "model.safetensors")
+            var files = ["model.safetensors", "config.json"]
+            if let native {
+                try write(Data(nativeConfigJSON(config, target: native, vocabularySize: manifest.vocabularySize, moeLayers: moeLayers,
+                                                rule: rule, dataType: dataType).utf8), output, "config.json")
+            } else {
+                try write(Data(configJSON(config, vocabularySize: manifest.vocabularySize, moeLayers: moeLayers,
+                                          rule: rule, dataType: dataType).utf8), output, "config.json")
+                try write(Data(HuggingFaceModeling.source.utf8), output, "modeling_swiftmoe.py")
+                files.append("modeling_swiftmoe.py")
+            }
+            files += try writeTokenizer(of: directory, manifest: manifest, context: config.model.context, to: output)
+            return Summary(tensors: layout.count, parameters: tensors.values.reduce(0) { $0 + $1.count }, bytes: data.count, files: files,
+                           modelClass: native?.architecture ?? "SwiftMoEForCausalLM (remote code)")
+        } catch let error as ExportError {
+            throw error
+        } catch {
+            throw ExportError.cannotWrite(path: output, reason: "\(error)")
+        }
+    }
+
+    /// The model's weights: every MoE position's router and experts, or in EvoMoE's dense phase
+    /// its dense FFN renamed as a block's `ffn`.
+    static func modelWeights(of directory: String, manifest: CheckpointManifest, config: RunConfig,
+                             densePhase: Bool) throws -> (values: [Float], tensors: [String: TensorLocation]) {
         let (values, found) = try weights(of: directory, manifest: manifest)
         var tensors = found
-        // EvoMoE before the spawn: the MoE positions still run their dense FFN.
-        for layer in moeLayers {
+        for layer in (0..<config.model.layers) where GPTModel<Float>.isMoE(layer: layer, every: config.model.moeEvery) {
             let prefix = "blocks.\(layer).moe."
             for name in tensors.keys where name.hasPrefix(prefix) {
                 let value = tensors.removeValue(forKey: name)!
@@ -77,47 +115,46 @@ public enum HuggingFaceExport {
                 }
             }
             let required = densePhase ? ["blocks.\(layer).ffn.up.weight"]
-                : ["\(prefix)router"] + (0..<config.moe.experts).map { "\(prefix)experts.\($0).down.bias" }
+                : ["\(prefix)router"] + (0..<config.moe.experts).map { "\(prefix)experts.\($0).down.weight" }
             for name in required where tensors[name] == nil { throw ExportError.missingTensor(checkpoint: directory, name: name) }
         }
-        do {
-            try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
-            let names = tensors.keys.sorted()
-            let data = try values.withUnsafeBufferPointer { all in
-                try Safetensors.encode(names.map { name in
-                    let tensor = tensors[name]!
-                    return Safetensors.Entry(name: name, shape: tensor.shape,
-                                             values: UnsafeBufferPointer(rebasing: all[tensor.offset..<(tensor.offset + tensor.count)]))
-                }, metadata: ["format": "pt", "producer": "swiftmoe"], dataType: dataType)
-            }
-            try write(data, output, "model.safetensors")
-            try write(Data(configJSON(config, vocabularySize: manifest.vocabularySize, moeLayers: densePhase ? [] : moeLayers,
-                                      rule: rule, dataType: dataType).utf8), output, "config.json")
-            try write(Data(HuggingFaceModeling.source.utf8), output, "modeling_swiftmoe.py")
-            var files = ["model.safetensors", "config.json", "modeling_swiftmoe.py"]
-            if let tokenizer = try Checkpoint.tokenizer(directory, manifest: manifest) {
-                try write(tokenizer.contents, output, tokenizer.checkpointName)
-                files.append(tokenizer.checkpointName)
-            } else if manifest.vocabularySize == 256 {
-                // Bytes: a byte-level BPE without merges is exactly one token per byte.
-                try write(Data(try BytePairEncoding(tokenBytes: (0..<256).map { [UInt8($0)] }, merges: []).json().utf8), output, Tokenizers.fileName)
-                files.append(Tokenizers.fileName)
-            }
-            if files.contains(Tokenizers.fileName) {
-                try write(Data(#"{"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": \#(config.model.context)}"#.utf8 + [10]),
-                          output, "tokenizer_config.json")
-                files.append("tokenizer_config.json")
-            }
-            let parameters = tensors.values.reduce(0) { $0 + $1.count }
-            return Summary(tensors: names.count, parameters: parameters, bytes: data.count, files: files)
-        } catch let error as ExportError {
-            throw error
-        } catch {
-            throw ExportError.cannotWrite(path: output, reason: "\(error)")
+        return (values, tensors)
+    }
+
+    /// The run's tokenizer (or a byte-level one for a byte model) and its config; the files written.
+    static func writeTokenizer(of directory: String, manifest: CheckpointManifest, context: Int, to output: String) throws -> [String] {
+        var files: [String] = []
+        if let tokenizer = try Checkpoint.tokenizer(directory, manifest: manifest) {
+            try write(tokenizer.contents, output, tokenizer.checkpointName)
+            files.append(tokenizer.checkpointName)
+        } else if manifest.vocabularySize == 256 {
+            // Bytes: a byte-level BPE without merges is exactly one token per byte.
+            try write(Data(try BytePairEncoding(tokenBytes: (0..<256).map { [UInt8($0)] }, merges: []).json().utf8), output, Tokenizers.fileName)
+            files.append(Tokenizers.fileName)
         }
+        if files.contains(Tokenizers.fileName) {
+            try write(Data(#"{"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": \#(context)}"#.utf8 + [10]),
+                      output, "tokenizer_config.json")
+            files.append("tokenizer_config.json")
+        }
+        return files
     }
 
     typealias TensorLocation = (shape: [Int], offset: Int, count: Int)
+
+    /// The tensors as one safetensors file, in name order.
+    static func encode(_ tensors: [ExportedTensor], dataType: Safetensors.DataType) throws -> Data {
+        let sorted = tensors.sorted { $0.name < $1.name }
+        return try sorted.flatMap(\.values).withUnsafeBufferPointer { all in
+            var offset = 0
+            let entries = sorted.map { tensor in
+                defer { offset += tensor.values.count }
+                return Safetensors.Entry(name: tensor.name, shape: tensor.shape,
+                                         values: UnsafeBufferPointer(rebasing: all[offset..<offset + tensor.values.count]))
+            }
+            return try Safetensors.encode(entries, metadata: ["format": "pt", "producer": "swiftmoe"], dataType: dataType)
+        }
+    }
 
     /// Every parameter of the checkpoint (no optimizer moments), one after another in `values`;
     /// an expert saved by several ranks (replicas) is taken once.

@@ -19,6 +19,9 @@ from transformers.modeling_outputs import CausalLMOutput
 
 class SwiftMoEConfig(PretrainedConfig):
     model_type = "swiftmoe"
+    # The names transformers' generation utilities read (its cache setup asks for the layers).
+    attribute_map = {"num_hidden_layers": "layers", "hidden_size": "width", "num_attention_heads": "heads",
+                     "max_position_embeddings": "context"}
 
     def __init__(self, vocab_size=256, context=128, width=256, layers=4, heads=4, ffn_hidden=512,
                  tie_embeddings=True, moe_layers=(), experts=8, experts_per_token=2, renormalize=True,

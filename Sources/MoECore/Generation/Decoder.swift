@@ -1,38 +1,66 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Incremental decoding with a key/value cache: the prompt is run once (prefill), then each new
 /// token is one position. Every block keeps the keys and values of the positions seen so far, so
 /// a position costs O(layers · (C² + T C)) instead of a forward over the whole window.
 ///
-/// Positions are absolute (learned position embeddings), so a window cannot slide by one token
-/// without recomputing everything; when it is full the decoder keeps the last half of the
+/// gpt2: positions are absolute (learned position embeddings), so a window cannot slide by one
+/// token without recomputing everything; when it is full the sampler keeps the last half of the
 /// window and refills the cache from it (`Sampler` does the same without a cache, so the two give
-/// the same tokens). Routing in generation is dropless: a token's experts never depend on the
+/// the same tokens). llama: keys are rotated at their absolute positions and attention depends
+/// only on distances, so a full cache drops its oldest position and the window slides by one.
+/// Routing in generation is dropless: a token's experts never depend on the
 /// other tokens of the window. Shapes: new rows n, width C, cache [context, C] per block for K and V.
 public final class DecodeCache<T: Scalar> {
-    /// Positions held (the next token's position).
+    /// Positions held.
     public internal(set) var count = 0
+    /// The absolute position of the oldest position held (> 0 once a llama window slid).
+    public internal(set) var firstPosition = 0
     var keys: [Tensor<T>] = [], values: [Tensor<T>] = []
     // Per-call activations [n, C | 3C | H], scratch and norm caches.
-    let stream = Tensor<T>(), normed = Tensor<T>(), qkv = Tensor<T>(), heads = Tensor<T>(), output = Tensor<T>()
+    let stream = Tensor<T>(), normed = Tensor<T>(), heads = Tensor<T>(), output = Tensor<T>()
     let scores = Tensor<T>(), hidden = FeedForwardStorage<T>(), logits = Tensor<T>()
-    let normCache = LayerNorm<T>.Cache()
+    let normCache = NormCache<T>(), attention = CausalSelfAttention<T>.Cache()
 
     public init() {}
 
-    public func reset() { count = 0 }
+    /// The next token's absolute position.
+    public var nextPosition: Int { firstPosition + count }
+
+    public func reset() { (count, firstPosition) = (0, 0) }
+
+    /// Drops the `dropped` oldest positions of every block (a llama window sliding).
+    func dropOldest(_ dropped: Int, width: Int) {
+        for tensor in keys + values {
+            memmove(tensor.pointer, tensor.pointer + dropped * width, (count - dropped) * width * MemoryLayout<T>.stride)
+        }
+        count -= dropped
+        firstPosition += dropped
+    }
 }
 
 extension GPTModel {
-    /// Runs `tokens` at positions cache.count ..< cache.count + n and returns the logits of the
-    /// last one [V] (valid until the next call). The caller keeps cache.count + n <= context.
+    /// Runs `tokens` at the cache's next positions and returns the logits of the last one [V]
+    /// (valid until the next call). gpt2: the caller keeps cache.count + n <= context; llama: a
+    /// full cache drops its oldest positions to make room.
     public func decode(_ tokens: [Int32], cache: DecodeCache<T>, noiseKey: RandomKey, step: Int) throws -> UnsafeMutablePointer<T> {
-        let rows = tokens.count, width = config.width, start = cache.count
-        precondition(rows > 0 && start + rows <= config.context, "the window holds at most model.context positions")
+        let rows = tokens.count, width = config.width
+        precondition(rows > 0 && rows <= config.context, "the window holds at most model.context positions")
         if cache.keys.count != config.layers {
             cache.keys = (0..<config.layers).map { _ in Tensor<T>(rows: config.context, columns: width) }
             cache.values = (0..<config.layers).map { _ in Tensor<T>(rows: config.context, columns: width) }
         }
+        if cache.count + rows > config.context {
+            precondition(embedding.positionTable == nil, "learned positions: the window holds at most model.context positions")
+            cache.dropOldest(cache.count + rows - config.context, width: width)
+        }
+        let start = cache.count
         for tensor in [cache.stream, cache.normed, cache.heads, cache.output] { tensor.resize(rows: rows, columns: width) }
-        embed(tokens, at: start, into: cache.stream)
+        for (row, token) in tokens.enumerated() {
+            embedding.embed(token, position: cache.nextPosition + row, into: cache.stream.row(row))
+        }
         for (layer, block) in blocks.enumerated() {
             block.attentionNorm.forward(cache.stream.pointer, rows: rows, into: cache.normed.pointer, cache: cache.normCache)
             attend(block.attention, layer: layer, rows: rows, start: start, cache: cache)
@@ -57,30 +85,22 @@ extension GPTModel {
         return cache.logits.pointer
     }
 
-    /// Token plus position embedding of each new row.
-    private func embed(_ tokens: [Int32], at start: Int, into out: Tensor<T>) {
-        let width = config.width
-        for (row, token) in tokens.enumerated() {
-            Kernels.sum(embedding.tokenTable.value + Int(token) * width, embedding.positionTable.value + (start + row) * width,
-                        into: out.row(row), count: width)
-        }
-    }
-
     /// Appends the new rows' keys and values to block `layer`'s cache, then each new row attends
     /// to the positions up to its own: heads = softmax(scale q Kᵀ) V, then the projection.
     private func attend(_ attention: CausalSelfAttention<T>, layer: Int, rows: Int, start: Int, cache: DecodeCache<T>) {
         let width = config.width, heads = attention.heads, headSize = width / heads, total = start + rows
-        cache.qkv.resize(rows: rows, columns: 3 * width)
-        attention.qkv.forward(cache.normed.pointer, rows: rows, into: cache.qkv.pointer)
+        if let rotary = attention.rotary { rotary.reserve(positions: cache.nextPosition + rows) }
+        attention.projectInputs(cache.normed.pointer, rows: rows, positions: .from(cache.nextPosition), cache: cache.attention)
+        let qkv = cache.attention.qkv
         for row in 0..<rows {
-            (cache.keys[layer].row(start + row)).update(from: cache.qkv.row(row) + width, count: width)
-            (cache.values[layer].row(start + row)).update(from: cache.qkv.row(row) + 2 * width, count: width)
+            (cache.keys[layer].row(start + row)).update(from: qkv.row(row) + width, count: width)
+            (cache.values[layer].row(start + row)).update(from: qkv.row(row) + 2 * width, count: width)
         }
         cache.scores.resize(rows: rows, columns: total)
         let scale = 1 / T(headSize).squareRoot()
         for h in 0..<heads {
             let offset = h * headSize
-            gemm(transposeB: true, m: rows, n: total, k: headSize, alpha: scale, a: cache.qkv.pointer + offset, lda: 3 * width,
+            gemm(transposeB: true, m: rows, n: total, k: headSize, alpha: scale, a: qkv.pointer + offset, lda: 3 * width,
                  b: cache.keys[layer].pointer + offset, ldb: width, c: cache.scores.pointer)
             for row in 0..<rows {
                 let visible = start + row + 1, scores = cache.scores.row(row)
@@ -98,7 +118,7 @@ extension GPTModel {
         let rows = tokens.count
         switch block {
         case let .dense(ffn):
-            cache.hidden.resize(rows: rows, hiddenSize: ffn.hiddenSize, rounded: false)
+            cache.hidden.resize(rows: rows, for: ffn, rounded: false)
             ffn.forward(cache.normed.pointer, rows: rows, into: cache.output.pointer, hidden: cache.hidden.hidden())
         case let .moe(moe):
             try tokens.withUnsafeBufferPointer { ids in

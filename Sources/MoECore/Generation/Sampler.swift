@@ -28,10 +28,13 @@ public struct SamplingSettings: Sendable {
 /// Autoregressive sampling from a trained model (docs/ARCHITECTURE.md, "Generation").
 ///
 /// The window: the model sees the tokens from the window's start; when a new token would not fit
-/// in `model.context` positions, the window restarts at the last context/2 tokens (absolute
-/// position embeddings forbid sliding a cached window by one). With the cache, the prompt (or a
+/// in `model.context` positions, a gpt2 window restarts at the last context/2 tokens (absolute
+/// position embeddings forbid sliding a cached window by one), a llama window slides by one
+/// (rotary positions: the cache drops its oldest key). With the cache, the prompt (or a
 /// restarted window) is one prefill and each further token one position; without it, each token
-/// is a forward over the whole window. Both give the same tokens.
+/// is a forward over the whole window. Both give the same tokens, except a llama model's once its
+/// window slid: the cache is then sliding-window attention (each layer's cached keys were
+/// computed while older tokens were visible, as in Mistral), the forward recomputes the window.
 public enum Sampler {
     public static func generate(model: GPTModel<Float>, prompt: [Int32], count: Int, settings: SamplingSettings,
                                 useCache: Bool = true, step: Int = 0, emit: (Int32) -> Void) throws {
@@ -57,7 +60,9 @@ public enum Sampler {
             sequence.append(next)
             emit(next)
             pending = [next]
-            if sequence.count - windowStart > context {
+            if sequence.count - windowStart > context, model.embedding.positionTable == nil {
+                windowStart += 1
+            } else if sequence.count - windowStart > context {
                 windowStart = sequence.count - context / 2
                 pending = Array(sequence[windowStart...])
                 cache.reset()

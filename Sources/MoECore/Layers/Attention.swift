@@ -1,3 +1,5 @@
+import MoEIO
+
 /// Causal multi-head self-attention.
 ///
 /// Shapes: B sequences of T tokens, C = width, nh heads of hd = C / nh.
@@ -7,6 +9,10 @@
 /// transposes, no copies. On oneDNN (fp32, or bf16 on the rounded QKV rows): each product is one
 /// batched matmul over all (sequence, head) pairs on the same strided views (per-pair products
 /// of 128 x 128 x 64 are too small to run at speed one by one).
+/// The llama block's extras (AttentionInputs.swift) sit between the QKV projection and the
+/// core: the projection gives [B*T, C + 2 Ckv] (kv_heads heads of keys and values), queries and
+/// keys are normalised (qk_norm) and rotated at their positions (RoPE), and each key/value head
+/// is repeated for its group of query heads, giving the [B*T, 3C] rows every path above reads.
 /// Sequences longer than `tile` take the tiled path instead (TiledAttention.swift): online
 /// softmax over key tiles, T x T probabilities never stored, recomputed in backward; activation
 /// memory linear in T, in either precision (its products are fp32 GEMMs on tiles).
@@ -16,11 +22,20 @@ public struct CausalSelfAttention<T: Scalar> {
     public let heads: Int
     /// Query and key rows per tile of the tiled path, used when T > tile.
     public let tile: Int
+    /// Grouped-query attention's key/value heads (= heads without grouping).
+    public let keyValueHeads: Int
+    /// Llama: the rotary position embedding and the optional query and key norms.
+    public let rotary: RotaryEmbedding<T>?
+    public let queryNorm: RMSNorm<T>?, keyNorm: RMSNorm<T>?
 
     public final class Cache {
         let qkv = Tensor<T>(), probabilities = Tensor<T>(), headOutputs = Tensor<T>()
         // Backward scratch, kept to avoid allocating every step.
         let dQKV = Tensor<T>(), dHeadOutputs = Tensor<T>(), dScores = Tensor<T>()
+        // Llama: the projection's rows [N, C + 2 Ckv], their gradient, the query and key norms'
+        // reciprocals, and one row of scratch.
+        let projected = Tensor<T>(), dProjected = Tensor<T>(), queryReciprocals = Tensor<T>(), keyReciprocals = Tensor<T>()
+        let rowScratch = Tensor<T>()
         // bf16 mode: rounded QKV and probabilities (kept for backward), rounded gradients.
         let roundedQKV = BFloat16Buffer(), roundedProbabilities = BFloat16Buffer()
         let roundedHeadGradient = BFloat16Buffer(), roundedScoreGradient = BFloat16Buffer()
@@ -31,23 +46,48 @@ public struct CausalSelfAttention<T: Scalar> {
         public init() {}
     }
 
+    /// The GPT-2 attention: one QKV projection with biases, learned positions outside.
     public init(store: ParameterStore<T, Replicated>, path: ParameterPath, width: Int, heads: Int, residualDeviation: Double,
                 tile: Int = 128) {
+        self.init(store: store, path: path, width: width, heads: heads, residualDeviation: residualDeviation, tile: tile,
+                  llama: nil)
+    }
+
+    /// The llama attention's options: key/value heads, RoPE's base, the query/key norm.
+    public struct LlamaOptions {
+        public var keyValueHeads: Int, ropeTheta: Double, queryKeyNorm: QueryKeyNorm, normEpsilon: Double, context: Int
+        public var decayNorms: Bool
+    }
+
+    /// `llama` nil: GPT-2 (biases, no rotation); else no biases, RoPE, grouped keys and values.
+    public init(store: ParameterStore<T, Replicated>, path: ParameterPath, width: Int, heads: Int, residualDeviation: Double,
+                tile: Int, llama: LlamaOptions?) {
         precondition(width % heads == 0, "heads must divide the width")
         precondition(tile > 0, "a tile holds at least one row")
+        let keyValueHeads = llama?.keyValueHeads ?? heads, headSize = width / heads
+        precondition(heads % keyValueHeads == 0, "key/value heads must divide the heads")
         self.tile = tile
-        qkv = Linear(store: store, path: path.appending("qkv"), inputSize: width, outputSize: 3 * width, deviation: 0.02)
-        projection = Linear(store: store, path: path.appending("projection"), inputSize: width, outputSize: width,
-                            deviation: residualDeviation)
         self.heads = heads
+        self.keyValueHeads = keyValueHeads
+        let biases = llama == nil
+        qkv = Linear(store: store, path: path.appending("qkv"), inputSize: width, outputSize: width + 2 * keyValueHeads * headSize,
+                     deviation: 0.02, bias: biases)
+        projection = Linear(store: store, path: path.appending("projection"), inputSize: width, outputSize: width,
+                            deviation: residualDeviation, bias: biases)
+        rotary = llama.map { RotaryEmbedding(headSize: headSize, theta: $0.ropeTheta, positions: $0.context) }
+        let norm = llama?.queryKeyNorm ?? .none
+        func makeNorm(_ name: String, _ width: Int) -> RMSNorm<T> {
+            RMSNorm(store: store, path: path.appending(name), width: width, epsilon: llama!.normEpsilon, decay: llama!.decayNorms)
+        }
+        queryNorm = norm == .none ? nil : makeNorm("query_norm", norm == .head ? headSize : width)
+        keyNorm = norm == .none ? nil : makeNorm("key_norm", norm == .head ? headSize : keyValueHeads * headSize)
     }
 
     public func forward(_ x: UnsafePointer<T>, batch: Int, length: Int, into out: UnsafeMutablePointer<T>, cache: Cache) {
         let width = projection.inputSize, headSize = width / heads, rows = batch * length
         let scale = 1 / T(headSize).squareRoot()
-        cache.qkv.resize(rows: rows, columns: 3 * width)
         cache.headOutputs.resize(rows: rows, columns: width)
-        qkv.forward(x, rows: rows, into: cache.qkv.pointer)
+        projectInputs(x, rows: rows, positions: .cycling(length), cache: cache)
         if length > tile {
             forwardTiled(batch: batch, length: length, cache: cache)
             return projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
@@ -90,7 +130,7 @@ public struct CausalSelfAttention<T: Scalar> {
         projection.backward(.values(cache.headOutputs.pointer), .values(dOut), rows: rows, dx: cache.dHeadOutputs.pointer, dxBeta: 0)
         if length > tile {
             backwardTiled(batch: batch, length: length, cache: cache)
-            return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
+            return projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
         }
         cache.dScores.resize(rows: length, columns: length)
         if let matmul {
@@ -99,7 +139,7 @@ public struct CausalSelfAttention<T: Scalar> {
             } else {
                 backwardBatched(matmul, Float.self, batch: batch, length: length, cache: cache)
             }
-            return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
+            return projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
         }
         let dScores = cache.dScores.pointer
         for b in 0..<batch {
@@ -123,7 +163,7 @@ public struct CausalSelfAttention<T: Scalar> {
                      b: q, ldb: 3 * width, beta: 1, c: dk, ldc: 3 * width)
             }
         }
-        qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx)
+        projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
     }
 
     /// Causal softmax of every row of `scores` [B*nh*T, T] in place (row t keeps keys j <= t).

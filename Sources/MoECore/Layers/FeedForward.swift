@@ -1,4 +1,8 @@
-/// The expert MLP: y = GELU(x W1 + b1) W2 + b2. x, y: [N, C]; hidden: [N, H].
+import MoEIO
+
+/// The expert MLP: y = GELU(x W1 + b1) W2 + b2 (gpt2), or SwiGLU without biases (llama):
+/// y = (silu(x W_gate) ⊙ x W_up) W_down, with W_gate and W_up one [C, 2H] weight (gate columns
+/// first), so the up projection is one product. x, y: [N, C]; hidden: [N, H].
 /// A dense FFN block is one of these; an MoE layer holds one per expert.
 ///
 /// In Float the hidden layer's element-wise work is one pass each way (`FloatKernels`):
@@ -7,20 +11,33 @@
 /// sums b1's gradient and writes dHidden's bf16 copy for the up projection's two products.
 /// Double (the gradient checks) runs the same steps one pass at a time.
 public struct FeedForward<T: Scalar, Kind> {
-    public let up: Linear<T, Kind>     // [C, H]
+    public let up: Linear<T, Kind>     // [C, H]; SwiGLU [C, 2H]
     public let down: Linear<T, Kind>   // [H, C]
+    public let gated: Bool
 
     public var width: Int { up.inputSize }
-    public var hiddenSize: Int { up.outputSize }
+    public var hiddenSize: Int { down.inputSize }
+    /// Columns of the pre-activation: H, or 2H for SwiGLU (gate, then up).
+    public var preActivationSize: Int { up.outputSize }
+    /// Columns per row of backward's scratch: dPre, and for SwiGLU dHidden after it.
+    public var scratchColumns: Int { gated ? 3 * hiddenSize : hiddenSize }
+    /// Parameters of one: the two (SwiGLU: three) matrices and the biases.
+    public static func parameterCount(width: Int, hiddenSize: Int, architecture: Architecture) -> Int {
+        architecture == .llama ? 3 * width * hiddenSize : 2 * width * hiddenSize + hiddenSize + width
+    }
 
-    public init(store: ParameterStore<T, Kind>, path: ParameterPath, width: Int, hiddenSize: Int, residualDeviation: Double) {
-        up = Linear(store: store, path: path.appending("up"), inputSize: width, outputSize: hiddenSize, deviation: 0.02)
+    public init(store: ParameterStore<T, Kind>, path: ParameterPath, width: Int, hiddenSize: Int, residualDeviation: Double,
+                architecture: Architecture = .gpt2) {
+        gated = architecture == .llama
+        up = Linear(store: store, path: path.appending("up"), inputSize: width, outputSize: gated ? 2 * hiddenSize : hiddenSize,
+                    deviation: 0.02, bias: !gated)
         down = Linear(store: store, path: path.appending("down"), inputSize: hiddenSize, outputSize: width,
-                      deviation: residualDeviation)
+                      deviation: residualDeviation, bias: !gated)
     }
 
     /// hidden: the caller's storage for `rows` rows, kept for backward.
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, hidden: FeedForwardHidden<T>) {
+        if gated { return forwardGated(x, rows: rows, into: y, hidden: hidden) }
         guard T.self == Float.self, let bias = up.bias else {
             up.forward(x, rows: rows, into: hidden.preActivation)
             Kernels.geluForward(hidden.preActivation, hidden.activation, count: rows * hiddenSize)
@@ -32,9 +49,10 @@ public struct FeedForward<T: Scalar, Kind> {
         down.forward(hidden.activationOperand, rows: rows, into: y, addingBias: true)
     }
 
-    /// Adjoint; `scratch` [rows, H] receives dHidden. dx is accumulated.
+    /// Adjoint; `scratch` [rows, scratchColumns] receives dHidden. dx is accumulated.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
                          hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+        if gated { return backwardGated(x, dy, rows: rows, dx: dx, hidden: hidden, scratch: scratch) }
         guard T.self == Float.self, let bias = up.bias else {
             scratch.update(repeating: 0, count: rows * hiddenSize)
             down.backward(hidden.activation, dy, rows: rows, dx: scratch)
@@ -50,6 +68,35 @@ public struct FeedForward<T: Scalar, Kind> {
                                       biasGradient: asFloat(bias.gradient), rounded: rounded)
         up.backward(.values(x), .prerounded(UnsafePointer(scratch), rounded.map { UnsafePointer($0) }), rows: rows, dx: dx,
                     dxBeta: 1, biasGradient: false)
+    }
+}
+
+extension FeedForward {
+    /// SwiGLU forward: pre = x [W_gate | W_up], a = silu(g) u (with a's bf16 copy), y = a W_down.
+    func forwardGated(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, hidden: FeedForwardHidden<T>) {
+        up.forward(.values(x), rows: rows, into: hidden.preActivation, addingBias: false)
+        if T.self == Float.self {
+            FloatKernels.swiGLU(asFloat(UnsafePointer(hidden.preActivation)), rows: rows, hidden: hiddenSize,
+                                activation: asFloat(hidden.activation), rounded: hidden.roundedActivation)
+        } else {
+            Kernels.swiGLUForward(hidden.preActivation, rows: rows, hidden: hiddenSize, activation: hidden.activation)
+        }
+        down.forward(hidden.activationOperand, rows: rows, into: y, addingBias: false)
+    }
+
+    /// SwiGLU adjoint. scratch: dPre [rows, 2H], then dHidden [rows, H].
+    func backwardGated(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
+                       hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+        let dPre = scratch, dHidden = scratch + rows * 2 * hiddenSize
+        down.backward(hidden.activationOperand, .values(dy), rows: rows, dx: dHidden, dxBeta: 0)
+        let rounded = up.weight.store.matmul?.rounding.map { $0.right.reserved(rows * 2 * hiddenSize) }
+        if T.self == Float.self {
+            FloatKernels.swiGLUBackward(asFloat(UnsafePointer(hidden.preActivation)), asFloat(UnsafePointer(dHidden)), rows: rows,
+                                        hidden: hiddenSize, dPre: asFloat(dPre), rounded: rounded)
+        } else {
+            Kernels.swiGLUBackward(hidden.preActivation, dHidden, rows: rows, hidden: hiddenSize, dPre: dPre)
+        }
+        up.backward(.values(x), .prerounded(UnsafePointer(dPre), rounded.map { UnsafePointer($0) }), rows: rows, dx: dx, dxBeta: 1)
     }
 }
 
@@ -70,22 +117,24 @@ public final class FeedForwardStorage<T: Scalar> {
     let preActivation = Tensor<T>(), activation = Tensor<T>()
     let roundedActivation = BFloat16Buffer()
     private var keepsRoundedCopy = false
-    private var hiddenSize = 0
+    private var hiddenSize = 0, preActivationSize = 0
 
     public init() {}
 
-    /// rounded: whether products run in bf16 (the activation's bf16 copy is kept).
-    public func resize(rows: Int, hiddenSize: Int, rounded: Bool) {
-        preActivation.resize(rows: rows, columns: hiddenSize)
+    /// Room for `rows` rows of `feedForward`'s hidden layer; rounded: whether products run in
+    /// bf16 (the activation's bf16 copy is kept).
+    public func resize<Kind>(rows: Int, for feedForward: FeedForward<T, Kind>, rounded: Bool) {
+        let hiddenSize = feedForward.hiddenSize, preActivationSize = feedForward.preActivationSize
+        preActivation.resize(rows: rows, columns: preActivationSize)
         activation.resize(rows: rows, columns: hiddenSize)
         if rounded { roundedActivation.reserve(rows * hiddenSize) }
-        (keepsRoundedCopy, self.hiddenSize) = (rounded, hiddenSize)
+        (keepsRoundedCopy, self.hiddenSize, self.preActivationSize) = (rounded, hiddenSize, preActivationSize)
     }
 
     /// The view of rows from `start` on.
     public func hidden(fromRow start: Int = 0) -> FeedForwardHidden<T> {
         let offset = start * hiddenSize
-        return FeedForwardHidden(preActivation: preActivation.pointer + offset, activation: activation.pointer + offset,
+        return FeedForwardHidden(preActivation: preActivation.pointer + start * preActivationSize, activation: activation.pointer + offset,
                                  roundedActivation: keepsRoundedCopy ? roundedActivation.pointer + offset : nil)
     }
 }

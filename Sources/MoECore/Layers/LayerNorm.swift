@@ -1,20 +1,24 @@
+/// What a normalisation's backward needs besides x: per-row mean (LayerNorm) and reciprocal
+/// standard deviation (both norms), [N] each.
+public final class NormCache<T: Scalar> {
+    let mean = Tensor<T>(), reciprocalDeviation = Tensor<T>()
+    public init() {}
+}
+
 /// Layer normalisation over the last dimension. x, y: [N, C]; gain, bias: [C].
 /// Float runs `FloatKernels.layerNormForward/Backward` (the same math, row sums in 16 lanes);
 /// the loops here are the reference, in Double for the gradient checks.
 public struct LayerNorm<T: Scalar> {
     public let gain: Parameter<T, Replicated>
     public let bias: Parameter<T, Replicated>
-    public let epsilon: T = 1e-5
+    public let epsilon: T
 
-    /// What backward needs besides x: per-row mean and reciprocal standard deviation, [N] each.
-    public final class Cache {
-        let mean = Tensor<T>(), reciprocalDeviation = Tensor<T>()
-        public init() {}
-    }
+    public typealias Cache = NormCache<T>
 
-    public init(store: ParameterStore<T, Replicated>, path: ParameterPath, width: Int, decay: Bool) {
+    public init(store: ParameterStore<T, Replicated>, path: ParameterPath, width: Int, epsilon: Double = 1e-5, decay: Bool) {
         gain = store.add(path.appending("gain"), rows: 1, columns: width, weightDecay: decay, initialization: .ones)
         bias = store.add(path.appending("bias"), rows: 1, columns: width, weightDecay: decay, initialization: .zeros)
+        self.epsilon = T(epsilon)
     }
 
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, cache: Cache) {

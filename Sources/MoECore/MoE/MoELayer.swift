@@ -63,7 +63,6 @@ public final class MoELayer<T: Scalar> {
     var width: Int { experts[0].width }
     /// Whether the experts' products run in bf16 (their hidden layers keep a bf16 copy).
     var roundsProducts: Bool { experts[0].up.weight.store.matmul?.precision == .bf16 }
-    var hiddenSize: Int { experts[0].hiddenSize }
     public func resetProfile() { profile = StepProfile() }
 
     /// Times `body` into `stage`.
@@ -82,7 +81,7 @@ public final class MoELayer<T: Scalar> {
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, context: RoutingContext) throws {
         if isDense, let dense {
             routing.resetDense(globalTokens: context.globalTokens)
-            hidden.resize(rows: rows, hiddenSize: hiddenSize, rounded: roundsProducts)
+            hidden.resize(rows: rows, for: dense, rounded: roundsProducts)
             measure(\.experts) { dense.forward(x, rows: rows, into: y, hidden: hidden.hidden()) }
             return
         }
@@ -117,14 +116,14 @@ public final class MoELayer<T: Scalar> {
         if forward {
             receiveBuffer.resize(rows: received, columns: width)
             expertInput.resize(rows: received, columns: width)
-            hidden.resize(rows: received, hiddenSize: hiddenSize, rounded: roundsProducts)
+            hidden.resize(rows: received, for: experts[0], rounded: roundsProducts)
             expertOutput.resize(rows: received, columns: width)
             returnedOutput.resize(rows: routing.count, columns: width)
         } else {
             dReceive.resize(rows: received, columns: width)
             dExpertOutput.resize(rows: received, columns: width)
             dExpertInput.resize(rows: received, columns: width, zero: true)
-            dHidden.resize(rows: received, columns: hiddenSize)
+            dHidden.resize(rows: received, columns: experts[0].scratchColumns)
         }
         let (outgoing, incoming) = forward ? (sendBuffer, receiveBuffer) : (dSend, dReceive)
         let (expertsIn, expertsOut) = forward ? (expertInput, expertOutput) : (dExpertOutput, dExpertInput)
@@ -190,7 +189,7 @@ public final class MoELayer<T: Scalar> {
     /// Adjoint of `forward`. dy: [N, C]; dx is accumulated.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {
         if isDense, let dense {
-            dHidden.resize(rows: rows, columns: hiddenSize)
+            dHidden.resize(rows: rows, columns: dense.scratchColumns)
             measure(\.experts) {
                 dense.backward(x, dy, rows: rows, dx: dx, hidden: hidden.hidden(),
                                scratch: dHidden.pointer)

@@ -21,16 +21,34 @@ struct BlockBuilder<T: Scalar> {
     var moeLayerCount: Int { (0..<config.layers).filter { GPTModel<T>.isMoE(layer: $0, every: config.moeEvery) }.count }
 
     func block(_ layer: Int) -> TransformerBlock<T> {
-        let width = config.width, decayNorms = run.train.decayNormsAndBiases
-        let attentionNorm = LayerNorm(store: replicated, path: path(layer, "attention_norm", .norm), width: width, decay: decayNorms)
-        let attention = CausalSelfAttention(store: replicated, path: path(layer, "attention", .attention), width: width,
-                                            heads: config.heads, residualDeviation: residualDeviation, tile: run.train.attentionTile)
-        let feedForwardNorm = LayerNorm(store: replicated, path: path(layer, "ffn_norm", .norm), width: width, decay: decayNorms)
+        let attentionNorm = norm(path(layer, "attention_norm", .norm))
+        let llama = config.architecture == .gpt2 ? nil
+            : CausalSelfAttention<T>.LlamaOptions(keyValueHeads: config.keyValueHeads, ropeTheta: config.ropeTheta,
+                                                  queryKeyNorm: config.queryKeyNorm, normEpsilon: config.normEpsilon,
+                                                  context: config.context, decayNorms: run.train.decayNormsAndBiases)
+        let attention = CausalSelfAttention(store: replicated, path: path(layer, "attention", .attention), width: config.width,
+                                            heads: config.heads, residualDeviation: residualDeviation, tile: run.train.attentionTile,
+                                            llama: llama)
+        let feedForwardNorm = norm(path(layer, "ffn_norm", .norm))
         let feedForward: FeedForwardBlock<T> = GPTModel<T>.isMoE(layer: layer, every: config.moeEvery)
             ? .moe(moeLayer(layer))
-            : .dense(FeedForward(store: replicated, path: path(layer, "ffn", .feedForward), width: width,
-                                 hiddenSize: config.ffnHidden, residualDeviation: residualDeviation))
+            : .dense(feedForward(replicated, path(layer, "ffn", .feedForward)))
         return TransformerBlock(attentionNorm: attentionNorm, attention: attention, feedForwardNorm: feedForwardNorm, feedForward: feedForward)
+    }
+
+    /// A normalisation of the width: LayerNorm (gpt2) or RMSNorm (llama).
+    func norm(_ path: ParameterPath) -> Normalization<T> {
+        let decay = run.train.decayNormsAndBiases
+        switch config.architecture {
+        case .gpt2: return .layer(LayerNorm(store: replicated, path: path, width: config.width, epsilon: config.normEpsilon, decay: decay))
+        case .llama: return .rms(RMSNorm(store: replicated, path: path, width: config.width, epsilon: config.normEpsilon, decay: decay))
+        }
+    }
+
+    /// A feed-forward network of the architecture's kind (GELU or SwiGLU) in `store`.
+    func feedForward<Kind>(_ store: ParameterStore<T, Kind>, _ path: ParameterPath) -> FeedForward<T, Kind> {
+        FeedForward(store: store, path: path, width: config.width, hiddenSize: config.ffnHidden, residualDeviation: residualDeviation,
+                    architecture: config.architecture)
     }
 
     /// The gate, this rank's experts and, for EvoMoE's phase 1, one replicated dense FFN per MoE
@@ -38,13 +56,8 @@ struct BlockBuilder<T: Scalar> {
     func moeLayer(_ layer: Int) -> MoELayer<T> {
         let gate = GateRegistry(run: run, store: replicated, path: path(layer, "moe", .router), vocabularySize: vocabularySize,
                                 moeLayerCount: moeLayerCount, tokenFrequencies: tokenFrequencies, spawnStep: run.spawnStep).makeGate()
-        let local = placement.localExperts.map { expert in
-            FeedForward(store: experts, path: path(layer, "moe.experts.\(expert)", .expert), width: config.width,
-                        hiddenSize: config.ffnHidden, residualDeviation: residualDeviation)
-        }
-        let dense = run.evomoe.spawnFraction > 0
-            ? FeedForward(store: replicated, path: path(layer, "moe.dense", .denseFeedForward), width: config.width,
-                          hiddenSize: config.ffnHidden, residualDeviation: residualDeviation) : nil
+        let local = placement.localExperts.map { expert in feedForward(experts, path(layer, "moe.experts.\(expert)", .expert)) }
+        let dense = run.evomoe.spawnFraction > 0 ? feedForward(replicated, path(layer, "moe.dense", .denseFeedForward)) : nil
         let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator, dense: dense)
         moeLayer.layerIndex = layer
         moeLayer.dispatchChunks = dispatchChunks

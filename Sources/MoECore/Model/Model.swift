@@ -8,9 +8,9 @@ public enum FeedForwardBlock<T: Scalar> {
 }
 
 public struct TransformerBlock<T: Scalar> {
-    public let attentionNorm: LayerNorm<T>
+    public let attentionNorm: Normalization<T>
     public let attention: CausalSelfAttention<T>
-    public let feedForwardNorm: LayerNorm<T>
+    public let feedForwardNorm: Normalization<T>
     public let feedForward: FeedForwardBlock<T>
 }
 
@@ -25,8 +25,10 @@ public struct ForwardResult: Sendable {
     public var moeLayers: [RoutingStatistics]
 }
 
-/// A GPT-style pre-norm decoder:
+/// A pre-norm decoder, GPT-2 or Llama style (`model.architecture`):
 ///   x = embed(tokens); per block: x += attn(ln1(x)); x += ffn(ln2(x)); logits = ln_f(x) Wᵀ.
+/// gpt2: LayerNorm, learned positions, GELU FFNs, biases; llama: RMSNorm, rotary positions
+/// inside attention, SwiGLU FFNs, no biases, grouped-query attention.
 /// Shapes: B sequences of T tokens, N = B*T rows, C width, V vocabulary.
 public final class GPTModel<T: Scalar> {
     public let run: RunConfig
@@ -38,7 +40,7 @@ public final class GPTModel<T: Scalar> {
     public let placement: ExpertPlacement
     public let embedding: Embedding<T>
     public private(set) var blocks: [TransformerBlock<T>] = []
-    public let finalNorm: LayerNorm<T>
+    public let finalNorm: Normalization<T>
     /// Output projection [C, V] when embeddings are not tied.
     public let head: Parameter<T, Replicated>?
     let communicator: Communicator
@@ -79,11 +81,11 @@ public final class GPTModel<T: Scalar> {
         self.placement = placement
         let replicated = self.replicated, width = config.width, decayNorms = training.decayNormsAndBiases
         embedding = Embedding(store: replicated, vocabularySize: vocabularySize, context: config.context, width: width,
-                              decay: training.decayEmbeddings)
+                              decay: training.decayEmbeddings, learnedPositions: config.architecture == .gpt2)
         let builder = BlockBuilder(run: run, replicated: replicated, experts: experts, placement: placement, communicator: communicator,
                                    vocabularySize: vocabularySize, tokenFrequencies: tokenFrequencies, dispatchChunks: dispatchChunks)
         blocks = (0..<config.layers).map(builder.block)
-        finalNorm = LayerNorm(store: replicated, path: ParameterPath("final_norm", role: .norm), width: width, decay: decayNorms)
+        finalNorm = builder.norm(ParameterPath("final_norm", role: .norm))
         head = config.tieEmbeddings ? nil : replicated.add(ParameterPath("head.weight", role: .head), rows: width, columns: vocabularySize,
                                                           weightDecay: true, initialization: .normal(standardDeviation: 0.02),
                                                           productOnly: true)
@@ -152,7 +154,7 @@ public final class GPTModel<T: Scalar> {
             block.feedForwardNorm.forward(mid.pointer, rows: rows, into: feedForwardNormed[layer].pointer, cache: normCaches[layer].1)
             switch block.feedForward {
             case let .dense(ffn):
-                denseHidden[layer].resize(rows: rows, hiddenSize: ffn.hiddenSize, rounded: precision == .bf16)
+                denseHidden[layer].resize(rows: rows, for: ffn, rounded: precision == .bf16)
                 ffn.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer, hidden: denseHidden[layer].hidden())
             case let .moe(moe):
                 try tokenIds.withUnsafeBufferPointer { ids in
@@ -246,7 +248,7 @@ public final class GPTModel<T: Scalar> {
             dScratch.zero()
             switch block.feedForward {
             case let .dense(ffn):
-                dHidden.resize(rows: rows, columns: ffn.hiddenSize)
+                dHidden.resize(rows: rows, columns: ffn.scratchColumns)
                 ffn.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer,
                              hidden: denseHidden[layer].hidden(), scratch: dHidden.pointer)
             case let .moe(moe):
@@ -301,8 +303,11 @@ public final class GPTModel<T: Scalar> {
         return (total, routedAroundParameters + moeLayers.count * moeConfig.topK * parametersPerExpert)
     }
 
-    /// One expert FFN (two matrices and their biases); EvoMoE's dense FFN has the same shape.
-    var parametersPerExpert: Int { 2 * config.width * config.ffnHidden + config.ffnHidden + config.width }
+    /// One expert FFN (two matrices and their biases, or SwiGLU's three); EvoMoE's dense FFN has
+    /// the same shape.
+    var parametersPerExpert: Int {
+        FeedForward<T, ExpertSharded>.parameterCount(width: config.width, hiddenSize: config.ffnHidden, architecture: config.architecture)
+    }
 
     /// Replicated parameters every token passes through. EvoMoE's dense FFNs are left out: a
     /// token uses one only before the spawn, where it counts as one routed assignment

@@ -13,11 +13,12 @@ public struct ModelSize {
 
     public init(_ run: RunConfig, vocabularySize: Int, localExperts: Int) {
         let model = run.model, c = model.width, h = model.ffnHidden, v = vocabularySize
+        let matrices = model.architecture == .llama ? 3 : 2   // SwiGLU's gate, up and down
         let moeLayers = (0..<model.layers).filter { GPTModel<Float>.isMoE(layer: $0, every: model.moeEvery) }.count
         let terms: [[Int]] = [
             [v, c, model.tieEmbeddings ? 1 : 2], [model.context, c],                     // embeddings, head
-            [model.layers, 4, c, c], [model.layers - moeLayers, 2, c, h],                // attention, dense FFNs
-            [moeLayers, localExperts + 1, 2, c, h], [moeLayers, c, run.moe.experts],     // experts (+ EvoMoE's), routers
+            [model.layers, 4, c, c], [model.layers - moeLayers, matrices, c, h],                // attention, dense FFNs
+            [moeLayers, localExperts + 1, matrices, c, h], [moeLayers, c, run.moe.experts],     // experts (+ EvoMoE's), routers
             [moeLayers, v, run.gates.stableDistillDimension + 1],                        // hash and distilled tables
         ]
         var parameters: Int? = 0

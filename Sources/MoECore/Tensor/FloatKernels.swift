@@ -123,6 +123,42 @@ enum FloatKernels {
         }
     }
 
+    @inline(__always) static func sigmoid(_ x: Vector) -> Vector { 1 / (1 + Float.exp(-x)) }
+
+    /// SwiGLU's forward element-wise work in one pass: pre [rows, 2H] holds x [W_gate | W_up];
+    /// a = silu(g) u [rows, H], and a's bf16 copy where `rounded` is given.
+    static func swiGLU(_ pre: UnsafePointer<Float>, rows: Int, hidden: Int, activation: UnsafeMutablePointer<Float>,
+                       rounded: UnsafeMutablePointer<BFloat16>?) {
+        let rounding = VectorRounding()
+        for row in 0..<rows {
+            let gate = pre + row * 2 * hidden, up = gate + hidden, offset = row * hidden
+            forEachVector(count: hidden) { index, lanes in
+                let g = load(gate + index, lanes: lanes), u = load(up + index, lanes: lanes)
+                store(g * sigmoid(g) * u, activation + offset + index, rounded: rounded.map { $0 + offset + index },
+                      rounding: rounding, lanes: lanes)
+            }
+        }
+    }
+
+    /// SwiGLU's backward element-wise work in one pass: from dA [rows, H] to dPre [rows, 2H]
+    /// (dg = dA u s (1 + g (1 - s)), du = dA g s, s = sigmoid(g)) and dPre's bf16 copy where
+    /// `rounded` is given.
+    static func swiGLUBackward(_ pre: UnsafePointer<Float>, _ dActivation: UnsafePointer<Float>, rows: Int, hidden: Int,
+                               dPre: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
+        let rounding = VectorRounding()
+        for row in 0..<rows {
+            let at = row * 2 * hidden, gate = pre + at, up = gate + hidden, dA = dActivation + row * hidden
+            forEachVector(count: hidden) { index, lanes in
+                let g = load(gate + index, lanes: lanes), u = load(up + index, lanes: lanes), d = load(dA + index, lanes: lanes)
+                let s = sigmoid(g)
+                store(d * u * (s * (1 + g * (1 - s))), dPre + at + index, rounded: rounded.map { $0 + at + index },
+                      rounding: rounding, lanes: lanes)
+                store(d * g * s, dPre + at + hidden + index, rounded: rounded.map { $0 + at + hidden + index },
+                      rounding: rounding, lanes: lanes)
+            }
+        }
+    }
+
     /// Σ of `count` values in 16 lane sums (then the lanes' sum): a fixed order, vectorised.
     @inline(__always) static func sum(_ x: UnsafePointer<Float>, count: Int, _ term: (Vector, Int) -> Vector) -> Float {
         var sums = Vector(repeating: 0)
@@ -211,6 +247,35 @@ enum FloatKernels {
                     + reciprocal * (d * g - meanDNorm - normalized * meanDNormTimesNorm)
                 store(out, dIn + index, lanes: lanes)
             }
+        }
+    }
+
+    /// One row of RMS norm: y = x r gain, r = 1 / sqrt(mean(x²) + eps), the squares summed in
+    /// 16 lanes; returns r.
+    static func rmsNormForward(_ input: UnsafePointer<Float>, _ output: UnsafeMutablePointer<Float>, width: Int,
+                               gain: UnsafePointer<Float>, epsilon: Float) -> Float {
+        let squares = sum(input, count: width) { v, _ in v * v }
+        let reciprocal = 1 / (squares / Float(width) + epsilon).squareRoot()
+        forEachVector(count: width) { index, lanes in
+            store(load(input + index, lanes: lanes) * reciprocal * load(gain + index, lanes: lanes), output + index, lanes: lanes)
+        }
+        return reciprocal
+    }
+
+    /// One row of RMS norm's adjoint: dgain += dy x̂, dx += r (dy gain - x̂ mean(dy gain x̂)).
+    static func rmsNormBackward(_ input: UnsafePointer<Float>, _ dOut: UnsafePointer<Float>, _ dIn: UnsafeMutablePointer<Float>,
+                                width: Int, gain: UnsafePointer<Float>, gainGradient: UnsafeMutablePointer<Float>, reciprocal: Float) {
+        var products = Vector(repeating: 0)
+        forEachVector(count: width) { index, lanes in
+            let normalized = load(input + index, lanes: lanes) * reciprocal, d = load(dOut + index, lanes: lanes)
+            products += d * load(gain + index, lanes: lanes) * normalized   // padded lanes: d = 0
+            store(load(gainGradient + index, lanes: lanes) + d * normalized, gainGradient + index, lanes: lanes)
+        }
+        let meanProduct = products.sum() / Float(width)
+        forEachVector(count: width) { index, lanes in
+            let normalized = load(input + index, lanes: lanes) * reciprocal
+            let d = load(dOut + index, lanes: lanes) * load(gain + index, lanes: lanes)
+            store(load(dIn + index, lanes: lanes) + reciprocal * (d - normalized * meanProduct), dIn + index, lanes: lanes)
         }
     }
 

@@ -48,6 +48,36 @@ public enum Kernels {
         }
     }
 
+    /// SwiGLU: a [rows, H] = silu(g) u from pre [rows, 2H] = [g | u] (the reference of
+    /// `FloatKernels.swiGLU`).
+    public static func swiGLUForward<T: Scalar>(_ pre: UnsafePointer<T>, rows: Int, hidden: Int, activation: UnsafeMutablePointer<T>) {
+        if T.self == Float.self {
+            return FloatKernels.swiGLU(asFloat(pre), rows: rows, hidden: hidden, activation: asFloat(activation), rounded: nil)
+        }
+        for row in 0..<rows {
+            let gate = pre + row * 2 * hidden, up = gate + hidden, output = activation + row * hidden
+            for j in 0..<hidden { output[j] = gate[j] / (1 + T(Glibc.exp(Double(-gate[j])))) * up[j] }
+        }
+    }
+
+    /// Adjoint of `swiGLUForward`: dPre [rows, 2H] from dA [rows, H] (written, not added).
+    public static func swiGLUBackward<T: Scalar>(_ pre: UnsafePointer<T>, _ dActivation: UnsafePointer<T>, rows: Int, hidden: Int,
+                                                 dPre: UnsafeMutablePointer<T>) {
+        if T.self == Float.self {
+            return FloatKernels.swiGLUBackward(asFloat(pre), asFloat(dActivation), rows: rows, hidden: hidden, dPre: asFloat(dPre),
+                                               rounded: nil)
+        }
+        for row in 0..<rows {
+            let gate = pre + row * 2 * hidden, up = gate + hidden, dA = dActivation + row * hidden
+            let dGate = dPre + row * 2 * hidden, dUp = dGate + hidden
+            for j in 0..<hidden {
+                let s = 1 / (1 + T(Glibc.exp(Double(-gate[j]))))
+                dGate[j] = dA[j] * up[j] * s * (1 + gate[j] * (1 - s))
+                dUp[j] = dA[j] * gate[j] * s
+            }
+        }
+    }
+
     /// dInput = dOutput * GELU'(input), written over `dInput` (which may alias `dOutput`).
     public static func geluBackward<T: Scalar>(_ input: UnsafePointer<T>, _ dOutput: UnsafePointer<T>,
                                                _ dInput: UnsafeMutablePointer<T>, count: Int) {

@@ -1,7 +1,10 @@
 """Loads a `moe export --format hf` directory with transformers and prints its validation loss
 on the windows `moe eval` scores, so the two can be compared.
 
-Usage: check-hf-export.py EXPORT_DIR VAL_BIN WINDOWS
+Usage: check-hf-export.py EXPORT_DIR VAL_BIN WINDOWS [--native]
+
+--native: load without remote code (one of transformers' own classes) and check that the
+directory holds no Python file.
 
 moe eval scores WINDOWS = batches x ranks x batch_size windows of `context` tokens; window g
 starts at token floor((g + 0.5) * W / WINDOWS) of the file, W = tokens - context (DataLoader.swift).
@@ -13,10 +16,15 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import os
+
 directory, val_path, windows = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
+native = "--native" in sys.argv[4:]
+if native:
+    assert not [name for name in os.listdir(directory) if name.endswith(".py")], "a native export carries no code"
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=not native, dtype=torch.float32)
 model.eval()
-context = model.config.context
+context = model.config.max_position_embeddings
 
 # llm.c token file: 256 int32 header (magic 20240520, version 1, count), then uint16 tokens.
 header = np.fromfile(val_path, dtype=np.int32, count=256)
@@ -32,10 +40,12 @@ with torch.no_grad():
     window = torch.tensor(tokens[starts[0] : starts[0] + context + 1][None])
     labels_loss = model(input_ids=window[:, :-1], labels=window[:, :-1]).loss.item()
     assert np.isfinite(labels_loss)
-    generated = model.generate(inputs[:1, :8], max_new_tokens=4, do_sample=False, use_cache=False)
+    # transformers' defaults (the key/value cache on).
+    generated = model.generate(inputs[:1, :8], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 12), generated.shape
 
-tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=not native)
 text = "ROMEO. O sweet night!\n"
 assert tokenizer.decode(tokenizer.encode(text)) == text, "tokenizer round trip"
-print(json.dumps({"val_loss": loss, "parameters": sum(p.numel() for p in model.parameters())}))
+print(json.dumps({"val_loss": loss, "parameters": sum(p.numel() for p in model.parameters()),
+                  "class": type(model).__name__}))

@@ -1,0 +1,159 @@
+import Foundation
+import MoEIO
+
+/// The llama block exported as one of transformers' own MoE classes, which
+/// `AutoModelForCausalLM.from_pretrained(dir)` loads without remote code (and which vLLM,
+/// llama.cpp's converters and PEFT know). Which class depends on what the model has:
+///
+///   | class      | query/key norm | MoE layers              | routing rule                      |
+///   |------------|----------------|-------------------------|-----------------------------------|
+///   | mixtral    | none           | every block             | softmax top-k, renormalised       |
+///   | qwen3_moe  | head           | every n-th (dense rest) | softmax top-k, renormalised or not |
+///   | olmoe      | full           | every block             | softmax top-k, renormalised or not |
+///
+/// A configuration none of them represents is a one-line error naming what is missing.
+/// Weights: SwiftMoE's linear weights are [in, out], transformers' [out, in]; the fused
+/// projections are split (QKV into q/k/v, SwiGLU's [C, 2H] into gate and up).
+public enum NativeClass: String, CaseIterable, Sendable {
+    case mixtral
+    case qwen3Moe = "qwen3_moe"
+    case olmoe
+
+    /// transformers' model class and the prefix of an MoE layer's modules.
+    var architecture: String { ["mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"][rawValue]! }
+    var moePrefix: String { self == .mixtral ? "block_sparse_moe" : "mlp" }
+    var expertNames: (gate: String, up: String, down: String) {
+        self == .mixtral ? ("w1", "w3", "w2") : ("gate_proj", "up_proj", "down_proj")
+    }
+
+    /// The class that represents `config`'s model (routing by `rule`; nil: EvoMoE's dense phase).
+    static func choose(_ config: RunConfig, rule: HuggingFaceExport.RoutingRule?) throws -> NativeClass {
+        let model = config.model
+        let everyBlock = rule != nil && model.moeEvery == 1
+        let dense = rule == nil ? "EvoMoE's dense phase (dense FFNs until the spawn)" : "dense blocks (model.moe_every \(model.moeEvery))"
+        switch model.queryKeyNorm {
+        case .head:
+            return .qwen3Moe
+        case .none:
+            guard everyBlock else { throw NativeExportError.unrepresentable("\(dense) without query/key norms: Mixtral has an MoE in every block and Qwen3-MoE needs model.qk_norm: head") }
+            guard rule!.renormalize else { throw NativeExportError.unrepresentable("top-k weights that are not renormalised (gate \(config.moe.gate.rawValue)) without query/key norms: Mixtral always renormalises; Qwen3-MoE (model.qk_norm: head) and OLMoE (full) can do both") }
+            return .mixtral
+        case .full:
+            guard everyBlock else { throw NativeExportError.unrepresentable("\(dense) with model.qk_norm full: OLMoE has an MoE in every block") }
+            return .olmoe
+        }
+    }
+}
+
+public enum NativeExportError: Error, CustomStringConvertible {
+    case unrepresentable(String)
+    public var description: String {
+        switch self { case let .unrepresentable(what): return "export: no transformers class represents this llama model: \(what)" }
+    }
+}
+
+extension HuggingFaceExport {
+    /// One tensor of the exported file, in its target's layout.
+    struct ExportedTensor {
+        var name: String
+        var shape: [Int]
+        var values: [Float]
+    }
+
+    /// The checkpoint's tensors (`read(name)` gives values and SwiftMoE shape) renamed and laid
+    /// out for `target`.
+    static func nativeTensors(_ config: RunConfig, target: NativeClass, moeLayers: Set<Int>,
+                              read: (String) throws -> (shape: [Int], values: [Float])) throws -> [ExportedTensor] {
+        let model = config.model, width = model.width, headSize = width / model.heads, keyWidth = model.keyValueHeads * headSize
+        var out: [ExportedTensor] = []
+        /// [in, out] columns `range` -> transformers' [out, in].
+        func linear(_ name: String, from source: String, columns range: Range<Int>? = nil) throws {
+            let (shape, values) = try read(source)
+            let (rows, columns) = (shape[0], shape[1]), range = range ?? 0..<columns
+            var transposed = [Float](repeating: 0, count: rows * range.count)
+            for (o, column) in range.enumerated() {
+                for r in 0..<rows { transposed[o * rows + r] = values[r * columns + column] }
+            }
+            out.append(ExportedTensor(name: name, shape: [range.count, rows], values: transposed))
+        }
+        func vector(_ name: String, from source: String) throws {
+            let values = try read(source).values
+            out.append(ExportedTensor(name: name, shape: [values.count], values: values))
+        }
+        /// SwiGLU's [C, 2H] up weight and [H, C] down weight as gate, up and down projections.
+        func feedForward(_ prefix: String, from source: String, names: (gate: String, up: String, down: String)) throws {
+            let hidden = model.ffnHidden
+            try linear("\(prefix).\(names.gate).weight", from: "\(source).up.weight", columns: 0..<hidden)
+            try linear("\(prefix).\(names.up).weight", from: "\(source).up.weight", columns: hidden..<2 * hidden)
+            try linear("\(prefix).\(names.down).weight", from: "\(source).down.weight")
+        }
+        let embedding = try read("embedding.token")
+        out.append(ExportedTensor(name: "model.embed_tokens.weight", shape: embedding.shape, values: embedding.values))
+        if !model.tieEmbeddings { try linear("lm_head.weight", from: "head.weight") }
+        try vector("model.norm.weight", from: "final_norm.gain")
+        for layer in 0..<model.layers {
+            let to = "model.layers.\(layer)", from = "blocks.\(layer)"
+            try vector("\(to).input_layernorm.weight", from: "\(from).attention_norm.gain")
+            try vector("\(to).post_attention_layernorm.weight", from: "\(from).ffn_norm.gain")
+            let qkv = "\(from).attention.qkv.weight"
+            try linear("\(to).self_attn.q_proj.weight", from: qkv, columns: 0..<width)
+            try linear("\(to).self_attn.k_proj.weight", from: qkv, columns: width..<width + keyWidth)
+            try linear("\(to).self_attn.v_proj.weight", from: qkv, columns: width + keyWidth..<width + 2 * keyWidth)
+            try linear("\(to).self_attn.o_proj.weight", from: "\(from).attention.projection.weight")
+            if model.queryKeyNorm != .none {
+                try vector("\(to).self_attn.q_norm.weight", from: "\(from).attention.query_norm.gain")
+                try vector("\(to).self_attn.k_norm.weight", from: "\(from).attention.key_norm.gain")
+            }
+            guard moeLayers.contains(layer) else {
+                // A dense block, or an MoE position in EvoMoE's dense phase (its dense FFN, renamed).
+                try feedForward("\(to).mlp", from: "\(from).ffn", names: ("gate_proj", "up_proj", "down_proj"))
+                continue
+            }
+            let moe = "\(to).\(target.moePrefix)"
+            try linear("\(moe).gate.weight", from: "\(from).moe.router")
+            for expert in 0..<config.moe.experts {
+                try feedForward("\(moe).experts.\(expert)", from: "\(from).moe.experts.\(expert)", names: target.expertNames)
+            }
+        }
+        return out
+    }
+
+    /// config.json of `target` for `config`'s model.
+    static func nativeConfigJSON(_ config: RunConfig, target: NativeClass, vocabularySize: Int, moeLayers: [Int],
+                                 rule: RoutingRule?, dataType: Safetensors.DataType) throws -> String {
+        let model = config.model
+        var object: [String: Any] = [
+            "architectures": [target.architecture], "model_type": target.rawValue,
+            "vocab_size": vocabularySize, "hidden_size": model.width, "num_hidden_layers": model.layers,
+            "num_attention_heads": model.heads, "num_key_value_heads": model.keyValueHeads, "head_dim": model.width / model.heads,
+            "max_position_embeddings": model.context, "rope_theta": model.ropeTheta, "rms_norm_eps": model.normEpsilon,
+            "tie_word_embeddings": model.tieEmbeddings, "hidden_act": "silu", "attention_bias": false, "attention_dropout": 0.0,
+            "initializer_range": 0.02, "use_cache": true, "torch_dtype": dataType == .f32 ? "float32" : "bfloat16",
+            "num_experts_per_tok": rule?.k ?? 1, "output_router_logits": false, "router_aux_loss_coef": config.moe.balanceLoss,
+            "bos_token_id": NSNull(), "eos_token_id": NSNull(), "pad_token_id": NSNull(),
+            "rope_parameters": ["rope_type": "default", "rope_theta": model.ropeTheta],
+            "swiftmoe_gate": config.moe.gate.rawValue,
+        ]
+        switch target {
+        case .mixtral:
+            object["num_local_experts"] = config.moe.experts
+            object["intermediate_size"] = model.ffnHidden
+            object["sliding_window"] = NSNull()
+        case .qwen3Moe:
+            object["num_experts"] = moeLayers.isEmpty ? 0 : config.moe.experts
+            object["moe_intermediate_size"] = model.ffnHidden
+            object["intermediate_size"] = model.ffnHidden
+            object["decoder_sparse_step"] = max(1, model.moeEvery)
+            object["mlp_only_layers"] = (0..<model.layers).filter { !moeLayers.contains($0) }
+            object["norm_topk_prob"] = rule?.renormalize ?? false
+            object["use_sliding_window"] = false
+            object["sliding_window"] = NSNull()
+        case .olmoe:
+            object["num_experts"] = config.moe.experts
+            object["intermediate_size"] = model.ffnHidden
+            object["norm_topk_prob"] = rule?.renormalize ?? false
+            object["clip_qkv"] = NSNull()
+        }
+        return String(decoding: try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]), as: UTF8.self) + "\n"
+    }
+}
