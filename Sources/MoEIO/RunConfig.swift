@@ -278,6 +278,15 @@ public struct RunConfig: Equatable, Sendable {
             }
             tree = try parse(text, file: file)
         }
+        var config = RunConfig()
+        try config.apply(tree, overrides: overrides, file: file)
+        return config
+    }
+
+    /// Applies `tree` (a parsed config file's mapping) and then `key=value` overrides to this
+    /// config, and validates the result.
+    public mutating func apply(_ tree: [String: Any] = [:], overrides: [String], file: String? = nil) throws {
+        var tree = tree
         for override in overrides {
             guard let equals = override.firstIndex(of: "=") else { throw ConfigError.badOverride(override) }
             let key = String(override[..<equals]), valueText = String(override[override.index(after: equals)...])
@@ -288,10 +297,8 @@ public struct RunConfig: Equatable, Sendable {
             section[parts[1]] = value
             tree[parts[0]] = section
         }
-        var config = RunConfig()
-        try config.apply(tree, file: file)
-        try config.validate()
-        return config
+        try apply(tree, file: file)
+        try validate()
     }
 
     static func parse(_ text: String, file: String) throws -> [String: Any] {

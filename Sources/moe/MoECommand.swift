@@ -10,5 +10,5 @@ struct MoECommand: ParsableCommand {
             without mpirun everything runs in one process.
             """,
         subcommands: [TrainCommand.self, EvalCommand.self, GenerateCommand.self, PrepareCommand.self, BenchCommand.self, CompareCommand.self, ReportCommand.self,
-                      CheckpointCommand.self, ExportCommand.self])
+                      CheckpointCommand.self, ExportCommand.self, ImportCommand.self, UpcycleCommand.self])
 }

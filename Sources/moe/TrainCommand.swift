@@ -22,7 +22,7 @@ struct TrainCommand: ParsableCommand {
     @Option(name: .customLong("run-dir"), help: ArgumentHelp("Run directory (default: runs/<config file name>).", valueName: "dir"))
     var runDirectory: String?
 
-    @Flag(help: "Continue from the newest complete checkpoint in the run directory (starts fresh if there is none).")
+    @Flag(help: "Continue from the newest complete checkpoint in the run directory (starts fresh if there is none); without --config, from the run directory's config.yaml.")
     var resume = false
 
     @Option(name: .customLong("stop-at"), parsing: .unconditional, help: ArgumentHelp("Stop after this step with a checkpoint, keeping the schedule of train.steps (for time-limited allocations; continue with --resume).", valueName: "step"))
@@ -44,13 +44,17 @@ struct TrainCommand: ParsableCommand {
     func run() throws {
         Runtime.run { communicator in
             let log = Runtime.logger(communicator)
+            let directory = runDirectory ?? "runs/" + (config.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default")
+            // Resuming without --config continues the run's own config (an imported or upcycled
+            // model's included), with the --set overrides on top.
+            let runConfig = (directory as NSString).appendingPathComponent("config.yaml")
+            let file = config ?? (resume && FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil)
             // Agreed, so a config file unreadable on one node stops every rank with its message.
-            let resolved = try communicator.agree { try RunConfig.load(file: config, overrides: overrides) }
+            let resolved = try communicator.agree { try RunConfig.load(file: file, overrides: overrides) }
             if printConfig {
                 log(resolved.yaml().trimmingCharacters(in: .newlines))
                 return
             }
-            let directory = runDirectory ?? "runs/" + (config.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default")
             if !resume, let existing = Checkpoint.complete(in: directory).last {
                 throw ValidationError("run directory '\(directory)' already holds checkpoints (newest \(existing)); pass --resume to continue it or choose another --run-dir")
             }

@@ -18,7 +18,7 @@ final class StructureTests: XCTestCase {
     func testTheCheckerCatchesViolations() throws {
         let cases: [(file: String, code: String, expected: String)] = [
             ("Sources/MoECore/Tensor/Upward.swift", "func upward(_ trainer: Trainer) {}\n", "Tensor names Trainer from Training, above it"),
-            ("Sources/MoECore/Export/Peer.swift", "func peer() { _ = RunSummary.self }\n", "from Reports, a peer"),
+            ("Sources/MoECore/Conversion/Peer.swift", "func peer() { _ = RunSummary.self }\n", "from Reports, a peer"),
             ("Sources/MoECore/Tensor/Long.swift", "func long() {\n" + String(repeating: "    _ = 1\n", count: 60) + "}\n",
              "long spans 62 lines"),
         ]

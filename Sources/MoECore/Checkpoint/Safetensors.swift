@@ -2,10 +2,11 @@ import Foundation
 
 /// The safetensors format (huggingface/safetensors): an 8-byte little-endian header length n,
 /// n bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`
-/// and the raw little-endian tensor bytes. Checkpoints are F32; an export may write BF16.
+/// and the raw little-endian tensor bytes. Checkpoints are F32; an export may write BF16; an
+/// import reads F32, BF16 and F16 (widened to Float).
 public enum Safetensors {
     public enum DataType: String, Sendable {
-        case f32 = "F32", bf16 = "BF16"
+        case f32 = "F32", bf16 = "BF16", f16 = "F16"
         var bytes: Int { self == .f32 ? 4 : 2 }
     }
 
@@ -27,6 +28,7 @@ public enum Safetensors {
         /// Byte range inside the data section.
         public var begin: Int
         public var end: Int
+        public var dataType: DataType = .f32
     }
 
     public enum FormatError: Error, CustomStringConvertible {
@@ -72,6 +74,10 @@ public enum Safetensors {
                 var rounded = [UInt16](repeating: 0, count: entry.values.count)
                 for index in rounded.indices { rounded[index] = BFloat16(entry.values[index]).bitPattern.littleEndian }
                 rounded.withUnsafeBytes { data.append(contentsOf: $0) }
+            case .f16:
+                var rounded = [UInt16](repeating: 0, count: entry.values.count)
+                for index in rounded.indices { rounded[index] = Float16(entry.values[index]).bitPattern.littleEndian }
+                rounded.withUnsafeBytes { data.append(contentsOf: $0) }
             }
         }
         return data
@@ -79,7 +85,9 @@ public enum Safetensors {
 
     /// Parses and validates the header of a whole file's bytes: every tensor F32, shapes
     /// consistent with byte ranges, ranges inside the data and not overlapping.
-    public static func parseHeader(_ data: Data, path: String) throws -> (tensors: [String: TensorInfo], metadata: [String: String], dataStart: Int) {
+    /// `dataTypes`: those accepted (checkpoints: F32 only).
+    public static func parseHeader(_ data: Data, path: String,
+                                   dataTypes: Set<String> = ["F32"]) throws -> (tensors: [String: TensorInfo], metadata: [String: String], dataStart: Int) {
         guard data.count >= 8 else { throw FormatError.malformed(path: path, reason: "\(data.count) bytes is shorter than the 8-byte header length") }
         let headerLength = data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
         guard headerLength <= UInt64(min(maximumHeaderBytes, data.count - 8)) else {
@@ -103,20 +111,22 @@ public enum Safetensors {
                   let shape = info["shape"] as? [Int], let offsets = info["data_offsets"] as? [Int], offsets.count == 2 else {
                 throw FormatError.malformed(path: path, reason: "tensor '\(name)' lacks dtype, shape or data_offsets")
             }
-            guard dtype == "F32" else { throw FormatError.malformed(path: path, reason: "tensor '\(name)' has dtype \(dtype); SwiftMoE reads F32") }
+            guard dataTypes.contains(dtype), let dataType = DataType(rawValue: dtype) else {
+                throw FormatError.malformed(path: path, reason: "tensor '\(name)' has dtype \(dtype); SwiftMoE reads \(dataTypes.sorted().joined(separator: ", ")) here")
+            }
             guard shape.allSatisfy({ $0 >= 0 && $0 < 1 << 40 }), offsets[0] >= 0, offsets[0] <= offsets[1], offsets[1] <= dataBytes else {
                 throw FormatError.malformed(path: path, reason: "tensor '\(name)' has data_offsets \(offsets) outside the \(dataBytes)-byte data section")
             }
-            // Bytes = 4 · Π shape, every product checked: a header is untrusted input, and a shape
-            // whose size overflows must be refused, not trap.
-            let (bytes, overflow) = shape.reduce((4, false)) { partial, dimension in
+            // Bytes = element size · Π shape, every product checked: a header is untrusted input,
+            // and a shape whose size overflows must be refused, not trap.
+            let (bytes, overflow) = shape.reduce((dataType.bytes, false)) { partial, dimension in
                 let product = partial.0.multipliedReportingOverflow(by: dimension)
                 return (product.partialValue, partial.1 || product.overflow)
             }
             guard !overflow, bytes == offsets[1] - offsets[0] else {
                 throw FormatError.malformed(path: path, reason: "tensor '\(name)': shape \(shape) does not match its \(offsets[1] - offsets[0]) bytes")
             }
-            tensors[name] = TensorInfo(shape: shape, begin: offsets[0], end: offsets[1])
+            tensors[name] = TensorInfo(shape: shape, begin: offsets[0], end: offsets[1], dataType: dataType)
         }
         let ranges = tensors.values.filter { $0.end > $0.begin }.sorted { $0.begin < $1.begin }
         for (first, second) in zip(ranges, ranges.dropFirst()) where second.begin < first.end {
@@ -133,17 +143,17 @@ public enum Safetensors {
         public let metadata: [String: String]
         let dataStart: Int
 
-        public init(path: String) throws {
+        public init(path: String, dataTypes: Set<String> = ["F32"]) throws {
             guard let data = FileManager.default.contents(atPath: path) else {
                 throw FormatError.malformed(path: path, reason: "cannot read it (missing or unreadable)")
             }
-            try self.init(path: path, data: data)
+            try self.init(path: path, data: data, dataTypes: dataTypes)
         }
 
-        public init(path: String, data: Data) throws {
+        public init(path: String, data: Data, dataTypes: Set<String> = ["F32"]) throws {
             self.path = path
             self.data = data
-            (tensors, metadata, dataStart) = try Safetensors.parseHeader(data, path: path)
+            (tensors, metadata, dataStart) = try Safetensors.parseHeader(data, path: path, dataTypes: dataTypes)
         }
 
         /// The first tensor (in name order) holding a NaN or an infinity, if any.
@@ -162,8 +172,18 @@ public enum Safetensors {
             guard let info = tensors[name] else { throw FormatError.missingTensor(path: path, name: name) }
             guard info.shape == shape else { throw FormatError.shapeMismatch(path: path, name: name, found: info.shape, expected: shape) }
             data.withUnsafeBytes { raw in
-                let source = raw.baseAddress! + dataStart + info.begin
-                UnsafeMutableRawPointer(destination).copyMemory(from: source, byteCount: info.end - info.begin)
+                let source = raw.baseAddress! + dataStart + info.begin, count = (info.end - info.begin) / info.dataType.bytes
+                switch info.dataType {
+                case .f32: UnsafeMutableRawPointer(destination).copyMemory(from: source, byteCount: info.end - info.begin)
+                case .bf16:
+                    for index in 0..<count {
+                        destination[index] = BFloat16(bitPattern: UInt16(littleEndian: source.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self))).float
+                    }
+                case .f16:
+                    for index in 0..<count {
+                        destination[index] = Float(Float16(bitPattern: UInt16(littleEndian: source.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self))))
+                    }
+                }
             }
         }
     }

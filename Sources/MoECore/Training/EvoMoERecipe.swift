@@ -67,8 +67,9 @@ public struct EvoMoERecipe: Sendable {
         return (fresh, retiredEntries(model))
     }
 
-    /// target = (W ⊙ M)/(1 - r) + ξ for the two weight matrices; biases copied.
-    private func diversify<T>(_ dense: FeedForward<T, Replicated>, into expert: FeedForward<T, ExpertSharded>, stream: RandomKey) {
+    /// target = (W ⊙ M)/(1 - r) + ξ for the weight matrices; biases copied. With r = 0 and no
+    /// noise, an exact copy (upcycling's identical experts).
+    func diversify<T>(_ dense: FeedForward<T, Replicated>, into expert: FeedForward<T, ExpertSharded>, stream: RandomKey) {
         let pairs = [(dense.up.weight, expert.up.weight), (dense.down.weight, expert.down.weight)]
         for (tensor, (source, target)) in pairs.enumerated() {
             let count = source.count

@@ -4,7 +4,8 @@ on the windows `moe eval` scores, so the two can be compared.
 Usage: check-hf-export.py EXPORT_DIR VAL_BIN WINDOWS [--native]
 
 --native: load without remote code (one of transformers' own classes) and check that the
-directory holds no Python file.
+directory holds no Python file. Without a tokenizer.json (a tiny random model made for the
+import tests) the tokenizer round trip is skipped.
 
 moe eval scores WINDOWS = batches x ranks x batch_size windows of `context` tokens; window g
 starts at token floor((g + 0.5) * W / WINDOWS) of the file, W = tokens - context (DataLoader.swift).
@@ -44,8 +45,9 @@ with torch.no_grad():
     generated = model.generate(inputs[:1, :8], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 12), generated.shape
 
-tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=not native)
-text = "ROMEO. O sweet night!\n"
-assert tokenizer.decode(tokenizer.encode(text)) == text, "tokenizer round trip"
+if os.path.exists(os.path.join(directory, "tokenizer.json")):
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=not native)
+    text = "ROMEO. O sweet night!\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text, "tokenizer round trip"
 print(json.dumps({"val_loss": loss, "parameters": sum(p.numel() for p in model.parameters()),
                   "class": type(model).__name__}))

@@ -52,6 +52,16 @@ public enum NativeExportError: Error, CustomStringConvertible {
     }
 }
 
+/// Where one tensor of a transformers checkpoint lives in SwiftMoE's parameters: `source`'s
+/// columns `columns` (all when nil), transposed ([in, out] against transformers' [out, in]) for
+/// a linear weight. Export reads these views; import writes them.
+struct TensorMapping {
+    var native: String
+    var source: String
+    var columns: Range<Int>?
+    var transposed: Bool
+}
+
 extension HuggingFaceExport {
     /// One tensor of the exported file, in its target's layout.
     struct ExportedTensor {
@@ -60,62 +70,64 @@ extension HuggingFaceExport {
         var values: [Float]
     }
 
-    /// The checkpoint's tensors (`read(name)` gives values and SwiftMoE shape) renamed and laid
-    /// out for `target`.
-    static func nativeTensors(_ config: RunConfig, target: NativeClass, moeLayers: Set<Int>,
-                              read: (String) throws -> (shape: [Int], values: [Float])) throws -> [ExportedTensor] {
+    /// The tensors of `target` (names in transformers' checkpoint) and where each lives in
+    /// `config`'s model. `moeLayers`: the blocks whose feed-forward is routed (the others read a
+    /// dense `blocks.L.ffn`, EvoMoE's dense phase included).
+    static func nativeLayout(_ config: RunConfig, target: NativeClass, moeLayers: Set<Int>) -> [TensorMapping] {
         let model = config.model, width = model.width, headSize = width / model.heads, keyWidth = model.keyValueHeads * headSize
-        var out: [ExportedTensor] = []
-        /// [in, out] columns `range` -> transformers' [out, in].
-        func linear(_ name: String, from source: String, columns range: Range<Int>? = nil) throws {
-            let (shape, values) = try read(source)
-            let (rows, columns) = (shape[0], shape[1]), range = range ?? 0..<columns
+        let hidden = model.ffnHidden
+        var layout: [TensorMapping] = []
+        func linear(_ native: String, _ source: String, _ columns: Range<Int>? = nil) {
+            layout.append(TensorMapping(native: native, source: source, columns: columns, transposed: true))
+        }
+        func plain(_ native: String, _ source: String) { layout.append(TensorMapping(native: native, source: source, columns: nil, transposed: false)) }
+        /// SwiGLU's [C, 2H] up weight and [H, C] down weight as gate, up and down projections.
+        func feedForward(_ prefix: String, _ source: String, _ names: (gate: String, up: String, down: String)) {
+            linear("\(prefix).\(names.gate).weight", "\(source).up.weight", 0..<hidden)
+            linear("\(prefix).\(names.up).weight", "\(source).up.weight", hidden..<2 * hidden)
+            linear("\(prefix).\(names.down).weight", "\(source).down.weight")
+        }
+        plain("model.embed_tokens.weight", "embedding.token")
+        if !model.tieEmbeddings { linear("lm_head.weight", "head.weight") }
+        plain("model.norm.weight", "final_norm.gain")
+        for layer in 0..<model.layers {
+            let to = "model.layers.\(layer)", from = "blocks.\(layer)"
+            plain("\(to).input_layernorm.weight", "\(from).attention_norm.gain")
+            plain("\(to).post_attention_layernorm.weight", "\(from).ffn_norm.gain")
+            let qkv = "\(from).attention.qkv.weight"
+            linear("\(to).self_attn.q_proj.weight", qkv, 0..<width)
+            linear("\(to).self_attn.k_proj.weight", qkv, width..<width + keyWidth)
+            linear("\(to).self_attn.v_proj.weight", qkv, width + keyWidth..<width + 2 * keyWidth)
+            linear("\(to).self_attn.o_proj.weight", "\(from).attention.projection.weight")
+            if model.queryKeyNorm != .none {
+                plain("\(to).self_attn.q_norm.weight", "\(from).attention.query_norm.gain")
+                plain("\(to).self_attn.k_norm.weight", "\(from).attention.key_norm.gain")
+            }
+            guard moeLayers.contains(layer) else {
+                feedForward("\(to).mlp", "\(from).ffn", ("gate_proj", "up_proj", "down_proj"))
+                continue
+            }
+            let moe = "\(to).\(target.moePrefix)"
+            linear("\(moe).gate.weight", "\(from).moe.router")
+            for expert in 0..<config.moe.experts {
+                feedForward("\(moe).experts.\(expert)", "\(from).moe.experts.\(expert)", target.expertNames)
+            }
+        }
+        return layout
+    }
+
+    /// The tensors of `layout` read from the checkpoint (`read(name)`: SwiftMoE shape and values).
+    static func exportedTensors(_ layout: [TensorMapping], read: (String) throws -> (shape: [Int], values: [Float])) throws -> [ExportedTensor] {
+        try layout.map { mapping in
+            let (shape, values) = try read(mapping.source)
+            guard mapping.transposed else { return ExportedTensor(name: mapping.native, shape: shape, values: values) }
+            let (rows, columns) = (shape[0], shape[1]), range = mapping.columns ?? 0..<columns
             var transposed = [Float](repeating: 0, count: rows * range.count)
             for (o, column) in range.enumerated() {
                 for r in 0..<rows { transposed[o * rows + r] = values[r * columns + column] }
             }
-            out.append(ExportedTensor(name: name, shape: [range.count, rows], values: transposed))
+            return ExportedTensor(name: mapping.native, shape: [range.count, rows], values: transposed)
         }
-        func vector(_ name: String, from source: String) throws {
-            let values = try read(source).values
-            out.append(ExportedTensor(name: name, shape: [values.count], values: values))
-        }
-        /// SwiGLU's [C, 2H] up weight and [H, C] down weight as gate, up and down projections.
-        func feedForward(_ prefix: String, from source: String, names: (gate: String, up: String, down: String)) throws {
-            let hidden = model.ffnHidden
-            try linear("\(prefix).\(names.gate).weight", from: "\(source).up.weight", columns: 0..<hidden)
-            try linear("\(prefix).\(names.up).weight", from: "\(source).up.weight", columns: hidden..<2 * hidden)
-            try linear("\(prefix).\(names.down).weight", from: "\(source).down.weight")
-        }
-        let embedding = try read("embedding.token")
-        out.append(ExportedTensor(name: "model.embed_tokens.weight", shape: embedding.shape, values: embedding.values))
-        if !model.tieEmbeddings { try linear("lm_head.weight", from: "head.weight") }
-        try vector("model.norm.weight", from: "final_norm.gain")
-        for layer in 0..<model.layers {
-            let to = "model.layers.\(layer)", from = "blocks.\(layer)"
-            try vector("\(to).input_layernorm.weight", from: "\(from).attention_norm.gain")
-            try vector("\(to).post_attention_layernorm.weight", from: "\(from).ffn_norm.gain")
-            let qkv = "\(from).attention.qkv.weight"
-            try linear("\(to).self_attn.q_proj.weight", from: qkv, columns: 0..<width)
-            try linear("\(to).self_attn.k_proj.weight", from: qkv, columns: width..<width + keyWidth)
-            try linear("\(to).self_attn.v_proj.weight", from: qkv, columns: width + keyWidth..<width + 2 * keyWidth)
-            try linear("\(to).self_attn.o_proj.weight", from: "\(from).attention.projection.weight")
-            if model.queryKeyNorm != .none {
-                try vector("\(to).self_attn.q_norm.weight", from: "\(from).attention.query_norm.gain")
-                try vector("\(to).self_attn.k_norm.weight", from: "\(from).attention.key_norm.gain")
-            }
-            guard moeLayers.contains(layer) else {
-                // A dense block, or an MoE position in EvoMoE's dense phase (its dense FFN, renamed).
-                try feedForward("\(to).mlp", from: "\(from).ffn", names: ("gate_proj", "up_proj", "down_proj"))
-                continue
-            }
-            let moe = "\(to).\(target.moePrefix)"
-            try linear("\(moe).gate.weight", from: "\(from).moe.router")
-            for expert in 0..<config.moe.experts {
-                try feedForward("\(moe).experts.\(expert)", from: "\(from).moe.experts.\(expert)", names: target.expertNames)
-            }
-        }
-        return out
     }
 
     /// config.json of `target` for `config`'s model.

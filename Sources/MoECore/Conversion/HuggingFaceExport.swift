@@ -72,7 +72,7 @@ public enum HuggingFaceExport {
             return (tensor.shape, Array(values[tensor.offset..<(tensor.offset + tensor.count)]))
         }
         let native = config.model.architecture == .llama ? try NativeClass.choose(config, rule: rule) : nil
-        let layout = try native.map { try nativeTensors(config, target: $0, moeLayers: Set(moeLayers), read: read) }
+        let layout = try native.map { try exportedTensors(nativeLayout(config, target: $0, moeLayers: Set(moeLayers)), read: read) }
             ?? tensors.keys.map { ExportedTensor(name: $0, shape: tensors[$0]!.shape, values: try read($0).values) }
         do {
             try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
