@@ -34,6 +34,14 @@ public enum QueryKeyNorm: String, CaseIterable, Sendable {
     case full
 }
 
+/// `moe.score`: the router's affinities for the topk gate.
+public enum ScoreFunction: String, CaseIterable, Sendable {
+    /// p = softmax(l) over the experts.
+    case softmax
+    /// s_e = sigmoid(l_e), independent per expert (DeepSeek-V3).
+    case sigmoid
+}
+
 /// `moe.renormalize`: how top-k weights are normalised (docs/ALGORITHMS.md 2.1).
 public enum Renormalization: String, CaseIterable, Sendable {
     /// w = p on the selected experts (Switch).

@@ -37,6 +37,18 @@ public struct MoEConfig: Equatable, Sendable {
     public var zLoss = 0.0
     public var jitter = 0.0
     public var gshardSecond = SecondChoicePolicy.sampling
+    /// Hidden size of each routed expert; nil: model.ffn_hidden (fine-grained experts: smaller).
+    public var expertHidden: Int? = nil
+    public var sharedExperts = 0
+    /// Hidden size of each shared expert; nil: the routed experts'.
+    public var sharedHidden: Int? = nil
+    public var sharedGate = false
+    public var score = ScoreFunction.softmax
+    public var routedScale = 1.0
+    public var biasUpdateRate = 0.0
+    public var sequenceBalanceLoss = 0.0
+    public var expertGroups = 1
+    public var groupLimit = 0
 }
 
 /// EvoMoE's expert-diversify phase (docs/ALGORITHMS.md 4.1): train one dense FFN per MoE position,
@@ -187,6 +199,18 @@ public struct RunConfig: Equatable, Sendable {
             .double("jitter", \.jitter, 0...0.5, "topk/switch/gshard: the router sees x * U(1-j, 1+j) while training (Switch's 0.01); 0 = off"),
             .choice("gshard_second", \.gshardSecond,
                     "gshard's second expert: sampling (Gumbel over the rest), argmax, or random (kept with probability 2 p2/(p1+p2))"),
+            .optionalInt("expert_hidden", \.expertHidden, min: 1, "hidden size of each routed expert; auto = model.ffn_hidden (fine-grained experts: smaller, more of them, larger top_k)"),
+            .int("shared_experts", \.sharedExperts, min: 0, "always-on experts every token passes through, replicated, added to the routed output (DeepSeek, Qwen2-MoE)"),
+            .optionalInt("shared_hidden", \.sharedHidden, min: 1, "hidden size of each shared expert; auto = the routed experts'"),
+            .bool("shared_gate", \.sharedGate, "scale the shared experts' output by a learned sigmoid(x w) per token (Qwen2-MoE)"),
+            .choice("score", \.score, "topk: the router's affinities, softmax over the experts or an independent sigmoid per expert (DeepSeek-V3)"),
+            .double("routed_scale", \.routedScale, 1e-3...1e3, "topk: the routed experts' weights are multiplied by this (DeepSeek-V3's routed scaling factor)"),
+            .double("bias_update_rate", \.biasUpdateRate, 0...1,
+                    "topk: loss-free balancing: a per-expert bias added to the scores for selection only moves by this after each update, up for underloaded experts, down for overloaded (DeepSeek-V3's 1e-3); 0 = off"),
+            .double("sequence_balance_loss", \.sequenceBalanceLoss, 0...100, "topk: coefficient of DeepSeek-V3's sequence-wise balance loss (per sequence f_e P_e over normalised affinities); 0 = off"),
+            .int("expert_groups", \.expertGroups, min: 1, "topk: experts in this many consecutive groups (with groups = ranks, a group is a rank's experts); 1 = no grouping"),
+            .int("group_limit", \.groupLimit, min: 0,
+                    "topk: each token keeps the top group_limit groups by the sum of its two best scores in each, then its top_k inside them (DeepSeek-V3's node limit); 0 = every group"),
         ]),
         ConfigSection("evomoe", \.evomoe, help: "EvoMoE expert-diversify: a dense FFN per MoE position first, then E experts spawned from it.", [
             .double("spawn_fraction", \.spawnFraction, 0...0.99, "fraction of train.steps trained dense before spawning the experts (T_s); 0 = start sparse"),
@@ -337,6 +361,7 @@ public struct RunConfig: Equatable, Sendable {
         if model.architecture == .llama && (model.width / model.heads) % 2 != 0 {
             throw ConfigError.inconsistent("model.architecture llama rotates pairs of dimensions: the head size model.width / model.heads (\(model.width / model.heads)) must be even")
         }
+        try validateRouting()
         if moe.topK > moe.experts {
             throw ConfigError.inconsistent("moe.top_k (\(moe.topK)) cannot exceed moe.experts (\(moe.experts))")
         }
@@ -354,6 +379,30 @@ public struct RunConfig: Equatable, Sendable {
         }
         if train.minLearningRate > train.learningRate {
             throw ConfigError.inconsistent("train.min_lr (\(train.minLearningRate)) exceeds train.lr (\(train.learningRate))")
+        }
+    }
+
+    /// The routing keys of the topk gate: which gate may use them, and what fits together.
+    func validateRouting() throws {
+        let usesScoring = moe.score != .softmax || moe.routedScale != 1 || moe.biasUpdateRate > 0 || moe.sequenceBalanceLoss > 0
+            || moe.expertGroups > 1 || moe.groupLimit > 0
+        if usesScoring && moe.gate != .topk {
+            throw ConfigError.inconsistent("moe.score, routed_scale, bias_update_rate, sequence_balance_loss, expert_groups and group_limit shape the topk gate's selection; moe.gate is \(moe.gate.rawValue)")
+        }
+        if moe.score == .sigmoid && (moe.balanceLoss > 0 || moe.zLoss > 0) {
+            throw ConfigError.inconsistent("moe.score sigmoid has no softmax probabilities for moe.balance_loss or moe.z_loss: set them to 0 (balance with moe.bias_update_rate and moe.sequence_balance_loss)")
+        }
+        if moe.experts % moe.expertGroups != 0 {
+            throw ConfigError.inconsistent("moe.expert_groups (\(moe.expertGroups)) must divide moe.experts (\(moe.experts))")
+        }
+        if moe.groupLimit > moe.expertGroups {
+            throw ConfigError.inconsistent("moe.group_limit (\(moe.groupLimit)) cannot exceed moe.expert_groups (\(moe.expertGroups))")
+        }
+        if moe.groupLimit > 0 && moe.topK > moe.groupLimit * (moe.experts / moe.expertGroups) {
+            throw ConfigError.inconsistent("moe.top_k (\(moe.topK)) exceeds the experts of moe.group_limit (\(moe.groupLimit)) groups of \(moe.experts / moe.expertGroups)")
+        }
+        if moe.sharedGate && moe.sharedExperts == 0 {
+            throw ConfigError.inconsistent("moe.shared_gate scales the shared experts' output: set moe.shared_experts")
         }
     }
 

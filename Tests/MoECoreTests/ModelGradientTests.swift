@@ -6,7 +6,8 @@ import MoEIO
 /// Whole-model finite-difference checks (Double), one per gate and mode: every parameter of the
 /// replicated store (router, centroids, distilled router, bias, ...) and of the experts.
 final class ModelGradientTests: XCTestCase {
-    func checkModel(step: Int = 0, _ configure: (inout RunConfig) -> Void) throws {
+    /// biased: a nonzero loss-free balancing bias steers the selection (it gets no gradient).
+    func checkModel(step: Int = 0, biased: Bool = false, _ configure: (inout RunConfig) -> Void) throws {
         var run = RunConfig()
         run.model.context = 6; run.model.width = 8; run.model.layers = 2; run.model.heads = 2; run.model.ffnHidden = 10
         run.moe.experts = 4; run.moe.topK = 2; run.moe.capacityFactor = nil; run.moe.zLoss = 0.001
@@ -17,6 +18,11 @@ final class ModelGradientTests: XCTestCase {
                                        tokenFrequencies: (0..<11).map { $0 * 3 % 7 })
         gpt.initializeParameters(seed: 3)
         EvoMoERecipe(run).restore(gpt, step: step)
+        if biased {
+            for layer in gpt.moeLayers {
+                layer.gate.state = Dictionary(uniqueKeysWithValues: (0..<run.moe.experts).map { ("bias.\($0)", 0.3 * Double($0 % 3) - 0.2) })
+            }
+        }
         // Larger weights than the init so every path carries a visible gradient.
         for entry in gpt.replicated.entries where !entry.name.hasSuffix("hash_table") {
             for i in entry.offset..<entry.offset + entry.count { gpt.replicated.values[i] *= 8 }
@@ -85,6 +91,19 @@ final class ModelGradientTests: XCTestCase {
         }
         try checkModel { $0.model.architecture = .llama; $0.model.queryKeyNorm = .full; $0.model.moeEvery = 2 }
         try checkModel { $0.model.architecture = .llama; $0.model.kvHeads = 1; $0.train.attentionTile = 4 }
+    }
+    /// DeepSeek-V3's routing: sigmoid affinities normalised over the selected (and raw, and
+    /// after drop with capacity), a routed scale, the sequence-wise balance loss, group-limited
+    /// selection with a loss-free bias steering it; softmax with a scale and the sequence loss.
+    func testSigmoidScoresScaleGroupsBiasAndSequenceLoss() throws {
+        let sigmoid: (inout RunConfig) -> Void = {
+            $0.moe.score = .sigmoid; $0.moe.balanceLoss = 0; $0.moe.zLoss = 0; $0.moe.routedScale = 2.5; $0.moe.sequenceBalanceLoss = 0.1
+        }
+        try checkModel(biased: true) { sigmoid(&$0); $0.moe.expertGroups = 2; $0.moe.groupLimit = 1; $0.moe.biasUpdateRate = 0.01 }
+        try checkModel { sigmoid(&$0); $0.moe.renormalize = .none; $0.moe.capacityFactor = 1.0; $0.moe.minCapacity = 1 }
+        try checkModel { sigmoid(&$0); $0.moe.renormalize = .afterDrop; $0.moe.capacityFactor = 1.0; $0.moe.minCapacity = 1 }
+        try checkModel { $0.moe.routedScale = 0.5; $0.moe.sequenceBalanceLoss = 0.2; $0.moe.renormalize = .none }
+        try checkModel { $0.moe.routedScale = 1.5; $0.moe.sequenceBalanceLoss = 0.2 }
     }
     func testEvoMoEDensePhase() throws { try checkModel { $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.1 } }
 }

@@ -38,6 +38,11 @@ public protocol SelectionPolicy<Element>: AnyObject {
     func temperature(step: Int) -> Double?
     /// Parameters the trainer freezes or thaws at `step` (StableMoE's distilled router).
     func frozenParameters(step: Int) -> [(parameter: Parameter<Element, Replicated>, frozen: Bool)]
+    /// After an applied update, from this layer's global statistics of the step (loss-free
+    /// balancing's bias).
+    func adapt(to statistics: RoutingStatistics)
+    /// State outside the parameters, saved in checkpoints.
+    var state: [String: Double] { get set }
 }
 
 extension SelectionPolicy {
@@ -46,6 +51,11 @@ extension SelectionPolicy {
     public func phase(step: Int) -> TrainingPhase { .sparse }
     public func temperature(step: Int) -> Double? { nil }
     public func frozenParameters(step: Int) -> [(parameter: Parameter<Element, Replicated>, frozen: Bool)] { [] }
+    public func adapt(to statistics: RoutingStatistics) {}
+    public var state: [String: Double] {
+        get { [:] }
+        set {}
+    }
 }
 
 /// What an auxiliary loss reads: this forward's scores and routing.
@@ -145,6 +155,7 @@ public final class Gate<T: Scalar> {
         try sums.allReduce(communicator)
         for e in 0..<experts {
             routing.statistics.keptPerExpert[e] = Int64(sums[e])
+            routing.statistics.selectedPerExpert[e] = Int64(sums[experts + e])
             routing.globalSelectedPerExpert[e] = Int64(sums[experts + e])
             routing.globalFirstChoicesPerExpert[e] = Int64(sums[2 * experts + e])
         }
@@ -181,13 +192,20 @@ public final class Gate<T: Scalar> {
         policy.frozenParameters(step: step)
     }
 
-    public func adapt(to layers: [RoutingStatistics]) {
+    /// After a step: the losses' controllers (from every MoE layer's statistics), and after an
+    /// applied update the policy's (from this layer's, `own` in `layers`).
+    public func adapt(to layers: [RoutingStatistics], own: Int, applied: Bool) {
         for loss in losses { loss.adapt(to: layers) }
+        if applied && layers.indices.contains(own) { policy.adapt(to: layers[own]) }
     }
 
-    /// Scalar state that evolves outside the parameters (ReLU routing's λ); checkpointed.
+    /// Scalar state that evolves outside the parameters (ReLU routing's λ, loss-free balancing's
+    /// bias); checkpointed.
     public var state: [String: Double] {
-        get { losses.reduce(into: [:]) { merged, loss in merged.merge(loss.state) { first, _ in first } } }
-        set { for loss in losses { loss.state = newValue } }
+        get { losses.reduce(into: policy.state) { merged, loss in merged.merge(loss.state) { first, _ in first } } }
+        set {
+            for loss in losses { loss.state = newValue }
+            policy.state = newValue
+        }
     }
 }

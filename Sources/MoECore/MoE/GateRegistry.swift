@@ -17,7 +17,8 @@ struct GateRegistry<T: Scalar> {
     func makeGate() -> Gate<T> {
         let moe = run.moe, gates = run.gates
         switch moe.gate {
-        case .topk: return Gate(kind: .topk, expertCount: experts, router: linearRouter(jitter: moe.jitter), policy: topK(moe.renormalize), losses: topKLosses())
+        case .topk: return Gate(kind: .topk, expertCount: experts, router: linearRouter(jitter: moe.jitter), policy: topK(moe.renormalize, scoring: scoring),
+                                losses: topKLosses(sigmoid: moe.score == .sigmoid))
         case .switch: return Gate(kind: .switch, expertCount: experts, router: linearRouter(jitter: moe.jitter), policy: topK(.none), losses: topKLosses())
         case .gshard: return Gate(kind: .gshard, expertCount: experts, router: linearRouter(jitter: moe.jitter), policy: topK(.afterDrop, second: moe.gshardSecond), losses: topKLosses(firstChoicesOnly: true))
         case .dts: return Gate(kind: .dts, expertCount: experts, router: linearRouter(), policy: denseToSparse(.gumbelSoftmax(weightsFromGumbel: run.dts.weights == .gumbel)), losses: [SelectionBalanceLoss(coefficient: run.dts.auxLoss, experts: experts)])
@@ -49,16 +50,35 @@ struct GateRegistry<T: Scalar> {
 
     // MARK: policies and losses
 
-    func topK(_ renormalization: Renormalization, second: SecondChoicePolicy? = nil) -> TopKPolicy<T> {
+    func topK(_ renormalization: Renormalization, second: SecondChoicePolicy? = nil,
+              scoring: TopKPolicy<T>.Scoring = .init()) -> TopKPolicy<T> {
         let moe = run.moe
         return TopKPolicy(expertCount: experts, k: moe.topK, renormalization: renormalization, capacityFactor: moe.capacityFactor,
-                          evalCapacityFactor: moe.evalCapacityFactor, minimumCapacity: moe.minCapacity, secondChoice: second)
+                          evalCapacityFactor: moe.evalCapacityFactor, minimumCapacity: moe.minCapacity, secondChoice: second,
+                          scoring: scoring)
     }
 
-    /// The balance loss (always, as its value is logged) and the z-loss when it has a weight.
-    func topKLosses(firstChoicesOnly: Bool = false) -> [any AuxiliaryLoss<T>] {
-        let balance = LoadBalanceLoss<T>(coefficient: run.moe.balanceLoss, experts: experts, k: run.moe.topK, firstChoicesOnly: firstChoicesOnly)
-        return run.moe.zLoss > 0 ? [balance, RouterZLoss<T>(coefficient: run.moe.zLoss)] : [balance]
+    /// The topk gate's scoring: score function, routed scale, loss-free balancing, groups.
+    var scoring: TopKPolicy<T>.Scoring {
+        var scoring = TopKPolicy<T>.Scoring()
+        let moe = run.moe
+        (scoring.function, scoring.routedScale, scoring.biasUpdateRate) = (moe.score, moe.routedScale, moe.biasUpdateRate)
+        (scoring.groups, scoring.groupLimit) = (moe.expertGroups, moe.groupLimit)
+        return scoring
+    }
+
+    /// The balance loss (always with softmax scores, as its value is logged), the z-loss and
+    /// the sequence-wise balance loss when they have a weight.
+    func topKLosses(firstChoicesOnly: Bool = false, sigmoid: Bool = false) -> [any AuxiliaryLoss<T>] {
+        var losses: [any AuxiliaryLoss<T>] = []
+        if !sigmoid {
+            losses.append(LoadBalanceLoss<T>(coefficient: run.moe.balanceLoss, experts: experts, k: run.moe.topK, firstChoicesOnly: firstChoicesOnly))
+        }
+        if run.moe.zLoss > 0 { losses.append(RouterZLoss<T>(coefficient: run.moe.zLoss)) }
+        if run.moe.sequenceBalanceLoss > 0 {
+            losses.append(SequenceBalanceLoss<T>(coefficient: run.moe.sequenceBalanceLoss, experts: experts, k: run.moe.topK))
+        }
+        return losses
     }
 
     func denseToSparse(_ transform: ThresholdPolicy<T>.Transform) -> ThresholdPolicy<T> {

@@ -20,6 +20,8 @@ public struct RoutingContext {
     /// Generation: no capacity, so a token's experts never depend on the other tokens of the
     /// window (incremental decoding sees one token at a time).
     public var dropless = false
+    /// Tokens per sequence: rows s ..< s + sequenceLength are one sequence (sequence-wise losses).
+    public var sequenceLength = 1
 
     public init(training: Bool, communicator: Communicator, globalTokens: Int, firstGlobalToken: Int,
                 tokenIds: UnsafePointer<Int32>?, noiseKey: RandomKey, step: Int = 0) {
@@ -40,6 +42,8 @@ public struct RoutingStatistics: Sendable, Equatable {
     public var auxiliaryLoss = 0.0
     /// Kept assignments per expert (what each expert processed); empty in EvoMoE's dense phase.
     public var keptPerExpert: [Int64] = []
+    /// Selected assignments per expert, before capacity (the demand loss-free balancing reads).
+    public var selectedPerExpert: [Int64] = []
     /// Assignments the policy selected (before capacity) and kept.
     public var selectedCount: Int64 = 0
     public var keptCount: Int64 = 0
@@ -72,6 +76,7 @@ public struct RoutingStatistics: Sendable, Equatable {
         for part in parts.dropFirst() {
             total.auxiliaryLoss += part.auxiliaryLoss
             for e in total.keptPerExpert.indices where e < part.keptPerExpert.count { total.keptPerExpert[e] += part.keptPerExpert[e] }
+            for e in total.selectedPerExpert.indices where e < part.selectedPerExpert.count { total.selectedPerExpert[e] += part.selectedPerExpert[e] }
             total.selectedCount += part.selectedCount
             total.keptCount += part.keptCount
             total.globalTokens += part.globalTokens
@@ -100,6 +105,8 @@ public final class Routing<T: Scalar> {
     public internal(set) var training = false
     /// The context's loss weight (scales the auxiliary losses' gradients).
     public internal(set) var lossWeight = 1.0
+    /// Tokens per sequence of this forward (sequence-wise losses).
+    public internal(set) var sequenceLength = 1
     /// Selections per expert before capacity [E], and first choices [E]: this rank's counts,
     /// filled by a policy that drops (for the others the kept counts are the selections).
     var selectedPerExpert: [Int64] = []
@@ -126,6 +133,7 @@ public final class Routing<T: Scalar> {
         Routing.zero(&globalSelectedPerExpert, count: expertCount)
         Routing.zero(&globalFirstChoicesPerExpert, count: expertCount)
         Routing.zero(&statistics.keptPerExpert, count: expertCount)
+        Routing.zero(&statistics.selectedPerExpert, count: expertCount)
         statistics.auxiliaryLoss = 0
         statistics.selectedCount = 0
         statistics.keptCount = 0
@@ -133,6 +141,7 @@ public final class Routing<T: Scalar> {
         statistics.globalTokens = context.globalTokens
         training = context.training
         lossWeight = context.lossWeight
+        sequenceLength = context.sequenceLength
     }
 
     private static func zero(_ counts: inout [Int64], count: Int) {
@@ -182,6 +191,15 @@ public final class RouterScores<T: Scalar> {
 
     /// The policy filled `probabilities` itself.
     func markProbabilitiesFilled() { hasProbabilities = true }
+
+    /// sigmoid(l) per expert [N, E] (`moe.score: sigmoid`), independent of the others.
+    public let affinities = Tensor<T>()
+
+    func sigmoid(rows: Int) {
+        let experts = logits.columns
+        affinities.resize(rows: rows, columns: experts)
+        Kernels.sigmoid(logits.pointer, into: affinities.pointer, count: rows * experts)
+    }
 }
 
 /// Sums over the global batch that the parts of a gate need, all-reduced together: one small

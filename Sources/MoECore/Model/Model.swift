@@ -163,6 +163,7 @@ public final class GPTModel<T: Scalar> {
                                                  noiseKey: noiseKey.derive(layer), step: step)
                     context.lossWeight = lossWeight
                     context.dropless = dropless
+                    context.sequenceLength = length
                     try moe.forward(feedForwardNormed[layer].pointer, rows: rows, into: scratch.pointer, context: context)
                 }
                 statistics.append(moe.routing.statistics)

@@ -48,6 +48,11 @@ public enum Kernels {
         }
     }
 
+    /// y = 1 / (1 + exp(-x)), element-wise (in Double for Double).
+    public static func sigmoid<T: Scalar>(_ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, count: Int) {
+        for index in 0..<count { y[index] = T(1 / (1 + Glibc.exp(-Double(x[index])))) }
+    }
+
     /// SwiGLU: a [rows, H] = silu(g) u from pre [rows, 2H] = [g | u] (the reference of
     /// `FloatKernels.swiGLU`).
     public static func swiGLUForward<T: Scalar>(_ pre: UnsafePointer<T>, rows: Int, hidden: Int, activation: UnsafeMutablePointer<T>) {

@@ -124,7 +124,7 @@ public final class Trainer {
 
     /// After a step: gate controllers, the counters, and EvoMoE's spawn when it is due.
     func finishStep(_ report: StepReport) throws {
-        for layer in model.moeLayers { layer.gate.adapt(to: report.moeLayers) }
+        for (index, layer) in model.moeLayers.enumerated() { layer.gate.adapt(to: report.moeLayers, own: index, applied: !report.skipped) }
         let kept = report.moeLayers.reduce(0) { $0 + $1.keptCount }
         state.trainingFlops += model.trainingFlops(tokens: globalBatchTokens, expertAssignments: kept)
         state.trainingSeconds += report.profile.total

@@ -2,7 +2,8 @@ import MoEIO
 import MoEComm
 
 /// Softmax top-k with capacity (docs/ALGORITHMS.md 2): the policy of `topk`, `switch` and
-/// `gshard`.
+/// `gshard`; for `topk` also DeepSeek-V3's routing (`Scoring`, docs/ALGORITHMS.md 11): sigmoid
+/// affinities, a routed scale, loss-free balancing's selection bias and group-limited selection.
 ///
 /// Slots follow the GShard order, computed over the global batch: all first choices before any
 /// second choice, and within a choice rank by global token index (rank r's tokens after those
@@ -18,7 +19,28 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
     public let minimumCapacity: Int
     /// gshard: how the second expert is chosen.
     public let secondChoice: SecondChoicePolicy?
+    public let scoring: Scoring
     public var drops: Bool { true }
+
+    /// How affinities are scored and selected beyond plain softmax top-k.
+    public struct Scoring: Sendable {
+        public var function = ScoreFunction.softmax
+        /// The routed weights' factor.
+        public var routedScale = 1.0
+        /// Loss-free balancing: the selection bias's step per update (0: no bias).
+        public var biasUpdateRate = 0.0
+        /// Experts in `groups` consecutive groups; a token keeps `groupLimit` of them (0: all).
+        public var groups = 1
+        public var groupLimit = 0
+        public init() {}
+        var limitsGroups: Bool { groupLimit > 0 && groupLimit < groups }
+    }
+
+    /// Loss-free balancing's per-expert bias (Double master, checkpointed), added to the
+    /// affinities for selection only: the weights and the gradient never see it.
+    public private(set) var bias: [Double]
+    var selectionBias: [T]
+    var groupScores: [T] = [], allowedExpert: [Bool] = []   // scratch [G], [E]
 
     // Forward cache.
     var selectedExpert: [Int32] = []       // [N, k], -1: no expert (gshard's discarded second)
@@ -30,9 +52,13 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
     var row: [T] = []                      // [E] backward scratch
 
     public init(expertCount: Int, k: Int, renormalization: Renormalization, capacityFactor: Double?,
-                evalCapacityFactor: Double?, minimumCapacity: Int, secondChoice: SecondChoicePolicy? = nil) {
+                evalCapacityFactor: Double?, minimumCapacity: Int, secondChoice: SecondChoicePolicy? = nil, scoring: Scoring = Scoring()) {
         precondition(k >= 1 && k <= expertCount, "top_k must be between 1 and the number of experts")
         precondition(secondChoice == nil || k == 2, "gshard routes to two experts")
+        precondition(expertCount % scoring.groups == 0, "groups must divide the experts")
+        self.scoring = scoring
+        bias = Array(repeating: 0, count: expertCount)
+        selectionBias = Array(repeating: 0, count: expertCount)
         self.expertCount = expertCount
         self.k = k
         self.renormalization = renormalization
@@ -51,9 +77,9 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
 
     @_specialize(where T == Float)
     public func select(_ scores: RouterScores<T>, rows: Int, context: RoutingContext, into routing: Routing<T>) throws {
-        scores.softmax(rows: rows)
+        let affinities = self.affinities(scores, rows: rows)
         resizeCaches(rows: rows)
-        for s in 0..<rows { choose(token: s, probabilities: scores.probabilities.row(s), context: context) }
+        for s in 0..<rows { choose(token: s, probabilities: affinities.row(s), context: context) }
         for c in 0..<k {
             for e in 0..<expertCount {
                 routing.selectedPerExpert[e] += localCounts[c * expertCount + e]
@@ -62,13 +88,41 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
         }
         try assignGlobalSlots(communicator: context.communicator)
         let capacity = context.dropless ? Int.max : capacity(globalTokens: context.globalTokens, training: context.training) ?? Int.max
-        for s in 0..<rows { keep(token: s, probabilities: scores.probabilities.row(s), capacity: capacity, into: routing) }
+        for s in 0..<rows { keep(token: s, probabilities: affinities.row(s), capacity: capacity, into: routing) }
+    }
+
+    /// The scores selection and weights read: softmax probabilities or sigmoid affinities.
+    func affinities(_ scores: RouterScores<T>, rows: Int) -> Tensor<T> {
+        guard scoring.function == .sigmoid else { scores.softmax(rows: rows); return scores.probabilities }
+        scores.sigmoid(rows: rows)
+        return scores.affinities
+    }
+
+    /// Group-limited routing: the `groupLimit` groups with the largest sum of their two best
+    /// biased affinities (one for groups of one) are allowed (ties: lowest group index).
+    private func allowGroups(_ p: UnsafeMutablePointer<T>) {
+        let size = expertCount / scoring.groups
+        for g in 0..<scoring.groups {
+            var first = -T.infinity, second = -T.infinity
+            for e in g * size..<(g + 1) * size {
+                let key = p[e] + selectionBias[e]
+                if key > first { (first, second) = (key, first) } else if key > second { second = key }
+            }
+            groupScores[g] = size == 1 ? first : first + second
+        }
+        for e in 0..<expertCount { allowedExpert[e] = false }
+        for _ in 0..<scoring.groupLimit {
+            var best = -1
+            for g in 0..<scoring.groups where !allowedExpert[g * size] && (best < 0 || groupScores[g] > groupScores[best]) { best = g }
+            for e in best * size..<(best + 1) * size { allowedExpert[e] = true }
+        }
     }
 
     /// The k largest probabilities of token s (ties: lowest expert index), gshard's second choice
     /// by its policy; the weights before dropping.
     private func choose(token s: Int, probabilities p: UnsafeMutablePointer<T>, context: RoutingContext) {
-        let experts = expertCount
+        let experts = expertCount, limited = scoring.limitsGroups
+        if limited { allowGroups(p) }
         var sum: T = 0
         for c in 0..<k {
             var best = -1
@@ -81,7 +135,9 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
                     if score > bestScore { bestScore = score; best = e }
                 }
             } else {
-                for e in 0..<experts where !isSelected(e, token: s, upTo: c) && (best < 0 || p[e] > p[best]) { best = e }
+                // The bias (zero without loss-free balancing) steers the choice, not the weight.
+                for e in 0..<experts where !isSelected(e, token: s, upTo: c) && (!limited || allowedExpert[e])
+                    && (best < 0 || p[e] + selectionBias[e] > p[best] + selectionBias[best]) { best = e }
             }
             if c == 1, secondChoice == .random, context.training {
                 let first = p[Int(selectedExpert[s * k])]
@@ -95,7 +151,7 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
         }
         for c in 0..<k where selectedExpert[s * k + c] >= 0 {
             let pe = p[Int(selectedExpert[s * k + c])]
-            selectedWeight[s * k + c] = renormalization == .beforeDrop ? pe / sum : pe
+            selectedWeight[s * k + c] = scaled(renormalization == .beforeDrop ? pe / sum : pe)
         }
     }
 
@@ -134,13 +190,18 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
         }
         for c in 0..<k where keptIndex[s * k + c] >= 0 {
             let e = Int(selectedExpert[s * k + c])
-            if renormalization == .afterDrop { selectedWeight[s * k + c] = p[e] / max(keptSum, T(1.19e-7)) }
+            if renormalization == .afterDrop { selectedWeight[s * k + c] = scaled(p[e] / max(keptSum, T(1.19e-7))) }
             keptIndex[s * k + c] = Int32(routing.count)
             routing.append(token: s, expert: e, weight: selectedWeight[s * k + c])
         }
     }
 
+    /// w · routed scale (the identity, exactly, at scale 1).
+    @inline(__always) private func scaled(_ weight: T) -> T { scoring.routedScale == 1 ? weight : weight * T(scoring.routedScale) }
+
     private func resizeCaches(rows: Int) {
+        if groupScores.count != scoring.groups { groupScores = Array(repeating: 0, count: scoring.groups) }
+        if allowedExpert.count != expertCount { allowedExpert = Array(repeating: true, count: expertCount) }
         if selectedExpert.count != rows * k {
             selectedExpert = Array(repeating: 0, count: rows * k)
             selectedWeight = Array(repeating: 0, count: rows * k)
@@ -158,12 +219,15 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
     /// normalising set K (selected for before_drop, kept for after_drop), dl_j += w_j (dw_j - Σ_K w_i dw_i).
     @_specialize(where T == Float)
     public func backward(_ dWeights: UnsafePointer<T>, routing: Routing<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {
-        let experts = expertCount
+        if scoring.function == .sigmoid { return backwardSigmoid(dWeights, scores: scores, into: dLogits) }
+        let experts = expertCount, scale = T(scoring.routedScale)
         for s in 0..<dLogits.rows {
             let dl = dLogits.row(s)
             guard renormalization != .none else {
                 for e in 0..<experts { row[e] = 0 }
-                for c in 0..<k where keptIndex[s * k + c] >= 0 { row[Int(selectedExpert[s * k + c])] += dWeights[Int(keptIndex[s * k + c])] }
+                for c in 0..<k where keptIndex[s * k + c] >= 0 {
+                    row[Int(selectedExpert[s * k + c])] += scale == 1 ? dWeights[Int(keptIndex[s * k + c])] : scale * dWeights[Int(keptIndex[s * k + c])]
+                }
                 row.withUnsafeMutableBufferPointer { v in
                     Kernels.softmaxBackwardRow(probabilities: scores.probabilities.row(s), v.baseAddress!, count: experts)
                     Kernels.add(v.baseAddress!, into: dl, count: experts)
@@ -174,11 +238,64 @@ public final class TopKPolicy<T: Scalar>: SelectionPolicy {
             for c in 0..<k where keptIndex[s * k + c] >= 0 {
                 weightedSum += selectedWeight[s * k + c] * dWeights[Int(keptIndex[s * k + c])]
             }
+            if scale != 1 { weightedSum /= scale }   // Σ ŵ dw with the unscaled weights ŵ = w / scale
             for c in 0..<k where selectedExpert[s * k + c] >= 0 {
                 let kept = keptIndex[s * k + c] >= 0
                 guard kept || renormalization == .beforeDrop else { continue }
                 let dw = kept ? dWeights[Int(keptIndex[s * k + c])] : 0
                 dl[Int(selectedExpert[s * k + c])] += selectedWeight[s * k + c] * (dw - weightedSum)
+            }
+        }
+    }
+
+    /// Sigmoid affinities a = σ(l), w = γ a (none) or γ a_j / S over the normalising set K:
+    /// da_j = γ dw_j, or (γ / S)(dw_j - Σ_K (w_i / γ) dw_i); then dl_j = da_j a_j (1 - a_j).
+    private func backwardSigmoid(_ dWeights: UnsafePointer<T>, scores: RouterScores<T>, into dLogits: Tensor<T>) {
+        let scale = T(scoring.routedScale)
+        for s in 0..<dLogits.rows {
+            let dl = dLogits.row(s), a = scores.affinities.row(s)
+            var normaliser: T = 0, weightedSum: T = 0
+            for c in 0..<k where selectedExpert[s * k + c] >= 0 {
+                let kept = keptIndex[s * k + c] >= 0
+                if kept { weightedSum += selectedWeight[s * k + c] * dWeights[Int(keptIndex[s * k + c])] }
+                if kept || renormalization == .beforeDrop { normaliser += a[Int(selectedExpert[s * k + c])] }
+            }
+            weightedSum /= scale
+            for c in 0..<k where selectedExpert[s * k + c] >= 0 {
+                let e = Int(selectedExpert[s * k + c]), kept = keptIndex[s * k + c] >= 0
+                let dw = kept ? dWeights[Int(keptIndex[s * k + c])] : 0
+                let da: T
+                switch renormalization {
+                case .none: da = scale * dw
+                case .beforeDrop: da = scale / normaliser * (dw - weightedSum)
+                case .afterDrop:
+                    guard kept else { continue }
+                    da = scale / normaliser * (dw - weightedSum)
+                }
+                dl[e] += da * a[e] * (1 - a[e])
+            }
+        }
+    }
+
+    /// Loss-free balancing after an applied update: each expert's bias moves by the rate toward
+    /// the mean load (up when it selected fewer than the mean, down when more), from the step's
+    /// global selections, so every rank moves it alike.
+    public func adapt(to statistics: RoutingStatistics) {
+        guard scoring.biasUpdateRate > 0, statistics.selectedPerExpert.count == expertCount else { return }
+        let loads = statistics.selectedPerExpert.map(Double.init), mean = loads.reduce(0, +) / Double(expertCount)
+        for e in 0..<expertCount {
+            let error = mean - loads[e]
+            bias[e] += scoring.biasUpdateRate * (error > 0 ? 1 : error < 0 ? -1 : 0)
+            selectionBias[e] = T(bias[e])
+        }
+    }
+
+    /// The bias, checkpointed (`bias.E`).
+    public var state: [String: Double] {
+        get { scoring.biasUpdateRate > 0 ? Dictionary(uniqueKeysWithValues: bias.enumerated().map { ("bias.\($0.offset)", $0.element) }) : [:] }
+        set {
+            for e in 0..<expertCount {
+                if let value = newValue["bias.\(e)"] { bias[e] = value; selectionBias[e] = T(value) }
             }
         }
     }
