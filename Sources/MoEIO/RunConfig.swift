@@ -401,6 +401,9 @@ public struct RunConfig: Equatable, Sendable {
         if moe.groupLimit > 0 && moe.topK > moe.groupLimit * (moe.experts / moe.expertGroups) {
             throw ConfigError.inconsistent("moe.top_k (\(moe.topK)) exceeds the experts of moe.group_limit (\(moe.groupLimit)) groups of \(moe.experts / moe.expertGroups)")
         }
+        if evomoe.spawnFraction > 0, let hidden = moe.expertHidden, hidden != model.ffnHidden {
+            throw ConfigError.inconsistent("EvoMoE spawns the experts from a dense FFN of model.ffn_hidden (\(model.ffnHidden)): moe.expert_hidden (\(hidden)) must equal it, or set evomoe.spawn_fraction: 0")
+        }
         if moe.sharedGate && moe.sharedExperts == 0 {
             throw ConfigError.inconsistent("moe.shared_gate scales the shared experts' output: set moe.shared_experts")
         }

@@ -40,8 +40,12 @@ struct ModelDescription: CustomStringConvertible {
     let config: RunConfig
     init(_ config: RunConfig) { self.config = config }
     var description: String {
-        let model = config.model, moe = config.moe
-        let routing = model.moeEvery == 0 ? "dense" : "\(moe.experts) experts per MoE block (every \(model.moeEvery)), top-\(moe.topK)"
+        let model = config.model, moe = config.moe, expertHidden = moe.expertHidden ?? model.ffnHidden
+        var routing = model.moeEvery == 0 ? "dense"
+            : "\(moe.experts) experts of hidden \(expertHidden) per MoE block (every \(model.moeEvery)), top-\(moe.topK)"
+        if model.moeEvery > 0 && moe.sharedExperts > 0 {
+            routing += ", \(moe.sharedExperts) shared of hidden \(moe.sharedHidden ?? expertHidden)\(moe.sharedGate ? ", gated" : "")"
+        }
         return "\(model.architecture.rawValue), \(model.layers) blocks of width \(model.width), \(model.heads) heads "
             + "(\(model.keyValueHeads) key/value), FFN \(model.ffnHidden), context \(model.context), vocabulary \(model.vocabularySize); \(routing)"
     }

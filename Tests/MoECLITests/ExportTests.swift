@@ -40,7 +40,8 @@ final class ExportTests: XCTestCase {
     /// the model has, and each scores the validation windows as `moe eval` does (1e-4 relative):
     /// Mixtral (no query/key norm, renormalised top-2, grouped-query attention, untied head),
     /// Qwen3-MoE (per-head norms, an MoE every second block, Switch's raw top-1 weight), OLMoE
-    /// (whole-projection norms, weights not renormalised, tied head).
+    /// (whole-projection norms, weights not renormalised, tied head), Qwen2-MoE (a gated shared
+    /// expert, fine-grained experts smaller than the dense blocks' FFN).
     func testLlamaExportsAsTransformersOwnClasses() throws {
         try requireTransformers()
         let workspace = try Workspace()
@@ -49,6 +50,8 @@ final class ExportTests: XCTestCase {
             ("MixtralForCausalLM", ["model.kv_heads=1", "model.tie_embeddings=false"]),
             ("Qwen3MoeForCausalLM", ["model.qk_norm=head", "model.moe_every=2", "moe.gate=switch", "moe.top_k=1", "model.rope_theta=500"]),
             ("OlmoeForCausalLM", ["model.qk_norm=full", "moe.renormalize=none", "model.norm_epsilon=1e-6"]),
+            ("Qwen2MoeForCausalLM", ["moe.shared_experts=1", "moe.shared_gate=true", "moe.shared_hidden=24", "moe.expert_hidden=8",
+                                     "model.moe_every=2"]),
         ]
         for (modelClass, settings) in variants {
             let run = "run-\(modelClass)", export = "hf-\(modelClass)"

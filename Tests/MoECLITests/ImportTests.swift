@@ -48,6 +48,7 @@ final class ImportTests: XCTestCase {
         let workspace = try Workspace()
         let models: [(String, [String], String)] = [
             ("mixtral", ["--bf16", "--shards"], "MixtralForCausalLM"), ("qwen3_moe", [], "Qwen3MoeForCausalLM"), ("olmoe", [], "OlmoeForCausalLM"),
+            ("qwen2_moe", [], "Qwen2MoeForCausalLM"),
         ]
         for (kind, options, modelClass) in models {
             let source = try makeModel(workspace, kind, options), run = "run-\(kind)"
@@ -89,7 +90,8 @@ final class ImportTests: XCTestCase {
             result = try CLI.run(["upcycle", "--from", source, "--output", upcycled, "--experts", "4", "--set", "train.precision=fp32"],
                                  in: workspace.url)
             XCTAssertEqual(result.status, 0, result.stderr)
-            XCTAssertTrue(result.stdout.contains("4 experts per MoE block (every 1), top-1"), result.stdout)
+            XCTAssertTrue(result.stdout.contains("4 experts of hidden"), result.stdout)
+            XCTAssertTrue(result.stdout.contains("per MoE block (every 1), top-1"), result.stdout)
             for ranks in [1, 2] {
                 let expected = try evalLoss(workspace, dense, ranks: ranks)
                 XCTAssertEqual(try evalLoss(workspace, upcycled, ranks: ranks), expected, accuracy: 1e-5 * expected, "\(source), \(ranks) ranks")
@@ -106,10 +108,10 @@ final class ImportTests: XCTestCase {
     /// What SwiftMoE cannot represent is a one-line error naming it.
     func testUnsupportedModelsAreRefused() throws {
         let workspace = try Workspace()
-        let qwen2 = try makeModel(workspace, "qwen2_moe")
+        let qwen2 = try makeModel(workspace, "qwen2_moe_biased")
         var result = try CLI.run(["import", "--from", qwen2, "--output", "run"], in: workspace.url)
         XCTAssertNotEqual(result.status, 0)
-        XCTAssertTrue(result.stderr.contains("model_type 'qwen2_moe': SwiftMoE imports"), result.stderr)
+        XCTAssertTrue(result.stderr.contains("qkv_bias (attention biases) is not supported"), result.stderr)
         XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
         // A config that says there is no bias, with a bias tensor in the file.
         let llama = try makeModel(workspace, "llama")

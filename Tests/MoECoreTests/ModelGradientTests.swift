@@ -105,5 +105,12 @@ final class ModelGradientTests: XCTestCase {
         try checkModel { $0.moe.routedScale = 0.5; $0.moe.sequenceBalanceLoss = 0.2; $0.moe.renormalize = .none }
         try checkModel { $0.moe.routedScale = 1.5; $0.moe.sequenceBalanceLoss = 0.2 }
     }
+    /// Fine-grained experts (8 of hidden 3, top-4) beside 2 shared experts; one shared expert
+    /// behind its sigmoid gate on the llama block; shared experts through EvoMoE's dense phase.
+    func testSharedAndFineGrainedExperts() throws {
+        try checkModel { $0.moe.experts = 8; $0.moe.topK = 4; $0.moe.expertHidden = 3; $0.moe.sharedExperts = 2; $0.moe.sharedHidden = 4 }
+        try checkModel { $0.model.architecture = .llama; $0.moe.sharedExperts = 1; $0.moe.sharedGate = true; $0.moe.expertHidden = 6 }
+        try checkModel { $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.1; $0.moe.sharedExperts = 1; $0.moe.sharedGate = true }
+    }
     func testEvoMoEDensePhase() throws { try checkModel { $0.moe.gate = .dts; $0.evomoe.spawnFraction = 0.1 } }
 }

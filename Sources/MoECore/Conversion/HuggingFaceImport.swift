@@ -37,7 +37,8 @@ public enum HuggingFaceImport {
 
     /// The model types read, and the class naming their tensors (dense ones: only its `mlp`).
     static let modelTypes: [String: NativeClass] = [
-        "mixtral": .mixtral, "qwen3_moe": .qwen3Moe, "olmoe": .olmoe, "llama": .mixtral, "mistral": .mixtral, "qwen3": .qwen3Moe,
+        "mixtral": .mixtral, "qwen2_moe": .qwen2Moe, "qwen3_moe": .qwen3Moe, "olmoe": .olmoe, "llama": .mixtral, "mistral": .mixtral,
+        "qwen3": .qwen3Moe,
     ]
 
     /// Reads `directory/config.json`; `overrides` (`key=value`, as `--set`) adjust the result,
@@ -85,18 +86,20 @@ public enum HuggingFaceImport {
         case "mixtral":
             (model.moeEvery, model.ffnHidden, model.queryKeyNorm) = (1, try fields.int("intermediate_size"), .none)
             (run.moe.experts, run.moe.renormalize) = (try fields.experts(), .beforeDrop)
-        case "qwen3_moe":
-            model.ffnHidden = try fields.int("moe_intermediate_size")
+        case "qwen2_moe", "qwen3_moe":
+            run.moe.expertHidden = try fields.int("moe_intermediate_size")
+            model.ffnHidden = try fields.optionalInt("intermediate_size") ?? run.moe.expertHidden!
             model.moeEvery = try fields.optionalInt("decoder_sparse_step") ?? 1
             if !((json["mlp_only_layers"] as? [Any]) ?? []).isEmpty {
                 throw ImportError.unsupported(path: path, what: "mlp_only_layers (dense blocks other than every decoder_sparse_step-th)")
             }
-            if model.moeEvery > 1, try fields.int("intermediate_size") != model.ffnHidden {
-                throw ImportError.unsupported(path: path, what: "dense blocks of intermediate_size next to experts of moe_intermediate_size \(model.ffnHidden): SwiftMoE has one model.ffn_hidden")
-            }
-            model.queryKeyNorm = .head
+            model.queryKeyNorm = modelType == "qwen3_moe" ? .head : .none
             run.moe.experts = try fields.experts()
             run.moe.renormalize = json["norm_topk_prob"] as? Bool == true ? .beforeDrop : .none
+            if modelType == "qwen2_moe" {
+                if json["qkv_bias"] as? Bool ?? true { throw ImportError.unsupported(path: path, what: "qkv_bias (attention biases) is not supported by SwiftMoE's llama block") }
+                (run.moe.sharedExperts, run.moe.sharedHidden, run.moe.sharedGate) = (1, try fields.int("shared_expert_intermediate_size"), true)
+            }
         case "olmoe":
             (model.moeEvery, model.ffnHidden, model.queryKeyNorm) = (1, try fields.int("intermediate_size"), .full)
             run.moe.experts = try fields.experts()

@@ -5,22 +5,26 @@ import MoEIO
 /// `AutoModelForCausalLM.from_pretrained(dir)` loads without remote code (and which vLLM,
 /// llama.cpp's converters and PEFT know). Which class depends on what the model has:
 ///
-///   | class      | query/key norm | MoE layers              | routing rule                      |
-///   |------------|----------------|-------------------------|-----------------------------------|
-///   | mixtral    | none           | every block             | softmax top-k, renormalised       |
-///   | qwen3_moe  | head           | every n-th (dense rest) | softmax top-k, renormalised or not |
-///   | olmoe      | full           | every block             | softmax top-k, renormalised or not |
+///   | class      | query/key norm | MoE layers              | routing rule                       | shared expert |
+///   |------------|----------------|-------------------------|------------------------------------|---------------|
+///   | mixtral    | none           | every block             | softmax top-k, renormalised        | none          |
+///   | qwen2_moe  | none           | every n-th (dense rest) | softmax top-k, renormalised or not | one, gated    |
+///   | qwen3_moe  | head           | every n-th (dense rest) | softmax top-k, renormalised or not | none          |
+///   | olmoe      | full           | every block             | softmax top-k, renormalised or not | none          |
 ///
 /// A configuration none of them represents is a one-line error naming what is missing.
 /// Weights: SwiftMoE's linear weights are [in, out], transformers' [out, in]; the fused
 /// projections are split (QKV into q/k/v, SwiGLU's [C, 2H] into gate and up).
 public enum NativeClass: String, CaseIterable, Sendable {
     case mixtral
+    case qwen2Moe = "qwen2_moe"
     case qwen3Moe = "qwen3_moe"
     case olmoe
 
     /// transformers' model class and the prefix of an MoE layer's modules.
-    var architecture: String { ["mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"][rawValue]! }
+    var architecture: String {
+        ["mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"][rawValue]!
+    }
     var moePrefix: String { self == .mixtral ? "block_sparse_moe" : "mlp" }
     var expertNames: (gate: String, up: String, down: String) {
         self == .mixtral ? ("w1", "w3", "w2") : ("gate_proj", "up_proj", "down_proj")
@@ -28,9 +32,18 @@ public enum NativeClass: String, CaseIterable, Sendable {
 
     /// The class that represents `config`'s model (routing by `rule`; nil: EvoMoE's dense phase).
     static func choose(_ config: RunConfig, rule: HuggingFaceExport.RoutingRule?) throws -> NativeClass {
-        let model = config.model
+        let model = config.model, moe = config.moe
         let everyBlock = rule != nil && model.moeEvery == 1
         let dense = rule == nil ? "EvoMoE's dense phase (dense FFNs until the spawn)" : "dense blocks (model.moe_every \(model.moeEvery))"
+        if moe.score != .softmax || moe.routedScale != 1 || moe.biasUpdateRate > 0 || moe.groupLimit > 0 {
+            throw NativeExportError.unrepresentable("sigmoid scores, a routed scale, loss-free balancing's bias or group-limited routing: the transformers class that routes so (DeepSeek-V3) has multi-head latent attention, which SwiftMoE does not")
+        }
+        if moe.sharedExperts > 0 {
+            guard moe.sharedGate, model.queryKeyNorm == .none else {
+                throw NativeExportError.unrepresentable("shared experts need moe.shared_gate: true and model.qk_norm: none to be Qwen2-MoE's gated shared expert")
+            }
+            return .qwen2Moe
+        }
         switch model.queryKeyNorm {
         case .head:
             return .qwen3Moe
@@ -75,14 +88,14 @@ extension HuggingFaceExport {
     /// dense `blocks.L.ffn`, EvoMoE's dense phase included).
     static func nativeLayout(_ config: RunConfig, target: NativeClass, moeLayers: Set<Int>) -> [TensorMapping] {
         let model = config.model, width = model.width, headSize = width / model.heads, keyWidth = model.keyValueHeads * headSize
-        let hidden = model.ffnHidden
+        let moe = config.moe, expertHidden = moe.expertHidden ?? model.ffnHidden
         var layout: [TensorMapping] = []
         func linear(_ native: String, _ source: String, _ columns: Range<Int>? = nil) {
             layout.append(TensorMapping(native: native, source: source, columns: columns, transposed: true))
         }
         func plain(_ native: String, _ source: String) { layout.append(TensorMapping(native: native, source: source, columns: nil, transposed: false)) }
         /// SwiGLU's [C, 2H] up weight and [H, C] down weight as gate, up and down projections.
-        func feedForward(_ prefix: String, _ source: String, _ names: (gate: String, up: String, down: String)) {
+        func feedForward(_ prefix: String, _ source: String, _ names: (gate: String, up: String, down: String), hidden: Int) {
             linear("\(prefix).\(names.gate).weight", "\(source).up.weight", 0..<hidden)
             linear("\(prefix).\(names.up).weight", "\(source).up.weight", hidden..<2 * hidden)
             linear("\(prefix).\(names.down).weight", "\(source).down.weight")
@@ -104,13 +117,18 @@ extension HuggingFaceExport {
                 plain("\(to).self_attn.k_norm.weight", "\(from).attention.key_norm.gain")
             }
             guard moeLayers.contains(layer) else {
-                feedForward("\(to).mlp", "\(from).ffn", ("gate_proj", "up_proj", "down_proj"))
+                feedForward("\(to).mlp", "\(from).ffn", ("gate_proj", "up_proj", "down_proj"), hidden: model.ffnHidden)
                 continue
             }
-            let moe = "\(to).\(target.moePrefix)"
-            linear("\(moe).gate.weight", "\(from).moe.router")
-            for expert in 0..<config.moe.experts {
-                feedForward("\(moe).experts.\(expert)", "\(from).moe.experts.\(expert)", target.expertNames)
+            let prefix = "\(to).\(target.moePrefix)"
+            linear("\(prefix).gate.weight", "\(from).moe.router")
+            for expert in 0..<moe.experts {
+                feedForward("\(prefix).experts.\(expert)", "\(from).moe.experts.\(expert)", target.expertNames, hidden: expertHidden)
+            }
+            if moe.sharedExperts > 0 {
+                feedForward("\(prefix).shared_expert", "\(from).moe.shared", ("gate_proj", "up_proj", "down_proj"),
+                            hidden: moe.sharedExperts * (moe.sharedHidden ?? expertHidden))
+                linear("\(prefix).shared_expert_gate.weight", "\(from).moe.shared_gate.weight")
             }
         }
         return layout
@@ -146,23 +164,29 @@ extension HuggingFaceExport {
             "rope_parameters": ["rope_type": "default", "rope_theta": model.ropeTheta],
             "swiftmoe_gate": config.moe.gate.rawValue,
         ]
+        let moe = config.moe, expertHidden = moe.expertHidden ?? model.ffnHidden
         switch target {
         case .mixtral:
             object["num_local_experts"] = config.moe.experts
-            object["intermediate_size"] = model.ffnHidden
+            object["intermediate_size"] = expertHidden
             object["sliding_window"] = NSNull()
-        case .qwen3Moe:
+        case .qwen2Moe, .qwen3Moe:
             object["num_experts"] = moeLayers.isEmpty ? 0 : config.moe.experts
-            object["moe_intermediate_size"] = model.ffnHidden
+            object["moe_intermediate_size"] = expertHidden
             object["intermediate_size"] = model.ffnHidden
             object["decoder_sparse_step"] = max(1, model.moeEvery)
             object["mlp_only_layers"] = (0..<model.layers).filter { !moeLayers.contains($0) }
             object["norm_topk_prob"] = rule?.renormalize ?? false
             object["use_sliding_window"] = false
             object["sliding_window"] = NSNull()
+            if target == .qwen2Moe {
+                object["shared_expert_intermediate_size"] = moe.sharedExperts * (moe.sharedHidden ?? expertHidden)
+                object["qkv_bias"] = false
+                object["head_dim"] = nil
+            }
         case .olmoe:
             object["num_experts"] = config.moe.experts
-            object["intermediate_size"] = model.ffnHidden
+            object["intermediate_size"] = expertHidden
             object["norm_topk_prob"] = rule?.renormalize ?? false
             object["clip_qkv"] = NSNull()
         }

@@ -20,8 +20,13 @@ public enum Upcycling {
 
     public enum UpcycleError: Error, CustomStringConvertible {
         case notDense(String)
+        case expertSize(Int, Int)
         public var description: String {
-            switch self { case let .notDense(source): return "upcycle: '\(source)' already has experts (model.moe_every > 0); upcycling starts from a dense model" }
+            switch self {
+            case let .notDense(source): return "upcycle: '\(source)' already has experts (model.moe_every > 0); upcycling starts from a dense model"
+            case let .expertSize(expert, dense):
+                return "upcycle: moe.expert_hidden \(expert) differs from the dense FFN's \(dense): the experts are copies of it"
+            }
         }
     }
 
@@ -39,6 +44,9 @@ public enum Upcycling {
         config.evomoe.spawnFraction = 0
         if let diversify = options.diversify { config.evomoe = diversify; config.evomoe.spawnFraction = 0 }
         try config.apply(overrides: overrides)
+        if let hidden = config.moe.expertHidden, hidden != config.model.ffnHidden {
+            throw UpcycleError.expertSize(hidden, config.model.ffnHidden)
+        }
         return config
     }
 

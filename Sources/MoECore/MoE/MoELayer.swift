@@ -46,12 +46,15 @@ public final class MoELayer<T: Scalar> {
     /// EvoMoE's dense phase: a replicated dense FFN used instead of routing while `isDense`.
     public let dense: FeedForward<T, Replicated>?
     public internal(set) var isDense: Bool
+    /// Always-on shared experts added to the routed output (in either phase).
+    public let shared: SharedExperts<T>?
 
     public init(gate: Gate<T>, experts: [FeedForward<T, ExpertSharded>], placement: ExpertPlacement,
-                communicator: Communicator, dense: FeedForward<T, Replicated>? = nil) {
+                communicator: Communicator, dense: FeedForward<T, Replicated>? = nil, shared: SharedExperts<T>? = nil) {
         precondition(experts.count == placement.expertsPerRank, "one FeedForward per local expert")
         precondition(gate.expertCount == placement.expertCount)
         self.dense = dense
+        self.shared = shared
         self.isDense = dense != nil
         self.gate = gate
         self.experts = experts
@@ -79,6 +82,12 @@ public final class MoELayer<T: Scalar> {
 
     /// x, y: [N, C]. y is overwritten.
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, context: RoutingContext) throws {
+        try forwardRouted(x, rows: rows, into: y, context: context)
+        if let shared { measure(\.experts) { shared.forward(x, rows: rows, addingTo: y, rounded: roundsProducts) } }
+    }
+
+    /// The routed experts' part of `forward` (or EvoMoE's dense FFN).
+    private func forwardRouted(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, context: RoutingContext) throws {
         if isDense, let dense {
             routing.resetDense(globalTokens: context.globalTokens)
             hidden.resize(rows: rows, for: dense, rounded: roundsProducts)
@@ -188,6 +197,11 @@ public final class MoELayer<T: Scalar> {
 
     /// Adjoint of `forward`. dy: [N, C]; dx is accumulated.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {
+        if let shared { measure(\.experts) { shared.backward(x, dy, rows: rows, dx: dx) } }
+        try backwardRouted(x, dy, rows: rows, dx: dx)
+    }
+
+    private func backwardRouted(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {
         if isDense, let dense {
             dHidden.resize(rows: rows, columns: dense.scratchColumns)
             measure(\.experts) {

@@ -45,10 +45,11 @@ struct BlockBuilder<T: Scalar> {
         }
     }
 
-    /// A feed-forward network of the architecture's kind (GELU or SwiGLU) in `store`.
-    func feedForward<Kind>(_ store: ParameterStore<T, Kind>, _ path: ParameterPath) -> FeedForward<T, Kind> {
-        FeedForward(store: store, path: path, width: config.width, hiddenSize: config.ffnHidden, residualDeviation: residualDeviation,
-                    architecture: config.architecture)
+    /// A feed-forward network of the architecture's kind (GELU or SwiGLU) in `store`, of hidden
+    /// `model.ffn_hidden` unless given.
+    func feedForward<Kind>(_ store: ParameterStore<T, Kind>, _ path: ParameterPath, hiddenSize: Int? = nil) -> FeedForward<T, Kind> {
+        FeedForward(store: store, path: path, width: config.width, hiddenSize: hiddenSize ?? config.ffnHidden,
+                    residualDeviation: residualDeviation, architecture: config.architecture)
     }
 
     /// The gate, this rank's experts and, for EvoMoE's phase 1, one replicated dense FFN per MoE
@@ -56,9 +57,19 @@ struct BlockBuilder<T: Scalar> {
     func moeLayer(_ layer: Int) -> MoELayer<T> {
         let gate = GateRegistry(run: run, store: replicated, path: path(layer, "moe", .router), vocabularySize: vocabularySize,
                                 moeLayerCount: moeLayerCount, tokenFrequencies: tokenFrequencies, spawnStep: run.spawnStep).makeGate()
-        let local = placement.localExperts.map { expert in feedForward(experts, path(layer, "moe.experts.\(expert)", .expert)) }
+        let moe = run.moe, expertHidden = moe.expertHidden ?? config.ffnHidden
+        var shared: SharedExperts<T>?
+        if moe.sharedExperts > 0 {
+            let ffn = feedForward(replicated, path(layer, "moe.shared", .feedForward), hiddenSize: moe.sharedExperts * (moe.sharedHidden ?? expertHidden))
+            let gate = moe.sharedGate ? Linear(store: replicated, path: path(layer, "moe.shared_gate", .router), inputSize: config.width,
+                                               outputSize: 1, deviation: 0.02, bias: false) : nil
+            shared = SharedExperts(feedForward: ffn, gate: gate)
+        }
+        let local = placement.localExperts.map { expert in
+            feedForward(experts, path(layer, "moe.experts.\(expert)", .expert), hiddenSize: expertHidden)
+        }
         let dense = run.evomoe.spawnFraction > 0 ? feedForward(replicated, path(layer, "moe.dense", .denseFeedForward)) : nil
-        let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator, dense: dense)
+        let moeLayer = MoELayer(gate: gate, experts: local, placement: placement, communicator: communicator, dense: dense, shared: shared)
         moeLayer.layerIndex = layer
         moeLayer.dispatchChunks = dispatchChunks
         return moeLayer

@@ -304,10 +304,11 @@ public final class GPTModel<T: Scalar> {
         return (total, routedAroundParameters + moeLayers.count * moeConfig.topK * parametersPerExpert)
     }
 
-    /// One expert FFN (two matrices and their biases, or SwiGLU's three); EvoMoE's dense FFN has
-    /// the same shape.
+    /// One routed expert FFN (two matrices and their biases, or SwiGLU's three); EvoMoE's dense
+    /// FFN has the same shape (`moe.expert_hidden` = `model.ffn_hidden` with EvoMoE).
     var parametersPerExpert: Int {
-        FeedForward<T, ExpertSharded>.parameterCount(width: config.width, hiddenSize: config.ffnHidden, architecture: config.architecture)
+        FeedForward<T, ExpertSharded>.parameterCount(width: config.width, hiddenSize: moeConfig.expertHidden ?? config.ffnHidden,
+                                                     architecture: config.architecture)
     }
 
     /// Replicated parameters every token passes through. EvoMoE's dense FFNs are left out: a

@@ -18,7 +18,7 @@ public struct ModelSize {
         let terms: [[Int]] = [
             [v, c, model.tieEmbeddings ? 1 : 2], [model.context, c],                     // embeddings, head
             [model.layers, 4, c, c], [model.layers - moeLayers, matrices, c, h],                // attention, dense FFNs
-            [moeLayers, localExperts + 1, matrices, c, h], [moeLayers, c, run.moe.experts],     // experts (+ EvoMoE's), routers
+            [moeLayers, localExperts, matrices, c, run.moe.expertHidden ?? h], [moeLayers, 1 + run.moe.sharedExperts, matrices, c, run.moe.sharedHidden ?? h], [moeLayers, c, run.moe.experts],     // experts (+ EvoMoE's), routers
             [moeLayers, v, run.gates.stableDistillDimension + 1],                        // hash and distilled tables
         ]
         var parameters: Int? = 0

@@ -3,7 +3,8 @@
 Usage: make-tiny-hf-model.py KIND OUTPUT_DIR [--bf16] [--shards]
 
 KIND: mixtral, qwen3_moe (an MoE every second block, weights not renormalised), olmoe,
-llama (dense), qwen2_moe (a class SwiftMoE does not import). The weights are scaled up so the
+qwen2_moe (a gated shared expert, an MoE every second block), llama (dense), qwen2_moe_biased
+(attention biases, which SwiftMoE refuses). The weights are scaled up so the
 loss is far from uniform. --bf16 saves BF16 tensors; --shards splits them into several files
 with model.safetensors.index.json.
 """
@@ -27,8 +28,10 @@ elif kind == "olmoe":
     model = t.OlmoeForCausalLM(t.OlmoeConfig(intermediate_size=48, num_experts=4, norm_topk_prob=True, **moe, **common))
 elif kind == "llama":
     model = t.LlamaForCausalLM(t.LlamaConfig(intermediate_size=48, **common))
-elif kind == "qwen2_moe":
-    model = t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4, **moe, **common))
+elif kind.startswith("qwen2_moe"):
+    model = t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=20,
+                                                   num_experts=4, decoder_sparse_step=2, norm_topk_prob=True,
+                                                   qkv_bias=kind.endswith("biased"), **moe, **common))
 else:
     sys.exit(f"unknown kind {kind}")
 with torch.no_grad():
