@@ -62,6 +62,23 @@ final class CheckpointTests: XCTestCase {
         }
     }
 
+    /// Loss-free balancing's bias (gate state in the manifest) and group-limited sigmoid routing
+    /// with a gated shared expert resume bit for bit on 2 ranks.
+    func testExactResumeWithBiasBalancingAndGroupLimitedRouting() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "gate: dts", with: "gate: topk")
+            .replacingOccurrences(of: "spawn_fraction: 0.2", with: "spawn_fraction: 0"))
+        let deepseek = ["moe.score=sigmoid", "moe.balance_loss=0", "moe.bias_update_rate=0.01", "moe.expert_groups=2", "moe.group_limit=1", "moe.top_k=1",
+                        "moe.sequence_balance_loss=0.01", "moe.shared_experts=1", "moe.shared_gate=true", "moe.routed_scale=2"]
+            .flatMap { ["--set", $0] }
+        try train(workspace, ranks: 2, ["--run-dir", "deepseek"] + deepseek)
+        try assertResumesExactly(workspace, ranks: 2, straight: "deepseek", stopAt: 10, extra: deepseek)
+        let manifest = try Checkpoint.readManifest(workspace.path("deepseek/checkpoints/step_00000020"))
+        let bias = try XCTUnwrap(manifest.gateState?["blocks.0"])
+        XCTAssertEqual(bias.count, 4, "one bias per expert: \(bias)")
+        XCTAssertTrue(bias.values.contains { $0 != 0 }, "the bias moved")
+    }
+
     /// Stops `run` at `stopAt`, resumes it to the end, and compares every later loss and the
     /// final checkpoint's files bit for bit with the uninterrupted run `straight`.
     func assertResumesExactly(_ workspace: Workspace, ranks: Int, straight: String, stopAt: Int, extra: [String] = [],

@@ -51,6 +51,8 @@ final class DistributedTrainingTests: XCTestCase {
         var parameters: [String: [Float]] = [:]
         /// Every rank's copy of every expert tensor (R > E holds several), by global name.
         var expertCopies: [String: [[Float]]] = [:]
+        /// Each MoE layer's gate state at the end (loss-free balancing's bias, ReLU's lambda).
+        var gateStates: [[String: Double]] = []
     }
 
     /// Trains `steps` steps on `ranks` thread-ranks; returns rank 0's losses and every
@@ -81,6 +83,7 @@ final class DistributedTrainingTests: XCTestCase {
                 collector.outcome.losses = losses
                 collector.outcome.auxiliary = auxiliary
                 collector.outcome.gradientNorms = norms
+                collector.outcome.gateStates = trainer.model.moeLayers.map(\.gate.state)
                 for (name, values) in replicated { collector.outcome.parameters[name] = values }
             }
             for entry in trainer.model.experts.entries {
@@ -289,6 +292,26 @@ final class DistributedTrainingTests: XCTestCase {
             XCTAssertEqual(a, b, accuracy: 1e-3 * abs(a), "llama bf16 loss at step \(step)")
         }
         XCTAssertNotEqual(singleBF16.losses.last, single.losses.last, "bf16 ran")
+    }
+
+    /// DeepSeek-style routing (8 fine-grained experts in 4 groups, a token limited to 2 groups,
+    /// sigmoid affinities with a routed scale, loss-free balancing's bias, the sequence-wise loss,
+    /// a gated shared expert) trains the same model on 1, 2 and 4 ranks, and every run moves the
+    /// bias alike (it reads all-reduced integer counts).
+    func testDeepSeekRoutingTrainsTheSameModelOnOneTwoAndFourRanks() throws {
+        let deepseek: (inout RunConfig) -> Void = {
+            $0.moe.score = .sigmoid; $0.moe.balanceLoss = 0; $0.moe.zLoss = 0; $0.moe.routedScale = 1.5; $0.moe.biasUpdateRate = 0.01
+            $0.moe.sequenceBalanceLoss = 0.01; $0.moe.expertGroups = 4; $0.moe.groupLimit = 2; $0.moe.expertHidden = 8
+            $0.moe.sharedExperts = 1; $0.moe.sharedGate = true; $0.moe.capacityFactor = nil
+        }
+        let single = try Self.train(Self.config(experts: 8, globalBatch: 8, ranks: 1, deepseek), ranks: 1)
+        XCTAssertLessThan(single.losses.last!, single.losses.first! - 0.5, "deepseek routing learns")
+        XCTAssertTrue(single.gateStates.allSatisfy { $0.values.contains { $0 != 0 } }, "the bias moved: \(single.gateStates)")
+        for ranks in [2, 4] {
+            let other = try Self.train(Self.config(experts: 8, globalBatch: 8, ranks: ranks, deepseek), ranks: ranks)
+            assertEquivalent(single, other, "deepseek routing on \(ranks) ranks")
+            XCTAssertEqual(single.gateStates, other.gateStates, "the bias on \(ranks) ranks")
+        }
     }
 
     /// Every gate trains on 2 ranks (8 steps): finite losses that go down.
