@@ -77,6 +77,11 @@ final class CheckpointTests: XCTestCase {
         let bias = try XCTUnwrap(manifest.gateState?["blocks.0"])
         XCTAssertEqual(bias.count, 4, "one bias per expert: \(bias)")
         XCTAssertTrue(bias.values.contains { $0 != 0 }, "the bias moved")
+        // metrics.jsonl logs the bias and the load per expert of each layer.
+        let last = try XCTUnwrap(try readMetrics(workspace.path("deepseek/metrics.jsonl")).last { $0.loss != nil })
+        XCTAssertEqual(last.expertBias?.count, 2)
+        XCTAssertEqual(last.expertBias?[0], (0..<4).map { bias["bias.\($0)"]! })
+        XCTAssertEqual(last.expertLoad?.first?.count, 4)
     }
 
     /// Stops `run` at `stopAt`, resumes it to the end, and compares every later loss and the

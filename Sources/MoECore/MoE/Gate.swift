@@ -199,6 +199,13 @@ public final class Gate<T: Scalar> {
         if applied && layers.indices.contains(own) { policy.adapt(to: layers[own]) }
     }
 
+    /// Loss-free balancing's bias per expert (nil for gates without one).
+    public var selectionBias: [Double]? {
+        let state = policy.state
+        guard state["bias.0"] != nil else { return nil }
+        return (0..<expertCount).map { state["bias.\($0)"] ?? 0 }
+    }
+
     /// Scalar state that evolves outside the parameters (ReLU routing's λ, loss-free balancing's
     /// bias); checkpointed.
     public var state: [String: Double] {

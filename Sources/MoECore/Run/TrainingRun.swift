@@ -313,6 +313,8 @@ public final class TrainingRun {
         record.auxiliaryLoss = report.auxiliaryLoss
         record.droppedFraction = mean(layers.map(\.droppedFraction))
         record.expertLoad = layers.map(\.expertLoad)
+        let biases = trainer.model.moeLayers.compactMap(\.gate.selectionBias)
+        if !biases.isEmpty { record.expertBias = biases }
         record.activeExperts = mean(layers.map(\.activeExperts))
         record.gradientNorm = report.gradientNorm
         record.temperature = report.temperature

@@ -21,6 +21,8 @@ public struct MetricsRecord: Codable, Equatable {
     /// Per MoE layer, the fraction of assignments each expert received (empty rows in EvoMoE's
     /// dense phase).
     public var expertLoad: [[Double]]?
+    /// Per MoE layer, loss-free balancing's selection bias per expert (after the step).
+    public var expertBias: [[Double]]?
     public var activeExperts: Double?
     public var gradientNorm: Double?
     public var temperature: Double?
@@ -41,7 +43,7 @@ public struct MetricsRecord: Codable, Equatable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case step, validationLoss = "val_loss", loss, learningRate = "lr", tokensPerSecond = "tokens_per_sec", auxiliaryLoss = "aux_loss"
-        case droppedFraction = "dropped_fraction", expertLoad = "expert_load", activeExperts = "active_experts"
+        case droppedFraction = "dropped_fraction", expertLoad = "expert_load", expertBias = "expert_bias", activeExperts = "active_experts"
         case gradientNorm = "grad_norm", temperature, phase, skippedUpdates = "skipped_updates"
         case trainingFlops = "train_flops", trainingSeconds = "train_seconds", loadCoefficientOfVariation = "load_cv"
         case routerEntropy = "router_entropy", perplexity, tokens, data
@@ -80,6 +82,7 @@ public struct MetricsRecord: Codable, Equatable {
                                                 (.auxiliaryLoss, auxiliaryLoss), (.droppedFraction, droppedFraction)]
         for (key, value) in numbers { if let value { object.add(key.rawValue, value) } }
         if let expertLoad { object.add(CodingKeys.expertLoad.rawValue, expertLoad) }
+        if let expertBias { object.add(CodingKeys.expertBias.rawValue, expertBias) }
         for (key, value) in [(CodingKeys.activeExperts, activeExperts), (.gradientNorm, gradientNorm), (.temperature, temperature)] {
             if let value { object.add(key.rawValue, value) }
         }
