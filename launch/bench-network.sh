@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `moe bench` on 2 ranks over a simulated cluster link, next to the same bench over shared
-# memory, in one invocation. Two network namespaces joined by a veth pair stand for two
+# `moe bench` on 2 ranks (RANKS_PER_HOST=2: 4, two per "machine") over a simulated cluster
+# link, next to the same bench over shared memory, in one invocation. Two network namespaces joined by a veth pair stand for two
 # machines; `tc` shapes each direction of the pair with a token bucket (tbf) at RATE, and with
 # DELAY (one way) where the kernel has netem. A plain TCP transfer checks that the shaping really
 # limits the rate. Prints one JSON line:
@@ -10,7 +10,8 @@
 #   launch/bench-network.sh                      # RATE=10gbit
 #   RATE=1gbit launch/bench-network.sh -- --precision fp32 --set moe.dispatch_chunks=1
 #
-# Variables: RATE (tc rate, default 10gbit), DELAY (e.g. 100us; needs netem), MOE (binary,
+# Variables: RATE (tc rate, default 10gbit), DELAY (e.g. 100us; needs netem), RANKS_PER_HOST
+# (ranks in each namespace, default 1), MOE (binary,
 # default .build/release/moe), STEPS (timed bench steps, default 20). Arguments after `--` go to
 # `moe bench`. Needs root (network namespaces); exits 77 with a message where they are not allowed.
 set -uo pipefail
@@ -81,7 +82,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 common=(--timeout 900 -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1)
 
 echo "bench-network: shared memory ..." >&2
-shared=$(mpirun "${common[@]}" -np 2 --bind-to core --mca btl_vader_single_copy_mechanism none "$moe" "${bench_args[@]}" | tail -1) \
+ranks=$(( 2 * ${RANKS_PER_HOST:-1} ))
+bind=$([[ $ranks -le $(nproc) ]] && echo core || echo none)   # more ranks than cores: unbound
+shared=$(mpirun "${common[@]}" -np "$ranks" --oversubscribe --bind-to "$bind" --mca btl_vader_single_copy_mechanism none "$moe" "${bench_args[@]}" | tail -1) \
     || { echo "bench-network: the shared-memory bench failed" >&2; exit 1; }
 echo "bench-network: over the link ..." >&2
 network=$(namespace_mpirun "${common[@]}" "$moe" "${bench_args[@]}" | tail -1) \
@@ -91,7 +94,7 @@ import json, sys
 rate, delay, measured, shared, network = sys.argv[1:6]
 def summary(text):
     run = json.loads(text)
-    keys = ("precision", "tokens_per_sec", "step_ms", "communication_ms", "step_ms_by_part", "mfu")
+    keys = ("ranks", "precision", "tokens_per_sec", "step_ms", "communication_ms", "step_ms_by_part", "expert_mib_sent_per_rank", "mfu")
     return {key: run[key] for key in keys if key in run}
 shared, network = summary(shared), summary(network)
 print(json.dumps({"link": {"rate": rate, "delay": delay, "measured_gbit_per_s": float(measured)},

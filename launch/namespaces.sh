@@ -8,7 +8,7 @@
 #   namespace_pair_remove        deletes both namespaces (the veth pair goes with them).
 #   namespace_mpirun ARGS...     mpirun from inside nsA with one host per namespace, the agent and
 #                                TCP over the pair's subnet; ARGS are further mpirun arguments and
-#                                the command.
+#                                the command. RANKS_PER_HOST (default 1) ranks run in each namespace.
 
 namespace_pair() {
     local tag="$1" workdir="$2"
@@ -47,8 +47,9 @@ namespace_pair_remove() {
 # Each namespace's daemon would bind its one rank to "its" first core, the same core for both:
 # the ranks are left unbound (the kernel spreads them over the cores).
 namespace_mpirun() {
+    local per="${RANKS_PER_HOST:-1}"
     ip netns exec "$nsA" unshare --uts sh -c 'hostname "$0"; exec "$@"' "$nsA" \
         env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-        mpirun --host "$ipA,$ipB" -np 2 --bind-to none --mca plm_rsh_agent "$agent" \
+        mpirun --host "$ipA:$per,$ipB:$per" -np $(( 2 * per )) --oversubscribe --bind-to none --mca plm_rsh_agent "$agent" \
             --mca btl tcp,self --mca btl_tcp_if_include "$subnet/24" --mca oob_tcp_if_include "$subnet/24" "$@"
 }

@@ -63,6 +63,14 @@ struct DispatchPlan {
         }
     }
 
+    /// Rows this rank sends to other ranks in one pass's two exchanges (its tokens' rows out to
+    /// the experts' ranks, the results of its experts back): self-addressed rows stay in memory.
+    func rowsSentToOtherRanks(rank: Int) -> Int {
+        var rows = 0
+        for peer in 0..<sendRows.count where peer != rank { rows += sendRows[peer] + receiveRows[peer] }
+        return rows
+    }
+
     /// Rows and offsets per peer from the exchanged counts; a negative or absurd count is an
     /// error (a corrupted exchange), before any buffer is sized by it.
     private mutating func sumRows(placement: ExpertPlacement, rank: Int) throws {

@@ -100,6 +100,8 @@ public final class MoELayer<T: Scalar> {
             try plan.validate(keptPerExpert: routing.statistics.keptPerExpert, assignments: routing.count, placement: placement,
                               communicator: communicator, layer: layerIndex)
         }
+        // The same rows travel again in backward (their gradients).
+        profile.expertBytesSent += Double(2 * plan.rowsSentToOtherRanks(rank: communicator.rank) * width * MemoryLayout<T>.stride)
         measure(\.dispatch) { gatherRows(x) }
         try pipeline(forward: true)
         measure(\.combine) { combineReturned(into: y, rows: rows) }

@@ -27,6 +27,8 @@ public struct StepProfile: Sendable {
     /// one (equal for blocking collectives; less when a transfer overlaps computation).
     public var totalCommunication = 0.0
     public var exposedCommunication = 0.0
+    /// Bytes this rank sent to other ranks in the MoE layers' exchanges (forward and backward).
+    public var expertBytesSent = 0.0
 
     public init() {}
 
@@ -41,7 +43,7 @@ public struct StepProfile: Sendable {
 
     static let summed: [WritableKeyPath<StepProfile, Double>] =
         [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.allReduce, \.optimizer, \.waiting, \.total,
-         \.totalCommunication, \.exposedCommunication]
+         \.totalCommunication, \.exposedCommunication, \.expertBytesSent]
 
     /// Named parts, for reports.
     public var parts: [(String, Double)] {

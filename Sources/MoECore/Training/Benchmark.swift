@@ -141,6 +141,9 @@ public enum Benchmark {
         communication.add("total", (mean.totalCommunication / Double(steps) * 1e4).rounded() / 10)
         communication.add("exposed", (mean.exposedCommunication / Double(steps) * 1e4).rounded() / 10)
         object.addRaw("communication_ms", communication.text)
+        // The MoE exchanges' bytes a rank sends to other ranks per step (forward and backward,
+        // mean over ranks): what group-limited routing bounds.
+        object.add("expert_mib_sent_per_rank", (mean.expertBytesSent / Double(steps) / 1_048_576 * 100).rounded() / 100)
         return (object, tokensPerSecond)
     }
 
