@@ -1,6 +1,6 @@
 import MoEComm
 
-/// Where this step's kept assignments go and how many rows come back (docs/ALGORITHMS.md 11):
+/// Where this step's kept assignments go and how many rows come back (docs/ALGORITHMS.md 12):
 /// the assignments sorted by expert, the rows for every (rank, local expert) both ways, and the
 /// byte splits of one all-to-all-v. Rebuilt every step in place (no allocation once sized).
 ///

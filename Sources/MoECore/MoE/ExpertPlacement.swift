@@ -1,4 +1,4 @@
-/// Which rank hosts which expert (docs/ALGORITHMS.md 11).
+/// Which rank hosts which expert (docs/ALGORITHMS.md 12).
 ///
 /// R <= E: R must divide E; rank r hosts experts r*E_loc ..< (r+1)*E_loc.
 /// R > E:  E must divide R; ranks form R/E groups of E consecutive ranks and rank r hosts expert
