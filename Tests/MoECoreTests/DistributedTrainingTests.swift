@@ -312,6 +312,15 @@ final class DistributedTrainingTests: XCTestCase {
             assertEquivalent(single, other, "deepseek routing on \(ranks) ranks")
             XCTAssertEqual(single.gateStates, other.gateStates, "the bias on \(ranks) ranks")
         }
+        // It composes: 2 micro-batches on 1 rank train what 2 ranks train (dropless routing is
+        // token-local; the bias reads the step's selections summed over micro-batches), and so
+        // does ZeRO-1's sharded optimizer.
+        let accumulated = try Self.train(Self.config(experts: 8, globalBatch: 8, ranks: 2) { deepseek(&$0); $0.train.gradAccum = 2 }, ranks: 1)
+        let double = try Self.train(Self.config(experts: 8, globalBatch: 8, ranks: 2, deepseek), ranks: 2)
+        assertEquivalent(double, accumulated, "deepseek routing: 1 rank x 2 micro-batches")
+        XCTAssertEqual(double.gateStates, accumulated.gateStates, "the bias with accumulation")
+        let sharded = try Self.train(Self.config(experts: 8, globalBatch: 8, ranks: 2) { deepseek(&$0); $0.train.shardOptimizer = true }, ranks: 2)
+        assertEquivalent(double, sharded, "deepseek routing with shard_optimizer")
     }
 
     /// Every gate trains on 2 ranks (8 steps): finite losses that go down.
