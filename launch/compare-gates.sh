@@ -15,6 +15,7 @@
 #
 # Environment (besides launch/study.sh's CONFIG, STEPS, SEEDS, JOBS, RANKS, PRECISION, MOE): GATES
 # (default: the paper's baselines and dense; also top2, plain top-2 with the config's capacity;
+# deepseek, DeepSeek-V3's routing at top-2's parameters; dense2, dense with top-2's active FFN;
 # evomoe always runs, it sets the budget), EVOMOE (extra --set arguments for EvoMoE), OUT (default
 # runs/compare). Finished runs are kept: a stopped study continues. The main job against plain
 # top-2 at its compute:
@@ -33,6 +34,12 @@ declare -A settings=(
     [hash]="--set moe.gate=hash"
     [stablemoe]="--set moe.gate=stablemoe"
     [dense]="--set model.moe_every=0"
+    # DeepSeek-V3's recipe at top-2's parameters: 32 fine-grained experts of 128 (8 x 512 routed in
+    # all), 6 of them per token plus one shared expert of 256 (1024 active, as top-2 of 512),
+    # sigmoid scores, loss-free bias balancing, the sequence-wise loss, dropless.
+    [deepseek]="--set moe.gate=topk --set moe.experts=32 --set moe.top_k=6 --set moe.expert_hidden=128 --set moe.shared_experts=1 --set moe.shared_hidden=256 --set moe.score=sigmoid --set moe.renormalize=before_drop --set moe.balance_loss=0 --set moe.z_loss=0 --set moe.capacity_factor=none --set moe.bias_update_rate=1e-3 --set moe.sequence_balance_loss=1e-4"
+    # A dense model with the active FFN of top-2 (and of deepseek): hidden 1024.
+    [dense2]="--set model.moe_every=0 --set model.ffn_hidden=1024"
 )
 gates=(evomoe)
 for gate in ${GATES:-switch gshard base hash stablemoe dense}; do

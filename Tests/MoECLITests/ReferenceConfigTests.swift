@@ -13,4 +13,15 @@ final class ReferenceConfigTests: XCTestCase {
         XCTAssertEqual(body.joined(separator: "\n"), printed.stdout,
                        "regenerate configs/reference.yaml (see its first lines)")
     }
+
+    /// Every shipped config loads and validates (a renamed or removed key would fail here).
+    func testEveryShippedConfigLoads() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let names = try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("configs").path).filter { $0.hasSuffix(".yaml") }
+        XCTAssertTrue(names.contains("llama-moe.yaml"))
+        for name in names {
+            let printed = try CLI.run(["train", "--config", "configs/\(name)", "--print-config"], in: root)
+            XCTAssertEqual(printed.status, 0, "\(name): \(printed.stderr)")
+        }
+    }
 }
