@@ -70,15 +70,20 @@ final class ExportTests: XCTestCase {
 
     /// A llama model no transformers class represents is a one-line error saying what is missing.
     func testUnrepresentableLlamaModelIsRefused() throws {
+        try assertExportRefused(Self.config.replacingOccurrences(of: "moe_every: 1}", with: "moe_every: 2, architecture: llama}"),
+                                "export: no transformers class represents this llama model: dense blocks (model.moe_every 2) without query/key norms")
+    }
+
+    /// Trains `config` for 2 steps; its export fails with one line containing `message`.
+    func assertExportRefused(_ config: String, _ message: String, line: UInt = #line) throws {
         let workspace = try Workspace()
-        try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "moe_every: 1}", with: "moe_every: 2, architecture: llama}"))
+        try workspace.write("c.yaml", config)
         let trained = try CLI.run(["train", "--config", "c.yaml", "--run-dir", "run", "--set", "train.steps=2"], in: workspace.url)
-        XCTAssertEqual(trained.status, 0, trained.stderr)
+        XCTAssertEqual(trained.status, 0, trained.stderr, line: line)
         let result = try CLI.run(["export", "--checkpoint", "run", "--output", "hf"], in: workspace.url)
-        XCTAssertNotEqual(result.status, 0)
-        XCTAssertTrue(result.stderr.contains("export: no transformers class represents this llama model: dense blocks (model.moe_every 2) without query/key norms"),
-                      result.stderr)
-        XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
+        XCTAssertNotEqual(result.status, 0, line: line)
+        XCTAssertTrue(result.stderr.contains(message), result.stderr, line: line)
+        XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr, line: line)
     }
 
     func evalLoss(_ workspace: Workspace, run: String) throws -> Double {
@@ -130,13 +135,7 @@ final class ExportTests: XCTestCase {
 
     /// A gate the exported model does not implement is a one-line error naming it.
     func testUnsupportedGateIsRefused() throws {
-        let workspace = try Workspace()
-        try workspace.write("c.yaml", Self.config.replacingOccurrences(of: "gate: topk", with: "gate: hash"))
-        let trained = try CLI.run(["train", "--config", "c.yaml", "--run-dir", "run", "--set", "train.steps=2"], in: workspace.url)
-        XCTAssertEqual(trained.status, 0, trained.stderr)
-        let result = try CLI.run(["export", "--checkpoint", "run", "--output", "hf"], in: workspace.url)
-        XCTAssertNotEqual(result.status, 0)
-        XCTAssertTrue(result.stderr.contains("export: gate 'hash' routes in a way the exported model does not implement"), result.stderr)
-        XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
+        try assertExportRefused(Self.config.replacingOccurrences(of: "gate: topk", with: "gate: hash"),
+                                "export: gate 'hash' routes in a way the exported model does not implement")
     }
 }

@@ -69,3 +69,24 @@ func randomTensor(rows: Int, columns: Int, seed: Int, scale: Double = 1) -> Tens
 func projectedLoss(_ y: Tensor<Double>, _ projection: Tensor<Double>) -> Double {
     zip(y.array, projection.array).reduce(0) { $0 + $1.0 * $1.1 }
 }
+
+extension GradientChecker {
+    /// Checks every parameter of `store` (which holds `attention`'s only) and the input of
+    /// `attention` over 2 sequences of 5 tokens against finite differences of Σ y ⊙ R.
+    func checkAttention(_ attention: CausalSelfAttention<Double>, store: ParameterStore<Double, Replicated>, label: String = "") {
+        let (batch, length, width) = (2, 5, attention.projection.inputSize), rows = 10
+        let x = randomTensor(rows: rows, columns: width, seed: 9), projection = randomTensor(rows: rows, columns: width, seed: 10)
+        let y = Tensor<Double>(rows: rows, columns: width), dx = Tensor<Double>(rows: rows, columns: width)
+        let cache = CausalSelfAttention<Double>.Cache()
+        func loss() -> Double {
+            attention.forward(x.pointer, batch: batch, length: length, into: y.pointer, cache: cache)
+            return projectedLoss(y, projection)
+        }
+        _ = loss()
+        attention.backward(x.pointer, projection.pointer, batch: batch, length: length, dx: dx.pointer, cache: cache)
+        for entry in store.entries {
+            check("\(label)\(entry.name)", values: store.values + entry.offset, gradients: store.gradients + entry.offset, count: entry.count, loss: loss)
+        }
+        check("\(label)x", values: x.pointer, gradients: dx.pointer, count: rows * width, loss: loss)
+    }
+}

@@ -88,21 +88,7 @@ final class LayerGradientTests: XCTestCase {
         let attention = CausalSelfAttention(store: store, path: ParameterPath("attention", role: .attention), width: 8, heads: 2, residualDeviation: 0.3)
         store.initialize(key: RandomKey(8))
         for i in 0..<24 { attention.qkv.bias!.value[i] = 0.01 * Double(i) }
-        let (batch, length) = (2, 5)
-        let x = randomTensor(rows: 10, columns: 8, seed: 9), projection = randomTensor(rows: 10, columns: 8, seed: 10)
-        let y = Tensor<Double>(rows: 10, columns: 8), dx = Tensor<Double>(rows: 10, columns: 8)
-        let cache = CausalSelfAttention<Double>.Cache()
-        func loss() -> Double {
-            attention.forward(x.pointer, batch: batch, length: length, into: y.pointer, cache: cache)
-            return projectedLoss(y, projection)
-        }
-        _ = loss()
-        attention.backward(x.pointer, projection.pointer, batch: batch, length: length, dx: dx.pointer, cache: cache)
-        for (name, parameter) in [("qkv.weight", attention.qkv.weight), ("qkv.bias", attention.qkv.bias!),
-                                  ("projection.weight", attention.projection.weight), ("projection.bias", attention.projection.bias!)] {
-            checker.check(name, values: parameter.value, gradients: parameter.gradient, count: parameter.count, loss: loss)
-        }
-        checker.check("x", values: x.pointer, gradients: dx.pointer, count: 80, loss: loss)
+        checker.checkAttention(attention, store: store)
     }
 
     /// The tiled path (T = 11 over tiles of 3: partial last tiles, diagonal tiles, rows whose

@@ -82,22 +82,7 @@ final class LlamaBlockTests: XCTestCase {
             for index in 0..<store.count { store.values[index] *= 6 }   // visible rotations and softmax curvature
             XCTAssertNil(attention.qkv.bias)
             XCTAssertEqual(attention.qkv.outputSize, 16 + 2 * keyValueHeads * 4)
-            let (batch, length) = (2, 5)
-            let x = randomTensor(rows: 10, columns: 16, seed: 9), projection = randomTensor(rows: 10, columns: 16, seed: 10)
-            let y = Tensor<Double>(rows: 10, columns: 16), dx = Tensor<Double>(rows: 10, columns: 16)
-            let cache = CausalSelfAttention<Double>.Cache()
-            func loss() -> Double {
-                attention.forward(x.pointer, batch: batch, length: length, into: y.pointer, cache: cache)
-                return projectedLoss(y, projection)
-            }
-            _ = loss()
-            attention.backward(x.pointer, projection.pointer, batch: batch, length: length, dx: dx.pointer, cache: cache)
-            let label = "kv \(keyValueHeads), qk_norm \(norm), tile \(tile)"
-            for entry in store.entries {
-                checker.check("\(label): \(entry.name)", values: store.values + entry.offset, gradients: store.gradients + entry.offset,
-                              count: entry.count, loss: loss)
-            }
-            checker.check("\(label): x", values: x.pointer, gradients: dx.pointer, count: 160, loss: loss)
+            checker.checkAttention(attention, store: store, label: "kv \(keyValueHeads), qk_norm \(norm), tile \(tile): ")
         }
     }
 
