@@ -64,12 +64,18 @@ public enum SafeYAML {
         }
     }
 
-    /// Refuses a mapping that repeats a key (at any depth), naming the key.
+    /// Refuses a mapping that repeats a key (at any depth), naming the key, and keys that are
+    /// not plain values (`? [a, b]: 1` or a merge key `<<`): the YAML library's constructor
+    /// force-unwraps a key's string and would crash on them.
     static func checkKeys(_ node: Node, file: String, path: String) throws {
         switch node {
         case let .mapping(mapping):
             var seen: Set<String> = []
             for (key, value) in mapping {
+                guard key.scalar != nil, key.string != "<<" else {
+                    let at = path.isEmpty ? "the top level" : "'\(path)'"
+                    throw ConfigError.syntax(file: file, reason: "a key at \(at) is not a plain value (a complex or merge key), which a config does not allow")
+                }
                 let name = key.string ?? "\(key)"
                 let qualified = path.isEmpty ? name : path + "." + name
                 guard seen.insert(name).inserted else {

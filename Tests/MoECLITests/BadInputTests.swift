@@ -99,6 +99,9 @@ final class BadInputTests: XCTestCase {
                  arguments: train, expected: "nests deeper than"),
             Case(name: "duplicate section", config: Self.good + "\ntrain:\n  steps: 5\n", arguments: train, expected: "key 'train' appears twice"),
             Case(name: "duplicate key", config: "train:\n  steps: 3\n  steps: 5\n", arguments: train, expected: "key 'train.steps' appears twice"),
+            // A complex key (found by the config fuzzer): the YAML library force-unwraps key strings.
+            Case(name: "complex key", config: "? vfraction: 0\ndata:\n  train: x\n", arguments: train, expected: "a key at the top level is not a plain value"),
+            Case(name: "merge key", config: "train:\n  <<: {steps: 3}\n", arguments: train, expected: "a key at 'train' is not a plain value"),
             // Not regular files: a FIFO would block the read forever.
             Case(name: "FIFO as config", config: nil, arguments: ["train", "--config", "pipe"], expected: "config file 'pipe': cannot read it (a FIFO",
                  setup: { _ = mkfifo($0.path("pipe"), 0o600) }),
