@@ -74,8 +74,9 @@ final class LlamaBlockTests: XCTestCase {
     func testLlamaAttention() {
         for (keyValueHeads, norm, tile) in [(2, QueryKeyNorm.none, 128), (1, .head, 128), (4, .full, 128), (2, .head, 2)] {
             let store = ParameterStore<Double, Replicated>()
-            let options = CausalSelfAttention<Double>.LlamaOptions(keyValueHeads: keyValueHeads, ropeTheta: 100, queryKeyNorm: norm,
-                                                                   normEpsilon: 1e-6, context: 8, decayNorms: false)
+            let options = CausalSelfAttention<Double>.LlamaOptions(keyValueHeads: keyValueHeads,
+                                                                   rotary: RotaryEmbedding(headSize: 4, theta: 100, positions: 8),
+                                                                   queryKeyNorm: norm, normEpsilon: 1e-6, decayNorms: false)
             let attention = CausalSelfAttention(store: store, path: ParameterPath("attention", role: .attention), width: 16, heads: 4,
                                                 residualDeviation: 0.3, tile: tile, llama: options)
             store.initialize(key: RandomKey(8))

@@ -67,16 +67,17 @@ public enum HuggingFaceExport {
         let rule = densePhase ? nil : try RoutingRule(config.moe)
         let moeLayers = densePhase ? [] : (0..<config.model.layers).filter { GPTModel<Float>.isMoE(layer: $0, every: config.model.moeEvery) }
         let (values, tensors) = try modelWeights(of: directory, manifest: manifest, config: config, densePhase: densePhase)
-        func read(_ name: String) throws -> (shape: [Int], values: [Float]) {
+        func read(_ name: String) throws -> TensorLocation {
             guard let tensor = tensors[name] else { throw ExportError.missingTensor(checkpoint: directory, name: name) }
-            return (tensor.shape, Array(values[tensor.offset..<(tensor.offset + tensor.count)]))
+            return tensor
         }
         let native = config.model.architecture == .llama ? try NativeClass.choose(config, rule: rule) : nil
-        let layout = try native.map { try exportedTensors(nativeLayout(config, target: $0, moeLayers: Set(moeLayers)), read: read) }
-            ?? tensors.keys.map { ExportedTensor(name: $0, shape: tensors[$0]!.shape, values: try read($0).values) }
+        let layout = try native.map {
+            try exportedTensors(nativeLayout(config, target: $0, moeLayers: Set(moeLayers)), values: values, read: read)
+        } ?? ExportedTensors(values: values, entries: tensors.map { ($0.key, $0.value.shape, $0.value.offset..<$0.value.offset + $0.value.count) })
         do {
             try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
-            let data = try encode(layout, dataType: dataType)
+            let data = try layout.encode(dataType: dataType)
             try write(data, output, "model.safetensors")
             var files = ["model.safetensors", "config.json"]
             if let native {
@@ -89,7 +90,7 @@ public enum HuggingFaceExport {
                 files.append("modeling_swiftmoe.py")
             }
             files += try writeTokenizer(of: directory, manifest: manifest, context: config.model.context, to: output)
-            return Summary(tensors: layout.count, parameters: tensors.values.reduce(0) { $0 + $1.count }, bytes: data.count, files: files,
+            return Summary(tensors: layout.entries.count, parameters: tensors.values.reduce(0) { $0 + $1.count }, bytes: data.count, files: files,
                            modelClass: native?.architecture ?? "SwiftMoEForCausalLM (remote code)")
         } catch let error as ExportError {
             throw error
@@ -141,20 +142,6 @@ public enum HuggingFaceExport {
     }
 
     typealias TensorLocation = (shape: [Int], offset: Int, count: Int)
-
-    /// The tensors as one safetensors file, in name order.
-    static func encode(_ tensors: [ExportedTensor], dataType: Safetensors.DataType) throws -> Data {
-        let sorted = tensors.sorted { $0.name < $1.name }
-        return try sorted.flatMap(\.values).withUnsafeBufferPointer { all in
-            var offset = 0
-            let entries = sorted.map { tensor in
-                defer { offset += tensor.values.count }
-                return Safetensors.Entry(name: tensor.name, shape: tensor.shape,
-                                         values: UnsafeBufferPointer(rebasing: all[offset..<offset + tensor.values.count]))
-            }
-            return try Safetensors.encode(entries, metadata: ["format": "pt", "producer": "swiftmoe"], dataType: dataType)
-        }
-    }
 
     /// Every parameter of the checkpoint (no optimizer moments), one after another in `values`;
     /// an expert saved by several ranks (replicas) is taken once.

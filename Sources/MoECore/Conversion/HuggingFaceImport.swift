@@ -153,21 +153,14 @@ public enum HuggingFaceImport {
                 throw ImportError.tensor(path: source.directory, name: mapping.native, reason: "is missing (the config describes a model that has it)")
             }
             let destination = parameters[mapping.source]!
-            let range = mapping.columns ?? 0..<destination.columns
-            let expected = mapping.transposed ? [range.count, destination.rows] : (destination.rows == 1 ? [destination.columns] : [destination.rows, destination.columns])
+            let expected = mapping.nativeShape(rows: destination.rows, columns: destination.columns)
             guard info.shape == expected else {
                 throw ImportError.tensor(path: file.path, name: mapping.native, reason: "has shape \(info.shape), the config's model needs \(expected)")
             }
             var values = [Float](repeating: 0, count: expected.reduce(1, *))
             try file.read(mapping.native, shape: info.shape, into: &values)
             guard values.allSatisfy(\.isFinite) else { throw ImportError.tensor(path: file.path, name: mapping.native, reason: "holds a NaN or an infinity") }
-            if mapping.transposed {
-                for (o, column) in range.enumerated() {
-                    for r in 0..<destination.rows { destination.values[r * destination.columns + column] = values[o * destination.rows + r] }
-                }
-            } else {
-                destination.values.update(from: values, count: values.count)
-            }
+            mapping.import(values, into: destination.values, rows: destination.rows, columns: destination.columns)
             used.insert(mapping.native)
             written.insert(mapping.source)
         }
@@ -235,7 +228,7 @@ public enum StartingCheckpoint {
                                           expertOptimizer: AdamW(store: model.experts, settings: settings), state: TrainingState(),
                                           config: model.run, withAllReplicatedValues: { try $0() })
         return try Checkpoint.save(contents, communicator: SingleRankCommunicator(), runDirectory: runDirectory,
-                                   attachments: tokenizer.map { [$0.checkpointName: $0.contents] } ?? [:])
+                                   attachments: tokenizer?.checkpointAttachment ?? [:])
     }
 }
 

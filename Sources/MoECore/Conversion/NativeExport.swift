@@ -67,20 +67,50 @@ public enum NativeExportError: Error, CustomStringConvertible {
 
 /// Where one tensor of a transformers checkpoint lives in SwiftMoE's parameters: `source`'s
 /// columns `columns` (all when nil), transposed ([in, out] against transformers' [out, in]) for
-/// a linear weight. Export reads these views; import writes them.
+/// a linear weight. Export reads these views, import writes them: both directions are here.
 struct TensorMapping {
     var native: String
     var source: String
     var columns: Range<Int>?
     var transposed: Bool
+
+    /// The transformers tensor's shape, for a source of [rows, columns] (a vector when rows = 1).
+    func nativeShape(rows: Int, columns: Int) -> [Int] {
+        transposed ? [(self.columns ?? 0..<columns).count, rows] : (rows == 1 ? [columns] : [rows, columns])
+    }
+
+    /// Appends the transformers tensor, read from the source's values [rows, columns].
+    func export(_ source: UnsafePointer<Float>, rows: Int, columns: Int, to output: inout [Float]) {
+        guard transposed else { return output.append(contentsOf: UnsafeBufferPointer(start: source, count: rows * columns)) }
+        for column in self.columns ?? 0..<columns {
+            for r in 0..<rows { output.append(source[r * columns + column]) }
+        }
+    }
+
+    /// Writes the transformers tensor `values` into the source's values [rows, columns].
+    func `import`(_ values: [Float], into destination: UnsafeMutablePointer<Float>, rows: Int, columns: Int) {
+        guard transposed else { return destination.update(from: values, count: values.count) }
+        for (o, column) in (self.columns ?? 0..<columns).enumerated() {
+            for r in 0..<rows { destination[r * columns + column] = values[o * rows + r] }
+        }
+    }
 }
 
 extension HuggingFaceExport {
-    /// One tensor of the exported file, in its target's layout.
-    struct ExportedTensor {
-        var name: String
-        var shape: [Int]
-        var values: [Float]
+    /// The tensors of an export over one buffer of values: the checkpoint's own (remote-code
+    /// export, no copy), or the native layout built from it.
+    struct ExportedTensors {
+        var values: [Float] = []
+        var entries: [(name: String, shape: [Int], range: Range<Int>)] = []
+
+        /// One safetensors file, the tensors in name order.
+        func encode(dataType: Safetensors.DataType) throws -> Data {
+            try values.withUnsafeBufferPointer { all in
+                try Safetensors.encode(entries.sorted { $0.name < $1.name }.map {
+                    Safetensors.Entry(name: $0.name, shape: $0.shape, values: UnsafeBufferPointer(rebasing: all[$0.range]))
+                }, metadata: ["format": "pt", "producer": "swiftmoe"], dataType: dataType)
+            }
+        }
     }
 
     /// The tensors of `target` (names in transformers' checkpoint) and where each lives in
@@ -134,18 +164,22 @@ extension HuggingFaceExport {
         return layout
     }
 
-    /// The tensors of `layout` read from the checkpoint (`read(name)`: SwiftMoE shape and values).
-    static func exportedTensors(_ layout: [TensorMapping], read: (String) throws -> (shape: [Int], values: [Float])) throws -> [ExportedTensor] {
-        try layout.map { mapping in
-            let (shape, values) = try read(mapping.source)
-            guard mapping.transposed else { return ExportedTensor(name: mapping.native, shape: shape, values: values) }
-            let (rows, columns) = (shape[0], shape[1]), range = mapping.columns ?? 0..<columns
-            var transposed = [Float](repeating: 0, count: rows * range.count)
-            for (o, column) in range.enumerated() {
-                for r in 0..<rows { transposed[o * rows + r] = values[r * columns + column] }
+    /// The tensors of `layout`, read from the checkpoint's `values` (`read(name)`: a tensor's
+    /// location in them).
+    static func exportedTensors(_ layout: [TensorMapping], values: [Float],
+                                read: (String) throws -> TensorLocation) throws -> ExportedTensors {
+        var exported = ExportedTensors()
+        exported.values.reserveCapacity(values.count)
+        try values.withUnsafeBufferPointer { all in
+            for mapping in layout {
+                let location = try read(mapping.source)
+                let rows = location.shape.count == 1 ? 1 : location.shape[0], columns = location.shape.last ?? 1
+                let start = exported.values.count
+                mapping.export(all.baseAddress! + location.offset, rows: rows, columns: columns, to: &exported.values)
+                exported.entries.append((mapping.native, mapping.nativeShape(rows: rows, columns: columns), start..<exported.values.count))
             }
-            return ExportedTensor(name: mapping.native, shape: [range.count, rows], values: transposed)
         }
+        return exported
     }
 
     /// config.json of `target` for `config`'s model.

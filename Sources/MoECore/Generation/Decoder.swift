@@ -57,6 +57,8 @@ extension GPTModel {
             cache.dropOldest(cache.count + rows - config.context, width: width)
         }
         let start = cache.count
+        // llama: the rotary tables (one for every block) reach the new positions.
+        blocks.first?.attention.rotary?.reserve(positions: cache.nextPosition + rows)
         for tensor in [cache.stream, cache.normed, cache.heads, cache.output] { tensor.resize(rows: rows, columns: width) }
         for (row, token) in tokens.enumerated() {
             embedding.embed(token, position: cache.nextPosition + row, into: cache.stream.row(row))
@@ -89,7 +91,6 @@ extension GPTModel {
     /// to the positions up to its own: heads = softmax(scale q Kᵀ) V, then the projection.
     private func attend(_ attention: CausalSelfAttention<T>, layer: Int, rows: Int, start: Int, cache: DecodeCache<T>) {
         let width = config.width, heads = attention.heads, headSize = width / heads, total = start + rows
-        if let rotary = attention.rotary { rotary.reserve(positions: cache.nextPosition + rows) }
         attention.projectInputs(cache.normed.pointer, rows: rows, positions: .from(cache.nextPosition), cache: cache.attention)
         let qkv = cache.attention.qkv
         for row in 0..<rows {

@@ -60,12 +60,14 @@ public enum Sampler {
             sequence.append(next)
             emit(next)
             pending = [next]
-            if sequence.count - windowStart > context, model.embedding.positionTable == nil {
-                windowStart += 1
-            } else if sequence.count - windowStart > context {
-                windowStart = sequence.count - context / 2
-                pending = Array(sequence[windowStart...])
-                cache.reset()
+            if sequence.count - windowStart > context {
+                if model.embedding.positionTable == nil {
+                    windowStart += 1   // rotary positions: the window slides (the cache drops its oldest key)
+                } else {
+                    windowStart = sequence.count - context / 2
+                    pending = Array(sequence[windowStart...])
+                    cache.reset()
+                }
             }
         }
     }

@@ -53,9 +53,10 @@ public struct CausalSelfAttention<T: Scalar> {
                   llama: nil)
     }
 
-    /// The llama attention's options: key/value heads, RoPE's base, the query/key norm.
+    /// The llama attention's options: key/value heads, the rotary tables (shared by the blocks),
+    /// the query/key norm.
     public struct LlamaOptions {
-        public var keyValueHeads: Int, ropeTheta: Double, queryKeyNorm: QueryKeyNorm, normEpsilon: Double, context: Int
+        public var keyValueHeads: Int, rotary: RotaryEmbedding<T>, queryKeyNorm: QueryKeyNorm, normEpsilon: Double
         public var decayNorms: Bool
     }
 
@@ -74,7 +75,8 @@ public struct CausalSelfAttention<T: Scalar> {
                      deviation: 0.02, bias: biases)
         projection = Linear(store: store, path: path.appending("projection"), inputSize: width, outputSize: width,
                             deviation: residualDeviation, bias: biases)
-        rotary = llama.map { RotaryEmbedding(headSize: headSize, theta: $0.ropeTheta, positions: $0.context) }
+        precondition(llama.map { $0.rotary.headSize == headSize } ?? true, "the rotary tables are for another head size")
+        rotary = llama?.rotary
         let norm = llama?.queryKeyNorm ?? .none
         func makeNorm(_ name: String, _ width: Int) -> RMSNorm<T> {
             RMSNorm(store: store, path: path.appending(name), width: width, epsilon: llama!.normEpsilon, decay: llama!.decayNorms)

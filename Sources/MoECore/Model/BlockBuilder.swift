@@ -14,6 +14,17 @@ struct BlockBuilder<T: Scalar> {
     let tokenFrequencies: [Int]?
     /// Exchanges per direction of every MoE layer.
     let dispatchChunks: Int
+    /// llama: the rotary tables, one for every block (they depend on the head size and base only).
+    let rotary: RotaryEmbedding<T>?
+
+    init(run: RunConfig, replicated: ParameterStore<T, Replicated>, experts: ParameterStore<T, ExpertSharded>, placement: ExpertPlacement,
+         communicator: Communicator, vocabularySize: Int, tokenFrequencies: [Int]?, dispatchChunks: Int) {
+        (self.run, self.replicated, self.experts, self.placement) = (run, replicated, experts, placement)
+        (self.communicator, self.vocabularySize, self.tokenFrequencies, self.dispatchChunks) = (communicator, vocabularySize, tokenFrequencies, dispatchChunks)
+        let model = run.model
+        rotary = model.architecture == .llama
+            ? RotaryEmbedding(headSize: model.width / model.heads, theta: model.ropeTheta, positions: model.context) : nil
+    }
 
     var config: ModelConfig { run.model }
     /// GPT-2's scaled initialisation of the projections into the residual stream.
@@ -22,10 +33,10 @@ struct BlockBuilder<T: Scalar> {
 
     func block(_ layer: Int) -> TransformerBlock<T> {
         let attentionNorm = norm(path(layer, "attention_norm", .norm))
-        let llama = config.architecture == .gpt2 ? nil
-            : CausalSelfAttention<T>.LlamaOptions(keyValueHeads: config.keyValueHeads, ropeTheta: config.ropeTheta,
-                                                  queryKeyNorm: config.queryKeyNorm, normEpsilon: config.normEpsilon,
-                                                  context: config.context, decayNorms: run.train.decayNormsAndBiases)
+        let llama = rotary.map {
+            CausalSelfAttention<T>.LlamaOptions(keyValueHeads: config.keyValueHeads, rotary: $0, queryKeyNorm: config.queryKeyNorm,
+                                                normEpsilon: config.normEpsilon, decayNorms: run.train.decayNormsAndBiases)
+        }
         let attention = CausalSelfAttention(store: replicated, path: path(layer, "attention", .attention), width: config.width,
                                             heads: config.heads, residualDeviation: residualDeviation, tile: run.train.attentionTile,
                                             llama: llama)

@@ -276,7 +276,7 @@ public final class TrainingRun {
         trainer.heartbeat.beat("checkpoint save", step: trainer.state.attempted)
         let started = DispatchTime.now().uptimeNanoseconds
         let pending = try Checkpoint.begin(trainer.checkpointContents, communicator: communicator, runDirectory: runDirectory,
-                                           attachments: tokenizer.map { [$0.checkpointName: $0.contents] } ?? [:], hooks: trainer.hooks,
+                                           attachments: tokenizer?.checkpointAttachment ?? [:], hooks: trainer.hooks,
                                            inBackground: inBackground)
         let blocked = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
         if inBackground {

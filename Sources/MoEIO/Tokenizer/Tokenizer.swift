@@ -53,6 +53,8 @@ public struct TokenizerFile: Sendable {
     }
     /// The file's name inside a checkpoint: `tokenizer.json`, or `tokenizer.bin` for llm.c's format.
     public var checkpointName: String { tokenizer is BytePairEncoding ? Tokenizers.fileName : Tokenizers.llmcFileName }
+    /// The file a checkpoint carries: its name there and its contents.
+    public var checkpointAttachment: [String: Data] { [checkpointName: contents] }
 }
 
 public enum Tokenizers {

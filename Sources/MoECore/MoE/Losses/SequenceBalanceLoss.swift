@@ -10,14 +10,17 @@ public final class SequenceBalanceLoss<T: Scalar>: AuxiliaryLoss {
     public let k: Int
     let experts: Int
     var counts: [Double] = []      // [sequences, E]: kept assignments per sequence and expert
-    var normalised: [T] = [], gradient: [T] = []   // [E] scratch
+    // [E] scratch, reused from step to step.
+    let normalised = Tensor<T>()
+    var gradient: [T] = [], meanAffinity: [Double] = []
 
     public init(coefficient: Double, experts: Int, k: Int) {
         self.coefficient = coefficient
         self.experts = experts
         self.k = k
-        normalised = Array(repeating: 0, count: experts)
-        gradient = normalised
+        normalised.resize(rows: 1, columns: experts)
+        gradient = Array(repeating: 0, count: experts)
+        meanAffinity = Array(repeating: 0, count: experts)
     }
 
     public var sumCount: Int { 1 }
@@ -28,7 +31,7 @@ public final class SequenceBalanceLoss<T: Scalar>: AuxiliaryLoss {
         countAssignments(input.routing, sequences: sequences)
         var total = 0.0
         for q in 0..<sequences {
-            var meanAffinity = [Double](repeating: 0, count: experts)
+            for e in 0..<experts { meanAffinity[e] = 0 }
             for s in q * length..<(q + 1) * length {
                 let row = normalisedAffinities(input.scores, row: s)
                 for e in 0..<experts { meanAffinity[e] += Double(row[e]) / Double(length) }
@@ -45,7 +48,7 @@ public final class SequenceBalanceLoss<T: Scalar>: AuxiliaryLoss {
     /// dŝ_{s,e} = α f_e / (T · sequences); ŝ = a / Σa: da_j = (g_j - Σ_e g_e ŝ_e) / Σa, dl_j = da_j a_j (1 - a_j);
     /// softmax scores: dl = p ⊙ (g - <p, g>).
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
-        let length = input.routing.sequenceLength, sequences = input.rows / length
+        let length = input.routing.sequenceLength
         let scale = coefficient * input.weight / (input.tokens / Double(length)) / Double(length)
         for s in 0..<input.rows {
             for e in 0..<experts { gradient[e] = T(scale * fraction(s / length, e, length: length)) }
@@ -63,7 +66,6 @@ public final class SequenceBalanceLoss<T: Scalar>: AuxiliaryLoss {
             for e in 0..<experts { dot += gradient[e] * a[e] / total }
             for e in 0..<experts { dl[e] += (gradient[e] - dot) / total * a[e] * (1 - a[e]) }
         }
-        _ = sequences
     }
 
     /// f_e of sequence q: E / (k T) × its kept assignments to e.
@@ -78,13 +80,15 @@ public final class SequenceBalanceLoss<T: Scalar>: AuxiliaryLoss {
         for (token, expert) in zip(routing.tokens, routing.experts) { counts[Int(token) / length * experts + Int(expert)] += 1 }
     }
 
-    /// Row s of ŝ: the probabilities, or the sigmoid affinities divided by their sum.
-    private func normalisedAffinities(_ scores: RouterScores<T>, row s: Int) -> [T] {
-        if scores.hasProbabilities { return Array(UnsafeBufferPointer(start: scores.probabilities.row(s), count: experts)) }
+    /// Row s of ŝ: the probabilities, or the sigmoid affinities divided by their sum (in the
+    /// `normalised` scratch; valid until the next call).
+    private func normalisedAffinities(_ scores: RouterScores<T>, row s: Int) -> UnsafePointer<T> {
+        if scores.hasProbabilities { return UnsafePointer(scores.probabilities.row(s)) }
         let a = scores.affinities.row(s)
         var total: T = 0
         for e in 0..<experts { total += a[e] }
-        for e in 0..<experts { normalised[e] = a[e] / total }
-        return normalised
+        let row = normalised.pointer
+        for e in 0..<experts { row[e] = a[e] / total }
+        return UnsafePointer(row)
     }
 }
