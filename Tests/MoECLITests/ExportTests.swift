@@ -41,7 +41,8 @@ final class ExportTests: XCTestCase {
     /// Mixtral (no query/key norm, renormalised top-2, grouped-query attention, untied head),
     /// Qwen3-MoE (per-head norms, an MoE every second block, Switch's raw top-1 weight), OLMoE
     /// (whole-projection norms, weights not renormalised, tied head), Qwen2-MoE (a gated shared
-    /// expert, fine-grained experts smaller than the dense blocks' FFN).
+    /// expert, fine-grained experts smaller than the dense blocks' FFN). Each export imports back
+    /// (dense blocks included) and scores the same.
     func testLlamaExportsAsTransformersOwnClasses() throws {
         try requireTransformers()
         let workspace = try Workspace()
@@ -65,6 +66,13 @@ final class ExportTests: XCTestCase {
             let expected = try evalLoss(workspace, run: run)
             XCTAssertEqual(try transformersLoss(workspace, export: export, windows: 4, native: modelClass), expected,
                            accuracy: 1e-4 * expected, modelClass)
+            // And back: `moe import` of the export scores the same 4 windows alike.
+            let back = "back-\(modelClass)"
+            let imported = try CLI.run(["import", "--from", export, "--output", back, "--set", "train.batch_size=2", "--set", "train.eval_batches=2",
+                                        "--set", "data.val=data/val.bin"],
+                                       in: workspace.url)
+            XCTAssertEqual(imported.status, 0, imported.stderr)
+            XCTAssertEqual(try evalLoss(workspace, run: back), expected, accuracy: 1e-4 * expected, "\(modelClass) imported back")
         }
     }
 

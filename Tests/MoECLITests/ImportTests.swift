@@ -100,6 +100,15 @@ final class ImportTests: XCTestCase {
         result = try CLI.run(["upcycle", "--from", llama, "--output", "diverse", "--experts", "4", "--top-k", "2", "--diversify"], in: workspace.url)
         XCTAssertEqual(result.status, 0, result.stderr)
         XCTAssertGreaterThan(abs(try evalLoss(workspace, "diverse") - (try evalLoss(workspace, "dense-llama"))), 1e-3, "diversified copies differ")
+        // Overrides: new parts (a shared expert) start initialised, blocks may stay dense; the
+        // dense model's own shape may not change.
+        result = try CLI.run(["upcycle", "--from", llama, "--output", "shared", "--experts", "4", "--set", "moe.shared_experts=1",
+                              "--set", "model.moe_every=2"], in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        XCTAssertTrue(result.stdout.contains("per MoE block (every 2), top-1, 1 shared"), result.stdout)
+        result = try CLI.run(["upcycle", "--from", llama, "--output", "wider", "--experts", "4", "--set", "model.width=64"], in: workspace.url)
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertEqual(result.stderr.trimmingCharacters(in: .newlines), "error: upcycle: the --set overrides change the dense model's model.width")
         result = try CLI.run(["upcycle", "--from", "up-dense-llama", "--output", "again", "--experts", "2"], in: workspace.url)
         XCTAssertNotEqual(result.status, 0)
         XCTAssertTrue(result.stderr.contains("upcycle: 'up-dense-llama/checkpoints/step_00000000' already has experts"), result.stderr)

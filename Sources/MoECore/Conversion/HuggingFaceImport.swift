@@ -89,12 +89,9 @@ public enum HuggingFaceImport {
         case "qwen2_moe", "qwen3_moe":
             run.moe.expertHidden = try fields.int("moe_intermediate_size")
             model.ffnHidden = try fields.optionalInt("intermediate_size") ?? run.moe.expertHidden!
-            model.moeEvery = try fields.optionalInt("decoder_sparse_step") ?? 1
-            if !((json["mlp_only_layers"] as? [Any]) ?? []).isEmpty {
-                throw ImportError.unsupported(path: path, what: "mlp_only_layers (dense blocks other than every decoder_sparse_step-th)")
-            }
-            model.queryKeyNorm = modelType == "qwen3_moe" ? .head : .none
             run.moe.experts = try fields.experts()
+            model.moeEvery = try sparseEvery(fields, layers: model.layers, experts: run.moe.experts)
+            model.queryKeyNorm = modelType == "qwen3_moe" ? .head : .none
             run.moe.renormalize = json["norm_topk_prob"] as? Bool == true ? .beforeDrop : .none
             if modelType == "qwen2_moe" {
                 if json["qkv_bias"] as? Bool ?? true { throw ImportError.unsupported(path: path, what: "qkv_bias (attention biases) is not supported by SwiftMoE's llama block") }
@@ -108,12 +105,27 @@ public enum HuggingFaceImport {
             (model.moeEvery, model.ffnHidden, model.queryKeyNorm) = (0, try fields.int("intermediate_size"), modelType == "qwen3" ? .head : .none)
             (run.moe.experts, run.moe.topK) = (1, 1)
         }
+        if model.moeEvery == 0 { (run.moe.experts, run.moe.topK) = (1, 1) }   // no experts (a dense Qwen-MoE)
         if model.moeEvery > 0 {
             run.moe.topK = try fields.int("num_experts_per_tok")
             run.moe.balanceLoss = try fields.optionalDouble("router_aux_loss_coef") ?? 0.01
         }
         run.model = model
         return run
+    }
+
+    /// Qwen-MoE's sparse blocks as `model.moe_every`: block l has experts when num_experts > 0,
+    /// (l + 1) % decoder_sparse_step == 0 and l is not in mlp_only_layers (what `moe export`
+    /// writes, EvoMoE's dense phase as no experts); a pattern no `moe_every` gives is refused.
+    static func sparseEvery(_ fields: ConfigJSON, layers: Int, experts: Int) throws -> Int {
+        let step = try fields.optionalInt("decoder_sparse_step") ?? 1
+        let denseOnly = Set((fields.json["mlp_only_layers"] as? [Int]) ?? [])
+        let sparse = (0..<layers).filter { experts > 0 && step > 0 && ($0 + 1) % step == 0 && !denseOnly.contains($0) }
+        let every = sparse.isEmpty ? 0 : step
+        guard sparse == (0..<layers).filter({ GPTModel<Float>.isMoE(layer: $0, every: every) }) else {
+            throw ImportError.unsupported(path: fields.path, what: "mlp_only_layers \(denseOnly.sorted()) with decoder_sparse_step \(step): SwiftMoE has an MoE in every n-th block, not this pattern")
+        }
+        return every
     }
 
     /// Tensor name -> the safetensors file holding it (one file, or the index's shards).

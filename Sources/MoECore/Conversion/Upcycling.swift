@@ -21,11 +21,13 @@ public enum Upcycling {
     public enum UpcycleError: Error, CustomStringConvertible {
         case notDense(String)
         case expertSize(Int, Int)
+        case override(String)
         public var description: String {
             switch self {
             case let .notDense(source): return "upcycle: '\(source)' already has experts (model.moe_every > 0); upcycling starts from a dense model"
             case let .expertSize(expert, dense):
                 return "upcycle: moe.expert_hidden \(expert) differs from the dense FFN's \(dense): the experts are copies of it"
+            case let .override(what): return "upcycle: the --set overrides \(what)"
             }
         }
     }
@@ -47,27 +49,36 @@ public enum Upcycling {
         if let hidden = config.moe.expertHidden, hidden != config.model.ffnHidden {
             throw UpcycleError.expertSize(hidden, config.model.ffnHidden)
         }
+        // The dense model's blocks are copied: only which of them become MoEs may change.
+        var blocks = config
+        blocks.model.moeEvery = dense.model.moeEvery
+        let changed = blocks.differingKeys(from: dense, sections: ["model"])
+        guard changed.isEmpty else { throw UpcycleError.override("change the dense model's \(changed.joined(separator: ", "))") }
+        guard config.model.moeEvery > 0 else { throw UpcycleError.override("leave no block with experts (model.moe_every 0)") }
+        guard config.evomoe.spawnFraction == 0 else {
+            throw UpcycleError.override("set evomoe.spawn_fraction: the experts come from the dense model, not from a dense phase")
+        }
         return config
     }
 
     /// Writes `moe` (built from `config(from:...)` on one rank, its parameters initialised) from
-    /// `dense`: shared parameters by name, each block's FFN into every expert, the router as
-    /// initialised.
+    /// `dense`: the parameters both have by name (blocks that stay dense included), each MoE
+    /// block's FFN into every expert; what only the MoE model has (routers, shared experts) keeps
+    /// its initialisation.
     public static func upcycle(_ dense: GPTModel<Float>, into moe: GPTModel<Float>, options: Options, seed: Int) {
         precondition(moe.placement.localExperts.count == moe.moeConfig.experts, "upcycling builds every expert on one rank")
         var denseEntries: [String: (values: UnsafeMutablePointer<Float>, count: Int)] = [:]
         for entry in dense.replicated.entries { denseEntries[entry.name] = (dense.replicated.values + entry.offset, entry.count) }
-        for entry in moe.replicated.entries where entry.role != .router && entry.role != .routerBias {
-            guard let source = denseEntries[entry.name] else { preconditionFailure("\(entry.name) has no dense counterpart") }
+        for entry in moe.replicated.entries {
+            guard let source = denseEntries[entry.name] else { continue }
             precondition(source.count == entry.count, "\(entry.name): \(source.count) values against \(entry.count)")
             (moe.replicated.values + entry.offset).update(from: source.values, count: entry.count)
         }
         let recipe = self.recipe(options.diversify ?? EvoMoEConfig.identicalCopies)
         let key = RandomKey(UInt64(seed)).derive("upcycle")
         for (layer, block) in dense.blocks.enumerated() {
-            guard case let .dense(ffn) = block.feedForward, case let .moe(moeLayer) = moe.blocks[layer].feedForward else {
-                preconditionFailure("block \(layer): a dense FFN becomes an MoE layer")
-            }
+            guard case let .moe(moeLayer) = moe.blocks[layer].feedForward else { continue }
+            guard case let .dense(ffn) = block.feedForward else { preconditionFailure("block \(layer) of the dense model has experts") }
             for (expert, target) in moeLayer.experts.enumerated() {
                 recipe.diversify(ffn, into: target, stream: key.derive(layer, expert))
             }
