@@ -4,14 +4,19 @@ import MoEComm
 ///
 /// Forward, in five stages (megablocks' split; the step profile uses the same names):
 ///  1. route:    the gate's kept assignments (token s_j, expert e_j, weight w_j)
-///  2. plan:     sort them by (owner rank, local expert, token); exchange and check the counts
-///  3. dispatch: gather X_send [A, C]; all-to-all-v to the experts' ranks; regroup by local expert
+///  2. plan:     sort them by (owner rank, local expert, token), one unit per (token, rank);
+///               exchange and check the counts; send each rank its records (unit, weight)
+///  3. dispatch: gather each unit's token row X_send [U, C]; all-to-all-v to the experts' ranks;
+///               fan the rows out to their experts (expert order)
 ///  4. experts:  each local expert is one FFN over its block of rows
-///  5. combine:  regroup by source; all-to-all-v back; y_s = Σ_j w_j Y_back[j] (ascending expert
-///               order per token)
-/// Backward runs the adjoint of each stage in reverse order. Stages 3-5 run as a pipeline over
-/// groups of local experts (`train.dispatch_chunks`): one group's rows travel while the previous
-/// group's experts compute, with the same arithmetic as one exchange.
+///  5. combine:  per unit, r_u = Σ w_j Y[j] over its experts on that rank (ascending expert);
+///               all-to-all-v back; y_s = Σ over ranks of the returned r_u (ascending rank)
+/// A token crosses the network once per rank it visits, not once per expert (`DispatchPlan`).
+/// Backward runs the adjoint of each stage in reverse order: dy once per unit out, the experts'
+/// dx summed per unit back, and the weight gradients dw_j = <dy_s, Y[j]> back with the records.
+/// Stages 3-5 run as a pipeline over groups of local experts (`train.dispatch_chunks`): one
+/// group's rows travel while the previous group's experts compute, with the same arithmetic as
+/// one exchange.
 public final class MoELayer<T: Scalar> {
     public let gate: Gate<T>
     /// This rank's experts, indexed by local expert.
@@ -32,16 +37,19 @@ public final class MoELayer<T: Scalar> {
     /// The local experts in groups of consecutive experts, one exchange each, and each group's
     /// transfer per direction, reused every pass.
     private(set) var groups: [Range<Int>] = []
+    private var groupOfLocal: [Int] = []
     private var inbound: [PendingTransfer] = [], outbound: [PendingTransfer] = []
 
-    // Activations [A, C] / [A_recv, C|H].
-    let sendBuffer = Tensor<T>(), receiveBuffer = Tensor<T>(), expertInput = Tensor<T>()
-    let hidden = FeedForwardStorage<T>(), expertOutput = Tensor<T>()
-    let returnedOutput = Tensor<T>()
-    // Backward scratch.
-    let dSend = Tensor<T>(), dReceive = Tensor<T>(), dExpertOutput = Tensor<T>(), dExpertInput = Tensor<T>()
-    let dHidden = Tensor<T>()
-    var dWeights: [T] = []
+    // Unit rows, both passes (x forward, dy backward): sent [U, C], received [U_recv, C], the
+    // experts' sums per received unit [U_recv, C] and those sums back [U, C].
+    let unitRows = Tensor<T>(), receivedUnits = Tensor<T>(), unitResults = Tensor<T>(), returnedResults = Tensor<T>()
+    // Expert rows [A_recv, C|H]; expertOutput stays for the weight gradients.
+    let expertInput = Tensor<T>(), hidden = FeedForwardStorage<T>(), expertOutput = Tensor<T>()
+    let dExpertOutput = Tensor<T>(), dExpertInput = Tensor<T>(), dHidden = Tensor<T>()
+    /// Records out [A] (plan order) and in [A_recv]; weight gradients by record [A_recv], back in
+    /// plan order [A], and by routing index [A].
+    var recordsOut: [RoutedRow<T>] = [], recordsIn: [RoutedRow<T>] = []
+    var dWeightsByRecord: [T] = [], dWeightsReturned: [T] = [], dWeights: [T] = []
 
     /// EvoMoE's dense phase: a replicated dense FFN used instead of routing while `isDense`.
     public let dense: FeedForward<T, Replicated>?
@@ -96,66 +104,89 @@ public final class MoELayer<T: Scalar> {
         }
         try measure(\.route) { try gate.forward(x, rows: rows, context: context, into: routing) }
         try measure(\.plan) {
-            try plan.build(routing.experts, placement: placement, communicator: communicator, countError: hooks?.dispatchCountError ?? 0)
+            try plan.build(tokens: routing.tokens, experts: routing.experts, tokenCount: rows, placement: placement,
+                           groupOfLocal: groupOfLocal, communicator: communicator, countError: hooks?.dispatchCountError ?? 0)
             try plan.validate(keptPerExpert: routing.statistics.keptPerExpert, assignments: routing.count, placement: placement,
                               communicator: communicator, layer: layerIndex)
+            try exchangeRecords()
         }
-        // The same rows travel again in backward (their gradients).
-        profile.expertBytesSent += Double(2 * plan.rowsSentToOtherRanks(rank: communicator.rank) * width * MemoryLayout<T>.stride)
-        measure(\.dispatch) { gatherRows(x) }
+        profile.expertBytesSent += Double(plan.bytesSentToOtherRanks(
+            rank: communicator.rank, rowBytes: width * MemoryLayout<T>.stride,
+            recordBytes: MemoryLayout<RoutedRow<T>>.stride, scalarBytes: MemoryLayout<T>.stride))
+        measure(\.dispatch) { gatherUnitRows(x) }
         try pipeline(forward: true)
-        measure(\.combine) { combineReturned(into: y, rows: rows) }
+        measure(\.combine) { sumReturnedResults(into: y, rows: rows, accumulating: false) }
+    }
+
+    /// Sends every expert's rank the records of its assignments (plan order) and maps them.
+    private func exchangeRecords() throws {
+        let assignments = routing.count, stride = MemoryLayout<RoutedRow<T>>.stride
+        MoELayer.reserve(&recordsOut, assignments, RoutedRow(unit: 0, weight: 0))
+        MoELayer.reserve(&recordsIn, plan.receivedRowCount, RoutedRow(unit: 0, weight: 0))
+        for position in 0..<assignments {
+            recordsOut[position] = RoutedRow(unit: plan.assignmentUnit[position], weight: routing.weights[Int(plan.order[position])])
+        }
+        plan.recordSplits(recordBytes: stride, reverse: false)
+        try recordsOut.withUnsafeBytes { send in
+            try recordsIn.withUnsafeMutableBytes { receive in
+                try communicator.allToAllV(send: send, sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
+                                           recv: receive, recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets)
+            }
+        }
+        try recordsIn.withUnsafeBufferPointer { try plan.mapReceived($0, perRank: placement.expertsPerRank, rank: communicator.rank) }
+    }
+
+    private static func reserve<E>(_ array: inout [E], _ count: Int, _ value: E) {
+        if array.count < count { array = Array(repeating: value, count: max(count, array.count * 3 / 2)) }
     }
 
     private func makeGroups() {
         let perRank = placement.expertsPerRank, count = max(1, min(dispatchChunks, perRank))
         groups = (0..<count).map { (($0 * perRank) / count)..<((($0 + 1) * perRank) / count) }
+        groupOfLocal = groups.enumerated().flatMap { index, group in group.map { _ in index } }
         inbound = groups.map { _ in PendingTransfer() }
         outbound = groups.map { _ in PendingTransfer() }
     }
 
-    /// Stages 3-5 (or their adjoints) as a pipeline over groups of local experts: the rows of
+    /// Stages 3-5 (or their adjoints) as a pipeline over groups of local experts: the units of
     /// group g+1 travel while group g's experts compute, and each group's results start back as
-    /// soon as they are done. Every expert still runs once over all its rows and the combine
-    /// runs after all results are back, so the arithmetic is that of one exchange, bit for bit.
-    ///   forward:  sendBuffer -> receiveBuffer -> expertInput -> experts -> expertOutput
-    ///             -> receiveBuffer -> returnedOutput
-    ///   backward: dSend -> dReceive -> dExpertOutput -> experts' adjoint -> dExpertInput
-    ///             -> dReceive -> dSend
+    /// soon as they are done. Every expert still runs once over all its rows and each unit's sum
+    /// runs in ascending expert order, so the arithmetic is that of one exchange, bit for bit.
+    ///   forward:  unitRows -> receivedUnits -> expertInput -> experts -> expertOutput
+    ///             -> unitResults (weighted sums) -> returnedResults
+    ///   backward: unitRows (dy) -> receivedUnits -> dExpertOutput (scaled) -> experts' adjoint
+    ///             -> dExpertInput -> unitResults (sums) -> returnedResults
     private func pipeline(forward: Bool) throws {
         let received = plan.receivedRowCount, width = self.width
+        receivedUnits.resize(rows: plan.receivedUnitCount, columns: width)
+        unitResults.resize(rows: plan.receivedUnitCount, columns: width, zero: true)
+        returnedResults.resize(rows: plan.sentUnitCount, columns: width)
         if forward {
-            receiveBuffer.resize(rows: received, columns: width)
             expertInput.resize(rows: received, columns: width)
             hidden.resize(rows: received, for: experts[0], rounded: roundsProducts)
             expertOutput.resize(rows: received, columns: width)
-            returnedOutput.resize(rows: routing.count, columns: width)
         } else {
-            dReceive.resize(rows: received, columns: width)
             dExpertOutput.resize(rows: received, columns: width)
             dExpertInput.resize(rows: received, columns: width, zero: true)
             dHidden.resize(rows: received, columns: experts[0].scratchColumns)
+            MoELayer.reserve(&dWeightsByRecord, received, 0)
         }
-        let (outgoing, incoming) = forward ? (sendBuffer, receiveBuffer) : (dSend, dReceive)
-        let (expertsIn, expertsOut) = forward ? (expertInput, expertOutput) : (dExpertOutput, dExpertInput)
-        let returned = forward ? returnedOutput : dSend
         try waitForSlowestRank()
-        try startExchange(outgoing, into: incoming, reverse: false, group: groups[0], in: inbound[0])
+        try startExchange(reverse: false, group: 0, in: inbound[0])
         for (index, group) in groups.enumerated() {
-            if index + 1 < groups.count {
-                try startExchange(outgoing, into: incoming, reverse: false, group: groups[index + 1], in: inbound[index + 1])
-            }
+            if index + 1 < groups.count { try startExchange(reverse: false, group: index + 1, in: inbound[index + 1]) }
+            let rows = plan.expertRows(of: group)
             try measure(\.dispatch) {
                 try finishExchange(inbound[index])
-                permute(incoming, into: expertsIn, toExpertOrder: true, group: group)
+                if forward { fanOut(rows) } else { fanOutGradients(rows) }
             }
             measure(\.experts) { forward ? runExperts(group) : runExpertsBackward(group) }
             // One group (no pipeline): the benchmark's barrier keeps the slower rank's expert
             // time out of the return exchange, as before the forward one.
             if groups.count == 1 { try waitForSlowestRank() }
             try measure(\.combine) {
-                permute(expertsOut, into: incoming, toExpertOrder: false, group: group)
-                try startExchange(incoming, into: returned, reverse: true, group: group, in: outbound[index])
+                sumPerUnit(forward ? expertOutput : dExpertInput, rows: rows, weighted: forward)
+                try startExchange(reverse: true, group: index, in: outbound[index])
                 // Lets every transfer in flight move on (those not started this pass are complete).
                 try communicator.progress(inbound)
                 try communicator.progress(outbound)
@@ -164,13 +195,45 @@ public final class MoELayer<T: Scalar> {
         try measure(\.combine) { for transfer in outbound { try finishExchange(transfer) } }
     }
 
-    /// Gathers the rows to send in plan order (token rows of the assignments).
-    private func gatherRows(_ x: UnsafePointer<T>) {
-        let assignments = routing.count, width = self.width
-        sendBuffer.resize(rows: assignments, columns: width)
-        for position in 0..<assignments {
-            let token = Int(routing.tokens[Int(plan.order[position])])
-            sendBuffer.row(position).update(from: x + token * width, count: width)
+    /// Each unit's row in send order: the token's row of x (forward) or of dy (backward).
+    private func gatherUnitRows(_ source: UnsafePointer<T>) {
+        let width = self.width
+        unitRows.resize(rows: plan.sentUnitCount, columns: width)
+        for row in 0..<plan.sentUnitCount {
+            unitRows.row(row).update(from: source + Int(plan.unitToken[row]) * width, count: width)
+        }
+    }
+
+    /// Expert rows `rows` from their received units.
+    private func fanOut(_ rows: Range<Int>) {
+        for row in rows {
+            expertInput.row(row).update(from: receivedUnits.row(Int(plan.expertRowUnit[row])), count: width)
+        }
+    }
+
+    /// Backward of the weighted sum, on the expert's rank: dY[j] = w_j dy_s, and
+    /// dw_j = <dy_s, Y[j]> by record (they go back with the records' splits).
+    private func fanOutGradients(_ rows: Range<Int>) {
+        let width = self.width
+        for row in rows {
+            let record = Int(plan.expertRowRecord[row]), dyRow = receivedUnits.row(Int(plan.expertRowUnit[row]))
+            let weight = recordsIn[record].weight, destination = dExpertOutput.row(row)
+            for c in 0..<width { destination[c] = weight * dyRow[c] }
+            dWeightsByRecord[record] = Kernels.dot(dyRow, expertOutput.row(row), count: width)
+        }
+    }
+
+    /// unitResults[u] += (w_j) rows[j] for the expert rows `rows`, in expert order (so each
+    /// unit sums its experts in ascending order).
+    private func sumPerUnit(_ source: Tensor<T>, rows: Range<Int>, weighted: Bool) {
+        let width = self.width
+        for row in rows {
+            let destination = unitResults.row(Int(plan.resultSlot[Int(plan.expertRowUnit[row])]))
+            if weighted {
+                Kernels.axpy(recordsIn[Int(plan.expertRowRecord[row])].weight, source.row(row), into: destination, count: width)
+            } else {
+                Kernels.add(source.row(row), into: destination, count: width)
+            }
         }
     }
 
@@ -187,13 +250,15 @@ public final class MoELayer<T: Scalar> {
         }
     }
 
-    /// y_s = Σ_j w_j Y_back[j], in plan order (ascending expert per token).
-    private func combineReturned(into y: UnsafeMutablePointer<T>, rows: Int) {
-        let width = self.width
-        y.update(repeating: 0, count: rows * width)
-        for position in 0..<routing.count {
-            let index = Int(plan.order[position])
-            Kernels.axpy(routing.weights[index], returnedOutput.row(position), into: y + Int(routing.tokens[index]) * width, count: width)
+    /// y_s (+)= Σ over ranks (ascending) of the returned sums of s's units.
+    private func sumReturnedResults(into y: UnsafeMutablePointer<T>, rows: Int, accumulating: Bool) {
+        let width = self.width, ranks = placement.rankCount
+        if !accumulating { y.update(repeating: 0, count: rows * width) }
+        for s in 0..<rows {
+            for peer in 0..<ranks {
+                let slot = Int(plan.returnSlot[s * ranks + peer])
+                if slot >= 0 { Kernels.add(returnedResults.row(slot), into: y + s * width, count: width) }
+            }
         }
     }
 
@@ -212,26 +277,29 @@ public final class MoELayer<T: Scalar> {
             }
             return
         }
-        measure(\.combine) { scaleGradients(dy) }
+        measure(\.combine) { gatherUnitRows(dy) }
         try pipeline(forward: false)
-        measure(\.dispatch) { scatterInputGradients(into: dx) }
+        try measure(\.combine) { try returnWeightGradients() }
+        measure(\.dispatch) { sumReturnedResults(into: dx, rows: rows, accumulating: true) }
         measure(\.route) {
             dWeights.withUnsafeMutableBufferPointer { dw in gate.backward(x, rows: rows, dWeights: dw.baseAddress!, dx: dx, routing: routing) }
         }
     }
 
-    /// dY_back[j] = w_j dy_s (to the experts' ranks) and dw_j = <dy_s, Y_back[j]>.
-    private func scaleGradients(_ dy: UnsafePointer<T>) {
-        let width = self.width, assignments = routing.count
-        dSend.resize(rows: assignments, columns: width)
-        if dWeights.count < max(assignments, 1) { dWeights = Array(repeating: 0, count: max(assignments, 1)) }
-        for position in 0..<assignments {
-            let index = Int(plan.order[position])
-            let dyRow = dy + Int(routing.tokens[index]) * width
-            let weight = routing.weights[index], destination = dSend.row(position)
-            for c in 0..<width { destination[c] = weight * dyRow[c] }
-            dWeights[index] = Kernels.dot(dyRow, returnedOutput.row(position), count: width)
+    /// The weight gradients computed on the experts' ranks, back in plan order, then by routing
+    /// index for the gate.
+    private func returnWeightGradients() throws {
+        let assignments = routing.count, stride = MemoryLayout<T>.stride
+        MoELayer.reserve(&dWeightsReturned, assignments, 0)
+        MoELayer.reserve(&dWeights, max(assignments, 1), 0)
+        plan.recordSplits(recordBytes: stride, reverse: true)
+        try dWeightsByRecord.withUnsafeBytes { send in
+            try dWeightsReturned.withUnsafeMutableBytes { receive in
+                try communicator.allToAllV(send: send, sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
+                                           recv: receive, recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets)
+            }
         }
+        for position in 0..<assignments { dWeights[Int(plan.order[position])] = dWeightsReturned[position] }
     }
 
     /// The adjoint of the experts of `group`; their weight gradients are complete here (every
@@ -249,19 +317,12 @@ public final class MoELayer<T: Scalar> {
         }
     }
 
-    /// dX rows, back on the tokens' rank in plan order, added into dx.
-    private func scatterInputGradients(into dx: UnsafeMutablePointer<T>) {
-        for position in 0..<routing.count {
-            Kernels.add(dSend.row(position), into: dx + Int(routing.tokens[Int(plan.order[position])]) * width, count: width)
-        }
-    }
-
-    /// Starts the all-to-all-v of the rows of `group`'s experts. Forward direction sends the
-    /// plan's send rows; reverse swaps the sides.
-    private func startExchange(_ source: Tensor<T>, into destination: Tensor<T>, reverse: Bool, group: Range<Int>,
-                               in transfer: PendingTransfer) throws {
+    /// Starts the all-to-all-v of `group`'s unit rows: out to the experts' ranks, or (`reverse`)
+    /// their results back to the tokens' ranks.
+    private func startExchange(reverse: Bool, group: Int, in transfer: PendingTransfer) throws {
         let stride = MemoryLayout<T>.stride
-        plan.splits(rowBytes: width * stride, reverse: reverse, group: group, perRank: placement.expertsPerRank)
+        let (source, destination) = reverse ? (unitResults, returnedResults) : (unitRows, receivedUnits)
+        plan.splits(rowBytes: width * stride, reverse: reverse, group: group)
         transfer.startedAt = Clock.nanoseconds()
         try communicator.startAllToAllV(
             send: UnsafeRawBufferPointer(start: source.pointer, count: source.count * stride),
@@ -277,13 +338,5 @@ public final class MoELayer<T: Scalar> {
         let now = Clock.nanoseconds()
         profile.exposedCommunication += Double(now - waited) * 1e-9
         profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9
-    }
-
-    /// Moves blocks between (source, local expert) order and (local expert, source) order.
-    private func permute(_ source: Tensor<T>, into destination: Tensor<T>, toExpertOrder: Bool, group: Range<Int>) {
-        let width = self.width
-        plan.forEachBlock(toExpertOrder: toExpertOrder, perRank: placement.expertsPerRank, group: group) { from, to, rows in
-            destination.row(to).update(from: source.row(from), count: rows * width)
-        }
     }
 }
