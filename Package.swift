@@ -4,7 +4,7 @@ import PackageDescription
 // Targets, bottom up (arrows point down only):
 //   moe (CLI) -> MoECore (numerics, model, trainer) -> MoEIO (YAML config, token files)
 //                                                   -> MoEComm (communicator protocol, MPI) -> CMPI
-//                                                   -> CBLAS, CDNNL (oneDNN products), CVectorMath
+//                                                   -> CBLAS, CDNNL (oneDNN products), CVectorMath, CDirectIO
 // The numeric code is generic over Float/Double (Double for gradient checks) and lives in one
 // module so that whole-module optimisation specialises it for Float without @inlinable noise.
 
@@ -31,13 +31,16 @@ let package = Package(
                        providers: [.apt(["libopenblas-dev"])]),
         // oneDNN has no pkg-config file in Debian; its header is on the default include path.
         .systemLibrary(name: "CDNNL", path: "Sources/CDNNL", providers: [.apt(["libdnnl-dev"])]),
-        // Vector square root and narrowing, which Swift's SIMD types only do lane by lane.
+        // Vector square root and narrowing, which Swift's SIMD types only do lane by lane; the
+        // SHA instructions for checkpoint digests.
         .systemLibrary(name: "CVectorMath", path: "Sources/CVectorMath"),
+        // O_DIRECT, which Swift's Glibc module hides (checkpoint files past the page cache).
+        .systemLibrary(name: "CDirectIO", path: "Sources/CDirectIO"),
         .systemLibrary(name: "CMPI", path: "Sources/CMPI", pkgConfig: "ompi-c",
                        providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
         .target(name: "MoEComm", dependencies: ["CMPI"]),
         .target(name: "MoEIO", dependencies: [.product(name: "Yams", package: "Yams")]),
-        .target(name: "MoECore", dependencies: ["CBLAS", "CDNNL", "CVectorMath", "MoEComm", "MoEIO"], swiftSettings: numericSettings),
+        .target(name: "MoECore", dependencies: ["CBLAS", "CDNNL", "CVectorMath", "CDirectIO", "MoEComm", "MoEIO"], swiftSettings: numericSettings),
         .executableTarget(name: "moe", dependencies: [
             "MoECore", "MoEComm", "MoEIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

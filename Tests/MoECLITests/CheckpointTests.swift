@@ -224,6 +224,15 @@ final class CheckpointTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000005/DONE")))
         XCTAssertFalse(FileManager.default.fileExists(atPath: workspace.path("run/checkpoints/step_00000010/DONE")))
         try assertResumeContinues(workspace, from: 5, extra: async)
+        // Rank 0 finishes a background save on its own thread too: killed there between the
+        // manifest and DONE, step 10 is not a checkpoint and the resume continues from step 5.
+        let finishing = workspace.path("finishing")
+        let killedFinishing = try train(workspace, ranks: 2, ["--run-dir", "finishing", "--inject-fault", "kill-before-done@0:10"] + async,
+                                        expectSuccess: false)
+        assertKilled(killedFinishing)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: finishing + "/checkpoints/step_00000010/manifest.json"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: finishing + "/checkpoints/step_00000010/DONE"))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: finishing + "/checkpoints/step_00000005/DONE"))
         try train(workspace, ranks: 2, ["--run-dir", "blocking"])
         for file in ["replicated.safetensors", "experts-rank-00000.safetensors", "experts-rank-00001.safetensors"] {
             let path = { (run: String) in workspace.path("\(run)/checkpoints/step_00000015/\(file)") }

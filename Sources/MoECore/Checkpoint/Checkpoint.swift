@@ -102,6 +102,7 @@ public enum CheckpointError: Error, CustomStringConvertible {
     case corrupt(path: String, reason: String)
     case saveFailed(rank: Int, reason: String)
     case incompatible(path: String, reason: String)
+    case snapshotFailed(reason: String)
 
     public var description: String {
         switch self {
@@ -109,6 +110,7 @@ public enum CheckpointError: Error, CustomStringConvertible {
         case let .corrupt(path, reason): return "checkpoint file '\(path)': \(reason)"
         case let .saveFailed(rank, reason): return "checkpoint save failed on rank \(rank): \(reason)"
         case let .incompatible(path, reason): return "checkpoint '\(path)': \(reason)"
+        case let .snapshotFailed(reason): return "checkpoint save: \(reason)"
         }
     }
 }
@@ -161,9 +163,11 @@ public enum Checkpoint {
     /// files into memory: the parameters and moments once more, the snapshot's cost), then
     /// written, in the background with `inBackground` while the training goes on, and finished by
     /// `PendingCheckpoint.complete` (the manifest, DONE and pruning, as in a blocking save).
+    /// `snapshot`: memory kept between saves to encode into (nil: allocated for this save and
+    /// released with it).
     public static func begin(_ contents: CheckpointContents, communicator: Communicator, runDirectory: String,
                              attachments: [String: Data] = [:], hooks: TrainingHooks? = nil,
-                             inBackground: Bool) throws -> PendingCheckpoint {
+                             inBackground: Bool, snapshot: CheckpointSnapshot? = nil) throws -> PendingCheckpoint {
         let rank = communicator.rank, step = contents.state.attempted
         let directory = ((runDirectory as NSString).appendingPathComponent("checkpoints") as NSString)
             .appendingPathComponent(directoryName(step: step))
@@ -174,15 +178,17 @@ public enum Checkpoint {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         }
         let model = contents.model, optimizer = contents.expertOptimizer
+        let snapshot = snapshot ?? CheckpointSnapshot()
         let shard = try communicator.agree {
-            model.placement.groupBase == 0 ? try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment) : nil
+            model.placement.groupBase == 0
+                ? try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment, into: snapshot.shard) : nil
         }
         var files = rank == 0 ? attachments : [:]
-        let replicated = try encodeReplicated(contents, communicator: communicator)
+        let replicated = try encodeReplicated(contents, communicator: communicator, into: snapshot.replicated)
         if rank == 0 { files[replicatedFile] = replicated }
         let pending = PendingCheckpoint(directory: directory, runDirectory: runDirectory, keep: contents.config.checkpoint.keep,
                                         manifest: makeManifest(contents, worldSize: communicator.size, expertFiles: [], files: [:]),
-                                        hooks: hooks)
+                                        hooks: hooks, snapshot: snapshot)
         pending.write(shard: shard.map { (expertFileName(rank: rank), $0) }, files: files, inBackground: inBackground)
         return pending
     }
@@ -191,7 +197,7 @@ public enum Checkpoint {
     /// sharded optimizer's slices are gathered (the file holds whole-store moments, so it resumes
     /// on any number of ranks, sharded or not); sharded masters (bf16) are gathered for the
     /// encoding too, and released after.
-    static func encodeReplicated(_ contents: CheckpointContents, communicator: Communicator) throws -> Data {
+    static func encodeReplicated(_ contents: CheckpointContents, communicator: Communicator, into buffer: SnapshotBuffer? = nil) throws -> Data {
         let optimizer = contents.replicatedOptimizer, store = contents.model.replicated
         let gathered = optimizer.isSharded ? try optimizer.fullMoments(over: communicator) : nil
         var data = Data()
@@ -200,29 +206,30 @@ public enum Checkpoint {
                 guard communicator.rank == 0 else { return }
                 if let gathered {
                     data = try gathered.first.withUnsafeBufferPointer { first in
-                        try gathered.second.withUnsafeBufferPointer { try encode(store, first: first.baseAddress!, second: $0.baseAddress!) }
+                        try gathered.second.withUnsafeBufferPointer { try encode(store, first: first.baseAddress!, second: $0.baseAddress!, into: buffer) }
                     }
                 } else {
-                    data = try encode(store, first: optimizer.firstMoment, second: optimizer.secondMoment)
+                    data = try encode(store, first: optimizer.firstMoment, second: optimizer.secondMoment, into: buffer)
                 }
             }
         }
         return data
     }
 
-    /// Rank 0: checks every expert shard on disk against what its writer reported, adds them to
-    /// `files`, and returns the shard file of each rank (nil for ranks holding replicas only).
+    /// Rank 0: checks that every expert shard is on disk with the size its writer reported (the
+    /// writer read it back after its sync and compared it with what it meant to write, and
+    /// reports the digest of what it read), adds them to `files`, and returns the shard file of
+    /// each rank (nil for ranks holding replicas only).
     static func verifyExpertShards(_ reports: [Int64], directory: String, ranks: Int,
                                    files: inout [String: CheckpointManifest.FileRecord]) throws -> [String?] {
         var expertFiles: [String?] = Array(repeating: nil, count: ranks)
         for source in 0..<ranks where reports[source * 6] == 1 {
-            let name = expertFileName(rank: source)
-            let onDisk = try record(of: (directory as NSString).appendingPathComponent(name))
-            let reportedDigest = (0..<4).map { reports[source * 6 + 2 + $0] }
-            guard onDisk.bytes == Int(reports[source * 6 + 1]), (0..<4).map({ digestWord(onDisk.sha256, $0) }) == reportedDigest else {
-                throw CheckpointError.saveFailed(rank: source, reason: "\(name) on disk differs from what rank \(source) wrote")
+            let name = expertFileName(rank: source), bytes = Int(reports[source * 6 + 1])
+            let size = (try? FileManager.default.attributesOfItem(atPath: (directory as NSString).appendingPathComponent(name))[.size]) as? Int
+            guard size == bytes else {
+                throw CheckpointError.saveFailed(rank: source, reason: "\(name) on disk has \(size.map(String.init) ?? "no") bytes, rank \(source) wrote \(bytes)")
             }
-            files[name] = onDisk
+            files[name] = CheckpointManifest.FileRecord(bytes: bytes, sha256: digestHex((0..<4).map { reports[source * 6 + 2 + $0] }))
             expertFiles[source] = name
         }
         return expertFiles
@@ -256,6 +263,14 @@ public enum Checkpoint {
         return steps
     }
 
+    /// The hexadecimal digest of four words from `digestWord`.
+    static func digestHex(_ words: [Int64]) -> String {
+        words.map { word in
+            let text = String(UInt64(bitPattern: word), radix: 16)
+            return String(repeating: "0", count: 16 - text.count) + text
+        }.joined()
+    }
+
     static func digestWord(_ hex: String, _ word: Int) -> Int64 {
         let characters = Array(hex.utf8)
         var value: UInt64 = 0
@@ -269,7 +284,8 @@ public enum Checkpoint {
     static func shape(of entry: ParameterEntry) -> [Int] { entry.rows == 1 ? [entry.columns] : [entry.rows, entry.columns] }
 
     /// The store's values and its AdamW moments (whole-store moments: [store.count] each).
-    static func encode<Kind>(_ store: ParameterStore<Float, Kind>, first: UnsafePointer<Float>, second: UnsafePointer<Float>) throws -> Data {
+    static func encode<Kind>(_ store: ParameterStore<Float, Kind>, first: UnsafePointer<Float>, second: UnsafePointer<Float>,
+                             into buffer: SnapshotBuffer? = nil) throws -> Data {
         var entries: [Safetensors.Entry] = []
         for (prefix, base) in [("", UnsafePointer(store.values)), (firstMomentPrefix, first), (secondMomentPrefix, second)] {
             for entry in store.entries {
@@ -277,32 +293,21 @@ public enum Checkpoint {
                                                  values: UnsafeBufferPointer(start: base + entry.offset, count: entry.count)))
             }
         }
-        return try Safetensors.encode(entries, metadata: ["format": "pt", "producer": "swiftmoe"])
+        let metadata = ["format": "pt", "producer": "swiftmoe"]
+        if let buffer { return try Safetensors.encode(entries, metadata: metadata, into: buffer) }
+        return try Safetensors.encode(entries, metadata: metadata)
     }
 
     /// Writes to a temporary name, fsyncs, renames: a reader sees the old file or the whole new one.
     static func writeDurably(_ data: Data, to path: String, beforeRename: () throws -> Void = {}) throws -> CheckpointManifest.FileRecord {
         let temporary = path + ".partial"
-        guard FileManager.default.createFile(atPath: temporary, contents: data) else {
-            throw CheckpointError.corrupt(path: path, reason: "cannot create it (permissions or disk full?)")
-        }
-        try beforeRename()
-        guard let handle = FileHandle(forWritingAtPath: temporary) else {
-            throw CheckpointError.corrupt(path: path, reason: "cannot reopen it to sync")
-        }
-        try handle.synchronize()
-        try handle.close()
+        let record = try data.withUnsafeBytes { try DurableFile.write($0, to: temporary, beforeSync: beforeRename) }
         if FileManager.default.fileExists(atPath: path) { try FileManager.default.removeItem(atPath: path) }
         try FileManager.default.moveItem(atPath: temporary, toPath: path)
-        return CheckpointManifest.FileRecord(bytes: data.count, sha256: SHA256.hex(of: data))
+        return record
     }
 
-    static func record(of path: String) throws -> CheckpointManifest.FileRecord {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw CheckpointError.corrupt(path: path, reason: "missing or unreadable")
-        }
-        return CheckpointManifest.FileRecord(bytes: data.count, sha256: SHA256.hex(of: data))
-    }
+    static func record(of path: String) throws -> CheckpointManifest.FileRecord { try DurableFile.record(of: path) }
 
     static func syncDirectory(_ path: String) {
         let descriptor = open(path, O_RDONLY)

@@ -51,18 +51,8 @@ public enum Safetensors {
 
     /// With `.bf16` every value is rounded to nearest even.
     public static func encode(_ entries: [Entry], metadata: [String: String] = [:], dataType: DataType = .f32) throws -> Data {
-        var header: [String: Any] = [:]
-        if !metadata.isEmpty { header["__metadata__"] = metadata }
-        var offset = 0
-        for entry in entries {
-            let bytes = entry.values.count * dataType.bytes
-            header[entry.name] = ["dtype": dataType.rawValue, "shape": entry.shape, "data_offsets": [offset, offset + bytes]] as [String: Any]
-            offset += bytes
-        }
-        var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
-        // Pad with spaces so the data section starts 8-byte aligned (allowed by the format).
-        while (8 + json.count) % 8 != 0 { json.append(0x20) }
-        var data = Data(capacity: 8 + json.count + offset)
+        let (json, dataBytes) = try header(entries, metadata: metadata, dataType: dataType)
+        var data = Data(capacity: 8 + json.count + dataBytes)
         withUnsafeBytes(of: UInt64(json.count).littleEndian) { data.append(contentsOf: $0) }
         data.append(json)
         for entry in entries {
@@ -81,6 +71,39 @@ public enum Safetensors {
             }
         }
         return data
+    }
+
+    /// F32 into `buffer`'s memory (an asynchronous save's snapshot, reused from save to save):
+    /// the same bytes as `encode`, returned as Data that does not own them; valid until the
+    /// buffer's next use.
+    static func encode(_ entries: [Entry], metadata: [String: String] = [:], into buffer: SnapshotBuffer) throws -> Data {
+        let (json, dataBytes) = try header(entries, metadata: metadata, dataType: .f32)
+        let region = try buffer.region(bytes: 8 + json.count + dataBytes)
+        region.storeBytes(of: UInt64(json.count).littleEndian, as: UInt64.self)
+        json.copyBytes(to: region.baseAddress!.advanced(by: 8).assumingMemoryBound(to: UInt8.self), count: json.count)
+        var offset = 8 + json.count
+        for entry in entries {
+            let bytes = entry.values.count * 4
+            (region.baseAddress! + offset).copyMemory(from: entry.values.baseAddress!, byteCount: bytes)
+            offset += bytes
+        }
+        return Data(bytesNoCopy: region.baseAddress!, count: region.count, deallocator: .none)
+    }
+
+    /// The JSON header, padded so the data section starts 8-byte aligned (allowed by the
+    /// format), and the data section's size.
+    private static func header(_ entries: [Entry], metadata: [String: String], dataType: DataType) throws -> (json: Data, dataBytes: Int) {
+        var header: [String: Any] = [:]
+        if !metadata.isEmpty { header["__metadata__"] = metadata }
+        var offset = 0
+        for entry in entries {
+            let bytes = entry.values.count * dataType.bytes
+            header[entry.name] = ["dtype": dataType.rawValue, "shape": entry.shape, "data_offsets": [offset, offset + bytes]] as [String: Any]
+            offset += bytes
+        }
+        var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
+        while (8 + json.count) % 8 != 0 { json.append(0x20) }
+        return (json, offset)
     }
 
     /// Parses and validates the header of a whole file's bytes: every tensor F32, shapes

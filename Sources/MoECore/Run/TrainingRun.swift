@@ -277,7 +277,7 @@ public final class TrainingRun {
         let started = DispatchTime.now().uptimeNanoseconds
         let pending = try Checkpoint.begin(trainer.checkpointContents, communicator: communicator, runDirectory: runDirectory,
                                            attachments: tokenizer?.checkpointAttachment ?? [:], hooks: trainer.hooks,
-                                           inBackground: inBackground)
+                                           inBackground: inBackground, snapshot: snapshot)
         let blocked = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
         if inBackground {
             pendingSave = (pending, blocked)
@@ -286,6 +286,9 @@ public final class TrainingRun {
             log(String(format: "saved %@ in %.2f s", pending.directory, Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
         }
     }
+
+    /// The memory asynchronous saves snapshot into, kept between saves (`SnapshotBuffer`).
+    lazy var snapshot: CheckpointSnapshot? = trainer.config.checkpoint.async ? CheckpointSnapshot() : nil
 
     /// A background save and the seconds its snapshot held the steps up.
     var pendingSave: (save: PendingCheckpoint, blocked: Double)?
