@@ -287,7 +287,7 @@ public struct RunConfig: Equatable, Sendable {
         ConfigSection("checkpoint", \.checkpoint, help: "Checkpoints in RUN_DIR/checkpoints.", [
             .int("every", \.every, min: 0, "save every n steps (0: only at the end)"),
             .int("keep", \.keep, min: 1, "complete checkpoints to keep"),
-            .bool("async", \.async, "write the periodic checkpoints in the background while training goes on (the state is snapshotted in memory first: about 12 bytes per parameter); the last one and one on a stop signal are written before the run ends"),
+            .bool("async", \.async, "write the periodic checkpoints in the background while training goes on (the state is snapshotted into memory kept for the whole run: about 12 bytes per parameter of a rank's share, mapped at start); the last one and one on a stop signal are written before the run ends"),
         ]),
     ]
 

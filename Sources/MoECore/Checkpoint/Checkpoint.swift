@@ -193,6 +193,18 @@ public enum Checkpoint {
         return pending
     }
 
+    /// Collective: encodes the state into `snapshot` once, as `begin` will, so that its memory
+    /// is mapped and touched before the first save that uses it.
+    public static func prepare(_ snapshot: CheckpointSnapshot, for contents: CheckpointContents, communicator: Communicator) throws {
+        let model = contents.model, optimizer = contents.expertOptimizer
+        try communicator.agree {
+            if model.placement.groupBase == 0 {
+                _ = try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment, into: snapshot.shard)
+            }
+        }
+        _ = try encodeReplicated(contents, communicator: communicator, into: snapshot.replicated)
+    }
+
     /// The replicated parameters and their moments, encoded on rank 0 (empty elsewhere). A
     /// sharded optimizer's slices are gathered (the file holds whole-store moments, so it resumes
     /// on any number of ranks, sharded or not); sharded masters (bf16) are gathered for the

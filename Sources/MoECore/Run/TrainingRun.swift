@@ -189,6 +189,7 @@ public final class TrainingRun {
         var intervalSeconds = 0.0, intervalTokens = 0, totalSeconds = 0.0, timedSteps = 0
         StallWatchdog(heartbeat: trainer.heartbeat, rank: communicator.rank, minimumSeconds: config.train.stallSeconds,
                       factor: config.train.stallFactor).start()
+        try prepareSnapshot()
         while trainer.state.attempted < end {
             if config.train.evalEvery > 0 && trainer.state.attempted % config.train.evalEvery == 0 {
                 lastValidation = try evaluate()
@@ -289,6 +290,15 @@ public final class TrainingRun {
 
     /// The memory asynchronous saves snapshot into, kept between saves (`SnapshotBuffer`).
     lazy var snapshot: CheckpointSnapshot? = trainer.config.checkpoint.async ? CheckpointSnapshot() : nil
+
+    /// Asynchronous saves: maps and touches the snapshot's memory before the first step (one
+    /// encoding of the state, thrown away), so no step pays its first-touch page faults.
+    func prepareSnapshot() throws {
+        guard let snapshot, trainer.config.checkpoint.every > 0 else { return }
+        let started = DispatchTime.now().uptimeNanoseconds
+        try Checkpoint.prepare(snapshot, for: trainer.checkpointContents, communicator: communicator)
+        log(String(format: "asynchronous checkpoints: snapshot memory mapped in %.2f s", Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+    }
 
     /// A background save and the seconds its snapshot held the steps up.
     var pendingSave: (save: PendingCheckpoint, blocked: Double)?
