@@ -121,8 +121,9 @@ public final class MoELayer<T: Scalar> {
     /// Sends every expert's rank the records of its assignments (plan order) and maps them.
     private func exchangeRecords() throws {
         let assignments = routing.count, stride = MemoryLayout<RoutedRow<T>>.stride
-        MoELayer.reserve(&recordsOut, assignments, RoutedRow(unit: 0, weight: 0))
-        MoELayer.reserve(&recordsIn, plan.receivedRowCount, RoutedRow(unit: 0, weight: 0))
+        // At least one element each: an empty array may have no address to hand MPI.
+        MoELayer.reserve(&recordsOut, max(assignments, 1), RoutedRow(unit: 0, weight: 0))
+        MoELayer.reserve(&recordsIn, max(plan.receivedRowCount, 1), RoutedRow(unit: 0, weight: 0))
         for position in 0..<assignments {
             recordsOut[position] = RoutedRow(unit: plan.assignmentUnit[position], weight: routing.weights[Int(plan.order[position])])
         }
@@ -169,7 +170,7 @@ public final class MoELayer<T: Scalar> {
             dExpertOutput.resize(rows: received, columns: width)
             dExpertInput.resize(rows: received, columns: width, zero: true)
             dHidden.resize(rows: received, columns: experts[0].scratchColumns)
-            MoELayer.reserve(&dWeightsByRecord, received, 0)
+            MoELayer.reserve(&dWeightsByRecord, max(received, 1), 0)
         }
         try waitForSlowestRank()
         try startExchange(reverse: false, group: 0, in: inbound[0])
@@ -290,7 +291,7 @@ public final class MoELayer<T: Scalar> {
     /// index for the gate.
     private func returnWeightGradients() throws {
         let assignments = routing.count, stride = MemoryLayout<T>.stride
-        MoELayer.reserve(&dWeightsReturned, assignments, 0)
+        MoELayer.reserve(&dWeightsReturned, max(assignments, 1), 0)
         MoELayer.reserve(&dWeights, max(assignments, 1), 0)
         plan.recordSplits(recordBytes: stride, reverse: true)
         try dWeightsByRecord.withUnsafeBytes { send in
