@@ -94,6 +94,15 @@ final class CheckpointFormatTests: XCTestCase {
         XCTAssertEqual(out, b)
         XCTAssertThrowsError(try out.withUnsafeMutableBufferPointer { try file.read("a", shape: [3], into: $0.baseAddress!) })
         XCTAssertEqual((8 + Int(data.withUnsafeBytes { $0.load(as: UInt64.self) })) % 8, 0, "data section 8-byte aligned")
+        // Checkpoints encode into a snapshot's memory: the same bytes.
+        let snapshot = SnapshotBuffer()
+        let intoSnapshot = try a.withUnsafeBufferPointer { pa in
+            try b.withUnsafeBufferPointer { pb in
+                try Safetensors.encode([.init(name: "a", shape: [2, 3], values: pa), .init(name: "b", shape: [3], values: pb)],
+                                       metadata: ["format": "pt"], into: snapshot)
+            }
+        }
+        XCTAssertEqual(Data(intoSnapshot), data)
     }
 
     /// Hostile files give errors, never crashes or huge allocations.

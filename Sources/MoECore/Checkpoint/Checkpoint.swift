@@ -177,14 +177,9 @@ public enum Checkpoint {
             if FileManager.default.fileExists(atPath: directory) { try FileManager.default.removeItem(atPath: directory) }
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         }
-        let model = contents.model, optimizer = contents.expertOptimizer
         let snapshot = snapshot ?? CheckpointSnapshot()
-        let shard = try communicator.agree {
-            model.placement.groupBase == 0
-                ? try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment, into: snapshot.shard) : nil
-        }
+        let (shard, replicated) = try encodeState(contents, communicator: communicator, into: snapshot)
         var files = rank == 0 ? attachments : [:]
-        let replicated = try encodeReplicated(contents, communicator: communicator, into: snapshot.replicated)
         if rank == 0 { files[replicatedFile] = replicated }
         let pending = PendingCheckpoint(directory: directory, runDirectory: runDirectory, keep: contents.config.checkpoint.keep,
                                         manifest: makeManifest(contents, worldSize: communicator.size, expertFiles: [], files: [:]),
@@ -196,20 +191,26 @@ public enum Checkpoint {
     /// Collective: encodes the state into `snapshot` once, as `begin` will, so that its memory
     /// is mapped and touched before the first save that uses it.
     public static func prepare(_ snapshot: CheckpointSnapshot, for contents: CheckpointContents, communicator: Communicator) throws {
+        _ = try encodeState(contents, communicator: communicator, into: snapshot)
+    }
+
+    /// Collective: this rank's expert shard (ranks of the first expert-parallel group) and the
+    /// replicated file (rank 0; empty elsewhere), encoded into `snapshot`'s memory.
+    static func encodeState(_ contents: CheckpointContents, communicator: Communicator,
+                            into snapshot: CheckpointSnapshot) throws -> (shard: Data?, replicated: Data) {
         let model = contents.model, optimizer = contents.expertOptimizer
-        try communicator.agree {
-            if model.placement.groupBase == 0 {
-                _ = try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment, into: snapshot.shard)
-            }
+        let shard = try communicator.agree {
+            model.placement.groupBase == 0
+                ? try encode(model.experts, first: optimizer.firstMoment, second: optimizer.secondMoment, into: snapshot.shard) : nil
         }
-        _ = try encodeReplicated(contents, communicator: communicator, into: snapshot.replicated)
+        return (shard, try encodeReplicated(contents, communicator: communicator, into: snapshot.replicated))
     }
 
     /// The replicated parameters and their moments, encoded on rank 0 (empty elsewhere). A
     /// sharded optimizer's slices are gathered (the file holds whole-store moments, so it resumes
     /// on any number of ranks, sharded or not); sharded masters (bf16) are gathered for the
     /// encoding too, and released after.
-    static func encodeReplicated(_ contents: CheckpointContents, communicator: Communicator, into buffer: SnapshotBuffer? = nil) throws -> Data {
+    static func encodeReplicated(_ contents: CheckpointContents, communicator: Communicator, into buffer: SnapshotBuffer) throws -> Data {
         let optimizer = contents.replicatedOptimizer, store = contents.model.replicated
         let gathered = optimizer.isSharded ? try optimizer.fullMoments(over: communicator) : nil
         var data = Data()
@@ -297,7 +298,7 @@ public enum Checkpoint {
 
     /// The store's values and its AdamW moments (whole-store moments: [store.count] each).
     static func encode<Kind>(_ store: ParameterStore<Float, Kind>, first: UnsafePointer<Float>, second: UnsafePointer<Float>,
-                             into buffer: SnapshotBuffer? = nil) throws -> Data {
+                             into buffer: SnapshotBuffer) throws -> Data {
         var entries: [Safetensors.Entry] = []
         for (prefix, base) in [("", UnsafePointer(store.values)), (firstMomentPrefix, first), (secondMomentPrefix, second)] {
             for entry in store.entries {
@@ -305,9 +306,7 @@ public enum Checkpoint {
                                                  values: UnsafeBufferPointer(start: base + entry.offset, count: entry.count)))
             }
         }
-        let metadata = ["format": "pt", "producer": "swiftmoe"]
-        if let buffer { return try Safetensors.encode(entries, metadata: metadata, into: buffer) }
-        return try Safetensors.encode(entries, metadata: metadata)
+        return try Safetensors.encode(entries, metadata: ["format": "pt", "producer": "swiftmoe"], into: buffer)
     }
 
     /// Writes to a temporary name, fsyncs, renames: a reader sees the old file or the whole new one.
@@ -318,8 +317,6 @@ public enum Checkpoint {
         try FileManager.default.moveItem(atPath: temporary, toPath: path)
         return record
     }
-
-    static func record(of path: String) throws -> CheckpointManifest.FileRecord { try DurableFile.record(of: path) }
 
     static func syncDirectory(_ path: String) {
         let descriptor = open(path, O_RDONLY)

@@ -11,7 +11,7 @@ import Foundation
 /// save can hide waiting, not CPU work that competes with the training ranks for their cores.
 /// Reading back through a small aligned buffer likewise costs the digest and no page cache.
 enum DurableFile {
-    /// oDirect's alignment of memory, sizes and offsets (the page size covers every device).
+    /// O_DIRECT's alignment of memory, sizes and offsets (the page size covers every device).
     static let alignment = 4096
     static let chunkBytes = 32 << 20
     private static let oDirect = swiftmoe_o_direct()

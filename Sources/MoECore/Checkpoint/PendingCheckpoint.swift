@@ -3,7 +3,7 @@ import MoEComm
 
 /// A checkpoint save in progress (`Checkpoint.begin`): this rank's files are written from the
 /// snapshot, on a background thread for an asynchronous save; `complete` finishes it on every
-/// rank together: each writer's size and digest reach rank 0, which checks the files on disk,
+/// rank together: each writer's size and digest reach rank 0, which checks the shards on disk,
 /// writes the manifest, then DONE, then prunes (in the background too for an asynchronous save,
 /// so the steps wait for neither). Until DONE the directory is not a checkpoint, so a crash at
 /// any point leaves the previous checkpoints as they were.
@@ -61,8 +61,8 @@ public final class PendingCheckpoint {
 
     /// Collective. With `wait`, waits for the save and finishes it; without, moves it on as far
     /// as it can without waiting and returns nil until it is done (call again at a later step).
-    /// Two phases: every rank's writes, then rank 0's finish (it re-reads the shards to check
-    /// them, writes the manifest and DONE, prunes), itself on a background thread for an
+    /// Two phases: every rank's writes, then rank 0's finish (it checks the shards' sizes on
+    /// disk, writes the manifest and DONE, prunes), itself on a background thread for an
     /// asynchronous save. Returns the checkpoint directory once DONE is written.
     public func complete(communicator: Communicator, wait: Bool) throws -> String? {
         if !finishing {

@@ -98,14 +98,10 @@ struct DispatchPlan {
             receiveUnits = sendUnits; resultUnits = sendUnits; returnUnits = sendUnits; cursor = sendUnits
             countsOut = Array(repeating: 0, count: ranks * (perRank + groupCount)); countsIn = countsOut
         }
-        DispatchPlan.reserve(&unitSlot, tokenCount * ranks)
-        DispatchPlan.reserve(&returnSlot, tokenCount * ranks)
-        DispatchPlan.reserve(&firstGroup, tokenCount * ranks)
-        DispatchPlan.reserve(&lastGroup, tokenCount * ranks)
-    }
-
-    private static func reserve(_ array: inout [Int32], _ count: Int) {
-        if array.count < count { array = Array(repeating: 0, count: max(count, array.count * 3 / 2)) }
+        growBuffer(&unitSlot, toHold: tokenCount * ranks, filling: 0)
+        growBuffer(&returnSlot, toHold: tokenCount * ranks, filling: 0)
+        growBuffer(&firstGroup, toHold: tokenCount * ranks, filling: 0)
+        growBuffer(&lastGroup, toHold: tokenCount * ranks, filling: 0)
     }
 
     /// Counting sort by expert (stable: token order within an expert).
@@ -114,7 +110,7 @@ struct DispatchPlan {
         for e in 0...expertCount { expertStart[e] = 0 }
         for e in experts { expertStart[Int(e) + 1] += 1 }
         for e in 0..<expertCount { expertStart[e + 1] += expertStart[e] }
-        if order.count < experts.count { order = Array(repeating: 0, count: experts.count) }
+        growBuffer(&order, toHold: experts.count, filling: 0)
         for e in 0...expertCount { nextSlot[e] = expertStart[e] }
         for (j, e) in experts.enumerated() {
             order[nextSlot[Int(e)]] = Int32(j)
@@ -140,7 +136,7 @@ struct DispatchPlan {
             returnUnits[peer * groups + Int(lastGroup[index])] += 1
         }
         sentUnitCount = DispatchPlan.starts(sendUnits, groups: groups, into: &sendUnitStart, cursor: &cursor)
-        DispatchPlan.reserve(&unitToken, sentUnitCount)
+        growBuffer(&unitToken, toHold: sentUnitCount, filling: 0)
         for s in 0..<tokenCount {
             for peer in 0..<ranks where lastGroup[s * ranks + peer] >= 0 {
                 let slot = peer * groups + Int(firstGroup[s * ranks + peer])
@@ -159,7 +155,7 @@ struct DispatchPlan {
                 cursor[slot] += 1
             }
         }
-        DispatchPlan.reserve(&assignmentUnit, tokens.count)
+        growBuffer(&assignmentUnit, toHold: tokens.count, filling: 0)
         for position in 0..<tokens.count {
             let j = Int(order[position]), peer = placement.owner(of: Int(experts[j]))
             assignmentUnit[position] = unitSlot[Int(tokens[j]) * ranks + peer] - Int32(sendUnitStart[peer])
@@ -270,8 +266,8 @@ struct DispatchPlan {
     /// one that arrives after its expert's group, is a corrupted exchange.
     mutating func mapReceived<T>(_ records: UnsafeBufferPointer<RoutedRow<T>>, perRank: Int, rank: Int) throws {
         let groups = groupCount
-        DispatchPlan.reserve(&receivedLastGroup, receivedUnitCount)
-        DispatchPlan.reserve(&resultSlot, receivedUnitCount)
+        growBuffer(&receivedLastGroup, toHold: receivedUnitCount, filling: 0)
+        growBuffer(&resultSlot, toHold: receivedUnitCount, filling: 0)
         for index in resultUnits.indices { resultUnits[index] = 0 }
         for peer in receiveUnitStart.indices {
             // Units arrive by first group; records by local expert, so a unit's group only grows.
@@ -310,8 +306,8 @@ struct DispatchPlan {
 
     /// Expert order (local expert, source rank, token): each row's received unit and record.
     private mutating func mapExpertRows<T>(_ records: UnsafeBufferPointer<RoutedRow<T>>, perRank: Int) {
-        DispatchPlan.reserve(&expertRowUnit, receivedRowCount)
-        DispatchPlan.reserve(&expertRowRecord, receivedRowCount)
+        growBuffer(&expertRowUnit, toHold: receivedRowCount, filling: 0)
+        growBuffer(&expertRowRecord, toHold: receivedRowCount, filling: 0)
         var row = 0
         for local in 0..<perRank {
             for peer in receiveUnitStart.indices {

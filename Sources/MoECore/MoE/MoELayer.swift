@@ -122,8 +122,8 @@ public final class MoELayer<T: Scalar> {
     private func exchangeRecords() throws {
         let assignments = routing.count, stride = MemoryLayout<RoutedRow<T>>.stride
         // At least one element each: an empty array may have no address to hand MPI.
-        MoELayer.reserve(&recordsOut, max(assignments, 1), RoutedRow(unit: 0, weight: 0))
-        MoELayer.reserve(&recordsIn, max(plan.receivedRowCount, 1), RoutedRow(unit: 0, weight: 0))
+        growBuffer(&recordsOut, toHold: max(assignments, 1), filling: RoutedRow(unit: 0, weight: 0))
+        growBuffer(&recordsIn, toHold: max(plan.receivedRowCount, 1), filling: RoutedRow(unit: 0, weight: 0))
         for position in 0..<assignments {
             recordsOut[position] = RoutedRow(unit: plan.assignmentUnit[position], weight: routing.weights[Int(plan.order[position])])
         }
@@ -135,10 +135,6 @@ public final class MoELayer<T: Scalar> {
             }
         }
         try recordsIn.withUnsafeBufferPointer { try plan.mapReceived($0, perRank: placement.expertsPerRank, rank: communicator.rank) }
-    }
-
-    private static func reserve<E>(_ array: inout [E], _ count: Int, _ value: E) {
-        if array.count < count { array = Array(repeating: value, count: max(count, array.count * 3 / 2)) }
     }
 
     private func makeGroups() {
@@ -170,7 +166,7 @@ public final class MoELayer<T: Scalar> {
             dExpertOutput.resize(rows: received, columns: width)
             dExpertInput.resize(rows: received, columns: width, zero: true)
             dHidden.resize(rows: received, columns: experts[0].scratchColumns)
-            MoELayer.reserve(&dWeightsByRecord, max(received, 1), 0)
+            growBuffer(&dWeightsByRecord, toHold: max(received, 1), filling: 0)
         }
         try waitForSlowestRank()
         try startExchange(reverse: false, group: 0, in: inbound[0])
@@ -291,8 +287,8 @@ public final class MoELayer<T: Scalar> {
     /// index for the gate.
     private func returnWeightGradients() throws {
         let assignments = routing.count, stride = MemoryLayout<T>.stride
-        MoELayer.reserve(&dWeightsReturned, max(assignments, 1), 0)
-        MoELayer.reserve(&dWeights, max(assignments, 1), 0)
+        growBuffer(&dWeightsReturned, toHold: max(assignments, 1), filling: 0)
+        growBuffer(&dWeights, toHold: max(assignments, 1), filling: 0)
         plan.recordSplits(recordBytes: stride, reverse: true)
         try dWeightsByRecord.withUnsafeBytes { send in
             try dWeightsReturned.withUnsafeMutableBytes { receive in

@@ -61,3 +61,10 @@ public final class Tensor<T: Scalar> {
 /// old capacity, so sizes that vary from step to step settle after a few reallocations.
 @inline(__always)
 func grownCapacity(_ needed: Int, from capacity: Int) -> Int { max(needed, capacity + capacity / 2) }
+
+/// Makes `array` hold at least `count` elements, growing it as `Tensor.resize` grows (contents
+/// not kept, new elements `value`): per-step index and scalar buffers stop reallocating after a
+/// few steps.
+func growBuffer<E>(_ array: inout [E], toHold count: Int, filling value: E) {
+    if array.count < count { array = Array(repeating: value, count: grownCapacity(count, from: array.count)) }
+}
