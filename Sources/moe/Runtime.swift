@@ -22,11 +22,14 @@ enum Runtime {
         } catch {
             fail("\(error)", rank: nil, communicator: nil)
         }
-        // One thread per rank for each matrix library when several ranks share the machine,
-        // unless the user chose with that library's variable.
+        // One thread per rank for each matrix library when several ranks share the machine, the
+        // cores to oneDNN in one process (BLASInfo.shareCoresInOneProcess), unless the user chose
+        // with that library's variable.
         if communicator.size > 1 {
             if getenv("OPENBLAS_NUM_THREADS") == nil { BLASInfo.setBLASThreads(1) }
             if getenv("OMP_NUM_THREADS") == nil { BLASInfo.setOneDNNThreads(1) }
+        } else {
+            BLASInfo.shareCoresInOneProcess()
         }
         do {
             try body(communicator)
@@ -88,6 +91,7 @@ enum Runtime {
     static func announceEnvironment(_ log: (String) -> Void) {
         var line = "OpenBLAS core \(BLASInfo.coreName), \(BLASInfo.threads) thread(s) per rank; oneDNN \(BFloat16Support.current.isa), "
             + "\(BLASInfo.oneDNNThreads) thread(s) per rank"
+            + (BLASInfo.pinnedOneDNNThreads > 0 ? " pinned one per core" : "")
         if let forced = getenv("OPENBLAS_CORETYPE") {
             line += "; warning: OPENBLAS_CORETYPE=\(String(cString: forced)) is set and overrides CPU detection (unset it for full speed)"
         }

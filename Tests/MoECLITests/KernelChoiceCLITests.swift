@@ -36,6 +36,28 @@ final class KernelChoiceCLITests: XCTestCase {
         XCTAssertTrue(run.stdout.contains("warning: OPENBLAS_CORETYPE=Prescott is set"), run.stdout)
     }
 
+    /// One process (no mpirun) has the cores to itself: oneDNN's threads take them, pinned one per
+    /// core, and OpenBLAS runs on one thread (both on a thread per core, their idle threads spun
+    /// against each other: 6,223 against 11,369 tokens/s on 2 cores). A user's variables are kept.
+    func testOneProcessGivesTheCoresToTheProducts() throws {
+        let workspace = try makeWorkspace()
+        let cores = sysconf(Int32(_SC_NPROCESSORS_ONLN))
+        let environment = ["MOE_KERNEL_CACHE": workspace.path("kernels.json")]
+        let run = try CLI.run(["train", "--config", "bench-sized.yaml", "--run-dir", "default"], in: workspace.url,
+                              environment: environment, executable: CLI.fastExecutable)
+        XCTAssertEqual(run.status, 0, run.stderr)
+        let line = try XCTUnwrap(run.stdout.split(separator: "\n").first { $0.hasPrefix("OpenBLAS core ") }, run.stdout)
+        XCTAssertTrue(line.contains(", 1 thread(s) per rank; oneDNN "), String(line))
+        if cores >= 2 { XCTAssertTrue(line.contains(", \(cores) thread(s) per rank pinned one per core"), String(line)) }
+        let chosen = try CLI.run(["train", "--config", "bench-sized.yaml", "--run-dir", "chosen"], in: workspace.url,
+                                 environment: environment.merging(["OPENBLAS_NUM_THREADS": "2", "OMP_PROC_BIND": "false"]) { $1 },
+                                 executable: CLI.fastExecutable)
+        XCTAssertEqual(chosen.status, 0, chosen.stderr)
+        let kept = try XCTUnwrap(chosen.stdout.split(separator: "\n").first { $0.hasPrefix("OpenBLAS core ") }, chosen.stdout)
+        XCTAssertTrue(kept.contains(", 2 thread(s) per rank; oneDNN "), String(kept))
+        XCTAssertFalse(kept.contains("pinned"), String(kept))
+    }
+
     /// `precision: auto` follows the measurement: the cached figures are rewritten to make bf16
     /// half as fast, then three times as fast, as fp32 (where the CPU has bf16 at all).
     func testAutoPrecisionFollowsTheMeasurement() throws {

@@ -92,6 +92,7 @@ public final class GPTModel<T: Scalar> {
         if T.self == Float.self {
             let choice = try KernelChoice.resolve(run, communicator: communicator)
             (kernels, precision) = (choice, choice.precision)
+            BLASInfo.productsRun(onOpenBLAS: choice.precision == .fp32 && choice.floatKernel == .openblas)
             if choice.precision == .bf16 || choice.floatKernel == .onednn {
                 let matmul = try OneDNNMatmul(precision: choice.precision)
                 replicated.runProducts(on: matmul)

@@ -8,7 +8,8 @@ import MoEIO
 /// Zen 4/5 bf16 runs at about twice fp32's speed. Only a measurement tells.)
 ///
 /// The measurement takes a fraction of a second. It is kept in a per-machine cache keyed by the
-/// CPU, the libraries' kernels and the shapes (not by rank or thread count), so every later
+/// CPU, the libraries' kernels and the shapes (not by rank or thread count: the figures are one
+/// thread's, whatever the process's threads), so every later
 /// process on the machine with the same model, on any number of ranks, makes the same choice
 /// and computes the same bits: a resumed run in particular, and 1 rank against R.
 public struct KernelChoice: Sendable, Equatable {
@@ -169,7 +170,8 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
             measurement = cached
         } else {
             try communicator.barrier()
-            measurement = try measure(shapes: shapes)
+            // Per core: a one-process run's oneDNN threads would otherwise race OpenBLAS on one.
+            measurement = try BLASInfo.onOneThreadEach { try measure(shapes: shapes) }
         }
         var agreed = try measurement.summed(over: communicator, scale: 1 / Double(communicator.size))
         agreed.source = everyRankCached ? "cached in \(cache.file)" : "measured"

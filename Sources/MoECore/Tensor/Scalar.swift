@@ -1,3 +1,4 @@
+import Foundation
 import CBLAS
 import CDNNL
 import MoEComm
@@ -125,4 +126,36 @@ public enum BLASInfo {
     public static func setOneDNNThreads(_ count: Int) { omp_set_num_threads(Int32(count)) }
     public static var oneDNNThreads: Int { Int(omp_get_max_threads()) }
 
+    /// Threads for a process that has the machine's cores to itself (one rank, no mpirun):
+    /// oneDNN's threads take the cores, pinned one per core, and OpenBLAS (the router's small
+    /// products, decoding, the Double checks) runs on one thread. Left to their defaults, both
+    /// libraries start a thread per core and their idle threads spin against each other's: on
+    /// configs/bench.yaml (AMD EPYC, 2 cores, bf16) 6,223 tokens/s, against 10,537 with OpenBLAS on
+    /// one thread and 11,369 with oneDNN's threads also pinned (7,288 on one core). A user's
+    /// OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or OpenMP binding variable is kept.
+    public static func shareCoresInOneProcess(environment: [String: String] = ProcessInfo.processInfo.environment) {
+        ownsMachine = true
+        if environment["OPENBLAS_NUM_THREADS"] == nil { setBLASThreads(1) }
+        let bindingChosen = ["OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY"].contains { environment[$0] != nil }
+        if !bindingChosen { pinnedOneDNNThreads = Int(swiftmoe_pin_openmp_threads()) }
+    }
+
+    /// Runs `body` with both libraries on one thread, then restores their thread counts.
+    public static func onOneThreadEach<R>(_ body: () throws -> R) rethrows -> R {
+        let (blas, oneDNN) = (threads, oneDNNThreads)
+        setThreads(1)
+        defer { setBLASThreads(blas); setOneDNNThreads(oneDNN) }
+        return try body()
+    }
+
+    /// How many of oneDNN's threads `shareCoresInOneProcess` pinned (0: none).
+    public private(set) nonisolated(unsafe) static var pinnedOneDNNThreads = 0
+    nonisolated(unsafe) static var ownsMachine = false
+
+    /// Gives OpenBLAS oneDNN's threads when a one-process run's fp32 products were chosen to run
+    /// on OpenBLAS (so that they do not run on one core of many); a no-op otherwise.
+    public static func productsRun(onOpenBLAS: Bool, environment: [String: String] = ProcessInfo.processInfo.environment) {
+        guard onOpenBLAS, ownsMachine, environment["OPENBLAS_NUM_THREADS"] == nil else { return }
+        setBLASThreads(oneDNNThreads)
+    }
 }

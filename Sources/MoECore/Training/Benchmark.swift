@@ -115,6 +115,7 @@ public enum Benchmark {
         object.add("ranks", communicator.size)
         object.add("blas_core", BLASInfo.coreName)
         object.add("blas_threads", BLASInfo.threads)
+        object.add("onednn_threads", BLASInfo.oneDNNThreads)
         object.add("precision", precision.rawValue)
         object.add("bf16_isa", BFloat16Support.current.isa)
         object.add("steps", steps)
