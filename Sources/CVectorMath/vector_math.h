@@ -21,4 +21,60 @@ static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_sqrt16(sw
 static inline __attribute__((always_inline)) swiftmoe_uint16x16 swiftmoe_narrow16(swiftmoe_uint32x16 x) {
     return __builtin_convertvector(x, swiftmoe_uint16x16);
 }
+
+typedef int swiftmoe_int32x16 __attribute__((ext_vector_type(16)));
+
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_fma16(swiftmoe_float16 a, swiftmoe_float16 b, swiftmoe_float16 c) {
+    return __builtin_elementwise_fma(a, b, c);
+}
+
+/// exp(x) = 2^n exp(r), n = round(x / ln 2) by the magic-number trick (adding 1.5 * 2^23 leaves n
+/// in the low mantissa bits, so 2^n is built with integer operations), r = x - n ln 2 in two
+/// parts (Cody-Waite), exp(r) by its degree-6 Taylor polynomial; x clamped to [-87, 88]. Fused
+/// multiply-adds throughout: Swift never fuses a multiply and an add, and its SIMD types have no
+/// vector FMA, so the same scheme in Swift took twice the instructions. Within 2 ulp of exp.
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_exp16(swiftmoe_float16 x) {
+    x = __builtin_elementwise_min(__builtin_elementwise_max(x, (swiftmoe_float16)-87.0f), (swiftmoe_float16)88.0f);
+    const swiftmoe_float16 magic = 12582912.0f;
+    swiftmoe_float16 shifted = swiftmoe_fma16(x, (swiftmoe_float16)1.44269504088896341f, magic);
+    swiftmoe_float16 n = shifted - magic;
+    swiftmoe_float16 r = swiftmoe_fma16(n, (swiftmoe_float16)-0.693145751953125f, x);
+    r = swiftmoe_fma16(n, (swiftmoe_float16)-1.428606765330187045e-06f, r);
+    swiftmoe_float16 p = 1.0f / 720.0f;
+    p = swiftmoe_fma16(p, r, (swiftmoe_float16)(1.0f / 120.0f));
+    p = swiftmoe_fma16(p, r, (swiftmoe_float16)(1.0f / 24.0f));
+    p = swiftmoe_fma16(p, r, (swiftmoe_float16)(1.0f / 6.0f));
+    p = swiftmoe_fma16(p, r, (swiftmoe_float16)0.5f);
+    p = swiftmoe_fma16(p, r, (swiftmoe_float16)1.0f);
+    p = swiftmoe_fma16(p, r, (swiftmoe_float16)1.0f);
+    swiftmoe_int32x16 exponent = (__builtin_bit_cast(swiftmoe_int32x16, shifted) - __builtin_bit_cast(swiftmoe_int32x16, magic) + 127) << 23;
+    return p * __builtin_bit_cast(swiftmoe_float16, exponent);
+}
+
+// GELU, tanh form: 0.5 x (1 + tanh(u)), u = s (x + c x^3), s = sqrt(2/pi), c = 0.044715. With
+// q = 1 / (exp(2u) + 1), tanh(u) = 1 - 2q, so GELU(x) = x - x q and
+// GELU'(x) = (1 - q) (1 + 2 x q u'), u' = s (1 + 3 c x^2): one exponential and one division.
+#define SWIFTMOE_GELU_SCALE 0.7978845608028654f
+#define SWIFTMOE_GELU_CUBIC 0.044715f
+
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu_q16(swiftmoe_float16 x, swiftmoe_float16 x2) {
+    swiftmoe_float16 twiceU = x * swiftmoe_fma16(x2, (swiftmoe_float16)(2 * SWIFTMOE_GELU_SCALE * SWIFTMOE_GELU_CUBIC),
+                                                 (swiftmoe_float16)(2 * SWIFTMOE_GELU_SCALE));
+    return 1.0f / (swiftmoe_exp16(twiceU) + 1.0f);
+}
+
+/// GELU (tanh form) of 16 lanes.
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu16(swiftmoe_float16 x) {
+    swiftmoe_float16 q = swiftmoe_gelu_q16(x, x * x);
+    return swiftmoe_fma16(-x, q, x);
+}
+
+/// GELU'(x) (tanh form) of 16 lanes.
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu_derivative16(swiftmoe_float16 x) {
+    swiftmoe_float16 x2 = x * x;
+    swiftmoe_float16 q = swiftmoe_gelu_q16(x, x2);
+    swiftmoe_float16 slope = swiftmoe_fma16(x2, (swiftmoe_float16)(3 * SWIFTMOE_GELU_SCALE * SWIFTMOE_GELU_CUBIC),
+                                            (swiftmoe_float16)SWIFTMOE_GELU_SCALE);
+    return (1.0f - q) * swiftmoe_fma16(2.0f * x * q, slope, (swiftmoe_float16)1.0f);
+}
 #endif

@@ -240,16 +240,28 @@ final class LayerGradientTests: XCTestCase {
         var floatValues = floatDy, floatFirst = floatX.map { $0 * 0.01 }, floatSecond = floatX.map { $0 * $0 * 1e-3 }
         var doubleValues = doubleDy, doubleFirst = doubleX.map { $0 * 0.01 }, doubleSecond = doubleX.map { $0 * $0 * 1e-3 }
         var floatRounded = [BFloat16](repeating: BFloat16(bitPattern: 0), count: count)
-        AdamW<Float, Replicated>.updateRange(values: &floatValues, rounded: &floatRounded, gradients: floatX, first: &floatFirst, second: &floatSecond,
+        var (floatGradients, doubleGradients) = (floatX, doubleX)
+        let (floatStart, firstStart, secondStart) = (floatValues, floatFirst, floatSecond)
+        AdamW<Float, Replicated>.updateRange(values: &floatValues, rounded: &floatRounded, gradients: &floatGradients, first: &floatFirst, second: &floatSecond,
                                              count: count, beta1: 0.9, beta2: 0.95, stepSize: 1e-2, epsilon: 1e-8,
                                              decay: 0.999, gradientScale: 0.5)
-        AdamW<Double, Replicated>.updateRange(values: &doubleValues, gradients: doubleX, first: &doubleFirst, second: &doubleSecond,
+        AdamW<Double, Replicated>.updateRange(values: &doubleValues, gradients: &doubleGradients, first: &doubleFirst, second: &doubleSecond,
                                               count: count, beta1: 0.9, beta2: 0.95, stepSize: 1e-2, epsilon: 1e-8,
                                               decay: 0.999, gradientScale: 0.5)
         close(floatValues, doubleValues, 1e-6, "adamw values")
         close(floatSecond, doubleSecond, 1e-6, "adamw second moment")
         // The bf16 copy written in the same pass (vector blocks and tail) is the values' rounding.
         XCTAssertEqual(floatRounded, floatValues.map(BFloat16.init), "adamw's fused bf16 copy")
+        XCTAssertEqual(floatGradients, floatX, "without clearing the gradients are left alone")
+        // Clearing as it reads: the same update bit for bit, and every gradient (blocks and tail) zero.
+        var (clearedValues, clearedFirst, clearedSecond) = (floatStart, firstStart, secondStart)
+        AdamW<Float, Replicated>.updateRange(values: &clearedValues, gradients: &floatGradients, first: &clearedFirst, second: &clearedSecond,
+                                             count: count, beta1: 0.9, beta2: 0.95, stepSize: 1e-2, epsilon: 1e-8,
+                                             decay: 0.999, gradientScale: 0.5, clearing: true)
+        XCTAssertEqual(clearedValues, floatValues)
+        XCTAssertEqual(clearedFirst, floatFirst)
+        XCTAssertEqual(clearedSecond, floatSecond)
+        XCTAssertEqual(floatGradients, [Float](repeating: 0, count: count), "adamw's clearing")
     }
 
     /// The FFN hidden layer's fused passes (Float) compute, bit for bit, what the unfused steps

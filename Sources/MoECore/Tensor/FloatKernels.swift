@@ -38,24 +38,12 @@ enum FloatKernels {
         if index < count { body(index, count - index) }
     }
 
-    @inline(__always) static func tanh(_ u: Vector) -> Vector { 1 - 2 / (Float.exp(u + u) + 1) }
+    /// GELU (tanh form) of 16 lanes (CVectorMath: one exponential, one division, fused
+    /// multiply-adds).
+    @inline(__always) static func gelu(_ x: Vector) -> Vector { swiftmoe_gelu16(x) }
 
-    /// GELU (tanh form) of 16 lanes.
-    @inline(__always) static func gelu(_ x: Vector) -> Vector {
-        let scale = Float(Kernels.geluScale), cubic = Float(Kernels.geluCubic)
-        let u = scale * (x + cubic * (x * x * x))
-        return 0.5 * x * (1 + tanh(u))
-    }
-
-    /// GELU'(x) of 16 lanes. (The compiler keeps it a call inside the fused backward pass;
-    /// forced inline there, by @_transparent or a plain loop, the pass measured 10% slower.)
-    @inline(__always) static func geluDerivative(_ x: Vector) -> Vector {
-        let scale = Float(Kernels.geluScale), cubic = Float(Kernels.geluCubic)
-        let x2 = x * x
-        let t = tanh(scale * (x + cubic * x2 * x))
-        let slope = scale * (1 + (3 * cubic) * x2)
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * slope
-    }
+    /// GELU'(x) of 16 lanes.
+    @inline(__always) static func geluDerivative(_ x: Vector) -> Vector { swiftmoe_gelu_derivative16(x) }
 
     static func geluForward(_ input: UnsafePointer<Float>, _ output: UnsafeMutablePointer<Float>, count: Int) {
         forEachVector(count: count) { index, lanes in
@@ -330,14 +318,18 @@ enum FloatKernels {
 
     /// AdamW on the whole 16-lane blocks of [count]; returns how many elements it updated (the
     /// caller finishes the tail with the reference loop).
-    /// With `rounded`, the updated values' bf16 copy is written in the same pass.
-    static func adamWBlocks(values: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?, gradients: UnsafePointer<Float>,
+    /// With `rounded`, the updated values' bf16 copy is written in the same pass; with
+    /// `clearing`, the gradients are zeroed as they are read (the next step's zeroing, without a
+    /// pass of its own over memory).
+    static func adamWBlocks(values: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?, gradients: UnsafeMutablePointer<Float>,
                             first: UnsafeMutablePointer<Float>, second: UnsafeMutablePointer<Float>, count: Int,
-                            beta1: Float, beta2: Float, stepSize: Float, epsilon: Float, decay: Float, gradientScale: Float) -> Int {
+                            beta1: Float, beta2: Float, stepSize: Float, epsilon: Float, decay: Float, gradientScale: Float,
+                            clearing: Bool) -> Int {
         let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
         /// The updated values of block `index` (moments stored).
         @inline(__always) func update(_ index: Int) -> Vector {
             let g = load(gradients + index) * gradientScale
+            if clearing { store(Vector(repeating: 0), gradients + index) }
             let m = load(first + index) * beta1 + g * oneMinusBeta1
             let v = load(second + index) * beta2 + g * g * oneMinusBeta2
             store(m, first + index)

@@ -1,6 +1,7 @@
 import Foundation
 import CBLAS
 import CDNNL
+import CVectorMath
 import MoEComm
 
 /// The floating-point types the numeric code runs in: `Float` for training, `Double` for
@@ -37,28 +38,10 @@ extension Float: Scalar {
 
     public static var expArgumentLimit: Float { 88 }
 
-    /// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2. The rounding uses the
-    /// magic-number trick (adding 1.5 * 2^23 leaves n in the low mantissa bits), so the
-    /// scale 2^n is built with integer bit operations instead of a float-to-int conversion.
+    /// exp of 16 lanes (CVectorMath's swiftmoe_exp16: range reduction by ln 2 and a degree-6
+    /// polynomial in fused multiply-adds; arguments clamped to [-87, 88]).
     @inline(__always)
-    public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
-        // Clamp with masked replacement: `clamped(lowerBound:upperBound:)` compiles to a scalar loop.
-        let clamped = x.replacing(with: -87, where: x .< -87).replacing(with: 88, where: x .> 88)
-        let magic = SIMD16<Float>(repeating: 12_582_912.0)
-        let shifted = clamped * 1.442_695_040_888_963_4 + magic
-        let n = shifted - magic
-        let r = clamped - n * 0.693_145_751_953_125 - n * 1.428_606_765_330_187_045e-06
-        var p = SIMD16<Float>(repeating: 1.0 / 720.0)
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        p = p * r + 1.0
-        let integerN = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- unsafeBitCast(magic, to: SIMD16<Int32>.self)
-        let scale = unsafeBitCast((integerN &+ 127) &<< 23, to: SIMD16<Float>.self)
-        return p * scale
-    }
+    public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> { swiftmoe_exp16(x) }
 }
 
 extension Double: Scalar {

@@ -116,9 +116,15 @@ public final class AdamW<T: Scalar, Kind> {
         secondMoment.update(from: second + shard.lowerBound, count: shard.count)
     }
 
+    /// Whether `update(learningRate:gradientScale:clearingGradients:)` can leave every gradient
+    /// of the store zero: it visits all of them only when no entry is frozen and the shard is the
+    /// whole store (no ZeRO-1 slicing).
+    public var visitsEveryGradient: Bool { frozen.isEmpty && shard.count == store.count }
+
     /// One update with the gradients already in the store, multiplied by `gradientScale`
-    /// (the clipping factor).
-    public func update(learningRate: Double, gradientScale: Double = 1) {
+    /// (the clipping factor). With `clearingGradients` the gradients it reads are zeroed as it
+    /// goes (with `visitsEveryGradient`, the whole store's: the next step need not zero them).
+    public func update(learningRate: Double, gradientScale: Double = 1, clearingGradients: Bool = false) {
         let beta1 = T(settings.beta1), beta2 = T(settings.beta2)
         let scale = T(gradientScale)
         for (index, entry) in store.entries.enumerated() where !frozen.contains(index) {
@@ -136,7 +142,7 @@ public final class AdamW<T: Scalar, Kind> {
                               gradients: store.gradients + part.lowerBound,
                               first: firstMoment + moment, second: secondMoment + moment, count: part.count,
                               beta1: beta1, beta2: beta2, stepSize: stepSize, epsilon: epsilon, decay: decay,
-                              gradientScale: scale)
+                              gradientScale: scale, clearing: clearingGradients)
         }
     }
 
@@ -144,21 +150,22 @@ public final class AdamW<T: Scalar, Kind> {
     /// before the Adam step, as PyTorch's AdamW does. In bf16 mode `rounded` is the values' bf16
     /// copy, updated in the same pass: the copy follows the master values from update to update
     /// without a separate pass over them.
-    static func updateRange(values: UnsafeMutablePointer<T>, rounded: UnsafeMutablePointer<BFloat16>? = nil, gradients: UnsafePointer<T>,
+    static func updateRange(values: UnsafeMutablePointer<T>, rounded: UnsafeMutablePointer<BFloat16>? = nil, gradients: UnsafeMutablePointer<T>,
                             first: UnsafeMutablePointer<T>, second: UnsafeMutablePointer<T>, count: Int,
-                            beta1: T, beta2: T, stepSize: T, epsilon: T, decay: T, gradientScale: T) {
+                            beta1: T, beta2: T, stepSize: T, epsilon: T, decay: T, gradientScale: T, clearing: Bool = false) {
         var index = 0
         if T.self == Float.self {
             // Whole 16-lane blocks in vector code; the tail below.
             index = FloatKernels.adamWBlocks(values: asFloat(values), rounded: rounded, gradients: asFloat(gradients), first: asFloat(first),
                                              second: asFloat(second), count: count, beta1: beta1 as! Float, beta2: beta2 as! Float,
                                              stepSize: stepSize as! Float, epsilon: epsilon as! Float, decay: decay as! Float,
-                                             gradientScale: gradientScale as! Float)
+                                             gradientScale: gradientScale as! Float, clearing: clearing)
         }
         // The reference update, element by element (Float's tail; all of Double, for the tests).
         let oneMinusBeta1 = 1 - beta1, oneMinusBeta2 = 1 - beta2
         while index < count {
             let g = gradients[index] * gradientScale
+            if clearing { gradients[index] = 0 }
             first[index] = first[index] * beta1 + g * oneMinusBeta1
             second[index] = second[index] * beta2 + g * g * oneMinusBeta2
             values[index] = values[index] * decay - stepSize * first[index] / (second[index].squareRoot() + epsilon)

@@ -32,6 +32,8 @@ public final class Trainer {
     var nonFinite: NonFiniteGuard
     let routingKey: RandomKey
     var inputs: [Int32] = [], targets: [Int32] = []
+    /// The last update zeroed every gradient as it read it: the next step skips its zeroing pass.
+    var gradientsCleared = false
 
     /// trainFiles: the training shards (at least one); validationFiles: none for no validation.
     public init(config: RunConfig, communicator: Communicator, trainFiles: [TokenFile], validationFiles: [TokenFile]) throws {
@@ -76,7 +78,8 @@ public final class Trainer {
     public func trainStep() throws -> StepReport {
         _ = model.takeProfile()   // drop time an evaluation may have left behind
         let started = Clock.nanoseconds(), step = state.attempted, phase = self.phase
-        model.zeroGradients()
+        if !gradientsCleared { model.zeroGradients() }
+        gradientsCleared = false
         prepareGates()
         let pass = try accumulateGradients()
         try hooks?.reached(.gradientsReady(model.replicated.gradients), step: step)
@@ -91,10 +94,14 @@ public final class Trainer {
         if applies {
             heartbeat.beat("optimizer", step: step)
             let clip = config.train.gradClip, scale = clip > 0 && gradientNorm > clip ? clip / gradientNorm : 1
+            // The optimizer zeroes the gradients as it reads them where it reads them all (the
+            // next step then skips its zeroing pass); else the next step zeroes them.
+            let clearing = replicatedOptimizer.visitsEveryGradient && expertOptimizer.visitsEveryGradient
             Clock.measure(&optimizerSeconds) {
-                replicatedOptimizer.update(learningRate: learningRate, gradientScale: scale)
-                expertOptimizer.update(learningRate: learningRate, gradientScale: scale)
+                replicatedOptimizer.update(learningRate: learningRate, gradientScale: scale, clearingGradients: clearing)
+                expertOptimizer.update(learningRate: learningRate, gradientScale: scale, clearingGradients: clearing)
             }
+            gradientsCleared = clearing
             try sync.shareUpdatedValues(model)
         }
         if config.train.consistencyCheckEvery > 0 && (step + 1) % config.train.consistencyCheckEvery == 0 {
