@@ -72,13 +72,13 @@ struct BenchCommand: ParsableCommand {
                 description = "synthetic random bytes"
             }
             if let warning = BLASInfo.genericCoreWarning() { Runtime.note(warning, communicator: communicator) }
-            let peaks = try Benchmark.Peaks.measure(resolved, communicator: communicator)
+            var peaks = try Benchmark.Peaks.measure(resolved, communicator: communicator)
             func bench(_ precision: PrecisionSetting) throws -> (json: JSONObject, tokensPerSecond: Double) {
                 var config = resolved
                 config.train.precision = precision
                 let trainer = try Trainer(config: config, communicator: communicator, trainFiles: trainFiles, validationFiles: [])
                 if let kernels = trainer.model.kernels { Runtime.note(kernels.summary, communicator: communicator) }
-                let result = try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: peaks)
+                let result = try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: &peaks)
                 if let warning = Benchmark.kernelWarning(Benchmark.kernel(of: trainer.model), peaks: peaks) {
                     Runtime.note(warning, communicator: communicator)
                 }

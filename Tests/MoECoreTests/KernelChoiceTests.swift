@@ -85,6 +85,10 @@ final class KernelChoiceTests: XCTestCase {
         XCTAssertNil(Benchmark.kernelWarning(.oneDNNFP32, peaks: peaks))
         let near = Benchmark.Peaks(byKernel: [.openBLASFP32: 310, .oneDNNFP32: 336])
         XCTAssertNil(Benchmark.kernelWarning(.openBLASFP32, peaks: near), "within 10% of the best")
+        // A second measurement (moe bench measures again after its steps): each kernel keeps its
+        // faster figure, so a slow window cannot lower the denominator.
+        let again = peaks.merged(with: Benchmark.Peaks(byKernel: [.openBLASFP32: 70, .oneDNNFP32: 280]))
+        XCTAssertEqual(again.byKernel, [.openBLASFP32: 70, .oneDNNFP32: 336, .oneDNNBF16: 150])
     }
 
     /// The cache: a measurement written is read back under its key; a damaged file is empty.

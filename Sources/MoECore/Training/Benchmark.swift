@@ -32,6 +32,12 @@ public enum Benchmark {
             return Peaks(byKernel: byKernel)
         }
 
+        /// Each kernel's faster figure of the two: a window in which the machine ran slow (a
+        /// cold or descheduled core) lowers one measurement, and a low peak would inflate MFU.
+        public func merged(with other: Peaks) -> Peaks {
+            Peaks(byKernel: byKernel.merging(other.byKernel) { max($0, $1) })
+        }
+
         /// The best peak of `precision` over the kernels that run it (nil: none here).
         public func best(_ precision: Precision) -> Double? {
             byKernel.filter { $0.key.precision == precision }.values.max()
@@ -100,13 +106,16 @@ public enum Benchmark {
     }
 
     /// Times `steps` training steps after `warmup` untimed ones. Returns the JSON object (the
-    /// same on every rank; rank 0 prints it). MFU is against the peak of the precision trained in.
-    public static func run(trainer: Trainer, steps: Int, warmup: Int, dataDescription: String, peaks: Peaks) throws -> (json: JSONObject, tokensPerSecond: Double) {
+    /// same on every rank; rank 0 prints it). MFU is against the peak of the precision trained in:
+    /// the peaks are measured again after the steps (the machine warm) and each kernel keeps its
+    /// best figure, in `peaks` too for a later run.
+    public static func run(trainer: Trainer, steps: Int, warmup: Int, dataDescription: String, peaks: inout Peaks) throws -> (json: JSONObject, tokensPerSecond: Double) {
         let communicator = trainer.communicator
         let precision = trainer.model.precision
         let kernel = kernel(of: trainer.model)
-        let peak = peaks.best(precision) ?? peaks.byKernel[kernel]!
         let (seconds, mean) = try timeSteps(trainer, steps: steps, warmup: warmup)
+        peaks = peaks.merged(with: try Peaks.measure(trainer.config, communicator: communicator))
+        let peak = peaks.best(precision) ?? peaks.byKernel[kernel]!
         let peakMemory = try communicator.allReduce(peakResidentMiB(), op: .max)
         let tokensPerSecond = Double(steps * trainer.globalBatchTokens) / seconds
         let flopsPerToken = modelFlopsPerToken(trainer.model)
