@@ -17,6 +17,26 @@ int omp_get_thread_num(void);
 // region can run here without compiling this module with -fopenmp.
 void GOMP_parallel(void (*body)(void *), void *data, unsigned thread_count, unsigned flags);
 
+int omp_get_num_threads(void);
+
+// One element-wise pass split over OpenMP's threads: thread i of n runs body(context, begin, end)
+// on the i-th of n contiguous parts of [0, count), part boundaries on multiples of `grain`.
+typedef void (*swiftmoe_chunk_body)(void *context, long begin, long end);
+struct swiftmoe_parallel_job { swiftmoe_chunk_body body; void *context; long count, grain; };
+
+static void swiftmoe_run_part(void *data) {
+    const struct swiftmoe_parallel_job *job = (const struct swiftmoe_parallel_job *)data;
+    long parts = omp_get_num_threads(), index = omp_get_thread_num();
+    long step = (job->count / parts / job->grain) * job->grain;
+    long begin = index * step, end = index == parts - 1 ? job->count : begin + step;
+    if (begin < end) job->body(job->context, begin, end);
+}
+
+static inline void swiftmoe_parallel_parts(long count, long grain, int threads, swiftmoe_chunk_body body, void *context) {
+    struct swiftmoe_parallel_job job = { body, context, count, grain };
+    GOMP_parallel(swiftmoe_run_part, &job, (unsigned)threads, 0);
+}
+
 // DNNL_RUNTIME_DIM_VAL is INT64_MIN behind a macro Swift does not import.
 static inline dnnl_dim_t swiftmoe_dnnl_runtime_dim(void) { return DNNL_RUNTIME_DIM_VAL; }
 

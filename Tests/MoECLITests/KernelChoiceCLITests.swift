@@ -56,6 +56,20 @@ final class KernelChoiceCLITests: XCTestCase {
         let kept = try XCTUnwrap(chosen.stdout.split(separator: "\n").first { $0.hasPrefix("OpenBLAS core ") }, chosen.stdout)
         XCTAssertTrue(kept.contains(", 2 thread(s) per rank; oneDNN "), String(kept))
         XCTAssertFalse(kept.contains("pinned"), String(kept))
+        // With its threads pinned a one-process run also splits the optimizer's pass over them
+        // (BLASInfo.splitElementwise); unpinned it does not: the same numbers either way.
+        guard cores >= 2 else { return }
+        let unsplit = try CLI.run(["train", "--config", "bench-sized.yaml", "--run-dir", "unsplit", "--set", "train.steps=4"], in: workspace.url,
+                                  environment: environment.merging(["OMP_PROC_BIND": "false"]) { $1 }, executable: CLI.fastExecutable)
+        XCTAssertEqual(unsplit.status, 0, unsplit.stderr)
+        let split = try CLI.run(["train", "--config", "bench-sized.yaml", "--run-dir", "split", "--set", "train.steps=4"], in: workspace.url,
+                                environment: environment, executable: CLI.fastExecutable)
+        XCTAssertEqual(split.status, 0, split.stderr)
+        func trajectory(_ run: String) throws -> [[Double?]] {
+            try readMetrics(workspace.path("\(run)/metrics.jsonl")).filter { $0.loss != nil }.map { [$0.loss, $0.gradientNorm] }
+        }
+        XCTAssertEqual(try trajectory("split").count, 4)
+        XCTAssertEqual(try trajectory("split"), try trajectory("unsplit"))
     }
 
     /// `precision: auto` follows the measurement: the cached figures are rewritten to make bf16

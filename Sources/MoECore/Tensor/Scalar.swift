@@ -131,6 +131,25 @@ public enum BLASInfo {
         return try body()
     }
 
+    /// Runs `body` on contiguous parts of [0, count) (boundaries on multiples of `grain`), one per
+    /// pinned oneDNN thread, in a one-process run where the pass is long enough to pay for waking
+    /// them (`minimum` elements); else `body(0, count)` on the calling thread. For element-wise
+    /// passes only: each element is computed as it would be in one pass, so the results are bitwise
+    /// the same (no sum may cross a part boundary).
+    public static func splitElementwise(_ count: Int, grain: Int = 16, minimum: Int = 1 << 16, _ body: (Int, Int) -> Void) {
+        let threads = pinnedOneDNNThreads
+        guard threads > 1, count >= minimum else { return body(0, count) }
+        typealias Body = (Int, Int) -> Void
+        withoutActuallyEscaping(body) { escaping in
+            var box: Body = escaping
+            withUnsafeMutablePointer(to: &box) { pointer in
+                swiftmoe_parallel_parts(count, grain, Int32(threads), { context, begin, end in
+                    context!.assumingMemoryBound(to: Body.self).pointee(begin, end)
+                }, pointer)
+            }
+        }
+    }
+
     /// How many of oneDNN's threads `shareCoresInOneProcess` pinned (0: none).
     public private(set) nonisolated(unsafe) static var pinnedOneDNNThreads = 0
     nonisolated(unsafe) static var ownsMachine = false

@@ -138,11 +138,16 @@ public final class AdamW<T: Scalar, Kind> {
             let decay = entry.weightDecay ? T(1 - learningRate * settings.weightDecay) : 1
             let part = shardPart(of: entry), moment = part.lowerBound - shard.lowerBound
             guard !part.isEmpty else { continue }
-            AdamW.updateRange(values: store.values + part.lowerBound, rounded: store.bfloat16Values.map { $0 + part.lowerBound },
-                              gradients: store.gradients + part.lowerBound,
-                              first: firstMoment + moment, second: secondMoment + moment, count: part.count,
-                              beta1: beta1, beta2: beta2, stepSize: stepSize, epsilon: epsilon, decay: decay,
-                              gradientScale: scale, clearing: clearingGradients)
+            let (values, rounded, gradients) = (store.values, store.bfloat16Values, store.gradients)
+            let (first, second) = (firstMoment + moment, secondMoment + moment)
+            // Memory-bound: in a one-process run the pinned threads share the large entries.
+            BLASInfo.splitElementwise(part.count) { begin, end in
+                let at = part.lowerBound + begin
+                AdamW.updateRange(values: values + at, rounded: rounded.map { $0 + at }, gradients: gradients + at,
+                                  first: first + begin, second: second + begin, count: end - begin,
+                                  beta1: beta1, beta2: beta2, stepSize: stepSize, epsilon: epsilon, decay: decay,
+                                  gradientScale: scale, clearing: clearingGradients)
+            }
         }
     }
 
