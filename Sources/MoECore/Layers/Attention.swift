@@ -170,20 +170,24 @@ public struct CausalSelfAttention<T: Scalar> {
 
     /// Causal softmax of every row of `scores` [B*nh*T, T] in place (row t keeps keys j <= t).
     private func causalSoftmax(_ scores: UnsafeMutablePointer<T>, rows: Int, length: Int) {
-        for row in 0..<rows {
-            let t = row % length, values = scores + row * length
-            Kernels.softmaxRow(values, count: t + 1)
-            for j in (t + 1)..<length { values[j] = 0 }
+        BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
+            for row in first..<end {
+                let t = row % length, values = scores + row * length
+                Kernels.softmaxRow(values, count: t + 1)
+                for j in (t + 1)..<length { values[j] = 0 }
+            }
         }
     }
 
     /// Adjoint of `causalSoftmax`: every row of dScores [B*nh*T, T] becomes dS in place, given
     /// the probabilities of the same rows.
     private func causalSoftmaxBackward(probabilities: UnsafePointer<T>, _ dScores: UnsafeMutablePointer<T>, rows: Int, length: Int) {
-        for row in 0..<rows {
-            let t = row % length, dRow = dScores + row * length
-            Kernels.softmaxBackwardRow(probabilities: probabilities + row * length, dRow, count: t + 1)
-            for j in (t + 1)..<length { dRow[j] = 0 }
+        BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
+            for row in first..<end {
+                let t = row % length, dRow = dScores + row * length
+                Kernels.softmaxBackwardRow(probabilities: probabilities + row * length, dRow, count: t + 1)
+                for j in (t + 1)..<length { dRow[j] = 0 }
+            }
         }
     }
 

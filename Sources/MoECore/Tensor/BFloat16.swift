@@ -30,6 +30,10 @@ public struct BFloat16: Sendable, Equatable {
 
     /// Rounds `count` Floats to bf16, 16 lanes at a time (the same rule as `init(_:)`).
     public static func round(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<BFloat16>, count: Int) {
+        BLASInfo.splitElementwise(count) { begin, end in roundPart(source + begin, into: destination + begin, count: end - begin) }
+    }
+
+    private static func roundPart(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<BFloat16>, count: Int) {
         let words = UnsafeRawPointer(source)
         let rounding = VectorRounding()
         var index = 0

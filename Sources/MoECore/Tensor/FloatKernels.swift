@@ -80,13 +80,15 @@ enum FloatKernels {
     static func biasGELU(_ h: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>, rows: Int, columns: Int,
                          activation: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
         let rounding = VectorRounding()
-        for row in 0..<rows {
-            let offset = row * columns
-            forEachVector(count: columns) { index, lanes in
-                let at = offset + index
-                let pre = load(h + at, lanes: lanes) + load(bias + index, lanes: lanes)
-                store(pre, h + at, lanes: lanes)
-                store(gelu(pre), activation + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
+        BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: columns) { first, end in
+            for row in first..<end {
+                let offset = row * columns
+                forEachVector(count: columns) { index, lanes in
+                    let at = offset + index
+                    let pre = load(h + at, lanes: lanes) + load(bias + index, lanes: lanes)
+                    store(pre, h + at, lanes: lanes)
+                    store(gelu(pre), activation + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
+                }
             }
         }
     }
@@ -97,16 +99,19 @@ enum FloatKernels {
     static func geluBackwardBias(_ h: UnsafePointer<Float>, _ d: UnsafeMutablePointer<Float>, rows: Int, columns: Int,
                                  biasGradient: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
         let rounding = VectorRounding()
-        for row in 0..<rows {
-            let offset = row * columns
-            forEachVector(count: columns) { index, lanes in
-                let at = offset + index
-                let x = load(h + at, lanes: lanes)
-                let dy = load(d + at, lanes: lanes)
-                let dx = dy * geluDerivative(x)
-                store(dx, d + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
-                let sums = load(biasGradient + index, lanes: lanes) + dx
-                store(sums, biasGradient + index, lanes: lanes)
+        // Split by columns, so that each column's bias sum still runs over the rows in order.
+        BLASInfo.splitElementwise(columns, elementsPerUnit: rows) { firstColumn, endColumn in
+            for row in 0..<rows {
+                let offset = row * columns
+                forEachVector(count: endColumn - firstColumn) { part, lanes in
+                    let index = firstColumn + part, at = offset + index
+                    let x = load(h + at, lanes: lanes)
+                    let dy = load(d + at, lanes: lanes)
+                    let dx = dy * geluDerivative(x)
+                    store(dx, d + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
+                    let sums = load(biasGradient + index, lanes: lanes) + dx
+                    store(sums, biasGradient + index, lanes: lanes)
+                }
             }
         }
     }

@@ -133,12 +133,13 @@ public enum BLASInfo {
 
     /// Runs `body` on contiguous parts of [0, count) (boundaries on multiples of `grain`), one per
     /// pinned oneDNN thread, in a one-process run where the pass is long enough to pay for waking
-    /// them (`minimum` elements); else `body(0, count)` on the calling thread. For element-wise
-    /// passes only: each element is computed as it would be in one pass, so the results are bitwise
-    /// the same (no sum may cross a part boundary).
-    public static func splitElementwise(_ count: Int, grain: Int = 16, minimum: Int = 1 << 16, _ body: (Int, Int) -> Void) {
+    /// them (64K elements, `elementsPerUnit` per unit of count: a row's width when count is rows);
+    /// else `body(0, count)` on the calling thread. For element-wise passes only: each element is
+    /// computed as it would be in one pass, so the results are bitwise the same (no sum may cross
+    /// a part boundary).
+    public static func splitElementwise(_ count: Int, grain: Int = 16, elementsPerUnit: Int = 1, _ body: (Int, Int) -> Void) {
         let threads = pinnedOneDNNThreads
-        guard threads > 1, count >= minimum else { return body(0, count) }
+        guard threads > 1, count * elementsPerUnit >= 1 << 16, count >= grain * threads else { return body(0, count) }
         typealias Body = (Int, Int) -> Void
         withoutActuallyEscaping(body) { escaping in
             var box: Body = escaping
