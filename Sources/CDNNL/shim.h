@@ -13,11 +13,13 @@
 void omp_set_num_threads(int num_threads);
 int omp_get_max_threads(void);
 int omp_get_thread_num(void);
+int omp_get_num_threads(void);
 // libgomp's entry for a parallel region (what `#pragma omp parallel` compiles to), so that a
 // region can run here without compiling this module with -fopenmp.
 void GOMP_parallel(void (*body)(void *), void *data, unsigned thread_count, unsigned flags);
 
-int omp_get_num_threads(void);
+// DNNL_RUNTIME_DIM_VAL is INT64_MIN behind a macro Swift does not import.
+static inline dnnl_dim_t swiftmoe_dnnl_runtime_dim(void) { return DNNL_RUNTIME_DIM_VAL; }
 
 // One element-wise pass split over OpenMP's threads: thread i of n runs body(context, begin, end)
 // on the i-th of n contiguous parts of [0, count), part boundaries on multiples of `grain`.
@@ -36,9 +38,6 @@ static inline void swiftmoe_parallel_parts(long count, long grain, int threads, 
     struct swiftmoe_parallel_job job = { body, context, count, grain };
     GOMP_parallel(swiftmoe_run_part, &job, (unsigned)threads, 0);
 }
-
-// DNNL_RUNTIME_DIM_VAL is INT64_MIN behind a macro Swift does not import.
-static inline dnnl_dim_t swiftmoe_dnnl_runtime_dim(void) { return DNNL_RUNTIME_DIM_VAL; }
 
 struct swiftmoe_cpu_list { int cpus[CPU_SETSIZE]; int count; };
 

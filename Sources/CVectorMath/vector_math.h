@@ -51,30 +51,27 @@ static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_exp16(swi
     return p * __builtin_bit_cast(swiftmoe_float16, exponent);
 }
 
-// GELU, tanh form: 0.5 x (1 + tanh(u)), u = s (x + c x^3), s = sqrt(2/pi), c = 0.044715. With
-// q = 1 / (exp(2u) + 1), tanh(u) = 1 - 2q, so GELU(x) = x - x q and
-// GELU'(x) = (1 - q) (1 + 2 x q u'), u' = s (1 + 3 c x^2): one exponential and one division.
-#define SWIFTMOE_GELU_SCALE 0.7978845608028654f
-#define SWIFTMOE_GELU_CUBIC 0.044715f
-
-static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu_q16(swiftmoe_float16 x, swiftmoe_float16 x2) {
-    swiftmoe_float16 twiceU = x * swiftmoe_fma16(x2, (swiftmoe_float16)(2 * SWIFTMOE_GELU_SCALE * SWIFTMOE_GELU_CUBIC),
-                                                 (swiftmoe_float16)(2 * SWIFTMOE_GELU_SCALE));
+// GELU, tanh form: 0.5 x (1 + tanh(u)), u = s (x + c x^3), with Kernels.geluScale (s = sqrt(2/pi))
+// and Kernels.geluCubic (c = 0.044715) passed in as Floats. With q = 1 / (exp(2u) + 1),
+// tanh(u) = 1 - 2q, so GELU(x) = x - x q and GELU'(x) = (1 - q) (1 + 2 x q u'),
+// u' = s (1 + 3 c x^2): one exponential and one division.
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu_q16(swiftmoe_float16 x, swiftmoe_float16 x2,
+                                                                                float scale, float cubic) {
+    swiftmoe_float16 twiceU = x * swiftmoe_fma16(x2, (swiftmoe_float16)(2 * scale * cubic), (swiftmoe_float16)(2 * scale));
     return 1.0f / (swiftmoe_exp16(twiceU) + 1.0f);
 }
 
 /// GELU (tanh form) of 16 lanes.
-static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu16(swiftmoe_float16 x) {
-    swiftmoe_float16 q = swiftmoe_gelu_q16(x, x * x);
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu16(swiftmoe_float16 x, float scale, float cubic) {
+    swiftmoe_float16 q = swiftmoe_gelu_q16(x, x * x, scale, cubic);
     return swiftmoe_fma16(-x, q, x);
 }
 
 /// GELU'(x) (tanh form) of 16 lanes.
-static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu_derivative16(swiftmoe_float16 x) {
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_gelu_derivative16(swiftmoe_float16 x, float scale, float cubic) {
     swiftmoe_float16 x2 = x * x;
-    swiftmoe_float16 q = swiftmoe_gelu_q16(x, x2);
-    swiftmoe_float16 slope = swiftmoe_fma16(x2, (swiftmoe_float16)(3 * SWIFTMOE_GELU_SCALE * SWIFTMOE_GELU_CUBIC),
-                                            (swiftmoe_float16)SWIFTMOE_GELU_SCALE);
+    swiftmoe_float16 q = swiftmoe_gelu_q16(x, x2, scale, cubic);
+    swiftmoe_float16 slope = swiftmoe_fma16(x2, (swiftmoe_float16)(3 * scale * cubic), (swiftmoe_float16)scale);
     return (1.0f - q) * swiftmoe_fma16(2.0f * x * q, slope, (swiftmoe_float16)1.0f);
 }
 #endif

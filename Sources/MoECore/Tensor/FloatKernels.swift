@@ -40,10 +40,12 @@ enum FloatKernels {
 
     /// GELU (tanh form) of 16 lanes (CVectorMath: one exponential, one division, fused
     /// multiply-adds).
-    @inline(__always) static func gelu(_ x: Vector) -> Vector { swiftmoe_gelu16(x) }
+    @inline(__always) static func gelu(_ x: Vector) -> Vector { swiftmoe_gelu16(x, Float(Kernels.geluScale), Float(Kernels.geluCubic)) }
 
     /// GELU'(x) of 16 lanes.
-    @inline(__always) static func geluDerivative(_ x: Vector) -> Vector { swiftmoe_gelu_derivative16(x) }
+    @inline(__always) static func geluDerivative(_ x: Vector) -> Vector {
+        swiftmoe_gelu_derivative16(x, Float(Kernels.geluScale), Float(Kernels.geluCubic))
+    }
 
     static func geluForward(_ input: UnsafePointer<Float>, _ output: UnsafeMutablePointer<Float>, count: Int) {
         forEachVector(count: count) { index, lanes in
