@@ -46,12 +46,20 @@ public struct Linear<T: Scalar, Kind> {
     /// dx = dy Wᵀ + dxBeta dx (dxBeta 0 or 1).
     public func backward(_ x: ProductOperand<T>, _ dy: ProductOperand<T>, rows: Int, dx: UnsafeMutablePointer<T>?, dxBeta: T,
                          biasGradient: Bool = true) {
-        if biasGradient, let bias { Kernels.addColumnSums(dy.values, rows: rows, columns: outputSize, into: bias.gradient) }
         let matmul = weight.store.matmul
-        var dyOperand = dy
-        if case let .values(values) = dy {
-            dyOperand = ProductOperand.roundedOnce(values, count: rows * outputSize, into: matmul?.rounding?.right)
+        var dyOperand = dy, sumsBias = biasGradient && bias != nil
+        if case let .values(values) = dy, let scratch = matmul?.rounding?.right {
+            // bf16 mode: dy rounded once for both products; in Float with the bias's sums in the same pass.
+            if sumsBias, T.self == Float.self, let bias {
+                let rounded = scratch.reserved(rows * outputSize)
+                FloatKernels.biasGradientRounding(asFloat(values), rows: rows, columns: outputSize,
+                                                  biasGradient: asFloat(bias.gradient), rounded: rounded)
+                (dyOperand, sumsBias) = (.prerounded(values, UnsafePointer(rounded)), false)
+            } else {
+                dyOperand = ProductOperand.roundedOnce(values, count: rows * outputSize, into: scratch)
+            }
         }
+        if sumsBias, let bias { Kernels.addColumnSums(dy.values, rows: rows, columns: outputSize, into: bias.gradient) }
         matrixProduct(matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: x,
                       b: dyOperand, beta: 1, c: weight.gradient)
         if let dx {

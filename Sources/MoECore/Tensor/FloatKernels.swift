@@ -118,6 +118,30 @@ enum FloatKernels {
         }
     }
 
+    /// A linear layer's output gradient in one pass over [rows, columns]: biasGradient += Σ_rows
+    /// d and d's bf16 copy. The same arithmetic, in the same order, as addColumnSums, then
+    /// BFloat16.round.
+    static func biasGradientRounding(_ d: UnsafePointer<Float>, rows: Int, columns: Int,
+                                     biasGradient: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>) {
+        let rounding = VectorRounding()
+        // Split by columns, so that each column's sum still runs over the rows in order.
+        BLASInfo.splitElementwise(columns, elementsPerUnit: rows) { firstColumn, endColumn in
+            for row in 0..<rows {
+                let offset = row * columns
+                forEachVector(count: endColumn - firstColumn) { part, lanes in
+                    let index = firstColumn + part, at = offset + index
+                    let dy = load(d + at, lanes: lanes)
+                    if lanes == 16 {
+                        rounding.store(unsafeBitCast(dy, to: SIMD16<UInt32>.self), into: rounded + at)
+                    } else {
+                        for lane in 0..<lanes { rounded[at + lane] = BFloat16(dy[lane]) }
+                    }
+                    store(load(biasGradient + index, lanes: lanes) + dy, biasGradient + index, lanes: lanes)
+                }
+            }
+        }
+    }
+
     @inline(__always) static func sigmoid(_ x: Vector) -> Vector { 1 / (1 + Float.exp(-x)) }
 
     /// SwiGLU's forward element-wise work in one pass: pre [rows, 2H] holds x [W_gate | W_up];
