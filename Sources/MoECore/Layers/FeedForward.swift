@@ -52,22 +52,69 @@ public struct FeedForward<T: Scalar, Kind> {
     /// Adjoint; `scratch` [rows, scratchColumns] receives dHidden. dx is accumulated.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
                          hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
-        if gated { return backwardGated(x, dy, rows: rows, dx: dx, hidden: hidden, scratch: scratch) }
-        guard T.self == Float.self, let bias = up.bias else {
-            scratch.update(repeating: 0, count: rows * hiddenSize)
-            down.backward(hidden.activation, dy, rows: rows, dx: scratch)
-            Kernels.geluBackward(hidden.preActivation, scratch, scratch, count: rows * hiddenSize)
-            return up.backward(x, scratch, rows: rows, dx: dx)
-        }
-        let matmul = up.weight.store.matmul
+        backwardInput(dy, rows: rows, dx: dx, hidden: hidden, scratch: scratch)
+        backwardWeights(x, dy, rows: rows, hidden: hidden, scratch: scratch)
+    }
+
+    /// The input's half of the adjoint: dx += dPre W1ᵀ. Leaves dPre in `scratch` and, in bf16
+    /// mode, dPre's and dy's bf16 copies in `hidden`, for `backwardWeights`. An MoE layer sends
+    /// dx on before it computes the weights' half, which no other rank waits for.
+    public func backwardInput(_ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
+                              hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+        if gated { return backwardInputGated(dy, rows: rows, dx: dx, hidden: hidden, scratch: scratch) }
         // dHidden = dy W2ᵀ written (not added) into the scratch: no zeroing pass.
-        down.backward(hidden.activationOperand, .values(dy), rows: rows, dx: scratch, dxBeta: 0)
+        down.backwardInput(outputGradient(dy, rows: rows, hidden: hidden), rows: rows, dx: scratch, dxBeta: 0)
+        guard T.self == Float.self, let bias = up.bias else {
+            Kernels.geluBackward(hidden.preActivation, scratch, scratch, count: rows * hiddenSize)
+            return up.backwardInput(.values(scratch), rows: rows, dx: dx, dxBeta: 1)
+        }
         // dPre = dHidden GELU'(pre), db1 = Σ_rows dPre, and dPre's bf16 copy, in one pass.
-        let rounded = matmul?.rounding.map { $0.right.reserved(rows * hiddenSize) }
         FloatKernels.geluBackwardBias(asFloat(UnsafePointer(hidden.preActivation)), asFloat(scratch), rows: rows, columns: hiddenSize,
-                                      biasGradient: asFloat(bias.gradient), rounded: rounded)
-        up.backward(.values(x), .prerounded(UnsafePointer(scratch), rounded.map { UnsafePointer($0) }), rows: rows, dx: dx,
-                    dxBeta: 1, biasGradient: false)
+                                      biasGradient: asFloat(bias.gradient), rounded: hidden.roundedPreGradient)
+        up.backwardInput(hidden.preGradientOperand(scratch), rows: rows, dx: dx, dxBeta: 1)
+    }
+
+    /// The weights' half of the adjoint, after `backwardInput` with the same `hidden` and
+    /// `scratch`: dW2 += aᵀ dy, dW1 += xᵀ dPre, and the biases' gradients where `backwardInput`'s
+    /// fused passes did not sum them (Double).
+    public func backwardWeights(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int,
+                                hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+        for projection in Projection.allCases { backwardWeights(of: projection, x, dy, rows: rows, hidden: hidden, scratch: scratch) }
+    }
+
+    /// The two weight products of `backwardWeights`, apart (an MoE layer runs them one at a time).
+    public enum Projection: CaseIterable { case down, up }
+
+    /// One projection's part of `backwardWeights`.
+    public func backwardWeights(of projection: Projection, _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int,
+                                hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+        switch projection {
+        case .down:
+            let dyOperand = ProductOperand.prerounded(dy, hidden.roundedOutputGradient.map { UnsafePointer($0) })
+            down.backwardWeights(hidden.activationOperand, dyOperand, rows: rows, biasGradient: !sumsBiasesInPasses)
+        case .up:
+            up.backwardWeights(.values(x), hidden.preGradientOperand(scratch), rows: rows, biasGradient: !sumsBiasesInPasses)
+        }
+    }
+
+    /// Whether `backwardInput`'s element-wise passes sum the biases' gradients (Float with biases).
+    private var sumsBiasesInPasses: Bool { T.self == Float.self && up.bias != nil }
+
+    /// dy as the down projection's operand: in bf16 mode rounded once into `hidden`'s copy, which
+    /// both of its products use; in Float with biases, b2's gradient summed in the same pass.
+    private func outputGradient(_ dy: UnsafePointer<T>, rows: Int, hidden: FeedForwardHidden<T>) -> ProductOperand<T> {
+        let copy = hidden.roundedOutputGradient
+        if sumsBiasesInPasses, let bias = down.bias {
+            guard let copy else {
+                Kernels.addColumnSums(dy, rows: rows, columns: width, into: bias.gradient)
+                return .values(dy)
+            }
+            FloatKernels.biasGradientRounding(asFloat(dy), rows: rows, columns: width, biasGradient: asFloat(bias.gradient), rounded: copy)
+            return .prerounded(dy, UnsafePointer(copy))
+        }
+        guard let copy else { return .values(dy) }
+        BFloat16.round(asFloat(dy), into: copy, count: rows * width)
+        return .prerounded(dy, UnsafePointer(copy))
     }
 }
 
@@ -84,19 +131,18 @@ extension FeedForward {
         down.forward(hidden.activationOperand, rows: rows, into: y, addingBias: false)
     }
 
-    /// SwiGLU adjoint. scratch: dPre [rows, 2H], then dHidden [rows, H].
-    func backwardGated(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
-                       hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+    /// SwiGLU's input half of the adjoint. scratch: dPre [rows, 2H], then dHidden [rows, H].
+    func backwardInputGated(_ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
+                            hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
         let dPre = scratch, dHidden = scratch + rows * 2 * hiddenSize
-        down.backward(hidden.activationOperand, .values(dy), rows: rows, dx: dHidden, dxBeta: 0)
-        let rounded = up.weight.store.matmul?.rounding.map { $0.right.reserved(rows * 2 * hiddenSize) }
+        down.backwardInput(outputGradient(dy, rows: rows, hidden: hidden), rows: rows, dx: dHidden, dxBeta: 0)
         if T.self == Float.self {
             FloatKernels.swiGLUBackward(asFloat(UnsafePointer(hidden.preActivation)), asFloat(UnsafePointer(dHidden)), rows: rows,
-                                        hidden: hiddenSize, dPre: asFloat(dPre), rounded: rounded)
+                                        hidden: hiddenSize, dPre: asFloat(dPre), rounded: hidden.roundedPreGradient)
         } else {
             Kernels.swiGLUBackward(hidden.preActivation, dHidden, rows: rows, hidden: hiddenSize, dPre: dPre)
         }
-        up.backward(.values(x), .prerounded(UnsafePointer(dPre), rounded.map { UnsafePointer($0) }), rows: rows, dx: dx, dxBeta: 1)
+        up.backwardInput(hidden.preGradientOperand(dPre), rows: rows, dx: dx, dxBeta: 1)
     }
 }
 
@@ -107,17 +153,25 @@ public struct FeedForwardHidden<T: Scalar> {
     public let preActivation: UnsafeMutablePointer<T>
     public let activation: UnsafeMutablePointer<T>
     public let roundedActivation: UnsafeMutablePointer<BFloat16>?
+    /// Backward's bf16 copies in bf16 mode: dy [rows, C] and dPre [rows, H (SwiGLU 2H)], written
+    /// by `backwardInput` and read again by `backwardWeights`.
+    public let roundedOutputGradient: UnsafeMutablePointer<BFloat16>?
+    public let roundedPreGradient: UnsafeMutablePointer<BFloat16>?
 
     var activationOperand: ProductOperand<T> { .prerounded(activation, roundedActivation.map { UnsafePointer($0) }) }
+    /// dPre (in backward's scratch) with its bf16 copy.
+    func preGradientOperand(_ dPre: UnsafeMutablePointer<T>) -> ProductOperand<T> {
+        .prerounded(dPre, roundedPreGradient.map { UnsafePointer($0) })
+    }
 }
 
 /// Storage for `FeedForwardHidden` of up to `rows` rows, grown as needed; MoE layers take views
 /// of consecutive row blocks, one per expert.
 public final class FeedForwardStorage<T: Scalar> {
     let preActivation = Tensor<T>(), activation = Tensor<T>()
-    let roundedActivation = BFloat16Buffer()
+    let roundedActivation = BFloat16Buffer(), roundedOutputGradient = BFloat16Buffer(), roundedPreGradient = BFloat16Buffer()
     private var keepsRoundedCopy = false
-    private var hiddenSize = 0, preActivationSize = 0
+    private var width = 0, hiddenSize = 0, preActivationSize = 0
 
     public init() {}
 
@@ -127,14 +181,20 @@ public final class FeedForwardStorage<T: Scalar> {
         let hiddenSize = feedForward.hiddenSize, preActivationSize = feedForward.preActivationSize
         preActivation.resize(rows: rows, columns: preActivationSize)
         activation.resize(rows: rows, columns: hiddenSize)
-        if rounded { roundedActivation.reserve(rows * hiddenSize) }
-        (keepsRoundedCopy, self.hiddenSize, self.preActivationSize) = (rounded, hiddenSize, preActivationSize)
+        if rounded {
+            roundedActivation.reserve(rows * hiddenSize)
+            roundedOutputGradient.reserve(rows * feedForward.width)
+            roundedPreGradient.reserve(rows * preActivationSize)
+        }
+        (keepsRoundedCopy, width, self.hiddenSize, self.preActivationSize) = (rounded, feedForward.width, hiddenSize, preActivationSize)
     }
 
     /// The view of rows from `start` on.
     public func hidden(fromRow start: Int = 0) -> FeedForwardHidden<T> {
         let offset = start * hiddenSize
         return FeedForwardHidden(preActivation: preActivation.pointer + start * preActivationSize, activation: activation.pointer + offset,
-                                 roundedActivation: keepsRoundedCopy ? roundedActivation.pointer + offset : nil)
+                                 roundedActivation: keepsRoundedCopy ? roundedActivation.pointer + offset : nil,
+                                 roundedOutputGradient: keepsRoundedCopy ? roundedOutputGradient.pointer + start * width : nil,
+                                 roundedPreGradient: keepsRoundedCopy ? roundedPreGradient.pointer + start * preActivationSize : nil)
     }
 }

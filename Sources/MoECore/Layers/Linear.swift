@@ -46,9 +46,8 @@ public struct Linear<T: Scalar, Kind> {
     /// dx = dy Wᵀ + dxBeta dx (dxBeta 0 or 1).
     public func backward(_ x: ProductOperand<T>, _ dy: ProductOperand<T>, rows: Int, dx: UnsafeMutablePointer<T>?, dxBeta: T,
                          biasGradient: Bool = true) {
-        let matmul = weight.store.matmul
         var dyOperand = dy, sumsBias = biasGradient && bias != nil
-        if case let .values(values) = dy, let scratch = matmul?.rounding?.right {
+        if case let .values(values) = dy, let scratch = weight.store.matmul?.rounding?.right {
             // bf16 mode: dy rounded once for both products; in Float with the bias's sums in the same pass.
             if sumsBias, T.self == Float.self, let bias {
                 let rounded = scratch.reserved(rows * outputSize)
@@ -59,13 +58,22 @@ public struct Linear<T: Scalar, Kind> {
                 dyOperand = ProductOperand.roundedOnce(values, count: rows * outputSize, into: scratch)
             }
         }
-        if sumsBias, let bias { Kernels.addColumnSums(dy.values, rows: rows, columns: outputSize, into: bias.gradient) }
-        matrixProduct(matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: x,
-                      b: dyOperand, beta: 1, c: weight.gradient)
-        if let dx {
-            matrixProduct(matmul, transposeB: true, m: rows, n: inputSize, k: outputSize, a: dyOperand,
-                          b: weight.operand, beta: dxBeta, c: dx)
-        }
+        backwardWeights(x, dyOperand, rows: rows, biasGradient: sumsBias)
+        if let dx { backwardInput(dyOperand, rows: rows, dx: dx, dxBeta: dxBeta) }
+    }
+
+    /// The weights' half of the adjoint: dW += xᵀ dy, and db += Σ_rows dy unless the caller's
+    /// pass summed it (`biasGradient` false).
+    public func backwardWeights(_ x: ProductOperand<T>, _ dy: ProductOperand<T>, rows: Int, biasGradient: Bool = true) {
+        if biasGradient, let bias { Kernels.addColumnSums(dy.values, rows: rows, columns: outputSize, into: bias.gradient) }
+        matrixProduct(weight.store.matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: x,
+                      b: dy, beta: 1, c: weight.gradient)
+    }
+
+    /// The input's half of the adjoint: dx = dy Wᵀ + dxBeta dx (dxBeta 0 or 1).
+    public func backwardInput(_ dy: ProductOperand<T>, rows: Int, dx: UnsafeMutablePointer<T>, dxBeta: T) {
+        matrixProduct(weight.store.matmul, transposeB: true, m: rows, n: inputSize, k: outputSize, a: dy,
+                      b: weight.operand, beta: dxBeta, c: dx)
     }
 }
 

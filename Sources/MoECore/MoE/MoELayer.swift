@@ -39,6 +39,12 @@ public final class MoELayer<T: Scalar> {
     private(set) var groups: [Range<Int>] = []
     private var groupOfLocal: [Int] = []
     private var inbound: [PendingTransfer] = [], outbound: [PendingTransfer] = []
+    /// The backlog of a backward called without the model's (`backward`), and the one the
+    /// running backward fills (nil outside backward).
+    private let ownBacklog = ExpertGradientBacklog<T>()
+    private var backlog: ExpertGradientBacklog<T>?
+    /// Seconds this layer's waits spent running the backlog (the stages around them leave it out).
+    private var filledSeconds = 0.0
 
     // Unit rows, both passes (x forward, dy backward): sent [U, C], received [U_recv, C], the
     // experts' sums per received unit [U_recv, C] and those sums back [U, C].
@@ -49,7 +55,8 @@ public final class MoELayer<T: Scalar> {
     /// Records out [A] (plan order) and in [A_recv]; weight gradients by record [A_recv], back in
     /// plan order [A], and by routing index [A].
     var recordsOut: [RoutedRow<T>] = [], recordsIn: [RoutedRow<T>] = []
-    var dWeightsByRecord: [T] = [], dWeightsReturned: [T] = [], dWeights: [T] = []
+    let dWeightsByRecord = Tensor<T>(), dWeightsReturned = Tensor<T>()
+    var dWeights: [T] = []
 
     /// EvoMoE's dense phase: a replicated dense FFN used instead of routing while `isDense`.
     public let dense: FeedForward<T, Replicated>?
@@ -77,9 +84,10 @@ public final class MoELayer<T: Scalar> {
     public func resetProfile() { profile = StepProfile() }
 
     /// Times `body` into `stage`.
+    /// Deferred weight gradients run inside it (`finishExchange`) count as `experts` only.
     private func measure<R>(_ stage: WritableKeyPath<StepProfile, Double>, _ body: () throws -> R) rethrows -> R {
-        let started = Clock.nanoseconds()
-        defer { profile[keyPath: stage] += Double(Clock.nanoseconds() - started) * 1e-9 }
+        let started = Clock.nanoseconds(), filled = filledSeconds
+        defer { profile[keyPath: stage] += Double(Clock.nanoseconds() - started) * 1e-9 - (filledSeconds - filled) }
         return try body()
     }
 
@@ -166,21 +174,24 @@ public final class MoELayer<T: Scalar> {
             dExpertOutput.resize(rows: received, columns: width)
             dExpertInput.resize(rows: received, columns: width, zero: true)
             dHidden.resize(rows: received, columns: experts[0].scratchColumns)
-            growBuffer(&dWeightsByRecord, toHold: max(received, 1), filling: 0)
+            dWeightsByRecord.resize(rows: max(received, 1), columns: 1)
         }
-        try waitForSlowestRank()
+        // Backward: each wait for a slower peer first runs deferred weight gradients (`backlog`),
+        // so the benchmark's barriers, which would make a rank wait idle, are left out.
+        let backlog = forward ? nil : self.backlog
+        if forward { try waitForSlowestRank() }
         try startExchange(reverse: false, group: 0, in: inbound[0])
         for (index, group) in groups.enumerated() {
             if index + 1 < groups.count { try startExchange(reverse: false, group: index + 1, in: inbound[index + 1]) }
             let rows = plan.expertRows(of: group)
             try measure(\.dispatch) {
-                try finishExchange(inbound[index])
+                try finishExchange(inbound[index], filling: backlog)
                 if forward { fanOut(rows) } else { fanOutGradients(rows) }
             }
-            measure(\.experts) { forward ? runExperts(group) : runExpertsBackward(group) }
+            measure(\.experts) { forward ? runExperts(group) : runExpertsBackwardInput(group) }
             // One group (no pipeline): the benchmark's barrier keeps the slower rank's expert
             // time out of the return exchange, as before the forward one.
-            if groups.count == 1 { try waitForSlowestRank() }
+            if groups.count == 1 && forward { try waitForSlowestRank() }
             try measure(\.combine) {
                 sumPerUnit(forward ? expertOutput : dExpertInput, rows: rows, weighted: forward)
                 try startExchange(reverse: true, group: index, in: outbound[index])
@@ -189,7 +200,7 @@ public final class MoELayer<T: Scalar> {
                 try communicator.progress(outbound)
             }
         }
-        try measure(\.combine) { for transfer in outbound { try finishExchange(transfer) } }
+        try measure(\.combine) { for transfer in outbound { try finishExchange(transfer, filling: backlog) } }
     }
 
     /// Each unit's row in send order: the token's row of x (forward) or of dy (backward).
@@ -216,7 +227,7 @@ public final class MoELayer<T: Scalar> {
             let record = Int(plan.expertRowRecord[row]), dyRow = receivedUnits.row(Int(plan.expertRowUnit[row]))
             let weight = recordsIn[record].weight, destination = dExpertOutput.row(row)
             for c in 0..<width { destination[c] = weight * dyRow[c] }
-            dWeightsByRecord[record] = Kernels.dot(dyRow, expertOutput.row(row), count: width)
+            dWeightsByRecord.pointer[record] = Kernels.dot(dyRow, expertOutput.row(row), count: width)
         }
     }
 
@@ -236,14 +247,9 @@ public final class MoELayer<T: Scalar> {
 
     /// The experts of `group` over their blocks of `expertInput`.
     private func runExperts(_ group: Range<Int>) {
-        var start = plan.rowsPerLocalExpert[..<group.lowerBound].reduce(0, +)
-        for local in group {
-            let count = plan.rowsPerLocalExpert[local]
-            if count > 0 {
-                experts[local].forward(expertInput.row(start), rows: count, into: expertOutput.row(start),
-                                       hidden: hidden.hidden(fromRow: start))
-            }
-            start += count
+        forEachExpertBlock(in: group) { local, start, count in
+            experts[local].forward(expertInput.row(start), rows: count, into: expertOutput.row(start),
+                                   hidden: hidden.hidden(fromRow: start))
         }
     }
 
@@ -259,10 +265,26 @@ public final class MoELayer<T: Scalar> {
         }
     }
 
-    /// Adjoint of `forward`. dy: [N, C]; dx is accumulated.
-    public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {
+    /// Adjoint of `forward`. dy: [N, C]; dx is accumulated. The local experts' weight gradients
+    /// go to `backlog` (the model's, shared by its MoE layers, which runs them in the waits of
+    /// later exchanges and the rest after its backward); without one they are complete on return.
+    public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
+                         backlog: ExpertGradientBacklog<T>? = nil) throws {
+        self.backlog = backlog ?? ownBacklog
+        defer { self.backlog = nil }
         if let shared { measure(\.experts) { shared.backward(x, dy, rows: rows, dx: dx) } }
         try backwardRouted(x, dy, rows: rows, dx: dx)
+        if backlog == nil { ownBacklog.runAll() }
+    }
+
+    /// One weight product of local expert `local`'s adjoint over its rows of the last backward
+    /// (complete: every source's rows are included). The backlog calls it.
+    func runWeightGradient(ofExpert local: Int, projection: FeedForward<T, ExpertSharded>.Projection) {
+        let start = plan.rowsPerLocalExpert[..<local].reduce(0, +), count = plan.rowsPerLocalExpert[local]
+        measure(\.experts) {
+            experts[local].backwardWeights(of: projection, expertInput.row(start), dExpertOutput.row(start), rows: count,
+                                           hidden: hidden.hidden(fromRow: start), scratch: dHidden.row(start))
+        }
     }
 
     private func backwardRouted(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {
@@ -287,29 +309,33 @@ public final class MoELayer<T: Scalar> {
     /// index for the gate.
     private func returnWeightGradients() throws {
         let assignments = routing.count, stride = MemoryLayout<T>.stride
-        growBuffer(&dWeightsReturned, toHold: max(assignments, 1), filling: 0)
+        dWeightsReturned.resize(rows: max(assignments, 1), columns: 1)
         growBuffer(&dWeights, toHold: max(assignments, 1), filling: 0)
         plan.recordSplits(recordBytes: stride, reverse: true)
-        try dWeightsByRecord.withUnsafeBytes { send in
-            try dWeightsReturned.withUnsafeMutableBytes { receive in
-                try communicator.allToAllV(send: send, sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
-                                           recv: receive, recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets)
-            }
-        }
-        for position in 0..<assignments { dWeights[Int(plan.order[position])] = dWeightsReturned[position] }
+        try communicator.allToAllV(
+            send: UnsafeRawBufferPointer(start: dWeightsByRecord.pointer, count: dWeightsByRecord.count * stride),
+            sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
+            recv: UnsafeMutableRawBufferPointer(start: dWeightsReturned.pointer, count: dWeightsReturned.count * stride),
+            recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets)
+        for position in 0..<assignments { dWeights[Int(plan.order[position])] = dWeightsReturned.pointer[position] }
     }
 
-    /// The adjoint of the experts of `group`; their weight gradients are complete here (every
-    /// source's rows are included).
-    private func runExpertsBackward(_ group: Range<Int>) {
+    /// The input half of the adjoint of the experts of `group` (dx, sent back at once); their
+    /// weights' halves go to the backlog.
+    private func runExpertsBackwardInput(_ group: Range<Int>) {
+        forEachExpertBlock(in: group) { local, start, count in
+            experts[local].backwardInput(dExpertOutput.row(start), rows: count, dx: dExpertInput.row(start),
+                                         hidden: hidden.hidden(fromRow: start), scratch: dHidden.row(start))
+            backlog?.add(self, expert: local)
+        }
+    }
+
+    /// `body(local expert, first row, rows)` for each expert of `group` with rows, in order.
+    private func forEachExpertBlock(in group: Range<Int>, _ body: (Int, Int, Int) throws -> Void) rethrows {
         var start = plan.rowsPerLocalExpert[..<group.lowerBound].reduce(0, +)
         for local in group {
             let count = plan.rowsPerLocalExpert[local]
-            if count > 0 {
-                experts[local].backward(expertInput.row(start), dExpertOutput.row(start), rows: count, dx: dExpertInput.row(start),
-                                        hidden: hidden.hidden(fromRow: start),
-                                        scratch: dHidden.row(start))
-            }
+            if count > 0 { try body(local, start, count) }
             start += count
         }
     }
@@ -329,11 +355,20 @@ public final class MoELayer<T: Scalar> {
     }
 
     /// Waits for a transfer: the wait is exposed communication; start to completion, total.
-    private func finishExchange(_ transfer: PendingTransfer) throws {
+    /// With a backlog, deferred weight gradients run first, one expert at a time, while the
+    /// transfer is incomplete (a peer still computing); the wait left after them is `waiting`.
+    private func finishExchange(_ transfer: PendingTransfer, filling backlog: ExpertGradientBacklog<T>? = nil) throws {
+        if let backlog {
+            let filling = Clock.nanoseconds()
+            try communicator.progress(transfer)
+            while !transfer.isComplete, backlog.runNext() { try communicator.progress(transfer) }
+            filledSeconds += Double(Clock.nanoseconds() - filling) * 1e-9
+        }
         let waited = Clock.nanoseconds()
         try communicator.finish(transfer)
-        let now = Clock.nanoseconds()
-        profile.exposedCommunication += Double(now - waited) * 1e-9
+        let now = Clock.nanoseconds(), blocked = Double(now - waited) * 1e-9
+        profile.exposedCommunication += blocked
         profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9
+        if backlog != nil { profile.waiting += blocked }
     }
 }

@@ -16,9 +16,11 @@ public struct StepProfile: Sendable {
     /// Gradient all-reduces and the other small collectives of the trainer.
     public var allReduce = 0.0
     public var optimizer = 0.0
-    /// With the benchmark's WaitingProbe hook: time spent in a barrier before each exchange and
-    /// all-reduce, i.e. waiting for the slowest rank (load imbalance), so that the stages and
-    /// `allReduce` hold the work and transfers alone.
+    /// Waiting for the slowest rank (load imbalance): with the benchmark's WaitingProbe hook, the
+    /// time in a barrier before each forward exchange and the gradient all-reduce; in backward
+    /// (always), the time an MoE exchange still blocks after the deferred expert weight gradients
+    /// have filled the wait (ExpertGradientBacklog). The stages and `allReduce` hold the work
+    /// and transfers alone.
     public var waiting = 0.0
     public var total = 0.0
     /// Communication of data (the expert all-to-alls, gradient all-reduces and the trainer's

@@ -56,6 +56,8 @@ public final class GPTModel<T: Scalar> {
     var attentionCaches: [CausalSelfAttention<T>.Cache] = []
     var normCaches: [(LayerNorm<T>.Cache, LayerNorm<T>.Cache)] = []
     var denseHidden: [FeedForwardStorage<T>] = []
+    /// The MoE layers' deferred expert weight gradients of the running backward (ExpertGradientBacklog).
+    let expertBacklog = ExpertGradientBacklog<T>()
     let finalNormed = Tensor<T>(), finalNormCache = LayerNorm<T>.Cache()
     let logits = Tensor<T>()
     let scratch = Tensor<T>(), dResidual = Tensor<T>(), dScratch = Tensor<T>(), dHidden = Tensor<T>()
@@ -254,7 +256,8 @@ public final class GPTModel<T: Scalar> {
                 ffn.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer,
                              hidden: denseHidden[layer].hidden(), scratch: dHidden.pointer)
             case let .moe(moe):
-                try moe.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer)
+                try moe.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer,
+                                 backlog: expertBacklog)
             }
             block.feedForwardNorm.backward(middle[layer].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer,
                                            cache: normCaches[layer].1)
@@ -271,6 +274,8 @@ public final class GPTModel<T: Scalar> {
         tokens.withUnsafeBufferPointer {
             embedding.backward(tokens: $0.baseAddress!, batch: batch, length: length, dOut: dResidual.pointer)
         }
+        // The experts' weight gradients the waits of the MoE layers' exchanges left over.
+        expertBacklog.runAll()
     }
 
     /// The first activation of the last forward that is not finite, named for error messages.

@@ -101,20 +101,12 @@ enum FloatKernels {
     static func geluBackwardBias(_ h: UnsafePointer<Float>, _ d: UnsafeMutablePointer<Float>, rows: Int, columns: Int,
                                  biasGradient: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
         let rounding = VectorRounding()
-        // Split by columns, so that each column's bias sum still runs over the rows in order.
-        BLASInfo.splitElementwise(columns, elementsPerUnit: rows) { firstColumn, endColumn in
-            for row in 0..<rows {
-                let offset = row * columns
-                forEachVector(count: endColumn - firstColumn) { part, lanes in
-                    let index = firstColumn + part, at = offset + index
-                    let x = load(h + at, lanes: lanes)
-                    let dy = load(d + at, lanes: lanes)
-                    let dx = dy * geluDerivative(x)
-                    store(dx, d + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
-                    let sums = load(biasGradient + index, lanes: lanes) + dx
-                    store(sums, biasGradient + index, lanes: lanes)
-                }
-            }
+        forEachVectorColumnSplit(rows: rows, columns: columns) { at, index, lanes in
+            let x = load(h + at, lanes: lanes)
+            let dy = load(d + at, lanes: lanes)
+            let dx = dy * geluDerivative(x)
+            store(dx, d + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
+            store(load(biasGradient + index, lanes: lanes) + dx, biasGradient + index, lanes: lanes)
         }
     }
 
@@ -124,19 +116,25 @@ enum FloatKernels {
     static func biasGradientRounding(_ d: UnsafePointer<Float>, rows: Int, columns: Int,
                                      biasGradient: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>) {
         let rounding = VectorRounding()
-        // Split by columns, so that each column's sum still runs over the rows in order.
+        forEachVectorColumnSplit(rows: rows, columns: columns) { at, index, lanes in
+            let dy = load(d + at, lanes: lanes)
+            if lanes == 16 {
+                rounding.store(unsafeBitCast(dy, to: SIMD16<UInt32>.self), into: rounded + at)
+            } else {
+                for lane in 0..<lanes { rounded[at + lane] = BFloat16(dy[lane]) }
+            }
+            store(load(biasGradient + index, lanes: lanes) + dy, biasGradient + index, lanes: lanes)
+        }
+    }
+
+    /// `body(element, column, lanes)` over [rows, columns], row after row, 16 columns at a
+    /// time; split by columns over one process's pinned threads, so that sums down a column
+    /// still run over the rows in order.
+    @inline(__always) static func forEachVectorColumnSplit(rows: Int, columns: Int, _ body: (Int, Int, Int) -> Void) {
         BLASInfo.splitElementwise(columns, elementsPerUnit: rows) { firstColumn, endColumn in
             for row in 0..<rows {
-                let offset = row * columns
                 forEachVector(count: endColumn - firstColumn) { part, lanes in
-                    let index = firstColumn + part, at = offset + index
-                    let dy = load(d + at, lanes: lanes)
-                    if lanes == 16 {
-                        rounding.store(unsafeBitCast(dy, to: SIMD16<UInt32>.self), into: rounded + at)
-                    } else {
-                        for lane in 0..<lanes { rounded[at + lane] = BFloat16(dy[lane]) }
-                    }
-                    store(load(biasGradient + index, lanes: lanes) + dy, biasGradient + index, lanes: lanes)
+                    body(row * columns + firstColumn + part, firstColumn + part, lanes)
                 }
             }
         }
