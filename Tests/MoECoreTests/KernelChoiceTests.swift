@@ -73,6 +73,28 @@ final class KernelChoiceTests: XCTestCase {
         for (a, b) in zip(reference, other) { XCTAssertEqual(a, b, accuracy: 1e-4 * scale) }
     }
 
+    /// oneDNN adds a linear layer's bias as it stores the product: the same fp32 addition, bit
+    /// for bit, as a pass over the product after it (fp32, and bf16 where the CPU has it).
+    func testOneDNNBiasEqualsAddingItAfterTheProduct() throws {
+        let (m, n, k) = (37, 48, 64)
+        func values(_ count: Int, _ stream: Int) -> [Float] { (0..<count).map { Float(RandomKey(11).derive(stream).normal($0)) } }
+        let a = values(m * k, 0), b = values(k * n, 1), bias = values(n, 2)
+        var precisions: [Precision] = [.fp32]
+        if BFloat16Support.current.supported { precisions.append(.bf16) }
+        for precision in precisions {
+            let matmul = try OneDNNMatmul(precision: precision)
+            var fused = [Float](repeating: 0, count: m * n), separate = fused
+            a.withUnsafeBufferPointer { a in b.withUnsafeBufferPointer { b in bias.withUnsafeBufferPointer { bias in
+                matrixProduct(matmul, m: m, n: n, k: k, a: .values(a.baseAddress!), b: .values(b.baseAddress!), c: &fused,
+                              bias: bias.baseAddress!)
+                matrixProduct(matmul, m: m, n: n, k: k, a: .values(a.baseAddress!), b: .values(b.baseAddress!), c: &separate)
+                Kernels.addBias(bias.baseAddress!, to: &separate, rows: m, columns: n)
+            } } }
+            XCTAssertEqual(fused, separate, "\(precision)")
+            XCTAssertNotEqual(fused[0], separate[0] - bias[0], "the bias was added")
+        }
+    }
+
     /// MFU's denominator is the best peak of the precision trained in over every kernel, not the
     /// chosen kernel's own peak; a kernel more than 10% below the best is named in a warning.
     func testMFUIsAgainstTheBestKernelOfThePrecision() {

@@ -29,8 +29,8 @@ public struct Linear<T: Scalar, Kind> {
     /// y = x W (+ b), with x as a product operand (a bf16 copy a fused pass made is used as is);
     /// without the bias when the caller's next pass adds it.
     public func forward(_ x: ProductOperand<T>, rows: Int, into y: UnsafeMutablePointer<T>, addingBias: Bool) {
-        matrixProduct(weight.store.matmul, m: rows, n: outputSize, k: inputSize, a: x, b: weight.operand, c: y)
-        if addingBias, let bias { Kernels.addBias(bias.value, to: y, rows: rows, columns: outputSize) }
+        matrixProduct(weight.store.matmul, m: rows, n: outputSize, k: inputSize, a: x, b: weight.operand, c: y,
+                      bias: addingBias ? bias.map { UnsafePointer($0.value) } : nil)
     }
 
     /// Adjoint of `forward`: dW += xᵀ dy, db += Σ_rows dy, dx += dy Wᵀ (if dx is given).
@@ -101,16 +101,20 @@ public enum ProductOperand<T: Scalar> {
 /// as the other operand).
 public func matrixProduct<T: Scalar>(_ matmul: OneDNNMatmul?, transposeA: Bool = false, transposeB: Bool = false,
                                      m: Int, n: Int, k: Int, a: ProductOperand<T>, b: ProductOperand<T>,
-                                     beta: T = 0, c: UnsafeMutablePointer<T>) {
+                                     beta: T = 0, c: UnsafeMutablePointer<T>, bias: UnsafePointer<T>? = nil) {
     // One row (incremental decoding) is a memory-bound matrix-vector product: fp32 sgemv on the
     // master weights beats rounding the row and a oneDNN call (measured 150-185 tokens/s with
     // oneDNN, several times that with sgemv).
     guard let matmul, m > 1 else {
-        return gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, a: a.values, b: b.values, beta: beta, c: c)
+        gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, a: a.values, b: b.values, beta: beta, c: c)
+        if let bias { Kernels.addBias(bias, to: c, rows: m, columns: n) }
+        return
     }
+    // oneDNN adds a bias as it stores C (the same fp32 addition as a pass after the product).
+    let floatBias = bias.map { asFloat($0) }
     guard matmul.precision == .bf16 else {
         return matmul.gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k,
-                           a: asFloat(a.values), b: asFloat(b.values), beta: Float(beta), c: asFloat(c))
+                           a: asFloat(a.values), b: asFloat(b.values), beta: Float(beta), c: asFloat(c), bias: floatBias)
     }
     func rounded(_ operand: ProductOperand<T>, count: Int, into scratch: BFloat16Buffer) -> UnsafePointer<BFloat16> {
         if case let .prerounded(_, copy?) = operand { return copy }
@@ -118,7 +122,7 @@ public func matrixProduct<T: Scalar>(_ matmul: OneDNNMatmul?, transposeA: Bool =
     }
     matmul.gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k,
                 a: rounded(a, count: m * k, into: matmul.left), b: rounded(b, count: k * n, into: matmul.right),
-                beta: Float(beta), c: asFloat(c))
+                beta: Float(beta), c: asFloat(c), bias: floatBias)
 }
 
 extension Parameter {

@@ -48,11 +48,13 @@ public final class OneDNNMatmul {
         var alphaBits: UInt32
         var accumulate: Bool
         var inputType: UInt32
+        /// C = op(A) op(B) + bias (fp32 [n], added to every row by the kernel; 2-D products only).
+        var addsBias = false
         var batched: Bool { dims[0] != 1 || dims[1] != 1 }
     }
 
     struct Memories {
-        let a: dnnl_memory_t, b: dnnl_memory_t, c: dnnl_memory_t
+        let a: dnnl_memory_t, b: dnnl_memory_t, c: dnnl_memory_t, bias: dnnl_memory_t?
     }
 
     private let engine: dnnl_engine_t
@@ -60,8 +62,8 @@ public final class OneDNNMatmul {
     private var primitives: [Shape: dnnl_primitive_t] = [:]
     private var memories: [Shape: Memories] = [:]
     private let runtime = swiftmoe_dnnl_runtime_dim()
-    /// The three execution arguments, reused by every call (an array literal would allocate).
-    private let arguments = UnsafeMutablePointer<dnnl_exec_arg_t>.allocate(capacity: 3)
+    /// The execution arguments (A, B, C, bias), reused by every call (an array literal would allocate).
+    private let arguments = UnsafeMutablePointer<dnnl_exec_arg_t>.allocate(capacity: 4)
     /// The input format of the model's products on this engine.
     public let precision: Precision
     /// Conversion scratch for callers (inputs rounded to bf16 just before a product).
@@ -80,7 +82,9 @@ public final class OneDNNMatmul {
     }
 
     deinit {
-        for memory in memories.values { dnnl_memory_destroy(memory.a); dnnl_memory_destroy(memory.b); dnnl_memory_destroy(memory.c) }
+        for memory in memories.values {
+            for handle in [memory.a, memory.b, memory.c, memory.bias].compactMap({ $0 }) { dnnl_memory_destroy(handle) }
+        }
         for primitive in primitives.values { dnnl_primitive_destroy(primitive) }
         arguments.deallocate()
         dnnl_stream_destroy(stream)
@@ -89,14 +93,16 @@ public final class OneDNNMatmul {
 
     /// Row-major `C[m,n] = alpha op(A)[m,k] op(B)[k,n] + beta C`, beta 0 or 1; the same contract
     /// as `gemm` for Float, with fp32 or bf16 A and B.
+    /// With `bias` (fp32 [n], beta 0 only) the kernel adds it to every row of C as it stores C.
     public func gemm<Input: MatmulInput>(transposeA: Bool = false, transposeB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
                      a: UnsafePointer<Input>, lda: Int? = nil, b: UnsafePointer<Input>, ldb: Int? = nil,
-                     beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int? = nil) {
+                     beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int? = nil, bias: UnsafePointer<Float>? = nil) {
+        precondition(bias == nil || beta == 0, "a bias is added to a fresh product only")
         let lda = lda ?? (transposeA ? m : k), ldb = ldb ?? (transposeB ? k : n), ldc = ldc ?? n
         batchedGemm(batch: (1, 1), m: m, n: n, k: k, alpha: alpha,
                     a: a, aStrides: SIMD4(0, 0, transposeA ? 1 : lda, transposeA ? lda : 1),
                     b: b, bStrides: SIMD4(0, 0, transposeB ? 1 : ldb, transposeB ? ldb : 1),
-                    beta: beta, c: c, cStrides: SIMD4(0, 0, ldc, 1))
+                    beta: beta, c: c, cStrides: SIMD4(0, 0, ldc, 1), bias: bias)
     }
 
     /// `batch.0 x batch.1` independent products in one call, each operand addressed by strides
@@ -105,8 +111,9 @@ public final class OneDNNMatmul {
     public func batchedGemm<Input: MatmulInput>(batch: (Int, Int), m: Int, n: Int, k: Int, alpha: Float = 1,
                             a: UnsafePointer<Input>, aStrides: SIMD4<Int>,
                             b: UnsafePointer<Input>, bStrides: SIMD4<Int>,
-                            beta: Float = 0, c: UnsafeMutablePointer<Float>, cStrides: SIMD4<Int>) {
+                            beta: Float = 0, c: UnsafeMutablePointer<Float>, cStrides: SIMD4<Int>, bias: UnsafePointer<Float>? = nil) {
         precondition(beta == 0 || beta == 1, "bf16 products accumulate with beta 0 or 1 only")
+        precondition(bias == nil || (batch == (1, 1) && beta == 0), "a bias is added to a fresh 2-D product only")
         guard m > 0, n > 0, batch.0 > 0, batch.1 > 0 else { return }
         if k == 0 {
             if beta == 0 {
@@ -118,7 +125,7 @@ public final class OneDNNMatmul {
         }
         let shape = Shape(dims: SIMD8(batch.0, batch.1, m, n, k, 0, 0, 0), aStrides: aStrides, bStrides: bStrides,
                           cStrides: cStrides, alphaBits: alpha.bitPattern, accumulate: beta == 1,
-                          inputType: Input.dataType.rawValue)
+                          inputType: Input.dataType.rawValue, addsBias: bias != nil)
         let memory = memories[shape] ?? makeMemories(shape)
         dnnl_memory_set_data_handle(memory.a, UnsafeMutableRawPointer(mutating: a))
         dnnl_memory_set_data_handle(memory.b, UnsafeMutableRawPointer(mutating: b))
@@ -126,7 +133,11 @@ public final class OneDNNMatmul {
         arguments[0] = dnnl_exec_arg_t(arg: DNNL_ARG_SRC, memory: memory.a)
         arguments[1] = dnnl_exec_arg_t(arg: DNNL_ARG_WEIGHTS, memory: memory.b)
         arguments[2] = dnnl_exec_arg_t(arg: DNNL_ARG_DST, memory: memory.c)
-        let status = dnnl_primitive_execute(primitive(for: shape), stream, 3, arguments)
+        if let bias, let handle = memory.bias {
+            dnnl_memory_set_data_handle(handle, UnsafeMutableRawPointer(mutating: bias))
+            arguments[3] = dnnl_exec_arg_t(arg: DNNL_ARG_BIAS, memory: handle)
+        }
+        let status = dnnl_primitive_execute(primitive(for: shape), stream, bias == nil ? 3 : 4, arguments)
         precondition(status == dnnl_success, "oneDNN matmul failed (status \(status.rawValue)) for \(shape)")
     }
 
@@ -135,14 +146,14 @@ public final class OneDNNMatmul {
         var key = shape
         if !shape.batched { key.dims[2] = -1; key.dims[4] = -1 }
         if let primitive = primitives[key] { return primitive }
-        var a = descriptor(key, .a), b = descriptor(key, .b), c = descriptor(key, .c)
+        var a = descriptor(key, .a), b = descriptor(key, .b), c = descriptor(key, .c), bias = descriptor(key, .bias)
         var operation = dnnl_matmul_desc_t()
         var attributes: dnnl_primitive_attr_t?
         var postOps: dnnl_post_ops_t?
         var primitiveDescriptor: dnnl_primitive_desc_t?
         var primitive: dnnl_primitive_t?
         var alpha = Float(bitPattern: shape.alphaBits)
-        var status = dnnl_matmul_desc_init(&operation, &a, &b, nil, &c)
+        var status = shape.addsBias ? dnnl_matmul_desc_init(&operation, &a, &b, &bias, &c) : dnnl_matmul_desc_init(&operation, &a, &b, nil, &c)
         if status == dnnl_success { status = dnnl_primitive_attr_create(&attributes) }
         if status == dnnl_success, alpha != 1 { status = dnnl_primitive_attr_set_output_scales(attributes, 1, 0, &alpha) }
         if status == dnnl_success, shape.accumulate {
@@ -160,7 +171,7 @@ public final class OneDNNMatmul {
         return primitive!
     }
 
-    private enum Operand { case a, b, c }
+    private enum Operand { case a, b, c, bias }
 
     /// The memory descriptor of one operand; -1 dims become oneDNN runtime dims.
     private func descriptor(_ shape: Shape, _ operand: Operand) -> dnnl_memory_desc_t {
@@ -169,6 +180,7 @@ public final class OneDNNMatmul {
         case .a: (m, k, shape.aStrides, dnnl_data_type_t(shape.inputType))
         case .b: (k, n, shape.bStrides, dnnl_data_type_t(shape.inputType))
         case .c: (m, n, shape.cStrides, dnnl_f32)
+        case .bias: (1, n, SIMD4(0, 0, n, 1), dnnl_f32)
         }
         let dimension = { (value: Int) -> dnnl_dim_t in value < 0 ? self.runtime : dnnl_dim_t(value) }
         let dims = (shape.batched ? [batch0, batch1, rows, columns] : [rows, columns]).map(dimension)
@@ -187,7 +199,7 @@ public final class OneDNNMatmul {
             precondition(status == dnnl_success, "oneDNN could not describe an operand (status \(status.rawValue))")
             return memory!
         }
-        let made = Memories(a: create(.a), b: create(.b), c: create(.c))
+        let made = Memories(a: create(.a), b: create(.b), c: create(.c), bias: shape.addsBias ? create(.bias) : nil)
         memories[shape] = made
         return made
     }
