@@ -169,25 +169,30 @@ public struct CausalSelfAttention<T: Scalar> {
         projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
     }
 
-    /// Causal softmax of every row of `scores` [B*nh*T, T] in place (row t keeps keys j <= t).
-    private func causalSoftmax(_ scores: UnsafeMutablePointer<T>, rows: Int, length: Int) {
+    /// Causal softmax of every row of `scores` [B*nh*T, T] in place (row t keeps keys j <= t);
+    /// with `rounded` (bf16 mode, T = Float), each row's bf16 copy too, while the row is in cache.
+    private func causalSoftmax(_ scores: UnsafeMutablePointer<T>, rows: Int, length: Int,
+                               rounded: UnsafeMutablePointer<BFloat16>? = nil) {
         BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
             for row in first..<end {
                 let t = row % length, values = scores + row * length
                 Kernels.softmaxRow(values, count: t + 1)
                 for j in (t + 1)..<length { values[j] = 0 }
+                if let rounded { BFloat16.round(asFloat(UnsafePointer(values)), into: rounded + row * length, count: length) }
             }
         }
     }
 
     /// Adjoint of `causalSoftmax`: every row of dScores [B*nh*T, T] becomes dS in place, given
-    /// the probabilities of the same rows.
-    private func causalSoftmaxBackward(probabilities: UnsafePointer<T>, _ dScores: UnsafeMutablePointer<T>, rows: Int, length: Int) {
+    /// the probabilities of the same rows; with `rounded`, each row's bf16 copy too.
+    private func causalSoftmaxBackward(probabilities: UnsafePointer<T>, _ dScores: UnsafeMutablePointer<T>, rows: Int, length: Int,
+                                       rounded: UnsafeMutablePointer<BFloat16>? = nil) {
         BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
             for row in first..<end {
                 let t = row % length, dRow = dScores + row * length
                 Kernels.softmaxBackwardRow(probabilities: probabilities + row * length, dRow, count: t + 1)
                 for j in (t + 1)..<length { dRow[j] = 0 }
+                if let rounded { BFloat16.round(asFloat(UnsafePointer(dRow)), into: rounded + row * length, count: length) }
             }
         }
     }
@@ -224,8 +229,9 @@ public struct CausalSelfAttention<T: Scalar> {
                                b: qkvInput + width, bStrides: qkvView(length: length, width: width, transposed: true),
                                c: scores + first * length, cStrides: scoreView(length: length))
         }
-        causalSoftmax(cache.probabilities.pointer, rows: batch * heads * length, length: length)
-        let probabilities = Input.prepare(scores, count: cache.probabilities.count, into: cache.roundedProbabilities)
+        causalSoftmax(cache.probabilities.pointer, rows: batch * heads * length, length: length,
+                      rounded: Input.copy(count: cache.probabilities.count, in: cache.roundedProbabilities))
+        let probabilities = Input.kept(scores, cache.roundedProbabilities)
         for block in 0..<blocks {
             let first = block * size, keys = first + size
             matmul.batchedGemm(batch: pairs, m: size, n: headSize, k: keys,
@@ -261,11 +267,10 @@ public struct CausalSelfAttention<T: Scalar> {
                                c: dQKV + 2 * width + first * qkvRow, cStrides: qkvView(length: length, width: width))
         }
         // P = softmax(S) over j <= t, in fp32 with the fp32 probabilities
-        causalSoftmaxBackward(probabilities: cache.probabilities.pointer, cache.dScores.pointer,
-                              rows: batch * heads * length, length: length)
+        causalSoftmaxBackward(probabilities: cache.probabilities.pointer, cache.dScores.pointer, rows: batch * heads * length,
+                              length: length, rounded: Input.copy(count: cache.dScores.count, in: cache.roundedScoreGradient))
         // S = scale Q Kᵀ  =>  dQ = scale dS K, dK = scale dSᵀ Q
-        let dScores = Input.prepare(asFloat(UnsafePointer(cache.dScores.pointer)), count: cache.dScores.count,
-                                    into: cache.roundedScoreGradient)
+        let dScores = Input.kept(asFloat(UnsafePointer(cache.dScores.pointer)), cache.roundedScoreGradient)
         let scale = 1 / Float(headSize).squareRoot()
         for block in 0..<blocks {
             let first = block * size, keys = first + size, later = length - first
@@ -286,13 +291,17 @@ public struct CausalSelfAttention<T: Scalar> {
 protocol AttentionInput: MatmulInput {
     /// `values` as a product input (rounded into `buffer` for bf16).
     static func prepare(_ values: UnsafePointer<Float>, count: Int, into buffer: BFloat16Buffer) -> UnsafePointer<Self>
-    /// The input `prepare` made earlier in the step (forward's QKV and probabilities).
+    /// The input `prepare` (or a pass writing `copy`) made earlier in the step.
     static func kept(_ values: UnsafePointer<Float>, _ buffer: BFloat16Buffer) -> UnsafePointer<Self>
+    /// Room in `buffer` for a pass to write its bf16 copy of `count` values as it computes them
+    /// (nil for fp32 input, which is the values themselves).
+    static func copy(count: Int, in buffer: BFloat16Buffer) -> UnsafeMutablePointer<BFloat16>?
 }
 
 extension Float: AttentionInput {
     static func prepare(_ values: UnsafePointer<Float>, count: Int, into buffer: BFloat16Buffer) -> UnsafePointer<Float> { values }
     static func kept(_ values: UnsafePointer<Float>, _ buffer: BFloat16Buffer) -> UnsafePointer<Float> { values }
+    static func copy(count: Int, in buffer: BFloat16Buffer) -> UnsafeMutablePointer<BFloat16>? { nil }
 }
 
 extension BFloat16: AttentionInput {
@@ -300,4 +309,5 @@ extension BFloat16: AttentionInput {
         UnsafePointer(buffer.round(values, count: count))
     }
     static func kept(_ values: UnsafePointer<Float>, _ buffer: BFloat16Buffer) -> UnsafePointer<BFloat16> { UnsafePointer(buffer.pointer) }
+    static func copy(count: Int, in buffer: BFloat16Buffer) -> UnsafeMutablePointer<BFloat16>? { buffer.reserved(count) }
 }
