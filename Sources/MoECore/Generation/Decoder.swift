@@ -105,7 +105,7 @@ extension GPTModel {
                  b: cache.keys[layer].pointer + offset, ldb: width, c: cache.scores.pointer)
             for row in 0..<rows {
                 let visible = start + row + 1, scores = cache.scores.row(row)
-                Kernels.softmaxRow(scores, count: visible)
+                Kernels.softmax(row: scores, count: visible)
                 (scores + visible).update(repeating: 0, count: total - visible)
             }
             gemm(m: rows, n: headSize, k: total, a: cache.scores.pointer, b: cache.values[layer].pointer + offset, ldb: width,

@@ -176,7 +176,7 @@ public struct CausalSelfAttention<T: Scalar> {
         BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
             for row in first..<end {
                 let t = row % length, values = scores + row * length
-                Kernels.softmaxRow(values, count: t + 1)
+                Kernels.softmax(row: values, count: t + 1)
                 for j in (t + 1)..<length { values[j] = 0 }
                 if let rounded { BFloat16.round(asFloat(UnsafePointer(values)), into: rounded + row * length, count: length) }
             }

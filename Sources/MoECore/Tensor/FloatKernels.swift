@@ -314,6 +314,14 @@ enum FloatKernels {
     }
 
     static func softmaxRow(_ row: UnsafeMutablePointer<Float>, count: Int) -> Float {
+        let (maximum, sum) = softmaxRowParts(row, count: count)
+        return Float(Glibc.log(Double(sum))) + maximum
+    }
+
+    /// The softmax of `softmaxRow` in place, without the logarithm: the row's maximum and its sum
+    /// of exp(x - maximum).
+    @discardableResult
+    static func softmaxRowParts(_ row: UnsafeMutablePointer<Float>, count: Int) -> (maximum: Float, sum: Float) {
         var maxVector = Vector(repeating: -.infinity)
         forEachVector(count: count) { index, lanes in
             let v = lanes == 16 ? load(row + index) : loadVector(row + index, lanes: lanes, padding: -.infinity)
@@ -327,7 +335,7 @@ enum FloatKernels {
                 for i in index..<index + lanes { row[i] *= inverse }
             }
         }
-        return Float(Glibc.log(Double(sum))) + maximum
+        return (maximum, sum)
     }
 
     static func sumOfSquares(_ x: UnsafePointer<Float>, count: Int) -> Double {

@@ -122,6 +122,12 @@ public enum Kernels {
         return sum
     }
 
+    /// In-place softmax of one row of `count` values, for callers that need no logsumexp (its
+    /// logarithm was a tenth of attention's softmax).
+    public static func softmax<T: Scalar>(row: UnsafeMutablePointer<T>, count: Int) {
+        if T.self == Float.self { FloatKernels.softmaxRowParts(asFloat(row), count: count) } else { softmaxRow(row, count: count) }
+    }
+
     /// In-place softmax of one row of `count` values; returns log(sum(exp(x - max))) + max,
     /// the row's logsumexp.
     @discardableResult
