@@ -43,7 +43,7 @@ public struct FeedForward<T: Scalar, Kind> {
             Kernels.geluForward(hidden.preActivation, hidden.activation, count: rows * hiddenSize)
             return down.forward(hidden.activation, rows: rows, into: y)
         }
-        up.forward(.values(x), rows: rows, into: hidden.preActivation, addingBias: false)
+        up.forward(hidden.inputOperand(x), rows: rows, into: hidden.preActivation, addingBias: false)
         FloatKernels.biasGELU(asFloat(hidden.preActivation), bias: asFloat(UnsafePointer(bias.value)), rows: rows, columns: hiddenSize,
                               activation: asFloat(hidden.activation), rounded: hidden.roundedActivation)
         down.forward(hidden.activationOperand, rows: rows, into: y, addingBias: true)
@@ -93,7 +93,7 @@ public struct FeedForward<T: Scalar, Kind> {
             let dyOperand = ProductOperand.prerounded(dy, hidden.roundedOutputGradient.map { UnsafePointer($0) })
             down.backwardWeights(hidden.activationOperand, dyOperand, rows: rows, biasGradient: !sumsBiasesInPasses)
         case .up:
-            up.backwardWeights(.values(x), hidden.preGradientOperand(scratch), rows: rows, biasGradient: !sumsBiasesInPasses)
+            up.backwardWeights(hidden.inputOperand(x), hidden.preGradientOperand(scratch), rows: rows, biasGradient: !sumsBiasesInPasses)
         }
     }
 
@@ -121,7 +121,7 @@ public struct FeedForward<T: Scalar, Kind> {
 extension FeedForward {
     /// SwiGLU forward: pre = x [W_gate | W_up], a = silu(g) u (with a's bf16 copy), y = a W_down.
     func forwardGated(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, hidden: FeedForwardHidden<T>) {
-        up.forward(.values(x), rows: rows, into: hidden.preActivation, addingBias: false)
+        up.forward(hidden.inputOperand(x), rows: rows, into: hidden.preActivation, addingBias: false)
         if T.self == Float.self {
             FloatKernels.swiGLU(asFloat(UnsafePointer(hidden.preActivation)), rows: rows, hidden: hiddenSize,
                                 activation: asFloat(hidden.activation), rounded: hidden.roundedActivation)
@@ -157,6 +157,12 @@ public struct FeedForwardHidden<T: Scalar> {
     /// by `backwardInput` and read again by `backwardWeights`.
     public let roundedOutputGradient: UnsafeMutablePointer<BFloat16>?
     public let roundedPreGradient: UnsafeMutablePointer<BFloat16>?
+    /// x's bf16 copy [rows, C] where the caller made one as it wrote x (an MoE layer's fan-out),
+    /// for the up projection's forward and weight gradient; nil: rounded by each product.
+    public var roundedInput: UnsafePointer<BFloat16>? = nil
+
+    /// x as the up projection's operand.
+    func inputOperand(_ x: UnsafePointer<T>) -> ProductOperand<T> { .prerounded(x, roundedInput) }
 
     var activationOperand: ProductOperand<T> { .prerounded(activation, roundedActivation.map { UnsafePointer($0) }) }
     /// dPre (in backward's scratch) with its bf16 copy.

@@ -51,6 +51,9 @@ public final class MoELayer<T: Scalar> {
     let unitRows = Tensor<T>(), receivedUnits = Tensor<T>(), unitResults = Tensor<T>(), returnedResults = Tensor<T>()
     // Expert rows [A_recv, C|H]; expertOutput stays for the weight gradients.
     let expertInput = Tensor<T>(), hidden = FeedForwardStorage<T>(), expertOutput = Tensor<T>()
+    /// expertInput's bf16 copy in bf16 mode, written by the fan-out (the experts' up projections
+    /// read it forward and for their weight gradients).
+    let roundedExpertInput = BFloat16Buffer()
     let dExpertOutput = Tensor<T>(), dExpertInput = Tensor<T>(), dHidden = Tensor<T>()
     /// Records out [A] (plan order) and in [A_recv]; weight gradients by record [A_recv], back in
     /// plan order [A], and by routing index [A].
@@ -168,6 +171,7 @@ public final class MoELayer<T: Scalar> {
         returnedResults.resize(rows: plan.sentUnitCount, columns: width)
         if forward {
             expertInput.resize(rows: received, columns: width)
+            if roundsProducts { roundedExpertInput.reserve(received * width) }
             hidden.resize(rows: received, for: experts[0], rounded: roundsProducts)
             expertOutput.resize(rows: received, columns: width)
         } else {
@@ -214,9 +218,18 @@ public final class MoELayer<T: Scalar> {
 
     /// Expert rows `rows` from their received units.
     private func fanOut(_ rows: Range<Int>) {
+        let rounded = roundsProducts ? roundedExpertInput.pointer : nil
         for row in rows {
             expertInput.row(row).update(from: receivedUnits.row(Int(plan.expertRowUnit[row])), count: width)
+            if let rounded { BFloat16.round(asFloat(UnsafePointer(expertInput.row(row))), into: rounded + row * width, count: width) }
         }
+    }
+
+    /// The experts' hidden-layer view from expert row `start` on, with the input's bf16 copy.
+    private func expertHidden(fromRow start: Int) -> FeedForwardHidden<T> {
+        var view = hidden.hidden(fromRow: start)
+        if roundsProducts { view.roundedInput = UnsafePointer(roundedExpertInput.pointer + start * width) }
+        return view
     }
 
     /// Backward of the weighted sum, on the expert's rank: dY[j] = w_j dy_s, and
@@ -249,7 +262,7 @@ public final class MoELayer<T: Scalar> {
     private func runExperts(_ group: Range<Int>) {
         forEachExpertBlock(in: group) { local, start, count in
             experts[local].forward(expertInput.row(start), rows: count, into: expertOutput.row(start),
-                                   hidden: hidden.hidden(fromRow: start))
+                                   hidden: expertHidden(fromRow: start))
         }
     }
 
@@ -283,7 +296,7 @@ public final class MoELayer<T: Scalar> {
         let start = plan.rowsPerLocalExpert[..<local].reduce(0, +), count = plan.rowsPerLocalExpert[local]
         measure(\.experts) {
             experts[local].backwardWeights(of: projection, expertInput.row(start), dExpertOutput.row(start), rows: count,
-                                           hidden: hidden.hidden(fromRow: start), scratch: dHidden.row(start))
+                                           hidden: expertHidden(fromRow: start), scratch: dHidden.row(start))
         }
     }
 
