@@ -256,8 +256,10 @@ public final class GPTModel<T: Scalar> {
                 ffn.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer,
                              hidden: denseHidden[layer].hidden(), scratch: dHidden.pointer)
             case let .moe(moe):
+                // One rank never waits for a peer: its experts' weight gradients run in their layer,
+                // where their operands are still in cache.
                 try moe.backward(feedForwardNormed[layer].pointer, dResidual.pointer, rows: rows, dx: dScratch.pointer,
-                                 backlog: expertBacklog)
+                                 backlog: communicator.size > 1 ? expertBacklog : nil)
             }
             block.feedForwardNorm.backward(middle[layer].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer,
                                            cache: normCaches[layer].1)
