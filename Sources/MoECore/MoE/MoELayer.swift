@@ -368,7 +368,7 @@ public final class MoELayer<T: Scalar> {
     }
 
     /// Waits for a transfer: the wait is exposed communication; start to completion, total.
-    /// With a backlog, deferred weight gradients run first, one expert at a time, while the
+    /// With a backlog, deferred weight gradients run first, one product at a time, while the
     /// transfer is incomplete (a peer still computing); the wait left after them is `waiting`.
     private func finishExchange(_ transfer: PendingTransfer, filling backlog: ExpertGradientBacklog<T>? = nil) throws {
         if let backlog {
