@@ -62,8 +62,11 @@ public struct FeedForward<T: Scalar, Kind> {
     public func backwardInput(_ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
                               hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
         if gated { return backwardInputGated(dy, rows: rows, dx: dx, hidden: hidden, scratch: scratch) }
-        // dHidden = dy W2ᵀ written (not added) into the scratch: no zeroing pass.
-        down.backwardInput(outputGradient(dy, rows: rows, hidden: hidden), rows: rows, dx: scratch, dxBeta: 0)
+        // dy rounded once into `hidden`'s copy (both of the down projection's products use it), b2's
+        // gradient summed in the same pass in Float; dHidden = dy W2ᵀ written (not added) into the
+        // scratch: no zeroing pass.
+        let dyOperand = down.outputGradientOperand(dy, rows: rows, roundingInto: hidden.roundedOutputGradient, summingBias: sumsBiasesInPasses)
+        down.backwardInput(dyOperand, rows: rows, dx: scratch, dxBeta: 0)
         guard T.self == Float.self, let bias = up.bias else {
             Kernels.geluBackward(hidden.preActivation, scratch, scratch, count: rows * hiddenSize)
             return up.backwardInput(.values(scratch), rows: rows, dx: dx, dxBeta: 1)
@@ -99,23 +102,6 @@ public struct FeedForward<T: Scalar, Kind> {
 
     /// Whether `backwardInput`'s element-wise passes sum the biases' gradients (Float with biases).
     private var sumsBiasesInPasses: Bool { T.self == Float.self && up.bias != nil }
-
-    /// dy as the down projection's operand: in bf16 mode rounded once into `hidden`'s copy, which
-    /// both of its products use; in Float with biases, b2's gradient summed in the same pass.
-    private func outputGradient(_ dy: UnsafePointer<T>, rows: Int, hidden: FeedForwardHidden<T>) -> ProductOperand<T> {
-        let copy = hidden.roundedOutputGradient
-        if sumsBiasesInPasses, let bias = down.bias {
-            guard let copy else {
-                Kernels.addColumnSums(dy, rows: rows, columns: width, into: bias.gradient)
-                return .values(dy)
-            }
-            FloatKernels.biasGradientRounding(asFloat(dy), rows: rows, columns: width, biasGradient: asFloat(bias.gradient), rounded: copy)
-            return .prerounded(dy, UnsafePointer(copy))
-        }
-        guard let copy else { return .values(dy) }
-        BFloat16.round(asFloat(dy), into: copy, count: rows * width)
-        return .prerounded(dy, UnsafePointer(copy))
-    }
 }
 
 extension FeedForward {
@@ -135,7 +121,9 @@ extension FeedForward {
     func backwardInputGated(_ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
                             hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
         let dPre = scratch, dHidden = scratch + rows * 2 * hiddenSize
-        down.backwardInput(outputGradient(dy, rows: rows, hidden: hidden), rows: rows, dx: dHidden, dxBeta: 0)
+        // dy rounded once into `hidden`'s copy (both of the down projection's products use it).
+        let dyOperand = down.outputGradientOperand(dy, rows: rows, roundingInto: hidden.roundedOutputGradient, summingBias: false)
+        down.backwardInput(dyOperand, rows: rows, dx: dHidden, dxBeta: 0)
         if T.self == Float.self {
             FloatKernels.swiGLUBackward(asFloat(UnsafePointer(hidden.preActivation)), asFloat(UnsafePointer(dHidden)), rows: rows,
                                         hidden: hiddenSize, dPre: asFloat(dPre), rounded: hidden.roundedPreGradient)

@@ -46,20 +46,32 @@ public struct Linear<T: Scalar, Kind> {
     /// dx = dy Wᵀ + dxBeta dx (dxBeta 0 or 1).
     public func backward(_ x: ProductOperand<T>, _ dy: ProductOperand<T>, rows: Int, dx: UnsafeMutablePointer<T>?, dxBeta: T,
                          biasGradient: Bool = true) {
-        var dyOperand = dy, sumsBias = biasGradient && bias != nil
-        if case let .values(values) = dy, let scratch = weight.store.matmul?.rounding?.right {
-            // bf16 mode: dy rounded once for both products; in Float with the bias's sums in the same pass.
-            if sumsBias, T.self == Float.self, let bias {
-                let rounded = scratch.reserved(rows * outputSize)
-                FloatKernels.biasGradientRounding(asFloat(values), rows: rows, columns: outputSize,
-                                                  biasGradient: asFloat(bias.gradient), rounded: rounded)
-                (dyOperand, sumsBias) = (.prerounded(values, UnsafePointer(rounded)), false)
-            } else {
-                dyOperand = ProductOperand.roundedOnce(values, count: rows * outputSize, into: scratch)
-            }
+        guard case let .values(values) = dy else {
+            backwardWeights(x, dy, rows: rows, biasGradient: biasGradient)
+            if let dx { backwardInput(dy, rows: rows, dx: dx, dxBeta: dxBeta) }
+            return
         }
-        backwardWeights(x, dyOperand, rows: rows, biasGradient: sumsBias)
+        let dyOperand = outputGradientOperand(values, rows: rows, roundingInto: weight.store.matmul?.rounding?.right.reserved(rows * outputSize),
+                                              summingBias: biasGradient)
+        backwardWeights(x, dyOperand, rows: rows, biasGradient: false)
         if let dx { backwardInput(dyOperand, rows: rows, dx: dx, dxBeta: dxBeta) }
+    }
+
+    /// dy [rows, out] as the operand of both of the adjoint's products: in bf16 mode (`copy`
+    /// given) rounded once into `copy`; with `summingBias`, db += Σ_rows dy as well, in Float and
+    /// bf16 mode in the same pass as the rounding.
+    func outputGradientOperand(_ dy: UnsafePointer<T>, rows: Int, roundingInto copy: UnsafeMutablePointer<BFloat16>?,
+                               summingBias: Bool) -> ProductOperand<T> {
+        if summingBias, let bias {
+            if T.self == Float.self, let copy {
+                FloatKernels.biasGradientRounding(asFloat(dy), rows: rows, columns: outputSize, biasGradient: asFloat(bias.gradient), rounded: copy)
+                return .prerounded(dy, UnsafePointer(copy))
+            }
+            Kernels.addColumnSums(dy, rows: rows, columns: outputSize, into: bias.gradient)
+        }
+        guard let copy else { return .values(dy) }
+        BFloat16.round(asFloat(dy), into: copy, count: rows * outputSize)
+        return .prerounded(dy, UnsafePointer(copy))
     }
 
     /// The weights' half of the adjoint: dW += xᵀ dy, and db += Σ_rows dy unless the caller's

@@ -13,8 +13,6 @@ public final class ExpertGradientBacklog<T: Scalar> {
 
     public init() {}
 
-    public var isEmpty: Bool { next == items.count }
-
     /// Both weight products of `expert` (one item each, so that a wait overshoots by one
     /// product at most).
     func add(_ layer: MoELayer<T>, expert: Int) {

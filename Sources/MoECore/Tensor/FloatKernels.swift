@@ -67,12 +67,17 @@ enum FloatKernels {
     /// Stores `values` and, where `rounded` is given, their bf16 rounding at the same index.
     @inline(__always) static func store(_ values: Vector, _ destination: UnsafeMutablePointer<Float>,
                                         rounded: UnsafeMutablePointer<BFloat16>?, rounding: VectorRounding, lanes: Int) {
+        store(values, destination, lanes: lanes)
+        if let rounded { storeRounded(values, rounded, rounding: rounding, lanes: lanes) }
+    }
+
+    /// Stores the bf16 rounding of the first `lanes` values.
+    @inline(__always) static func storeRounded(_ values: Vector, _ rounded: UnsafeMutablePointer<BFloat16>, rounding: VectorRounding,
+                                               lanes: Int) {
         if lanes == 16 {
-            store(values, destination)
-            if let rounded { rounding.store(unsafeBitCast(values, to: SIMD16<UInt32>.self), into: rounded) }
+            rounding.store(unsafeBitCast(values, to: SIMD16<UInt32>.self), into: rounded)
         } else {
-            storeVector(values, destination, lanes: lanes)
-            if let rounded { for lane in 0..<lanes { rounded[lane] = BFloat16(values[lane]) } }
+            for lane in 0..<lanes { rounded[lane] = BFloat16(values[lane]) }
         }
     }
 
@@ -118,11 +123,7 @@ enum FloatKernels {
         let rounding = VectorRounding()
         forEachVectorColumnSplit(rows: rows, columns: columns) { at, index, lanes in
             let dy = load(d + at, lanes: lanes)
-            if lanes == 16 {
-                rounding.store(unsafeBitCast(dy, to: SIMD16<UInt32>.self), into: rounded + at)
-            } else {
-                for lane in 0..<lanes { rounded[at + lane] = BFloat16(dy[lane]) }
-            }
+            storeRounded(dy, rounded + at, rounding: rounding, lanes: lanes)
             store(load(biasGradient + index, lanes: lanes) + dy, biasGradient + index, lanes: lanes)
         }
     }

@@ -97,7 +97,6 @@ public final class OneDNNMatmul {
     public func gemm<Input: MatmulInput>(transposeA: Bool = false, transposeB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
                      a: UnsafePointer<Input>, lda: Int? = nil, b: UnsafePointer<Input>, ldb: Int? = nil,
                      beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int? = nil, bias: UnsafePointer<Float>? = nil) {
-        precondition(bias == nil || beta == 0, "a bias is added to a fresh product only")
         let lda = lda ?? (transposeA ? m : k), ldb = ldb ?? (transposeB ? k : n), ldc = ldc ?? n
         batchedGemm(batch: (1, 1), m: m, n: n, k: k, alpha: alpha,
                     a: a, aStrides: SIMD4(0, 0, transposeA ? 1 : lda, transposeA ? lda : 1),
