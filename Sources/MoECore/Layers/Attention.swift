@@ -173,13 +173,8 @@ public struct CausalSelfAttention<T: Scalar> {
     /// with `rounded` (bf16 mode, T = Float), each row's bf16 copy too, while the row is in cache.
     private func causalSoftmax(_ scores: UnsafeMutablePointer<T>, rows: Int, length: Int,
                                rounded: UnsafeMutablePointer<BFloat16>? = nil) {
-        BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
-            for row in first..<end {
-                let t = row % length, values = scores + row * length
-                Kernels.softmax(row: values, count: t + 1)
-                for j in (t + 1)..<length { values[j] = 0 }
-                if let rounded { BFloat16.round(asFloat(UnsafePointer(values)), into: rounded + row * length, count: length) }
-            }
+        forEachCausalRow(of: scores, rows: rows, length: length, rounded: rounded) { _, values, visible in
+            Kernels.softmax(row: values, count: visible)
         }
     }
 
@@ -187,12 +182,22 @@ public struct CausalSelfAttention<T: Scalar> {
     /// the probabilities of the same rows; with `rounded`, each row's bf16 copy too.
     private func causalSoftmaxBackward(probabilities: UnsafePointer<T>, _ dScores: UnsafeMutablePointer<T>, rows: Int, length: Int,
                                        rounded: UnsafeMutablePointer<BFloat16>? = nil) {
+        forEachCausalRow(of: dScores, rows: rows, length: length, rounded: rounded) { row, dRow, visible in
+            Kernels.softmaxBackwardRow(probabilities: probabilities + row * length, dRow, count: visible)
+        }
+    }
+
+    /// `body(row, its values, t + 1)` on the keys row t of its sequence sees; then the row's
+    /// later keys are zeroed and, with `rounded`, the whole row's bf16 copy written. Rows split
+    /// over one process's threads.
+    private func forEachCausalRow(of matrix: UnsafeMutablePointer<T>, rows: Int, length: Int, rounded: UnsafeMutablePointer<BFloat16>?,
+                                  _ body: (Int, UnsafeMutablePointer<T>, Int) -> Void) {
         BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
             for row in first..<end {
-                let t = row % length, dRow = dScores + row * length
-                Kernels.softmaxBackwardRow(probabilities: probabilities + row * length, dRow, count: t + 1)
-                for j in (t + 1)..<length { dRow[j] = 0 }
-                if let rounded { BFloat16.round(asFloat(UnsafePointer(dRow)), into: rounded + row * length, count: length) }
+                let t = row % length, values = matrix + row * length
+                body(row, values, t + 1)
+                for j in (t + 1)..<length { values[j] = 0 }
+                if let rounded { BFloat16.round(asFloat(UnsafePointer(values)), into: rounded + row * length, count: length) }
             }
         }
     }
