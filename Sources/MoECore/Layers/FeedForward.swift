@@ -56,12 +56,12 @@ public struct FeedForward<T: Scalar, Kind> {
         backwardWeights(x, dy, rows: rows, hidden: hidden, scratch: scratch)
     }
 
-    /// The input's half of the adjoint: dx += dPre W1ᵀ. Leaves dPre in `scratch` and, in bf16
+    /// The input's half of the adjoint: dx = dPre W1ᵀ + dxBeta dx (added by default). Leaves dPre in `scratch` and, in bf16
     /// mode, dPre's and dy's bf16 copies in `hidden`, for `backwardWeights`. An MoE layer sends
     /// dx on before it computes the weights' half, which no other rank waits for.
     public func backwardInput(_ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
-                              hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
-        if gated { return backwardInputGated(dy, rows: rows, dx: dx, hidden: hidden, scratch: scratch) }
+                              hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>, dxBeta: T = 1) {
+        if gated { return backwardInputGated(dy, rows: rows, dx: dx, hidden: hidden, scratch: scratch, dxBeta: dxBeta) }
         // dy rounded once into `hidden`'s copy (both of the down projection's products use it), b2's
         // gradient summed in the same pass in Float; dHidden = dy W2ᵀ written (not added) into the
         // scratch: no zeroing pass.
@@ -69,12 +69,12 @@ public struct FeedForward<T: Scalar, Kind> {
         down.backwardInput(dyOperand, rows: rows, dx: scratch, dxBeta: 0)
         guard T.self == Float.self, let bias = up.bias else {
             Kernels.geluBackward(hidden.preActivation, scratch, scratch, count: rows * hiddenSize)
-            return up.backwardInput(.values(scratch), rows: rows, dx: dx, dxBeta: 1)
+            return up.backwardInput(.values(scratch), rows: rows, dx: dx, dxBeta: dxBeta)
         }
         // dPre = dHidden GELU'(pre), db1 = Σ_rows dPre, and dPre's bf16 copy, in one pass.
         FloatKernels.geluBackwardBias(asFloat(UnsafePointer(hidden.preActivation)), asFloat(scratch), rows: rows, columns: hiddenSize,
                                       biasGradient: asFloat(bias.gradient), rounded: hidden.roundedPreGradient)
-        up.backwardInput(hidden.preGradientOperand(scratch), rows: rows, dx: dx, dxBeta: 1)
+        up.backwardInput(hidden.preGradientOperand(scratch), rows: rows, dx: dx, dxBeta: dxBeta)
     }
 
     /// The weights' half of the adjoint, after `backwardInput` with the same `hidden` and
@@ -119,7 +119,7 @@ extension FeedForward {
 
     /// SwiGLU's input half of the adjoint. scratch: dPre [rows, 2H], then dHidden [rows, H].
     func backwardInputGated(_ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
-                            hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+                            hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>, dxBeta: T) {
         let dPre = scratch, dHidden = scratch + rows * 2 * hiddenSize
         // dy rounded once into `hidden`'s copy (both of the down projection's products use it).
         let dyOperand = down.outputGradientOperand(dy, rows: rows, roundingInto: hidden.roundedOutputGradient, summingBias: false)
@@ -130,7 +130,7 @@ extension FeedForward {
         } else {
             Kernels.swiGLUBackward(hidden.preActivation, dHidden, rows: rows, hidden: hiddenSize, dPre: dPre)
         }
-        up.backwardInput(hidden.preGradientOperand(dPre), rows: rows, dx: dx, dxBeta: 1)
+        up.backwardInput(hidden.preGradientOperand(dPre), rows: rows, dx: dx, dxBeta: dxBeta)
     }
 }
 

@@ -54,10 +54,12 @@ struct DispatchPlan {
     var unitToken: [Int32] = []
     var assignmentUnit: [Int32] = []
     /// Expert side. [U_recv] each received unit's last group and its result row; [A_recv] in
-    /// expert order, each row's received unit and its record.
+    /// expert order, each row's received unit and its record, and whether it is its unit's
+    /// first row (the one the sum per unit starts from).
     private var receivedLastGroup: [Int32] = []
     var resultSlot: [Int32] = []
     var expertRowUnit: [Int32] = [], expertRowRecord: [Int32] = []
+    var expertRowStartsUnit: [Bool] = []
     /// [R * (E_loc + G)] both count blocks of one exchange.
     private var countsOut: [Int64] = [], countsIn: [Int64] = []
     /// [R] byte splits of one exchange.
@@ -308,14 +310,19 @@ struct DispatchPlan {
     private mutating func mapExpertRows<T>(_ records: UnsafeBufferPointer<RoutedRow<T>>, perRank: Int) {
         growBuffer(&expertRowUnit, toHold: receivedRowCount, filling: 0)
         growBuffer(&expertRowRecord, toHold: receivedRowCount, filling: 0)
+        growBuffer(&expertRowStartsUnit, toHold: receivedRowCount, filling: false)
+        // receivedLastGroup is done with: it marks the units seen so far (-1).
         var row = 0
         for local in 0..<perRank {
             for peer in receiveUnitStart.indices {
                 var record = receiveOffsets[peer]
                 for previous in 0..<local { record += Int(receiveCounts[peer * perRank + previous]) }
                 for _ in 0..<Int(receiveCounts[peer * perRank + local]) {
-                    expertRowUnit[row] = Int32(receiveUnitStart[peer]) + records[record].unit
+                    let unit = receiveUnitStart[peer] + Int(records[record].unit)
+                    expertRowUnit[row] = Int32(unit)
                     expertRowRecord[row] = Int32(record)
+                    expertRowStartsUnit[row] = receivedLastGroup[unit] >= 0
+                    receivedLastGroup[unit] = -1
                     row += 1
                     record += 1
                 }

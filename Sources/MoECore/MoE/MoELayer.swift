@@ -167,7 +167,7 @@ public final class MoELayer<T: Scalar> {
     private func pipeline(forward: Bool) throws {
         let received = plan.receivedRowCount, width = self.width
         receivedUnits.resize(rows: plan.receivedUnitCount, columns: width)
-        unitResults.resize(rows: plan.receivedUnitCount, columns: width, zero: true)
+        unitResults.resize(rows: plan.receivedUnitCount, columns: width)   // `sumPerUnit` writes every row
         returnedResults.resize(rows: plan.sentUnitCount, columns: width)
         if forward {
             expertInput.resize(rows: received, columns: width)
@@ -176,7 +176,7 @@ public final class MoELayer<T: Scalar> {
             expertOutput.resize(rows: received, columns: width)
         } else {
             dExpertOutput.resize(rows: received, columns: width)
-            dExpertInput.resize(rows: received, columns: width, zero: true)
+            dExpertInput.resize(rows: received, columns: width)   // each expert writes its rows
             dHidden.resize(rows: received, columns: experts[0].scratchColumns)
             dWeightsByRecord.resize(rows: max(received, 1), columns: 1)
         }
@@ -245,15 +245,18 @@ public final class MoELayer<T: Scalar> {
     }
 
     /// unitResults[u] += (w_j) rows[j] for the expert rows `rows`, in expert order (so each
-    /// unit sums its experts in ascending order).
+    /// unit sums its experts in ascending order); a unit's first row is written, not added, so
+    /// the rows need no zeroing pass.
     private func sumPerUnit(_ source: Tensor<T>, rows: Range<Int>, weighted: Bool) {
         let width = self.width
         for row in rows {
             let destination = unitResults.row(Int(plan.resultSlot[Int(plan.expertRowUnit[row])]))
+            let first = plan.expertRowStartsUnit[row], values = source.row(row)
             if weighted {
-                Kernels.axpy(recordsIn[Int(plan.expertRowRecord[row])].weight, source.row(row), into: destination, count: width)
+                let weight = recordsIn[Int(plan.expertRowRecord[row])].weight
+                if first { Kernels.scale(weight, values, into: destination, count: width) } else { Kernels.axpy(weight, values, into: destination, count: width) }
             } else {
-                Kernels.add(source.row(row), into: destination, count: width)
+                if first { destination.update(from: values, count: width) } else { Kernels.add(values, into: destination, count: width) }
             }
         }
     }
@@ -338,7 +341,7 @@ public final class MoELayer<T: Scalar> {
     private func runExpertsBackwardInput(_ group: Range<Int>) {
         forEachExpertBlock(in: group) { local, start, count in
             experts[local].backwardInput(dExpertOutput.row(start), rows: count, dx: dExpertInput.row(start),
-                                         hidden: hidden.hidden(fromRow: start), scratch: dHidden.row(start))
+                                         hidden: hidden.hidden(fromRow: start), scratch: dHidden.row(start), dxBeta: 0)
             backlog?.add(self, expert: local)
         }
     }

@@ -187,6 +187,12 @@ public enum Kernels {
         for i in 0..<count { z[i] = x[i] + y[i] }
     }
 
+    /// y = alpha * x.
+    @inline(__always)
+    public static func scale<T: Scalar>(_ alpha: T, _ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, count: Int) {
+        for i in 0..<count { y[i] = alpha * x[i] }
+    }
+
     /// y += alpha * x.
     @inline(__always)
     public static func axpy<T: Scalar>(_ alpha: T, _ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, count: Int) {
