@@ -120,6 +120,7 @@ final class MoEGradientTests: XCTestCase {
         let fixture = try MoEFixture(experts: 4, k: 2, renormalization: .afterDrop, capacityFactor: 0.6, rows: 40)
         let x = randomTensor(rows: 40, columns: fixture.width, seed: 31)
         let y = Tensor<Double>(rows: 40, columns: fixture.width)
+        y.pointer.update(repeating: 7, count: y.count)   // forward overwrites y, whatever it held
         try fixture.layer.forward(x.pointer, rows: 40, into: y.pointer, context: fixture.context())
         let routing = fixture.layer.routing
         let capacity = fixture.policy.capacity(globalTokens: 40, training: true)!
@@ -133,6 +134,12 @@ final class MoEGradientTests: XCTestCase {
         XCTAssertEqual(perExpert.map(Int64.init), routing.keptPerExpert)
         for sum in weightSums { XCTAssertTrue(abs(sum - 1) < 1e-12 || sum == 0, "weights sum to \(sum)") }
         XCTAssertLessThan(routing.keptCount, routing.selectedCount)
+        // A token whose every assignment was dropped gets a zero output (the residual carries it).
+        let dropped = (0..<40).filter { weightSums[$0] == 0 }
+        XCTAssertFalse(dropped.isEmpty, "the case must drop some token entirely")
+        for token in dropped {
+            XCTAssertEqual(Array(UnsafeBufferPointer(start: y.row(token), count: fixture.width)), Array(repeating: 0, count: fixture.width))
+        }
     }
 
     /// Dropless: each expert's row count equals its selection count; counts sum to k*N.

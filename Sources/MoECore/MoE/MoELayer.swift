@@ -269,15 +269,20 @@ public final class MoELayer<T: Scalar> {
         }
     }
 
-    /// y_s (+)= Σ over ranks (ascending) of the returned sums of s's units.
+    /// y_s (+)= Σ over ranks (ascending) of the returned sums of s's units; not accumulating,
+    /// the first returned sum is written (a token with none gets zeros), the rest added.
     private func sumReturnedResults(into y: UnsafeMutablePointer<T>, rows: Int, accumulating: Bool) {
         let width = self.width, ranks = placement.rankCount
-        if !accumulating { y.update(repeating: 0, count: rows * width) }
         for s in 0..<rows {
+            let row = y + s * width
+            var written = accumulating
             for peer in 0..<ranks {
                 let slot = Int(plan.returnSlot[s * ranks + peer])
-                if slot >= 0 { Kernels.add(returnedResults.row(slot), into: y + s * width, count: width) }
+                guard slot >= 0 else { continue }
+                if written { Kernels.add(returnedResults.row(slot), into: row, count: width) } else { row.update(from: returnedResults.row(slot), count: width) }
+                written = true
             }
+            if !written { row.update(repeating: 0, count: width) }
         }
     }
 
