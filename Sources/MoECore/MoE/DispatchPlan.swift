@@ -60,6 +60,10 @@ struct DispatchPlan {
     var resultSlot: [Int32] = []
     var expertRowUnit: [Int32] = [], expertRowRecord: [Int32] = []
     var expertRowStartsUnit: [Bool] = []
+    /// This rank's own units, which never travel (the exchanges carry none of their bytes): the
+    /// received units ownReceivedStart ..< + ownUnitCount are the send rows from ownSentStart on,
+    /// in the same order, and so are their result rows and returned rows (the same starts).
+    private(set) var ownRank = 0, ownUnitCount = 0, ownSentStart = 0, ownReceivedStart = 0
     /// [R * (E_loc + G)] both count blocks of one exchange.
     private var countsOut: [Int64] = [], countsIn: [Int64] = []
     /// [R] byte splits of one exchange.
@@ -82,6 +86,9 @@ struct DispatchPlan {
         formUnits(tokens: tokens, experts: experts, tokenCount: tokenCount, placement: placement)
         try exchangeCounts(placement: placement, communicator: communicator)
         try sumRows(placement: placement, rank: communicator.rank)
+        ownRank = communicator.rank
+        ownUnitCount = (0..<groupCount).reduce(0) { $0 + sendUnits[ownRank * groupCount + $1] }
+        (ownSentStart, ownReceivedStart) = (sendUnitStart[ownRank], receiveUnitStart[ownRank])
     }
 
     private mutating func size(placement: ExpertPlacement, groupOfLocal: [Int], tokenCount: Int) {
@@ -331,10 +338,13 @@ struct DispatchPlan {
     }
 
     /// The byte splits of group `group`'s exchange of rows of `rowBytes`: units out to the
-    /// experts' ranks, or (`reverse`) results back to the tokens' ranks.
+    /// experts' ranks, or (`reverse`) results back to the tokens' ranks; none to this rank itself.
     mutating func splits(rowBytes: Int, reverse: Bool, group: Int) {
         let groups = groupCount
-        for peer in sendRows.indices {
+        for peer in sendRows.indices where peer == ownRank {
+            (sendBytes[peer], sendByteOffsets[peer], receiveBytes[peer], receiveByteOffsets[peer]) = (0, 0, 0, 0)
+        }
+        for peer in sendRows.indices where peer != ownRank {
             let outCounts = reverse ? resultUnits : sendUnits, inCounts = reverse ? returnUnits : receiveUnits
             let outStart = reverse ? receiveUnitStart[peer] : sendUnitStart[peer]
             let inStart = reverse ? sendUnitStart[peer] : receiveUnitStart[peer]

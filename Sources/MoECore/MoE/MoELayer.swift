@@ -125,7 +125,7 @@ public final class MoELayer<T: Scalar> {
             rank: communicator.rank, rowBytes: width * MemoryLayout<T>.stride,
             recordBytes: MemoryLayout<RoutedRow<T>>.stride, scalarBytes: MemoryLayout<T>.stride))
         measure(\.dispatch) { gatherUnitRows(x) }
-        try pipeline(forward: true)
+        try pipeline(forward: true, source: x)
         measure(\.combine) { sumReturnedResults(into: y, rows: rows, accumulating: false) }
     }
 
@@ -164,7 +164,9 @@ public final class MoELayer<T: Scalar> {
     ///             -> unitResults (weighted sums) -> returnedResults
     ///   backward: unitRows (dy) -> receivedUnits -> dExpertOutput (scaled) -> experts' adjoint
     ///             -> dExpertInput -> unitResults (sums) -> returnedResults
-    private func pipeline(forward: Bool) throws {
+    /// This rank's own units skip the exchanges: read from `source` (x or dy) and back from
+    /// unitResults (`receivedUnitRow`, `returnedRow`).
+    private func pipeline(forward: Bool, source: UnsafePointer<T>) throws {
         let received = plan.receivedRowCount, width = self.width
         receivedUnits.resize(rows: plan.receivedUnitCount, columns: width)
         unitResults.resize(rows: plan.receivedUnitCount, columns: width)   // `sumPerUnit` writes every row
@@ -190,7 +192,7 @@ public final class MoELayer<T: Scalar> {
             let rows = plan.expertRows(of: group)
             try measure(\.dispatch) {
                 try finishExchange(inbound[index], filling: backlog)
-                if forward { fanOut(rows) } else { fanOutGradients(rows) }
+                if forward { fanOut(rows, source: source) } else { fanOutGradients(rows, source: source) }
             }
             measure(\.experts) { forward ? runExperts(group) : runExpertsBackwardInput(group) }
             // One group (no pipeline): the benchmark's barrier keeps the slower rank's expert
@@ -207,20 +209,37 @@ public final class MoELayer<T: Scalar> {
         try measure(\.combine) { for transfer in outbound { try finishExchange(transfer, filling: backlog) } }
     }
 
-    /// Each unit's row in send order: the token's row of x (forward) or of dy (backward).
+    /// Each unit's row in send order: the token's row of x (forward) or of dy (backward); this
+    /// rank's own units stay where they are.
     private func gatherUnitRows(_ source: UnsafePointer<T>) {
-        let width = self.width
+        let width = self.width, own = plan.ownSentStart..<(plan.ownSentStart + plan.ownUnitCount)
         unitRows.resize(rows: plan.sentUnitCount, columns: width)
-        for row in 0..<plan.sentUnitCount {
+        for row in 0..<plan.sentUnitCount where !own.contains(row) {
             unitRows.row(row).update(from: source + Int(plan.unitToken[row]) * width, count: width)
         }
     }
 
+    /// Received unit `unit`'s row: from the exchange, or for one of this rank's own units, the
+    /// token's row of the pass's `source`.
+    private func receivedUnitRow(_ unit: Int, source: UnsafePointer<T>) -> UnsafePointer<T> {
+        let own = unit - plan.ownReceivedStart
+        guard own >= 0 && own < plan.ownUnitCount else { return UnsafePointer(receivedUnits.row(unit)) }
+        return source + Int(plan.unitToken[plan.ownSentStart + own]) * width
+    }
+
+    /// Returned row `slot`: from the exchange, or for one of this rank's own units, its sum where
+    /// the experts left it.
+    private func returnedRow(_ slot: Int) -> UnsafePointer<T> {
+        let own = slot - plan.ownSentStart
+        guard own >= 0 && own < plan.ownUnitCount else { return UnsafePointer(returnedResults.row(slot)) }
+        return UnsafePointer(unitResults.row(plan.ownReceivedStart + own))
+    }
+
     /// Expert rows `rows` from their received units.
-    private func fanOut(_ rows: Range<Int>) {
+    private func fanOut(_ rows: Range<Int>, source: UnsafePointer<T>) {
         let rounded = roundsProducts ? roundedExpertInput.pointer : nil
         for row in rows {
-            expertInput.row(row).update(from: receivedUnits.row(Int(plan.expertRowUnit[row])), count: width)
+            expertInput.row(row).update(from: receivedUnitRow(Int(plan.expertRowUnit[row]), source: source), count: width)
             if let rounded { BFloat16.round(asFloat(UnsafePointer(expertInput.row(row))), into: rounded + row * width, count: width) }
         }
     }
@@ -234,10 +253,10 @@ public final class MoELayer<T: Scalar> {
 
     /// Backward of the weighted sum, on the expert's rank: dY[j] = w_j dy_s, and
     /// dw_j = <dy_s, Y[j]> by record (they go back with the records' splits).
-    private func fanOutGradients(_ rows: Range<Int>) {
+    private func fanOutGradients(_ rows: Range<Int>, source: UnsafePointer<T>) {
         let width = self.width
         for row in rows {
-            let record = Int(plan.expertRowRecord[row]), dyRow = receivedUnits.row(Int(plan.expertRowUnit[row]))
+            let record = Int(plan.expertRowRecord[row]), dyRow = receivedUnitRow(Int(plan.expertRowUnit[row]), source: source)
             let weight = recordsIn[record].weight, destination = dExpertOutput.row(row)
             for c in 0..<width { destination[c] = weight * dyRow[c] }
             dWeightsByRecord.pointer[record] = Kernels.dot(dyRow, expertOutput.row(row), count: width)
@@ -279,7 +298,7 @@ public final class MoELayer<T: Scalar> {
             for peer in 0..<ranks {
                 let slot = Int(plan.returnSlot[s * ranks + peer])
                 guard slot >= 0 else { continue }
-                if written { Kernels.add(returnedResults.row(slot), into: row, count: width) } else { row.update(from: returnedResults.row(slot), count: width) }
+                if written { Kernels.add(returnedRow(slot), into: row, count: width) } else { row.update(from: returnedRow(slot), count: width) }
                 written = true
             }
             if !written { row.update(repeating: 0, count: width) }
@@ -318,7 +337,7 @@ public final class MoELayer<T: Scalar> {
             return
         }
         measure(\.combine) { gatherUnitRows(dy) }
-        try pipeline(forward: false)
+        try pipeline(forward: false, source: dy)
         try measure(\.combine) { try returnWeightGradients() }
         measure(\.dispatch) { sumReturnedResults(into: dx, rows: rows, accumulating: true) }
         measure(\.route) {
