@@ -39,6 +39,9 @@ public struct CausalSelfAttention<T: Scalar> {
         let rowScratch = Tensor<T>()
         // bf16 mode: rounded QKV and probabilities (kept for backward), rounded gradients.
         let roundedQKV = BFloat16Buffer(), roundedProbabilities = BFloat16Buffer()
+        // bf16 mode: the two projections' inputs as their forward products rounded them, read
+        // again by their weight gradients (kept: 2 x [N, C] bf16 a layer, against two passes).
+        let roundedInput = BFloat16Buffer(), roundedHeadOutputs = BFloat16Buffer()
         let roundedHeadGradient = BFloat16Buffer(), roundedScoreGradient = BFloat16Buffer()
         // Tiled path: per-row log-sum-exp [B*nh, T] (kept for backward), tile scratch, and the
         // running max and sum of the online softmax and the rows' <dO, O> [tile | T].
@@ -93,7 +96,7 @@ public struct CausalSelfAttention<T: Scalar> {
         projectInputs(x, rows: rows, positions: .cycling(length), cache: cache)
         if length > tile {
             forwardTiled(batch: batch, length: length, cache: cache)
-            return projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
+            return projectHeads(rows: rows, into: out, cache: cache)
         }
         cache.probabilities.resize(rows: batch * heads * length, columns: length)
         if let matmul = qkv.weight.store.matmul {
@@ -102,7 +105,7 @@ public struct CausalSelfAttention<T: Scalar> {
             } else {
                 forwardBatched(matmul, Float.self, batch: batch, length: length, cache: cache)
             }
-            return projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
+            return projectHeads(rows: rows, into: out, cache: cache)
         }
         for b in 0..<batch {
             for h in 0..<heads {
@@ -118,7 +121,24 @@ public struct CausalSelfAttention<T: Scalar> {
                      c: cache.headOutputs.pointer + b * length * width + h * headSize, ldc: width)
             }
         }
-        projection.forward(cache.headOutputs.pointer, rows: rows, into: out)
+        projectHeads(rows: rows, into: out, cache: cache)
+    }
+
+    /// out = heads W_o + b_o, keeping the heads' bf16 copy for backward.
+    private func projectHeads(rows: Int, into out: UnsafeMutablePointer<T>, cache: Cache) {
+        let heads = keptOperand(cache.headOutputs.pointer, count: rows * projection.inputSize, rounding: cache.roundedHeadOutputs)
+        projection.forward(heads, rows: rows, into: out, addingBias: true)
+    }
+
+    /// `x` as a product operand: in bf16 mode rounded now into `kept`, whose copy the backward
+    /// reads again (`kept(_:_:)`); else the values.
+    func keptOperand(_ x: UnsafePointer<T>, count: Int, rounding kept: BFloat16Buffer) -> ProductOperand<T> {
+        .roundedOnce(x, count: count, into: qkv.weight.store.matmul?.precision == .bf16 ? kept : nil)
+    }
+
+    /// The operand `keptOperand` made in forward.
+    func kept(_ x: UnsafePointer<T>, _ kept: BFloat16Buffer) -> ProductOperand<T> {
+        .prerounded(x, qkv.weight.store.matmul?.precision == .bf16 ? UnsafePointer(kept.pointer) : nil)
     }
 
     /// Adjoint of `forward`; accumulates into dx and the parameter gradients.
@@ -130,7 +150,8 @@ public struct CausalSelfAttention<T: Scalar> {
         cache.dHeadOutputs.resize(rows: rows, columns: width)
         // The batched products write every column of dQKV; the per-head and tiled paths add into it.
         cache.dQKV.resize(rows: rows, columns: 3 * width, zero: !batched)
-        projection.backward(.values(cache.headOutputs.pointer), .values(dOut), rows: rows, dx: cache.dHeadOutputs.pointer, dxBeta: 0)
+        projection.backward(kept(cache.headOutputs.pointer, cache.roundedHeadOutputs), .values(dOut), rows: rows,
+                            dx: cache.dHeadOutputs.pointer, dxBeta: 0)
         if length > tile {
             backwardTiled(batch: batch, length: length, cache: cache)
             return projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)

@@ -25,9 +25,10 @@ extension CausalSelfAttention {
     public func projectInputs(_ x: UnsafePointer<T>, rows: Int, positions: RowPositions, cache: Cache) {
         let width = projection.inputSize
         cache.qkv.resize(rows: rows, columns: 3 * width)
-        guard arrangesInputs else { return qkv.forward(x, rows: rows, into: cache.qkv.pointer) }
+        let input = keptOperand(x, count: rows * width, rounding: cache.roundedInput)
+        guard arrangesInputs else { return qkv.forward(input, rows: rows, into: cache.qkv.pointer, addingBias: true) }
         cache.projected.resize(rows: rows, columns: projectedWidth)
-        qkv.forward(x, rows: rows, into: cache.projected.pointer)
+        qkv.forward(input, rows: rows, into: cache.projected.pointer, addingBias: true)
         let headSize = width / heads, keyWidth = keyValueHeads * headSize, group = heads / keyValueHeads
         cache.queryReciprocals.resize(rows: rows, columns: queryNorm?.width == width ? 1 : heads)
         cache.keyReciprocals.resize(rows: rows, columns: keyNorm?.width == keyWidth ? 1 : keyValueHeads)
@@ -50,7 +51,7 @@ extension CausalSelfAttention {
     /// Adjoint of `projectInputs`, from cache.dQKV [rows, 3C]: accumulates into dx and the
     /// projection's and norms' gradients.
     func projectInputsBackward(_ x: UnsafePointer<T>, rows: Int, positions: RowPositions, dx: UnsafeMutablePointer<T>, cache: Cache) {
-        guard arrangesInputs else { return qkv.backward(x, cache.dQKV.pointer, rows: rows, dx: dx) }
+        guard arrangesInputs else { return qkv.backward(kept(x, cache.roundedInput), .values(cache.dQKV.pointer), rows: rows, dx: dx, dxBeta: 1) }
         let width = projection.inputSize, headSize = width / heads, keyWidth = keyValueHeads * headSize, group = heads / keyValueHeads
         cache.dProjected.resize(rows: rows, columns: projectedWidth, zero: true)
         let scratch = cache.rowScratch.pointer
@@ -71,7 +72,7 @@ extension CausalSelfAttention {
             normalizeBackward(source + width, scratch, into: dSource + width, heads: keyValueHeads, norm: keyNorm,
                               reciprocals: cache.keyReciprocals.row(row))
         }
-        qkv.backward(x, cache.dProjected.pointer, rows: rows, dx: dx)
+        qkv.backward(kept(x, cache.roundedInput), .values(cache.dProjected.pointer), rows: rows, dx: dx, dxBeta: 1)
     }
 
     /// `heads` heads of hd values from `source` to `destination`: RMS-normalised per head or as
