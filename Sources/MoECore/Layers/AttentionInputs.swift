@@ -51,7 +51,8 @@ extension CausalSelfAttention {
     /// Adjoint of `projectInputs`, from cache.dQKV [rows, 3C]: accumulates into dx and the
     /// projection's and norms' gradients.
     func projectInputsBackward(_ x: UnsafePointer<T>, rows: Int, positions: RowPositions, dx: UnsafeMutablePointer<T>, cache: Cache) {
-        guard arrangesInputs else { return qkv.backward(kept(x, cache.roundedInput), .values(cache.dQKV.pointer), rows: rows, dx: dx, dxBeta: 1) }
+        let input = kept(x, cache.roundedInput)
+        guard arrangesInputs else { return qkv.backward(input, .values(cache.dQKV.pointer), rows: rows, dx: dx, dxBeta: 1) }
         let width = projection.inputSize, headSize = width / heads, keyWidth = keyValueHeads * headSize, group = heads / keyValueHeads
         cache.dProjected.resize(rows: rows, columns: projectedWidth, zero: true)
         let scratch = cache.rowScratch.pointer
@@ -72,7 +73,7 @@ extension CausalSelfAttention {
             normalizeBackward(source + width, scratch, into: dSource + width, heads: keyValueHeads, norm: keyNorm,
                               reciprocals: cache.keyReciprocals.row(row))
         }
-        qkv.backward(kept(x, cache.roundedInput), .values(cache.dProjected.pointer), rows: rows, dx: dx, dxBeta: 1)
+        qkv.backward(input, .values(cache.dProjected.pointer), rows: rows, dx: dx, dxBeta: 1)
     }
 
     /// `heads` heads of hd values from `source` to `destination`: RMS-normalised per head or as

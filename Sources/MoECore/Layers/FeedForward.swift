@@ -56,9 +56,10 @@ public struct FeedForward<T: Scalar, Kind> {
         backwardWeights(x, dy, rows: rows, hidden: hidden, scratch: scratch)
     }
 
-    /// The input's half of the adjoint: dx = dPre W1ᵀ + dxBeta dx (added by default). Leaves dPre in `scratch` and, in bf16
-    /// mode, dPre's and dy's bf16 copies in `hidden`, for `backwardWeights`. An MoE layer sends
-    /// dx on before it computes the weights' half, which no other rank waits for.
+    /// The input's half of the adjoint: dx = dPre W1ᵀ + dxBeta dx (added by default). Leaves
+    /// dPre in `scratch` and, in bf16 mode, dPre's and dy's bf16 copies in `hidden`, for
+    /// `backwardWeights`. An MoE layer sends dx on before it computes the weights' half, which no
+    /// other rank waits for.
     public func backwardInput(_ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>,
                               hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>, dxBeta: T = 1) {
         if gated { return backwardInputGated(dy, rows: rows, dx: dx, hidden: hidden, scratch: scratch, dxBeta: dxBeta) }

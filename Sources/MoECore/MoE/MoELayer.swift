@@ -271,11 +271,12 @@ public final class MoELayer<T: Scalar> {
         for row in rows {
             let destination = unitResults.row(Int(plan.resultSlot[Int(plan.expertRowUnit[row])]))
             let first = plan.expertRowStartsUnit[row], values = source.row(row)
-            if weighted {
-                let weight = recordsIn[Int(plan.expertRowRecord[row])].weight
-                if first { Kernels.scale(weight, values, into: destination, count: width) } else { Kernels.axpy(weight, values, into: destination, count: width) }
-            } else {
-                if first { destination.update(from: values, count: width) } else { Kernels.add(values, into: destination, count: width) }
+            let weight = recordsIn[Int(plan.expertRowRecord[row])].weight
+            switch (weighted, first) {
+            case (true, true): Kernels.scale(weight, values, into: destination, count: width)
+            case (true, false): Kernels.axpy(weight, values, into: destination, count: width)
+            case (false, true): destination.update(from: values, count: width)
+            case (false, false): Kernels.add(values, into: destination, count: width)
             }
         }
     }
