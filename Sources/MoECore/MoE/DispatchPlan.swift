@@ -61,9 +61,9 @@ struct DispatchPlan {
     var expertRowUnit: [Int32] = [], expertRowRecord: [Int32] = []
     var expertRowStartsUnit: [Bool] = []
     /// This rank's own units, which never travel (the exchanges carry none of their bytes): the
-    /// received units ownReceivedStart ..< + ownUnitCount are the send rows from ownSentStart on,
-    /// in the same order, and so are their result rows and returned rows (the same starts).
-    private(set) var ownRank = 0, ownUnitCount = 0, ownSentStart = 0, ownReceivedStart = 0
+    /// received units `ownReceivedUnits` are the send rows `ownSentRows`, in the same order, and
+    /// so are their result rows and returned rows (the same starts).
+    private(set) var ownRank = 0, ownSentRows = 0..<0, ownReceivedUnits = 0..<0
     /// [R * (E_loc + G)] both count blocks of one exchange.
     private var countsOut: [Int64] = [], countsIn: [Int64] = []
     /// [R] byte splits of one exchange.
@@ -87,8 +87,9 @@ struct DispatchPlan {
         try exchangeCounts(placement: placement, communicator: communicator)
         try sumRows(placement: placement, rank: communicator.rank)
         ownRank = communicator.rank
-        ownUnitCount = (0..<groupCount).reduce(0) { $0 + sendUnits[ownRank * groupCount + $1] }
-        (ownSentStart, ownReceivedStart) = (sendUnitStart[ownRank], receiveUnitStart[ownRank])
+        let ownUnits = (0..<groupCount).reduce(0) { $0 + sendUnits[ownRank * groupCount + $1] }
+        ownSentRows = sendUnitStart[ownRank]..<(sendUnitStart[ownRank] + ownUnits)
+        ownReceivedUnits = receiveUnitStart[ownRank]..<(receiveUnitStart[ownRank] + ownUnits)
     }
 
     private mutating func size(placement: ExpertPlacement, groupOfLocal: [Int], tokenCount: Int) {
@@ -341,10 +342,7 @@ struct DispatchPlan {
     /// experts' ranks, or (`reverse`) results back to the tokens' ranks; none to this rank itself.
     mutating func splits(rowBytes: Int, reverse: Bool, group: Int) {
         let groups = groupCount
-        for peer in sendRows.indices where peer == ownRank {
-            (sendBytes[peer], sendByteOffsets[peer], receiveBytes[peer], receiveByteOffsets[peer]) = (0, 0, 0, 0)
-        }
-        for peer in sendRows.indices where peer != ownRank {
+        for peer in sendRows.indices {
             let outCounts = reverse ? resultUnits : sendUnits, inCounts = reverse ? returnUnits : receiveUnits
             let outStart = reverse ? receiveUnitStart[peer] : sendUnitStart[peer]
             let inStart = reverse ? sendUnitStart[peer] : receiveUnitStart[peer]
@@ -355,6 +353,7 @@ struct DispatchPlan {
             receiveBytes[peer] = inCounts[peer * groups + group] * rowBytes
             receiveByteOffsets[peer] = (inStart + inBefore) * rowBytes
         }
+        (sendBytes[ownRank], receiveBytes[ownRank]) = (0, 0)
     }
 
     /// The byte splits of the records' exchange (one `recordBytes` per assignment), or

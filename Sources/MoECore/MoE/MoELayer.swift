@@ -212,9 +212,9 @@ public final class MoELayer<T: Scalar> {
     /// Each unit's row in send order: the token's row of x (forward) or of dy (backward); this
     /// rank's own units stay where they are.
     private func gatherUnitRows(_ source: UnsafePointer<T>) {
-        let width = self.width, own = plan.ownSentStart..<(plan.ownSentStart + plan.ownUnitCount)
+        let width = self.width
         unitRows.resize(rows: plan.sentUnitCount, columns: width)
-        for row in 0..<plan.sentUnitCount where !own.contains(row) {
+        for row in 0..<plan.sentUnitCount where !plan.ownSentRows.contains(row) {
             unitRows.row(row).update(from: source + Int(plan.unitToken[row]) * width, count: width)
         }
     }
@@ -222,17 +222,16 @@ public final class MoELayer<T: Scalar> {
     /// Received unit `unit`'s row: from the exchange, or for one of this rank's own units, the
     /// token's row of the pass's `source`.
     private func receivedUnitRow(_ unit: Int, source: UnsafePointer<T>) -> UnsafePointer<T> {
-        let own = unit - plan.ownReceivedStart
-        guard own >= 0 && own < plan.ownUnitCount else { return UnsafePointer(receivedUnits.row(unit)) }
-        return source + Int(plan.unitToken[plan.ownSentStart + own]) * width
+        guard plan.ownReceivedUnits.contains(unit) else { return UnsafePointer(receivedUnits.row(unit)) }
+        let sendRow = plan.ownSentRows.lowerBound + unit - plan.ownReceivedUnits.lowerBound
+        return source + Int(plan.unitToken[sendRow]) * width
     }
 
     /// Returned row `slot`: from the exchange, or for one of this rank's own units, its sum where
     /// the experts left it.
     private func returnedRow(_ slot: Int) -> UnsafePointer<T> {
-        let own = slot - plan.ownSentStart
-        guard own >= 0 && own < plan.ownUnitCount else { return UnsafePointer(returnedResults.row(slot)) }
-        return UnsafePointer(unitResults.row(plan.ownReceivedStart + own))
+        guard plan.ownSentRows.contains(slot) else { return UnsafePointer(returnedResults.row(slot)) }
+        return UnsafePointer(unitResults.row(plan.ownReceivedUnits.lowerBound + slot - plan.ownSentRows.lowerBound))
     }
 
     /// Expert rows `rows` from their received units.
@@ -257,8 +256,7 @@ public final class MoELayer<T: Scalar> {
         let width = self.width
         for row in rows {
             let record = Int(plan.expertRowRecord[row]), dyRow = receivedUnitRow(Int(plan.expertRowUnit[row]), source: source)
-            let weight = recordsIn[record].weight, destination = dExpertOutput.row(row)
-            for c in 0..<width { destination[c] = weight * dyRow[c] }
+            Kernels.scale(recordsIn[record].weight, dyRow, into: dExpertOutput.row(row), count: width)
             dWeightsByRecord.pointer[record] = Kernels.dot(dyRow, expertOutput.row(row), count: width)
         }
     }
