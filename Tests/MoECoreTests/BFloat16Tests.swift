@@ -80,6 +80,44 @@ final class BFloat16Tests: XCTestCase {
         }
     }
 
+    /// In bf16 mode the FFN's fused passes skip the fp32 activation and dPre, which products of
+    /// more than one row never read; a one-row product (an expert given one token, decoding)
+    /// multiplies the fp32 values on OpenBLAS, so there they are written: its y and dx equal the
+    /// fp32 twin's bit for bit, for the GELU and the SwiGLU FFN, with the hidden storage filled
+    /// with NaN first so that a skipped write shows. With three rows the pass stays on bf16.
+    func testOneRowFeedForwardReadsTheFloatValuesItWrites() throws {
+        for architecture in [Architecture.gpt2, .llama] {
+            let width = 16, hiddenSize = 24
+            let store = ParameterStore<Float, ExpertSharded>()
+            let ffn = FeedForward(store: store, path: ParameterPath("ffn", role: .feedForward), width: width, hiddenSize: hiddenSize,
+                                  residualDeviation: 0.5, architecture: architecture)
+            store.initialize(key: RandomKey(31))
+            let x = floatTensor(rows: 3, columns: width, seed: 32), dy = floatTensor(rows: 3, columns: width, seed: 33)
+            func run(rows: Int, rounded: Bool) -> (y: [Float], dx: [Float]) {
+                let y = Tensor<Float>(rows: rows, columns: width), dx = Tensor<Float>(rows: rows, columns: width)
+                let hidden = FeedForwardStorage<Float>(), scratch = Tensor<Float>(rows: rows, columns: ffn.scratchColumns)
+                hidden.resize(rows: rows, for: ffn, rounded: rounded)
+                for tensor in [hidden.preActivation, hidden.activation, scratch] {
+                    tensor.pointer.update(repeating: .nan, count: tensor.count)
+                }
+                store.zeroGradients()
+                ffn.forward(x.pointer, rows: rows, into: y.pointer, hidden: hidden.hidden())
+                ffn.backward(x.pointer, dy.pointer, rows: rows, dx: dx.pointer, hidden: hidden.hidden(), scratch: scratch.pointer)
+                return (y.array, dx.array)
+            }
+            let reference = run(rows: 1, rounded: false), referenceThree = run(rows: 3, rounded: false)
+            store.runProducts(on: try OneDNNMatmul(precision: .bf16))
+            let oneRow = run(rows: 1, rounded: true), threeRows = run(rows: 3, rounded: true)
+            XCTAssertEqual(oneRow.y, reference.y, "\(architecture): one row's y")
+            XCTAssertEqual(oneRow.dx, reference.dx, "\(architecture): one row's dx")
+            for (label, expected, actual) in [("y", referenceThree.y, threeRows.y), ("dx", referenceThree.dx, threeRows.dx)] {
+                let relative = rmsDifference(expected, actual) / rms(expected)
+                XCTAssertLessThanOrEqual(relative, 16 * u, "\(architecture), three rows' \(label): RMS error \(relative) beyond 16u")
+                XCTAssertGreaterThan(relative, 0, "\(architecture), three rows' \(label): identical to fp32, so the bf16 path did not run")
+            }
+        }
+    }
+
     /// Attention chains five products with a softmax between: forward output and dx within 16u
     /// in RMS (five products at 2u each add in quadrature to about 4.5u; a factor of 3.5 of margin),
     /// and not identical to fp32.

@@ -298,5 +298,17 @@ final class LayerGradientTests: XCTestCase {
         var plainPre = pre, plainActivation = [Float](repeating: 0, count: count)
         FloatKernels.biasGELU(&plainPre, bias: bias, rows: rows, columns: columns, activation: &plainActivation, rounded: nil)
         XCTAssertEqual(plainActivation, referenceActivation)
+        // With the copy only (bf16 products of several rows) the copies are the same, and
+        // backward leaves dHidden where it was.
+        var copyPre = pre, copyRounded = [BFloat16](repeating: BFloat16(bitPattern: 0), count: count)
+        FloatKernels.biasGELU(&copyPre, bias: bias, rows: rows, columns: columns, activation: nil, rounded: &copyRounded)
+        XCTAssertEqual(copyPre, referencePre)
+        XCTAssertEqual(copyRounded, referenceRounded)
+        var copyD = dActivation, copyBias = gradientStart, copyDRounded = [BFloat16](repeating: BFloat16(bitPattern: 0), count: count)
+        FloatKernels.geluBackwardBias(copyPre, &copyD, rows: rows, columns: columns, biasGradient: &copyBias, rounded: &copyDRounded,
+                                      keepsFloat: false)
+        XCTAssertEqual(copyD, dActivation)
+        XCTAssertEqual(copyBias, referenceBias)
+        XCTAssertEqual(copyDRounded, fusedDRounded)
     }
 }

@@ -45,7 +45,7 @@ public struct FeedForward<T: Scalar, Kind> {
         }
         up.forward(hidden.inputOperand(x), rows: rows, into: hidden.preActivation, addingBias: false)
         FloatKernels.biasGELU(asFloat(hidden.preActivation), bias: asFloat(UnsafePointer(bias.value)), rows: rows, columns: hiddenSize,
-                              activation: asFloat(hidden.activation), rounded: hidden.roundedActivation)
+                              activation: floatValues(hidden.activation, rows: rows, hidden: hidden), rounded: hidden.roundedActivation)
         down.forward(hidden.activationOperand, rows: rows, into: y, addingBias: true)
     }
 
@@ -74,7 +74,8 @@ public struct FeedForward<T: Scalar, Kind> {
         }
         // dPre = dHidden GELU'(pre), db1 = Σ_rows dPre, and dPre's bf16 copy, in one pass.
         FloatKernels.geluBackwardBias(asFloat(UnsafePointer(hidden.preActivation)), asFloat(scratch), rows: rows, columns: hiddenSize,
-                                      biasGradient: asFloat(bias.gradient), rounded: hidden.roundedPreGradient)
+                                      biasGradient: asFloat(bias.gradient), rounded: hidden.roundedPreGradient,
+                                      keepsFloat: floatValues(scratch, rows: rows, hidden: hidden) != nil)
         up.backwardInput(hidden.preGradientOperand(scratch), rows: rows, dx: dx, dxBeta: dxBeta)
     }
 
@@ -103,6 +104,17 @@ public struct FeedForward<T: Scalar, Kind> {
 
     /// Whether `backwardInput`'s element-wise passes sum the biases' gradients (Float with biases).
     private var sumsBiasesInPasses: Bool { T.self == Float.self && up.bias != nil }
+
+    /// Where a fused pass writes the fp32 activation or dPre of `rows` rows: nil where every
+    /// product that reads them takes their bf16 copy instead (bf16 mode, more than one row),
+    /// which saves a store of [rows, H] floats a pass (configs/bench.yaml: about 18 MB a step
+    /// each way).
+    private func floatValues(_ values: UnsafeMutablePointer<T>, rows: Int, hidden: FeedForwardHidden<T>) -> UnsafeMutablePointer<Float>? {
+        let smallest = min(rows, width, hiddenSize)
+        let copiesOnly = hidden.roundedActivation != nil && !readsFloatValues(up.weight.store.matmul, m: smallest)
+            && !readsFloatValues(down.weight.store.matmul, m: smallest)
+        return copiesOnly ? nil : asFloat(values)
+    }
 }
 
 extension FeedForward {
@@ -111,7 +123,7 @@ extension FeedForward {
         up.forward(hidden.inputOperand(x), rows: rows, into: hidden.preActivation, addingBias: false)
         if T.self == Float.self {
             FloatKernels.swiGLU(asFloat(UnsafePointer(hidden.preActivation)), rows: rows, hidden: hiddenSize,
-                                activation: asFloat(hidden.activation), rounded: hidden.roundedActivation)
+                                activation: floatValues(hidden.activation, rows: rows, hidden: hidden), rounded: hidden.roundedActivation)
         } else {
             Kernels.swiGLUForward(hidden.preActivation, rows: rows, hidden: hiddenSize, activation: hidden.activation)
         }
@@ -127,7 +139,8 @@ extension FeedForward {
         down.backwardInput(dyOperand, rows: rows, dx: dHidden, dxBeta: 0)
         if T.self == Float.self {
             FloatKernels.swiGLUBackward(asFloat(UnsafePointer(hidden.preActivation)), asFloat(UnsafePointer(dHidden)), rows: rows,
-                                        hidden: hiddenSize, dPre: asFloat(dPre), rounded: hidden.roundedPreGradient)
+                                        hidden: hiddenSize, dPre: floatValues(dPre, rows: rows, hidden: hidden),
+                                        rounded: hidden.roundedPreGradient)
         } else {
             Kernels.swiGLUBackward(hidden.preActivation, dHidden, rows: rows, hidden: hiddenSize, dPre: dPre)
         }

@@ -106,6 +106,14 @@ public enum ProductOperand<T: Scalar> {
     }
 }
 
+/// Whether `matrixProduct` with `m` output rows reads its operands' fp32 values, bf16 copies or
+/// not: on OpenBLAS (no oneDNN engine, or one row), and in fp32 mode. Elsewhere only the bf16
+/// copies are read, and a pass that makes one may skip the fp32 values.
+public func readsFloatValues(_ matmul: OneDNNMatmul?, m: Int) -> Bool {
+    guard let matmul, m > 1 else { return true }
+    return matmul.precision != .bf16
+}
+
 /// Row-major `C[m,n] = op(A) op(B) + beta C` on packed operands, on the store's kernel:
 /// `cblas_sgemm`/`dgemm` without a oneDNN engine; else oneDNN, on the fp32 values or, in bf16
 /// mode, on bf16 inputs with fp32 accumulation (operands without a bf16 copy are rounded into
@@ -116,7 +124,7 @@ public func matrixProduct<T: Scalar>(_ matmul: OneDNNMatmul?, transposeA: Bool =
                                      beta: T = 0, c: UnsafeMutablePointer<T>, bias: UnsafePointer<T>? = nil) {
     // One row (incremental decoding) is a memory-bound matrix-vector product: fp32 sgemv on the
     // master weights beats rounding the row and a oneDNN call (measured 150-185 tokens/s with
-    // oneDNN, several times that with sgemv).
+    // oneDNN, several times that with sgemv). `readsFloatValues` says the same.
     guard let matmul, m > 1 else {
         gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, a: a.values, b: b.values, beta: beta, c: c)
         if let bias { Kernels.addBias(bias, to: c, rows: m, columns: n) }

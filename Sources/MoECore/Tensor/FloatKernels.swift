@@ -65,9 +65,9 @@ enum FloatKernels {
     }
 
     /// Stores `values` and, where `rounded` is given, their bf16 rounding at the same index.
-    @inline(__always) static func store(_ values: Vector, _ destination: UnsafeMutablePointer<Float>,
+    @inline(__always) static func store(_ values: Vector, _ destination: UnsafeMutablePointer<Float>?,
                                         rounded: UnsafeMutablePointer<BFloat16>?, rounding: VectorRounding, lanes: Int) {
-        store(values, destination, lanes: lanes)
+        if let destination { store(values, destination, lanes: lanes) }
         if let rounded { storeRounded(values, rounded, rounding: rounding, lanes: lanes) }
     }
 
@@ -82,10 +82,12 @@ enum FloatKernels {
     }
 
     /// The FFN hidden layer's forward element-wise work in one pass over [rows, columns]:
-    /// h += bias (h holds x W1), a = GELU(h), and a's bf16 copy where `rounded` is given.
+    /// h += bias (h holds x W1), a = GELU(h), and a's bf16 copy where `rounded` is given (a
+    /// itself only where `activation` is: a product that reads only the copy needs no fp32 a).
     /// The same arithmetic as addBias, then geluForward, then BFloat16.round.
     static func biasGELU(_ h: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>, rows: Int, columns: Int,
-                         activation: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
+                         activation: UnsafeMutablePointer<Float>?, rounded: UnsafeMutablePointer<BFloat16>?) {
+        precondition(activation != nil || rounded != nil, "biasGELU writes neither a nor its copy")
         let rounding = VectorRounding()
         BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: columns) { first, end in
             for row in first..<end {
@@ -94,23 +96,26 @@ enum FloatKernels {
                     let at = offset + index
                     let pre = load(h + at, lanes: lanes) + load(bias + index, lanes: lanes)
                     store(pre, h + at, lanes: lanes)
-                    store(gelu(pre), activation + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
+                    store(gelu(pre), activation.map { $0 + at }, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
                 }
             }
         }
     }
 
     /// The FFN hidden layer's backward element-wise work in one pass over [rows, columns]:
-    /// d = d GELU'(h) in place, biasGradient += Σ_rows d, and d's bf16 copy where `rounded` is
-    /// given. The same arithmetic, in the same order, as geluBackward, addColumnSums, BFloat16.round.
+    /// d = d GELU'(h) in place (unless `keepsFloat` is false: d is left as it was), biasGradient
+    /// += Σ_rows d, and d's bf16 copy where `rounded` is given. The same arithmetic, in the same
+    /// order, as geluBackward, addColumnSums, BFloat16.round.
     static func geluBackwardBias(_ h: UnsafePointer<Float>, _ d: UnsafeMutablePointer<Float>, rows: Int, columns: Int,
-                                 biasGradient: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
-        let rounding = VectorRounding()
+                                 biasGradient: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?,
+                                 keepsFloat: Bool = true) {
+        precondition(keepsFloat || rounded != nil, "geluBackwardBias keeps neither dPre nor its copy")
+        let rounding = VectorRounding(), output = keepsFloat ? d : nil
         forEachVectorColumnSplit(rows: rows, columns: columns) { at, index, lanes in
             let x = load(h + at, lanes: lanes)
             let dy = load(d + at, lanes: lanes)
             let dx = dy * geluDerivative(x)
-            store(dx, d + at, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
+            store(dx, output.map { $0 + at }, rounded: rounded.map { $0 + at }, rounding: rounding, lanes: lanes)
             store(load(biasGradient + index, lanes: lanes) + dx, biasGradient + index, lanes: lanes)
         }
     }
@@ -145,14 +150,15 @@ enum FloatKernels {
 
     /// SwiGLU's forward element-wise work in one pass: pre [rows, 2H] holds x [W_gate | W_up];
     /// a = silu(g) u [rows, H], and a's bf16 copy where `rounded` is given.
-    static func swiGLU(_ pre: UnsafePointer<Float>, rows: Int, hidden: Int, activation: UnsafeMutablePointer<Float>,
+    static func swiGLU(_ pre: UnsafePointer<Float>, rows: Int, hidden: Int, activation: UnsafeMutablePointer<Float>?,
                        rounded: UnsafeMutablePointer<BFloat16>?) {
+        precondition(activation != nil || rounded != nil, "swiGLU writes neither a nor its copy")
         let rounding = VectorRounding()
         for row in 0..<rows {
             let gate = pre + row * 2 * hidden, up = gate + hidden, offset = row * hidden
             forEachVector(count: hidden) { index, lanes in
                 let g = load(gate + index, lanes: lanes), u = load(up + index, lanes: lanes)
-                store(g * sigmoid(g) * u, activation + offset + index, rounded: rounded.map { $0 + offset + index },
+                store(g * sigmoid(g) * u, activation.map { $0 + offset + index }, rounded: rounded.map { $0 + offset + index },
                       rounding: rounding, lanes: lanes)
             }
         }
@@ -162,16 +168,17 @@ enum FloatKernels {
     /// (dg = dA u s (1 + g (1 - s)), du = dA g s, s = sigmoid(g)) and dPre's bf16 copy where
     /// `rounded` is given.
     static func swiGLUBackward(_ pre: UnsafePointer<Float>, _ dActivation: UnsafePointer<Float>, rows: Int, hidden: Int,
-                               dPre: UnsafeMutablePointer<Float>, rounded: UnsafeMutablePointer<BFloat16>?) {
+                               dPre: UnsafeMutablePointer<Float>?, rounded: UnsafeMutablePointer<BFloat16>?) {
+        precondition(dPre != nil || rounded != nil, "swiGLUBackward writes neither dPre nor its copy")
         let rounding = VectorRounding()
         for row in 0..<rows {
             let at = row * 2 * hidden, gate = pre + at, up = gate + hidden, dA = dActivation + row * hidden
             forEachVector(count: hidden) { index, lanes in
                 let g = load(gate + index, lanes: lanes), u = load(up + index, lanes: lanes), d = load(dA + index, lanes: lanes)
                 let s = sigmoid(g)
-                store(d * u * (s * (1 + g * (1 - s))), dPre + at + index, rounded: rounded.map { $0 + at + index },
+                store(d * u * (s * (1 + g * (1 - s))), dPre.map { $0 + at + index }, rounded: rounded.map { $0 + at + index },
                       rounding: rounding, lanes: lanes)
-                store(d * g * s, dPre + at + hidden + index, rounded: rounded.map { $0 + at + hidden + index },
+                store(d * g * s, dPre.map { $0 + at + hidden + index }, rounded: rounded.map { $0 + at + hidden + index },
                       rounding: rounding, lanes: lanes)
             }
         }
