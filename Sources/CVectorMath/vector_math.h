@@ -24,6 +24,18 @@ static inline __attribute__((always_inline)) swiftmoe_uint16x16 swiftmoe_narrow1
 
 typedef int swiftmoe_int32x16 __attribute__((ext_vector_type(16)));
 
+/// x where lane i stands for position first + i below `visible`, `fill` in the other lanes: a
+/// row's partial block as whole-vector work (a compare and a blend; Swift's SIMDMask selects
+/// compile lane by lane).
+static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_keep_below16(swiftmoe_float16 x, int first, int visible,
+                                                                                     float fill) {
+    const swiftmoe_int32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    swiftmoe_int32x16 keep = (lane + first) < visible;   // all ones where kept
+    swiftmoe_int32x16 bits = (__builtin_bit_cast(swiftmoe_int32x16, x) & keep)
+        | (__builtin_bit_cast(swiftmoe_int32x16, (swiftmoe_float16)fill) & ~keep);
+    return __builtin_bit_cast(swiftmoe_float16, bits);
+}
+
 static inline __attribute__((always_inline)) swiftmoe_float16 swiftmoe_fma16(swiftmoe_float16 a, swiftmoe_float16 b, swiftmoe_float16 c) {
     return __builtin_elementwise_fma(a, b, c);
 }

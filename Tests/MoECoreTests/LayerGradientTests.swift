@@ -264,6 +264,38 @@ final class LayerGradientTests: XCTestCase {
         XCTAssertEqual(floatGradients, [Float](repeating: 0, count: count), "adamw's clearing")
     }
 
+    /// The causal softmax row kernels (Float, rows of whole 16-lane blocks) compute, bit for bit,
+    /// what the row-by-row steps do: softmax (or its adjoint) of the visible values, zeros after
+    /// them, the bf16 copy of the row. Every visible count of rows of 16, 48 and 128, with NaN
+    /// past the visible values, which must not leak in.
+    func testCausalSoftmaxRowsEqualTheRowByRowSteps() {
+        let rounding = VectorRounding()
+        for length in [16, 48, 128] {
+            let key = RandomKey(UInt64(length))
+            for visible in 1...length {
+                let scores = (0..<length).map { $0 < visible ? Float(key.normal($0 + visible * length) * 3) : .nan }
+                let dProbabilities = (0..<length).map { $0 < visible ? Float(key.derive(1).normal($0 + visible * length)) : .nan }
+                // Row by row: the generic steps on the visible values, zeros, rounding.
+                var expected = scores
+                expected.withUnsafeMutableBufferPointer { Kernels.softmax(row: $0.baseAddress!, count: visible) }
+                for j in visible..<length { expected[j] = 0 }
+                var expectedD = dProbabilities
+                expectedD.withUnsafeMutableBufferPointer { Kernels.softmaxBackwardRow(probabilities: expected, $0.baseAddress!, count: visible) }
+                for j in visible..<length { expectedD[j] = 0 }
+                // The row kernels.
+                var row = scores, rounded = [BFloat16](repeating: BFloat16(bitPattern: 0x7FC0), count: length)
+                FloatKernels.causalSoftmaxRow(&row, visible: visible, length: length, rounded: &rounded, rounding: rounding)
+                var dRow = dProbabilities, dRounded = rounded
+                FloatKernels.causalSoftmaxBackwardRow(probabilities: row, &dRow, visible: visible, length: length, rounded: &dRounded,
+                                                      rounding: rounding)
+                XCTAssertEqual(row.map(\.bitPattern), expected.map(\.bitPattern), "softmax, visible \(visible) of \(length)")
+                XCTAssertEqual(rounded.map(\.bitPattern), expected.map { BFloat16($0).bitPattern }, "softmax's copy, visible \(visible)")
+                XCTAssertEqual(dRow.map(\.bitPattern), expectedD.map(\.bitPattern), "adjoint, visible \(visible) of \(length)")
+                XCTAssertEqual(dRounded.map(\.bitPattern), expectedD.map { BFloat16($0).bitPattern }, "adjoint's copy, visible \(visible)")
+            }
+        }
+    }
+
     /// The FFN hidden layer's fused passes (Float) compute, bit for bit, what the unfused steps
     /// do: addBias, GELU and rounding forward; GELU', the bias column sums and rounding backward.
     /// 37 columns: two vector blocks and a tail per row.

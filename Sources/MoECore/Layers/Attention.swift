@@ -194,6 +194,12 @@ public struct CausalSelfAttention<T: Scalar> {
     /// with `rounded` (bf16 mode, T = Float), each row's bf16 copy too, while the row is in cache.
     private func causalSoftmax(_ scores: UnsafeMutablePointer<T>, rows: Int, length: Int,
                                rounded: UnsafeMutablePointer<BFloat16>? = nil) {
+        if T.self == Float.self && length % 16 == 0 {
+            return forEachRow(rows: rows, length: length) { row, rounding in
+                FloatKernels.causalSoftmaxRow(asFloat(scores) + row * length, visible: row % length + 1, length: length,
+                                              rounded: rounded.map { $0 + row * length }, rounding: rounding)
+            }
+        }
         forEachCausalRow(of: scores, rows: rows, length: length, rounded: rounded) { _, values, visible in
             Kernels.softmax(row: values, count: visible)
         }
@@ -203,8 +209,24 @@ public struct CausalSelfAttention<T: Scalar> {
     /// the probabilities of the same rows; with `rounded`, each row's bf16 copy too.
     private func causalSoftmaxBackward(probabilities: UnsafePointer<T>, _ dScores: UnsafeMutablePointer<T>, rows: Int, length: Int,
                                        rounded: UnsafeMutablePointer<BFloat16>? = nil) {
+        if T.self == Float.self && length % 16 == 0 {
+            return forEachRow(rows: rows, length: length) { row, rounding in
+                FloatKernels.causalSoftmaxBackwardRow(probabilities: asFloat(probabilities) + row * length, asFloat(dScores) + row * length,
+                                                      visible: row % length + 1, length: length,
+                                                      rounded: rounded.map { $0 + row * length }, rounding: rounding)
+            }
+        }
         forEachCausalRow(of: dScores, rows: rows, length: length, rounded: rounded) { row, dRow, visible in
             Kernels.softmaxBackwardRow(probabilities: probabilities + row * length, dRow, count: visible)
+        }
+    }
+
+    /// `body(row, rounding)` on every row, rows split over one process's threads: the Float
+    /// rows of whole 16-lane blocks, whose kernels mask, zero and round each row themselves.
+    private func forEachRow(rows: Int, length: Int, _ body: (Int, VectorRounding) -> Void) {
+        let rounding = VectorRounding()
+        BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
+            for row in first..<end { body(row, rounding) }
         }
     }
 

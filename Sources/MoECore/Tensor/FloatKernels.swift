@@ -321,6 +321,60 @@ enum FloatKernels {
         return sumVector.sum()
     }
 
+    /// One causal attention row of `length` values (a multiple of 16) in place: the first
+    /// `visible` become their softmax, the rest zeros, and with `rounded` the row's bf16 copy is
+    /// written. Bit for bit `softmaxRowParts` on the visible values, then zeros, then
+    /// `BFloat16.round` (the same 16-lane blocks from the row's start, the same -inf padding, whose
+    /// clamped exponentials the sum includes as before), but each block a whole-vector operation
+    /// under a lane mask instead of a scalar tail, zeroing and rounding pass per row (the rows of
+    /// a causal T x T matrix all end mid-block but one in 16).
+    static func causalSoftmaxRow(_ row: UnsafeMutablePointer<Float>, visible: Int, length: Int,
+                                 rounded: UnsafeMutablePointer<BFloat16>?, rounding: VectorRounding) {
+        precondition(length % 16 == 0 && (1...length).contains(visible), "causal row: visible \(visible) of \(length)")
+        let blocks = (visible + 15) / 16, end = Int32(visible), zero = Vector(repeating: 0)
+        var maxVector = Vector(repeating: -.infinity)
+        for block in 0..<blocks {
+            let index = block * 16, v = swiftmoe_keep_below16(load(row + index), Int32(index), end, -.infinity)
+            maxVector = maxVector.replacing(with: v, where: v .> maxVector)   // pointwiseMax is scalar
+        }
+        let maximum = maxVector.max()
+        var sumVector = zero
+        for block in 0..<blocks {
+            let index = block * 16
+            let e = Float.exp(swiftmoe_keep_below16(load(row + index), Int32(index), end, -.infinity) - maximum)
+            sumVector += e
+            store(swiftmoe_keep_below16(e, Int32(index), end, 0), row + index)
+        }
+        let inverse = 1 / sumVector.sum()
+        for block in 0..<(length / 16) {
+            let index = block * 16, value = block < blocks ? load(row + index) * inverse : zero
+            store(value, row + index)
+            if let rounded { rounding.store(unsafeBitCast(value, to: SIMD16<UInt32>.self), into: rounded + index) }
+        }
+    }
+
+    /// The adjoint of `causalSoftmaxRow` on one row: dRow = p (dRow - <p, dRow>) over the first
+    /// `visible` values, zeros after them, and with `rounded` the row's bf16 copy. Bit for bit
+    /// `softmaxBackwardRow` on the visible values, then zeros, then `BFloat16.round` (the dot's
+    /// padded lanes are 0 x 0 as before), in whole-vector masked operations.
+    static func causalSoftmaxBackwardRow(probabilities p: UnsafePointer<Float>, _ dRow: UnsafeMutablePointer<Float>, visible: Int, length: Int,
+                                         rounded: UnsafeMutablePointer<BFloat16>?, rounding: VectorRounding) {
+        precondition(length % 16 == 0 && (1...length).contains(visible), "causal row: visible \(visible) of \(length)")
+        let blocks = (visible + 15) / 16, end = Int32(visible), zero = Vector(repeating: 0)
+        var sums = zero
+        for block in 0..<blocks {
+            let index = block * 16
+            sums += swiftmoe_keep_below16(load(p + index), Int32(index), end, 0) * swiftmoe_keep_below16(load(dRow + index), Int32(index), end, 0)
+        }
+        let dot = sums.sum()
+        for block in 0..<(length / 16) {
+            let index = block * 16
+            let value = block < blocks ? swiftmoe_keep_below16(load(p + index) * (load(dRow + index) - dot), Int32(index), end, 0) : zero
+            store(value, dRow + index)
+            if let rounded { rounding.store(unsafeBitCast(value, to: SIMD16<UInt32>.self), into: rounded + index) }
+        }
+    }
+
     static func softmaxRow(_ row: UnsafeMutablePointer<Float>, count: Int) -> Float {
         let (maximum, sum) = softmaxRowParts(row, count: count)
         return Float(Glibc.log(Double(sum))) + maximum
