@@ -118,6 +118,58 @@ final class BFloat16Tests: XCTestCase {
         }
     }
 
+    /// An MoE layer in bf16 mode fans out only the bf16 copy of an expert's rows, but for an
+    /// expert given one row, whose products multiply the fp32 values: with top-1, a token routed
+    /// to such an expert gets its fp32 twin's output bit for bit, even with the layer's fp32
+    /// expert rows filled with NaN before the pass (a skipped row would show); the other tokens
+    /// stay within bf16's error and are not identical (the bf16 path ran).
+    func testMoEFanOutKeepsTheFloatRowsOfAOneRowExpert() throws {
+        let experts = 8, tokens = 12, width = 16, hiddenSize = 24
+        let replicated = ParameterStore<Float, Replicated>(), expertStore = ParameterStore<Float, ExpertSharded>()
+        let router = replicated.add(ParameterPath("router", role: .router), rows: width, columns: experts, weightDecay: false,
+                                    initialization: .normal(standardDeviation: 1))
+        let policy = TopKPolicy<Float>(expertCount: experts, k: 1, renormalization: .beforeDrop, capacityFactor: nil,
+                                       evalCapacityFactor: nil, minimumCapacity: 0, scoring: TopKPolicy<Float>.Scoring())
+        let gate = Gate(kind: .topk, expertCount: experts, router: LinearRouter(weight: router), policy: policy)
+        let communicator = SingleRankCommunicator()
+        let placement = try ExpertPlacement(expertCount: experts, rankCount: 1, rank: 0)
+        let ffns = placement.localExperts.map {
+            FeedForward(store: expertStore, path: ParameterPath("experts.\($0)", role: .expert), width: width, hiddenSize: hiddenSize,
+                        residualDeviation: 0.5)
+        }
+        let layer = MoELayer(gate: gate, experts: ffns, placement: placement, communicator: communicator)
+        replicated.initialize(key: RandomKey(41))
+        expertStore.initialize(key: RandomKey(42))
+        let x = floatTensor(rows: tokens, columns: width, seed: 43)
+        func forward() throws -> [Float] {
+            let y = Tensor<Float>(rows: tokens, columns: width)
+            let context = RoutingContext(training: true, communicator: communicator, globalTokens: tokens, firstGlobalToken: 0,
+                                         tokenIds: nil, noiseKey: RandomKey(5))
+            try layer.forward(x.pointer, rows: tokens, into: y.pointer, context: context)
+            return y.array
+        }
+        let reference = try forward()
+        let expertOf = (0..<layer.routing.count).reduce(into: [Int: Int]()) { $0[Int(layer.routing.tokens[$1])] = Int(layer.routing.experts[$1]) }
+        let rowsOf = expertOf.values.reduce(into: [Int: Int]()) { $0[$1, default: 0] += 1 }
+        let lone = Set(rowsOf.filter { $0.value == 1 }.keys), shared = Set(rowsOf.filter { $0.value > 1 }.keys)
+        XCTAssertFalse(lone.isEmpty, "no expert got exactly one row: pick another seed")
+        XCTAssertFalse(shared.isEmpty, "no expert got several rows: pick another seed")
+        expertStore.runProducts(on: try OneDNNMatmul(precision: .bf16))
+        _ = try forward()
+        layer.expertInput.pointer.update(repeating: .nan, count: layer.expertInput.count)
+        let rounded = try forward()
+        for token in 0..<tokens {
+            let expected = Array(reference[(token * width)..<((token + 1) * width)]), actual = Array(rounded[(token * width)..<((token + 1) * width)])
+            if lone.contains(expertOf[token]!) {
+                XCTAssertEqual(actual, expected, "token \(token), its expert's only row: the fp32 products")
+            } else {
+                let relative = rmsDifference(expected, actual) / rms(expected)
+                XCTAssertLessThanOrEqual(relative, 16 * u, "token \(token): RMS error \(relative) beyond 16u")
+                XCTAssertGreaterThan(relative, 0, "token \(token): identical to fp32, so the bf16 path did not run")
+            }
+        }
+    }
+
     /// Attention chains five products with a softmax between: forward output and dx within 16u
     /// in RMS (five products at 2u each add in quadrature to about 4.5u; a factor of 3.5 of margin),
     /// and not identical to fp32.

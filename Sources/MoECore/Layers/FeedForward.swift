@@ -105,6 +105,10 @@ public struct FeedForward<T: Scalar, Kind> {
     /// Whether `backwardInput`'s element-wise passes sum the biases' gradients (Float with biases).
     private var sumsBiasesInPasses: Bool { T.self == Float.self && up.bias != nil }
 
+    /// Whether the products over `rows` rows read the input's fp32 values (x W1 and the weight
+    /// gradient xᵀ dPre): not in bf16 mode with more than one row, where they take its bf16 copy.
+    public func readsFloatInput(rows: Int) -> Bool { readsFloatValues(up.weight.store.matmul, m: min(rows, width)) }
+
     /// Where a fused pass writes the fp32 activation or dPre of `rows` rows: nil where every
     /// product that reads them takes their bf16 copy instead (bf16 mode, more than one row),
     /// which saves a store of [rows, H] floats a pass (configs/bench.yaml: about 18 MB a step

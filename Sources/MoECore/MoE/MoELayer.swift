@@ -192,7 +192,7 @@ public final class MoELayer<T: Scalar> {
             let rows = plan.expertRows(of: group)
             try measure(\.dispatch) {
                 try finishExchange(inbound[index], filling: backlog)
-                if forward { fanOut(rows, source: source) } else { fanOutGradients(rows, source: source) }
+                if forward { fanOut(group, source: source) } else { fanOutGradients(rows, source: source) }
             }
             measure(\.experts) { forward ? runExperts(group) : runExpertsBackwardInput(group) }
             // One group (no pipeline): the benchmark's barrier keeps the slower rank's expert
@@ -234,12 +234,18 @@ public final class MoELayer<T: Scalar> {
         return UnsafePointer(unitResults.row(plan.ownReceivedUnits.lowerBound + slot - plan.ownSentRows.lowerBound))
     }
 
-    /// Expert rows `rows` from their received units.
-    private func fanOut(_ rows: Range<Int>, source: UnsafePointer<T>) {
+    /// The expert rows of `group` from their received units: in bf16 mode their bf16 copy,
+    /// rounded from the unit's row, and the fp32 rows only where an expert's products read them.
+    private func fanOut(_ group: Range<Int>, source: UnsafePointer<T>) {
         let rounded = roundsProducts ? roundedExpertInput.pointer : nil
-        for row in rows {
-            expertInput.row(row).update(from: receivedUnitRow(Int(plan.expertRowUnit[row]), source: source), count: width)
-            if let rounded { BFloat16.round(asFloat(UnsafePointer(expertInput.row(row))), into: rounded + row * width, count: width) }
+        forEachExpertBlock(in: group) { local, start, count in
+            // In bf16 mode the products read only the copy, but for an expert given one row.
+            let keepsFloat = rounded == nil || experts[local].readsFloatInput(rows: count)
+            for row in start..<(start + count) {
+                let unitRow = receivedUnitRow(Int(plan.expertRowUnit[row]), source: source)
+                if keepsFloat { expertInput.row(row).update(from: unitRow, count: width) }
+                if let rounded { BFloat16.round(asFloat(unitRow), into: rounded + row * width, count: width) }
+            }
         }
     }
 
