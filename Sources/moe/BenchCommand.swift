@@ -17,7 +17,8 @@ struct BenchCommand: ParsableCommand {
             bf16_peak_gflops (the best kernel of each), kernels (which kernel the products used), kernel_choice (the
             start-up measurement and decision), precision, mfu (achieved / the best peak of the precision trained in),
             warning (when the products' kernel runs more than 10% below the best one of its precision; also on stderr),
-            peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks).
+            peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks), waiting_ms_by_place (the
+            waiting part at the forward MoE exchanges, the backward ones, and before the gradient sums).
             With --precision both, one object {"fp32": {...}, "bf16": {...}, "bf16_speedup": tokens/s ratio}, both runs
             in the same process after the same peak measurements.
             """)

@@ -48,6 +48,11 @@ final class PrecisionTests: XCTestCase {
             let parts = try XCTUnwrap(run["step_ms_by_part"] as? [String: Any])
             XCTAssertEqual(Set(parts.keys), ["attention", "route", "plan", "dispatch", "experts", "combine", "all_reduce",
                                              "optimizer", "waiting", "other"], "the MoE stages by name")
+            // The waiting part, split by where it was: the three places add up to it (each
+            // rounded to 0.1 ms).
+            let places = try XCTUnwrap(run["waiting_ms_by_place"] as? [String: Double])
+            XCTAssertEqual(Set(places.keys), ["forward_exchanges", "backward_exchanges", "gradient_sync"])
+            XCTAssertEqual(places.values.reduce(0, +), try XCTUnwrap(parts["waiting"] as? Double), accuracy: 0.16)
         }
         let bad = try CLI.run(["bench", "--precision", "fp16"], in: workspace.url)
         XCTAssertNotEqual(bad.status, 0)

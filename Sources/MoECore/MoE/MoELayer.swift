@@ -96,7 +96,7 @@ public final class MoELayer<T: Scalar> {
 
     /// The hooks' wait for the slowest rank before an exchange, counted as `waiting`.
     private func waitForSlowestRank() throws {
-        if let hooks { profile.waiting += try hooks.waitForSlowestRank(communicator) }
+        if let hooks { profile.waitingInForward += try hooks.waitForSlowestRank(communicator) }
     }
 
     /// x, y: [N, C]. y is overwritten.
@@ -414,6 +414,6 @@ public final class MoELayer<T: Scalar> {
         let now = Clock.nanoseconds(), blocked = Double(now - waited) * 1e-9
         profile.exposedCommunication += blocked
         profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9
-        if backlog != nil { profile.waiting += blocked }
+        if backlog != nil { profile.waitingInBackward += blocked }
     }
 }

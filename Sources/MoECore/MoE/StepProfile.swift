@@ -16,12 +16,13 @@ public struct StepProfile: Sendable {
     /// Gradient all-reduces and the other small collectives of the trainer.
     public var allReduce = 0.0
     public var optimizer = 0.0
-    /// Waiting for the slowest rank (load imbalance): with the benchmark's WaitingProbe hook, the
-    /// time in a barrier before each forward exchange and the gradient all-reduce; in backward
-    /// (always), the time an MoE exchange still blocks after the deferred expert weight gradients
-    /// have filled the wait (ExpertGradientBacklog). The stages and `allReduce` hold the work
-    /// and transfers alone.
-    public var waiting = 0.0
+    /// Waiting for the slowest rank (load imbalance), by where: with the benchmark's WaitingProbe
+    /// hook, the time in a barrier before each forward exchange and before the gradient
+    /// all-reduce; in backward (always), the time an MoE exchange still blocks after the deferred
+    /// expert weight gradients have filled the wait (ExpertGradientBacklog). The stages and
+    /// `allReduce` hold the work and transfers alone.
+    public var waitingInForward = 0.0, waitingInBackward = 0.0, waitingForGradients = 0.0
+    public var waiting: Double { waitingInForward + waitingInBackward + waitingForGradients }
     public var total = 0.0
     /// Communication of data (the expert all-to-alls, gradient all-reduces and the trainer's
     /// small collectives), counted inside the parts above as well: `totalCommunication` from each
@@ -44,7 +45,8 @@ public struct StepProfile: Sendable {
     }
 
     static let summed: [WritableKeyPath<StepProfile, Double>] =
-        [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.allReduce, \.optimizer, \.waiting, \.total,
+        [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.allReduce, \.optimizer,
+         \.waitingInForward, \.waitingInBackward, \.waitingForGradients, \.total,
          \.totalCommunication, \.exposedCommunication, \.expertBytesSent]
 
     /// Named parts, for reports.

@@ -145,6 +145,16 @@ public enum Benchmark {
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, (value / Double(steps) * 1e4).rounded() / 10) }
         object.addRaw("step_ms_by_part", parts.text)
+        // Where the waiting was: at the MoE exchanges of forward (the return of the experts'
+        // results, mostly), of backward (what the deferred weight gradients left), or before the
+        // gradient sums (the slower rank's leftover backward). Imbalance that moves from layer to
+        // layer and step to step shows in the first two even when the ranks' totals are equal.
+        var waits = JSONObject()
+        for (name, value) in [("forward_exchanges", mean.waitingInForward), ("backward_exchanges", mean.waitingInBackward),
+                              ("gradient_sync", mean.waitingForGradients)] {
+            waits.add(name, (value / Double(steps) * 1e4).rounded() / 10)
+        }
+        object.addRaw("waiting_ms_by_place", waits.text)
         // Transfers (all-to-alls and all-reduces): from start to completion, and the part of it
         // a rank spent blocked (equal while every transfer is blocking).
         var communication = JSONObject()

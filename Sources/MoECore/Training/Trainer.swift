@@ -123,7 +123,7 @@ public final class Trainer {
         // Overlapped buckets are in flight for `overlappedSpan`, blocked on for part of it only.
         profile.totalCommunication += blocked + max(0, overlappedSpan - blocked)
         profile.exposedCommunication += blocked
-        profile.waiting += waiting
+        profile.waitingForGradients += waiting
         profile.optimizer = optimizer
         profile.total = Double(Clock.nanoseconds() - started) * 1e-9
         return profile
