@@ -153,6 +153,38 @@ final class MoEGradientTests: XCTestCase {
     }
 
     /// One expert with top-1 and no capacity limit is exactly the dense FFN, forward and backward.
+    /// After an update that read the experts' weight gradients without zeroing them
+    /// (`expectOverwrittenWeightGradients`), the next backward overwrites each expert's weight
+    /// gradient and `settleWeightGradients` zeroes those of experts that got no rows: the
+    /// gradients equal a backward into zeroed ones, bit for bit, though the weight entries held
+    /// garbage before it. Top-1 over 8 experts and 12 tokens leaves some expert without rows.
+    func testOverwrittenWeightGradientsEqualFreshOnes() throws {
+        let fixture = try MoEFixture(experts: 8, k: 1, renormalization: .none, capacityFactor: nil)
+        let x = randomTensor(rows: fixture.rows, columns: fixture.width, seed: 41)
+        let dy = randomTensor(rows: fixture.rows, columns: fixture.width, seed: 42)
+        let y = Tensor<Double>(rows: fixture.rows, columns: fixture.width), dx = Tensor<Double>(rows: fixture.rows, columns: fixture.width)
+        let store = fixture.expertStore
+        func gradients() throws -> [Double] {
+            try fixture.layer.forward(x.pointer, rows: fixture.rows, into: y.pointer, context: fixture.context())
+            try fixture.layer.backward(x.pointer, dy.pointer, rows: fixture.rows, dx: dx.pointer)
+            fixture.layer.settleWeightGradients()
+            return Array(UnsafeBufferPointer(start: store.gradients, count: store.count))
+        }
+        store.zeroGradients()
+        let fresh = try gradients()
+        let rowsPerExpert = (0..<fixture.layer.routing.count).reduce(into: [Int](repeating: 0, count: 8)) { $0[Int(fixture.layer.routing.experts[$1])] += 1 }
+        XCTAssertTrue(rowsPerExpert.contains(0), "every expert got rows (\(rowsPerExpert)): pick another seed")
+        // Last step's values in the weights' entries; the biases' the optimizer zeroes.
+        store.zeroGradients()
+        for index in fixture.layer.weightGradientEntries {
+            let entry = store.entries[index]
+            (store.gradients + entry.offset).update(repeating: 7.5, count: entry.count)
+        }
+        fixture.layer.expectOverwrittenWeightGradients()
+        XCTAssertEqual(try gradients(), fresh)
+        XCTAssertEqual(fixture.layer.weightGradientEntries.count, 16, "two weights per expert")
+    }
+
     func testSingleExpertEqualsDenseFFN() throws {
         let fixture = try MoEFixture(experts: 1, k: 1, renormalization: .none, capacityFactor: nil, balance: 0, zLoss: 0)
         let denseStore = ParameterStore<Double, ExpertSharded>()

@@ -90,17 +90,22 @@ public struct FeedForward<T: Scalar, Kind> {
     /// The two weight products of `backwardWeights`, apart (an MoE layer runs them one at a time).
     public enum Projection: CaseIterable { case down, up }
 
-    /// One projection's part of `backwardWeights`.
+    /// One projection's part of `backwardWeights`; without `accumulate` its weight gradient is
+    /// overwritten (`Linear.backwardWeights`).
     public func backwardWeights(of projection: Projection, _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int,
-                                hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>) {
+                                hidden: FeedForwardHidden<T>, scratch: UnsafeMutablePointer<T>, accumulate: Bool = true) {
         switch projection {
         case .down:
             let dyOperand = ProductOperand.prerounded(dy, hidden.roundedOutputGradient.map { UnsafePointer($0) })
-            down.backwardWeights(hidden.activationOperand, dyOperand, rows: rows, biasGradient: !sumsBiasesInPasses)
+            down.backwardWeights(hidden.activationOperand, dyOperand, rows: rows, biasGradient: !sumsBiasesInPasses, accumulate: accumulate)
         case .up:
-            up.backwardWeights(hidden.inputOperand(x), hidden.preGradientOperand(scratch), rows: rows, biasGradient: !sumsBiasesInPasses)
+            up.backwardWeights(hidden.inputOperand(x), hidden.preGradientOperand(scratch), rows: rows, biasGradient: !sumsBiasesInPasses,
+                               accumulate: accumulate)
         }
     }
+
+    /// The weight of `projection`.
+    public func weight(of projection: Projection) -> Parameter<T, Kind> { projection == .down ? down.weight : up.weight }
 
     /// Whether `backwardInput`'s element-wise passes sum the biases' gradients (Float with biases).
     private var sumsBiasesInPasses: Bool { T.self == Float.self && up.bias != nil }

@@ -74,12 +74,14 @@ public struct Linear<T: Scalar, Kind> {
         return .prerounded(dy, UnsafePointer(copy))
     }
 
-    /// The weights' half of the adjoint: dW += xᵀ dy, and db += Σ_rows dy unless the caller's
-    /// pass summed it (`biasGradient` false).
-    public func backwardWeights(_ x: ProductOperand<T>, _ dy: ProductOperand<T>, rows: Int, biasGradient: Bool = true) {
+    /// The weights' half of the adjoint: dW += xᵀ dy (dW = xᵀ dy without `accumulate`: the
+    /// product overwrites a gradient that holds nothing of this step), and db += Σ_rows dy unless
+    /// the caller's pass summed it (`biasGradient` false).
+    public func backwardWeights(_ x: ProductOperand<T>, _ dy: ProductOperand<T>, rows: Int, biasGradient: Bool = true,
+                                accumulate: Bool = true) {
         if biasGradient, let bias { Kernels.addColumnSums(dy.values, rows: rows, columns: outputSize, into: bias.gradient) }
         matrixProduct(weight.store.matmul, transposeA: true, m: inputSize, n: outputSize, k: rows, a: x,
-                      b: dy, beta: 1, c: weight.gradient)
+                      b: dy, beta: accumulate ? 1 : 0, c: weight.gradient)
     }
 
     /// The input's half of the adjoint: dx = dy Wᵀ + dxBeta dx (dxBeta 0 or 1).

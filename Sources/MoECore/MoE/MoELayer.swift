@@ -45,6 +45,10 @@ public final class MoELayer<T: Scalar> {
     private var backlog: ExpertGradientBacklog<T>?
     /// Seconds this layer's waits spent running the backlog (the stages around them leave it out).
     private var filledSeconds = 0.0
+    /// Per local expert and projection (`staleIndex`): whether its weight gradient still holds
+    /// the last step's values, which its first product of this step overwrites instead of
+    /// adding to (`expectOverwrittenWeightGradients`).
+    private var staleWeightGradients: [Bool]
 
     // Unit rows, both passes (x forward, dy backward): sent [U, C], received [U_recv, C], the
     // experts' sums per received unit [U_recv, C] and those sums back [U, C].
@@ -78,6 +82,7 @@ public final class MoELayer<T: Scalar> {
         self.experts = experts
         self.placement = placement
         self.communicator = communicator
+        staleWeightGradients = Array(repeating: false, count: 2 * experts.count)
         makeGroups()
     }
 
@@ -326,9 +331,38 @@ public final class MoELayer<T: Scalar> {
     /// (complete: every source's rows are included). The backlog calls it.
     func runWeightGradient(ofExpert local: Int, projection: FeedForward<T, ExpertSharded>.Projection) {
         let start = plan.rowsPerLocalExpert[..<local].reduce(0, +), count = plan.rowsPerLocalExpert[local]
+        let stale = staleWeightGradients[staleIndex(local, projection)]
+        staleWeightGradients[staleIndex(local, projection)] = false
         measure(\.experts) {
             experts[local].backwardWeights(of: projection, expertInput.row(start), dExpertOutput.row(start), rows: count,
-                                           hidden: expertHidden(fromRow: start), scratch: dHidden.row(start))
+                                           hidden: expertHidden(fromRow: start), scratch: dHidden.row(start), accumulate: !stale)
+        }
+    }
+
+    private func staleIndex(_ local: Int, _ projection: FeedForward<T, ExpertSharded>.Projection) -> Int {
+        2 * local + (projection == .down ? 0 : 1)
+    }
+
+    /// The expert store's entries of the local experts' weights (the gradients this layer
+    /// overwrites once `expectOverwrittenWeightGradients` says they are stale).
+    public var weightGradientEntries: [Int] {
+        experts.flatMap { expert in FeedForward<T, ExpertSharded>.Projection.allCases.map { expert.up.weight.store.entryIndex(of: expert.weight(of: $0)) } }
+    }
+
+    /// After an update that read the experts' weight gradients without zeroing them (AdamW's
+    /// `gradientsOverwritten`): this step's first product of each overwrites it, which spares
+    /// the optimizer a store and the product a read of [C, H] per projection and expert.
+    public func expectOverwrittenWeightGradients() {
+        for index in staleWeightGradients.indices { staleWeightGradients[index] = true }
+    }
+
+    /// After the step's backward passes: the weight gradients of experts that got no rows in
+    /// any of them still hold the last step's values; they become zeros.
+    public func settleWeightGradients() {
+        for (index, stale) in staleWeightGradients.enumerated() where stale {
+            let weight = experts[index / 2].weight(of: index % 2 == 0 ? .down : .up)
+            weight.gradient.update(repeating: 0, count: weight.count)
+            staleWeightGradients[index] = false
         }
     }
 

@@ -36,6 +36,10 @@ public final class AdamW<T: Scalar, Kind> {
     public var stepCounts: [Int]
     /// Entries the optimizer leaves alone (hash tables, StableMoE's frozen distilled router).
     public var frozen: Set<Int> = []
+    /// Entries whose gradients their producers overwrite with the first product of each step
+    /// (the experts' weights: `MoELayer.expectOverwrittenWeightGradients`): a clearing update
+    /// reads them and leaves them as they are.
+    public var gradientsOverwritten: Set<Int> = []
     public var settings: AdamWSettings
 
     /// Build after the model: the store must not grow afterwards.
@@ -138,6 +142,7 @@ public final class AdamW<T: Scalar, Kind> {
             let decay = entry.weightDecay ? T(1 - learningRate * settings.weightDecay) : 1
             let part = shardPart(of: entry), moment = part.lowerBound - shard.lowerBound
             guard !part.isEmpty else { continue }
+            let overwritten = gradientsOverwritten.contains(index)
             let (values, rounded, gradients) = (store.values, store.bfloat16Values, store.gradients)
             let (first, second) = (firstMoment + moment, secondMoment + moment)
             // Memory-bound: in a one-process run the pinned threads share the large entries.
@@ -146,7 +151,7 @@ public final class AdamW<T: Scalar, Kind> {
                 AdamW.updateRange(values: values + at, rounded: rounded.map { $0 + at }, gradients: gradients + at,
                                   first: first + begin, second: second + begin, count: end - begin,
                                   beta1: beta1, beta2: beta2, stepSize: stepSize, epsilon: epsilon, decay: decay,
-                                  gradientScale: scale, clearing: clearingGradients)
+                                  gradientScale: scale, clearing: clearingGradients && !overwritten)
             }
         }
     }

@@ -52,6 +52,7 @@ public final class Trainer {
         // ZeRO stage 1: this rank keeps the AdamW moments of its slice of the replicated values only.
         replicatedOptimizer = AdamW(store: model.replicated, settings: settings, shard: sync.optimizerShard)
         expertOptimizer = AdamW(store: model.experts, settings: settings)
+        expertOptimizer.gradientsOverwritten = Set(model.moeLayers.flatMap(\.weightGradientEntries))
         schedule = LearningRateSchedule(train)
         routingKey = RandomKey(UInt64(train.seed)).derive("routing")
         recipe = EvoMoERecipe(resolved)
@@ -82,6 +83,7 @@ public final class Trainer {
         gradientsCleared = false
         prepareGates()
         let pass = try accumulateGradients()
+        for layer in model.moeLayers { layer.settleWeightGradients() }
         try hooks?.reached(.gradientsReady(model.replicated.gradients), step: step)
         heartbeat.beat("gradient all-reduce", step: step)
         let waiting = try hooks?.waitForSlowestRank(communicator) ?? 0
@@ -102,6 +104,8 @@ public final class Trainer {
                 expertOptimizer.update(learningRate: learningRate, gradientScale: scale, clearingGradients: clearing)
             }
             gradientsCleared = clearing
+            // The experts' weight gradients were read, not zeroed: the next backward overwrites them.
+            if clearing { for layer in model.moeLayers { layer.expectOverwrittenWeightGradients() } }
             try sync.shareUpdatedValues(model)
         }
         if config.train.consistencyCheckEvery > 0 && (step + 1) % config.train.consistencyCheckEvery == 0 {
