@@ -339,14 +339,21 @@ public final class MoELayer<T: Scalar> {
         }
     }
 
+    /// The position of (local expert, projection) in `staleWeightGradients`: each expert's down
+    /// projection, then its up projection (`staleWeight` is the inverse).
     private func staleIndex(_ local: Int, _ projection: FeedForward<T, ExpertSharded>.Projection) -> Int {
         2 * local + (projection == .down ? 0 : 1)
+    }
+
+    /// The weight of the (local expert, projection) at `index` of `staleWeightGradients`.
+    private func staleWeight(_ index: Int) -> Parameter<T, ExpertSharded> {
+        experts[index / 2].weight(of: index % 2 == 0 ? .down : .up)
     }
 
     /// The expert store's entries of the local experts' weights (the gradients this layer
     /// overwrites once `expectOverwrittenWeightGradients` says they are stale).
     public var weightGradientEntries: [Int] {
-        experts.flatMap { expert in FeedForward<T, ExpertSharded>.Projection.allCases.map { expert.up.weight.store.entryIndex(of: expert.weight(of: $0)) } }
+        staleWeightGradients.indices.map { staleWeight($0).store.entryIndex(of: staleWeight($0)) }
     }
 
     /// After an update that read the experts' weight gradients without zeroing them (AdamW's
@@ -360,7 +367,7 @@ public final class MoELayer<T: Scalar> {
     /// any of them still hold the last step's values; they become zeros.
     public func settleWeightGradients() {
         for (index, stale) in staleWeightGradients.enumerated() where stale {
-            let weight = experts[index / 2].weight(of: index % 2 == 0 ? .down : .up)
+            let weight = staleWeight(index)
             weight.gradient.update(repeating: 0, count: weight.count)
             staleWeightGradients[index] = false
         }

@@ -97,14 +97,14 @@ public final class Trainer {
             heartbeat.beat("optimizer", step: step)
             let clip = config.train.gradClip, scale = clip > 0 && gradientNorm > clip ? clip / gradientNorm : 1
             // The optimizer zeroes the gradients as it reads them where it reads them all (the
-            // next step then skips its zeroing pass); else the next step zeroes them.
+            // next step then skips its zeroing pass; the experts' weights it leaves to be
+            // overwritten by the next backward); else the next step zeroes them.
             let clearing = replicatedOptimizer.visitsEveryGradient && expertOptimizer.visitsEveryGradient
             Clock.measure(&optimizerSeconds) {
                 replicatedOptimizer.update(learningRate: learningRate, gradientScale: scale, clearingGradients: clearing)
                 expertOptimizer.update(learningRate: learningRate, gradientScale: scale, clearingGradients: clearing)
             }
             gradientsCleared = clearing
-            // The experts' weight gradients were read, not zeroed: the next backward overwrites them.
             if clearing { for layer in model.moeLayers { layer.expectOverwrittenWeightGradients() } }
             try sync.shareUpdatedValues(model)
         }
