@@ -221,8 +221,8 @@ public struct CausalSelfAttention<T: Scalar> {
         }
     }
 
-    /// `body(row, rounding)` on every row, rows split over one process's threads: the Float
-    /// rows of whole 16-lane blocks, whose kernels mask, zero and round each row themselves.
+    /// `body(row, rounding)` on every row, rows split over one process's threads (the Float
+    /// rows of whole 16-lane blocks, whose kernels mask, zero and round each row themselves).
     private func forEachRow(rows: Int, length: Int, _ body: (Int, VectorRounding) -> Void) {
         let rounding = VectorRounding()
         BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
@@ -235,13 +235,11 @@ public struct CausalSelfAttention<T: Scalar> {
     /// over one process's threads.
     private func forEachCausalRow(of matrix: UnsafeMutablePointer<T>, rows: Int, length: Int, rounded: UnsafeMutablePointer<BFloat16>?,
                                   _ body: (Int, UnsafeMutablePointer<T>, Int) -> Void) {
-        BLASInfo.splitElementwise(rows, grain: 1, elementsPerUnit: length) { first, end in
-            for row in first..<end {
-                let t = row % length, values = matrix + row * length
-                body(row, values, t + 1)
-                for j in (t + 1)..<length { values[j] = 0 }
-                if let rounded { BFloat16.round(asFloat(UnsafePointer(values)), into: rounded + row * length, count: length) }
-            }
+        forEachRow(rows: rows, length: length) { row, _ in
+            let t = row % length, values = matrix + row * length
+            body(row, values, t + 1)
+            for j in (t + 1)..<length { values[j] = 0 }
+            if let rounded { BFloat16.round(asFloat(UnsafePointer(values)), into: rounded + row * length, count: length) }
         }
     }
 

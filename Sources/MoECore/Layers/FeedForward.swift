@@ -75,7 +75,7 @@ public struct FeedForward<T: Scalar, Kind> {
         // dPre = dHidden GELU'(pre), db1 = Σ_rows dPre, and dPre's bf16 copy, in one pass.
         FloatKernels.geluBackwardBias(asFloat(UnsafePointer(hidden.preActivation)), asFloat(scratch), rows: rows, columns: hiddenSize,
                                       biasGradient: asFloat(bias.gradient), rounded: hidden.roundedPreGradient,
-                                      keepsFloat: floatValues(scratch, rows: rows, hidden: hidden) != nil)
+                                      keepsFloat: writesFloatValues(rows: rows, hidden: hidden))
         up.backwardInput(hidden.preGradientOperand(scratch), rows: rows, dx: dx, dxBeta: dxBeta)
     }
 
@@ -110,19 +110,21 @@ public struct FeedForward<T: Scalar, Kind> {
     /// Whether `backwardInput`'s element-wise passes sum the biases' gradients (Float with biases).
     private var sumsBiasesInPasses: Bool { T.self == Float.self && up.bias != nil }
 
-    /// Whether the products over `rows` rows read the input's fp32 values (x W1 and the weight
-    /// gradient xᵀ dPre): not in bf16 mode with more than one row, where they take its bf16 copy.
-    public func readsFloatInput(rows: Int) -> Bool { readsFloatValues(up.weight.store.matmul, m: min(rows, width)) }
+    /// Whether the products over `rows` rows read their operands' fp32 values (the input x, the
+    /// activation, dPre): not in bf16 mode with more than one row, where they read only the bf16
+    /// copies (`readsFloatValues`; both projections run on their store's one engine).
+    public func readsFloatOperands(rows: Int) -> Bool { readsFloatValues(up.weight.store.matmul, m: min(rows, width, hiddenSize)) }
 
-    /// Where a fused pass writes the fp32 activation or dPre of `rows` rows: nil where every
-    /// product that reads them takes their bf16 copy instead (bf16 mode, more than one row),
-    /// which saves a store of [rows, H] floats a pass (configs/bench.yaml: about 18 MB a step
-    /// each way).
+    /// Whether a fused pass over `rows` rows writes the fp32 activation or dPre: where a product
+    /// reads them, or no bf16 copy is kept. Skipping them saves a store of [rows, H] floats a
+    /// pass (configs/bench.yaml: about 18 MB a step each way).
+    private func writesFloatValues(rows: Int, hidden: FeedForwardHidden<T>) -> Bool {
+        hidden.roundedActivation == nil || readsFloatOperands(rows: rows)
+    }
+
+    /// `values` as a fused pass's fp32 output, or nil where it writes only the bf16 copy.
     private func floatValues(_ values: UnsafeMutablePointer<T>, rows: Int, hidden: FeedForwardHidden<T>) -> UnsafeMutablePointer<Float>? {
-        let smallest = min(rows, width, hiddenSize)
-        let copiesOnly = hidden.roundedActivation != nil && !readsFloatValues(up.weight.store.matmul, m: smallest)
-            && !readsFloatValues(down.weight.store.matmul, m: smallest)
-        return copiesOnly ? nil : asFloat(values)
+        writesFloatValues(rows: rows, hidden: hidden) ? asFloat(values) : nil
     }
 }
 

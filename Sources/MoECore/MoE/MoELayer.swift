@@ -245,7 +245,7 @@ public final class MoELayer<T: Scalar> {
         let rounded = roundsProducts ? roundedExpertInput.pointer : nil
         forEachExpertBlock(in: group) { local, start, count in
             // In bf16 mode the products read only the copy, but for an expert given one row.
-            let keepsFloat = rounded == nil || experts[local].readsFloatInput(rows: count)
+            let keepsFloat = rounded == nil || experts[local].readsFloatOperands(rows: count)
             for row in start..<(start + count) {
                 let unitRow = receivedUnitRow(Int(plan.expertRowUnit[row]), source: source)
                 if keepsFloat { expertInput.row(row).update(from: unitRow, count: width) }
