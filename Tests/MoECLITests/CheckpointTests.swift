@@ -111,6 +111,31 @@ final class CheckpointTests: XCTestCase {
         }
     }
 
+    /// A run's periodic checkpoints hold their step's update: a training run leaves each update
+    /// to the next step's forward (`Trainer.defersUpdates`), and a save completes it first. The
+    /// straight run's own step-10 checkpoint (no evaluation before it: eval_every 0), its later
+    /// ones removed, resumes to the same losses and final files, bit for bit.
+    func testPeriodicCheckpointHoldsItsStepsUpdate() throws {
+        let workspace = try Workspace()
+        try workspace.write("c.yaml", Self.config)
+        // Top-2 without EvoMoE: no frozen tensor (a frozen one keeps the update at the step's end).
+        let noEvaluation = ["--set", "train.eval_every=0", "--set", "moe.gate=topk", "--set", "evomoe.spawn_fraction=0"]
+        try train(workspace, ranks: 2, ["--run-dir", "straight"] + noEvaluation)
+        let files = FileManager.default
+        try files.copyItem(atPath: workspace.path("straight"), toPath: workspace.path("again"))
+        for step in [15, 20] { try files.removeItem(atPath: workspace.path("again/checkpoints/" + Checkpoint.directoryName(step: step))) }
+        let resumed = try train(workspace, ranks: 2, ["--run-dir", "again", "--resume"] + noEvaluation)
+        XCTAssertTrue(resumed.stdout.contains("resumed from again/checkpoints/\(Checkpoint.directoryName(step: 10))"), resumed.stdout)
+        let expected = try losses(workspace, "straight"), again = try losses(workspace, "again")
+        XCTAssertEqual(expected.count, 20)
+        for step in 10..<20 { XCTAssertEqual(expected[step], again[step], "step \(step): not bit-identical") }
+        let final = "/checkpoints/step_00000020/"
+        for name in try files.contentsOfDirectory(atPath: workspace.path("straight" + final)) where name.hasSuffix(".safetensors") {
+            XCTAssertEqual(files.contents(atPath: workspace.path("straight" + final + name)),
+                           files.contents(atPath: workspace.path("again" + final + name)), "\(name) differs after resume")
+        }
+    }
+
     /// State outside the parameters survives a resume: ReLU routing's adaptive λ (the gate
     /// state in the manifest), and StableMoE's stage 2 (from step 6: frozen distilled router,
     /// whose AdamW counters stop) when stopped before and after the switch.
