@@ -40,8 +40,6 @@ public protocol Communicator: AnyObject {
     /// Copies `buffer` from `root` to every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
-    /// Starts a barrier in `transfer` and returns: it completes once every rank has started it.
-    func startBarrier(in transfer: PendingTransfer) throws
     /// Partitions the ranks: those passing the same `color` form a new communicator, ranked by
     /// (`key`, old rank). Collective over this communicator.
     func split(color: Int, key: Int) throws -> Communicator
@@ -131,7 +129,6 @@ extension Communicator {
                                recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int], in transfer: PendingTransfer) throws {
         try allToAllV(send: send, sendCounts: sendCounts, sendOffsets: sendOffsets, recv: recv, recvCounts: recvCounts, recvOffsets: recvOffsets)
     }
-    public func startBarrier(in transfer: PendingTransfer) throws { try barrier() }
     public func progress(_ transfer: PendingTransfer) throws {}
     public func finish(_ transfer: PendingTransfer) throws {}
 

@@ -140,13 +140,6 @@ public final class MPICommunicator: Communicator {
 
     public func barrier() throws { try check(MPI_Barrier(world), "MPI_Barrier") }
 
-    public func startBarrier(in transfer: PendingTransfer) throws {
-        precondition(transfer.isComplete, "a transfer is restarted before it finished")
-        var request = swiftmoe_request_null()
-        try check(MPI_Ibarrier(world, &request), "MPI_Ibarrier")
-        transfer.handle = request
-    }
-
     public func startAllReduceSum(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType, in transfer: PendingTransfer) throws {
         precondition(transfer.isComplete, "a transfer is restarted before it finished")
         let count = try int32Count(buffer.count / type.byteCount, "MPI_Iallreduce")

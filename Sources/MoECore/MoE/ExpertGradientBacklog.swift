@@ -7,7 +7,7 @@
 /// product at a time, and the model runs what is left after its backward. Each expert's
 /// gradient is the same products whenever they run, so the results do not depend on the
 /// order, bit for bit.
-public final class ExpertGradientBacklog<T: Scalar>: WaitFiller {
+public final class ExpertGradientBacklog<T: Scalar> {
     private var items: [(layer: MoELayer<T>, expert: Int, projection: FeedForward<T, ExpertSharded>.Projection)] = []
     private var next = 0
 

@@ -43,11 +43,7 @@ public final class MoELayer<T: Scalar> {
     /// running backward fills (nil outside backward).
     private let ownBacklog = ExpertGradientBacklog<T>()
     private var backlog: ExpertGradientBacklog<T>?
-    /// The trainer's deferred parameter updates (nil, or nothing pending, outside training): the
-    /// forward applies its experts' before they run, and fills its waits with the next ones.
-    public var updates: ForwardUpdates?
-    /// Seconds this layer's waits spent running the backlog or updates (the stages around them
-    /// leave it out).
+    /// Seconds this layer's waits spent running the backlog (the stages around them leave it out).
     private var filledSeconds = 0.0
     /// Per local expert and projection (`staleIndex`): whether its weight gradient still holds
     /// the last step's values, which its first product of this step overwrites instead of
@@ -96,18 +92,16 @@ public final class MoELayer<T: Scalar> {
     public func resetProfile() { profile = StepProfile() }
 
     /// Times `body` into `stage`.
-    /// Work run in its waits (`finishExchange`) counts where it belongs: deferred weight gradients
-    /// as `experts`, parameter updates as the optimizer's.
+    /// Deferred weight gradients run inside it (`finishExchange`) count as `experts` only.
     private func measure<R>(_ stage: WritableKeyPath<StepProfile, Double>, _ body: () throws -> R) rethrows -> R {
         let started = Clock.nanoseconds(), filled = filledSeconds
         defer { profile[keyPath: stage] += Double(Clock.nanoseconds() - started) * 1e-9 - (filledSeconds - filled) }
         return try body()
     }
 
-    /// The hooks' wait for the slowest rank before a forward exchange, counted as `waiting`
-    /// (the parameter updates it runs first are the optimizer's).
+    /// The hooks' wait for the slowest rank before an exchange, counted as `waiting`.
     private func waitForSlowestRank() throws {
-        if let hooks { profile.waitingInForward += try hooks.waitForSlowestRank(communicator, filling: updates) }
+        if let hooks { profile.waitingInForward += try hooks.waitForSlowestRank(communicator) }
     }
 
     /// x, y: [N, C]. y is overwritten.
@@ -193,19 +187,16 @@ public final class MoELayer<T: Scalar> {
             dHidden.resize(rows: received, columns: experts[0].scratchColumns)
             dWeightsByRecord.resize(rows: max(received, 1), columns: 1)
         }
-        // Each wait for a slower peer first runs work this rank must do anyway: backward, the
-        // deferred weight gradients (`backlog`); forward, the parameter updates the forward has
-        // not reached yet (`updates`).
-        let filler: WaitFiller? = forward ? updates : backlog
+        // Backward: each wait for a slower peer first runs deferred weight gradients (`backlog`),
+        // so the benchmark's barriers, which would make a rank wait idle, are left out.
+        let backlog = forward ? nil : self.backlog
         if forward { try waitForSlowestRank() }
         try startExchange(reverse: false, group: 0, in: inbound[0])
-        // The experts' own updates, while their rows travel (the weights are read from here on).
-        if forward { updates?.applyUpdates(before: .experts(ofBlock: layerIndex)) }
         for (index, group) in groups.enumerated() {
             if index + 1 < groups.count { try startExchange(reverse: false, group: index + 1, in: inbound[index + 1]) }
             let rows = plan.expertRows(of: group)
             try measure(\.dispatch) {
-                try finishExchange(inbound[index], filling: filler, backward: !forward)
+                try finishExchange(inbound[index], filling: backlog)
                 if forward { fanOut(group, source: source) } else { fanOutGradients(rows, source: source) }
             }
             measure(\.experts) { forward ? runExperts(group) : runExpertsBackwardInput(group) }
@@ -220,7 +211,7 @@ public final class MoELayer<T: Scalar> {
                 try communicator.progress(outbound)
             }
         }
-        try measure(\.combine) { for transfer in outbound { try finishExchange(transfer, filling: filler, backward: !forward) } }
+        try measure(\.combine) { for transfer in outbound { try finishExchange(transfer, filling: backlog) } }
     }
 
     /// Each unit's row in send order: the token's row of x (forward) or of dy (backward); this
@@ -450,13 +441,13 @@ public final class MoELayer<T: Scalar> {
     }
 
     /// Waits for a transfer: the wait is exposed communication; start to completion, total.
-    /// `filler`'s work runs first, one piece at a time, while the transfer is incomplete (a peer
-    /// still computing); in backward the wait left after it is `waiting`.
-    private func finishExchange(_ transfer: PendingTransfer, filling filler: WaitFiller?, backward: Bool) throws {
-        if let filler {
+    /// With a backlog, deferred weight gradients run first, one product at a time, while the
+    /// transfer is incomplete (a peer still computing); the wait left after them is `waiting`.
+    private func finishExchange(_ transfer: PendingTransfer, filling backlog: ExpertGradientBacklog<T>? = nil) throws {
+        if let backlog {
             let filling = Clock.nanoseconds()
             try communicator.progress(transfer)
-            while !transfer.isComplete, filler.runNext() { try communicator.progress(transfer) }
+            while !transfer.isComplete, backlog.runNext() { try communicator.progress(transfer) }
             filledSeconds += Double(Clock.nanoseconds() - filling) * 1e-9
         }
         let waited = Clock.nanoseconds()
@@ -464,6 +455,6 @@ public final class MoELayer<T: Scalar> {
         let now = Clock.nanoseconds(), blocked = Double(now - waited) * 1e-9
         profile.exposedCommunication += blocked
         profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9
-        if backward { profile.waitingInBackward += blocked }
+        if backlog != nil { profile.waitingInBackward += blocked }
     }
 }

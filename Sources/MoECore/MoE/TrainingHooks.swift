@@ -11,8 +11,7 @@ public protocol TrainingHooks: AnyObject {
     /// Called before each exchange over `communicator` and before the gradient all-reduce;
     /// returns the seconds it spent waiting for the slowest rank (the benchmark times a barrier
     /// there, so that `StepProfile.waiting` holds the imbalance and the transfers their own time).
-    /// A rank that arrives early first runs `filler`'s work, as it would in the exchange's wait.
-    func waitForSlowestRank(_ communicator: Communicator, filling filler: WaitFiller?) throws -> Double
+    func waitForSlowestRank(_ communicator: Communicator) throws -> Double
     /// A named point of a step, a checkpoint save or the start-up was reached (the fault injector
     /// kills, stalls, poisons a gradient or fails a read there).
     func reached(_ point: HookPoint, step: Int) throws
@@ -20,7 +19,7 @@ public protocol TrainingHooks: AnyObject {
 
 public extension TrainingHooks {
     var dispatchCountError: Int64 { 0 }
-    func waitForSlowestRank(_ communicator: Communicator, filling filler: WaitFiller?) throws -> Double { 0 }
+    func waitForSlowestRank(_ communicator: Communicator) throws -> Double { 0 }
     func reached(_ point: HookPoint, step: Int) throws {}
 }
 

@@ -66,11 +66,6 @@ public final class GPTModel<T: Scalar> {
     var batch = 0, length = 0
     /// Attention time since the last `takeProfile()`.
     var attentionSeconds = 0.0
-    /// The trainer's parameter updates still to apply (`Trainer.defersUpdates`): the forward
-    /// applies each parameter's before it reads it, and the MoE layers fill their waits with them.
-    public var updates: ForwardUpdates? {
-        didSet { for layer in moeLayers { layer.updates = updates } }
-    }
 
     /// Builds the model of `run` (its model, moe, gate and EvoMoE sections). `tokenFrequencies`
     /// (training-token counts per id) feed the balanced hash table.
@@ -143,7 +138,6 @@ public final class GPTModel<T: Scalar> {
         tokens = tokenIds
         targets = targetIds ?? []
         resizeActivations(rows: rows)
-        updates?.applyUpdates(before: .embeddings)
         tokenIds.withUnsafeBufferPointer { embedding.forward(tokens: $0.baseAddress!, batch: batch, length: length, into: residual[0].pointer) }
         // Reused from step to step (moved out and back, so no allocation once the previous
         // step's report is gone).
@@ -154,7 +148,6 @@ public final class GPTModel<T: Scalar> {
         var auxiliary = 0.0
         for (layer, block) in blocks.enumerated() {
             let input = residual[layer], mid = middle[layer]
-            updates?.applyUpdates(before: .block(layer))
             block.attentionNorm.forward(input.pointer, rows: rows, into: attentionNormed[layer].pointer, cache: normCaches[layer].0)
             Clock.measure(&attentionSeconds) {
                 block.attention.forward(attentionNormed[layer].pointer, batch: batch, length: length, into: scratch.pointer,
@@ -179,7 +172,8 @@ public final class GPTModel<T: Scalar> {
                 statistics.append(moe.routing.statistics)
                 auxiliary += moe.routing.statistics.auxiliaryLoss
             }
-            Kernels.sum(mid.pointer, scratch.pointer, into: residual[layer + 1].pointer, count: rows * width)
+            let output = residual[layer + 1]
+            Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
         }
         computeLogits(rows: rows)
         guard let targetIds else {
@@ -207,7 +201,6 @@ public final class GPTModel<T: Scalar> {
 
     /// logits [N, V] = final_norm(residual[L]) · head (or the token table, transposed, when tied).
     func computeLogits(rows: Int) {
-        updates?.applyUpdates(before: .end)
         let width = config.width
         finalNormed.resize(rows: rows, columns: width)
         finalNorm.forward(residual[config.layers].pointer, rows: rows, into: finalNormed.pointer, cache: finalNormCache)

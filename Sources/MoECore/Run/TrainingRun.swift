@@ -185,13 +185,6 @@ public final class TrainingRun {
         let config = trainer.config, steps = config.train.steps
         let end = min(steps, stopAt ?? steps)
         announce()
-        // Step after step: each update runs inside the next forward; evaluations and checkpoints
-        // complete it first, and so does the end of the run.
-        trainer.defersUpdates = true
-        defer {
-            trainer.completeUpdate()
-            trainer.defersUpdates = false
-        }
         var lastValidation: Double?
         var intervalSeconds = 0.0, intervalTokens = 0, totalSeconds = 0.0, timedSteps = 0
         StallWatchdog(heartbeat: trainer.heartbeat, rank: communicator.rank, minimumSeconds: config.train.stallSeconds,
@@ -282,7 +275,6 @@ public final class TrainingRun {
         // Never rewrite a complete checkpoint (a resume that has nothing left to do).
         if Checkpoint.complete(in: runDirectory).last?.hasSuffix(Checkpoint.directoryName(step: trainer.state.attempted)) == true { return }
         trainer.heartbeat.beat("checkpoint save", step: trainer.state.attempted)
-        trainer.completeUpdate()
         let started = DispatchTime.now().uptimeNanoseconds
         let pending = try Checkpoint.begin(trainer.checkpointContents, communicator: communicator, runDirectory: runDirectory,
                                            attachments: tokenizer?.checkpointAttachment ?? [:], hooks: trainer.hooks,

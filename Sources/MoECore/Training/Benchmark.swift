@@ -173,14 +173,7 @@ public enum Benchmark {
     static func timeSteps(_ trainer: Trainer, steps: Int, warmup: Int) throws -> (seconds: Double, mean: StepProfile) {
         let communicator = trainer.communicator
         if communicator.size > 1 { trainer.hooks = WaitingProbe() }
-        // As in a training run: each step applies the previous step's update as it goes (the
-        // timed steps pay for as many updates as they make).
-        trainer.defersUpdates = true
-        defer {
-            trainer.hooks = nil
-            trainer.completeUpdate()
-            trainer.defersUpdates = false
-        }
+        defer { trainer.hooks = nil }
         for _ in 0..<warmup { _ = try trainer.trainStep() }
         try communicator.barrier()
         var profile = StepProfile()
@@ -220,16 +213,9 @@ public enum Benchmark {
 /// timed apart, so that `StepProfile.waiting` holds the wait for the slowest rank (expert load
 /// imbalance) and the transfers only their own time.
 final class WaitingProbe: TrainingHooks {
-    private let barrier = PendingTransfer()
-
-    func waitForSlowestRank(_ communicator: Communicator, filling filler: WaitFiller?) throws -> Double {
-        try communicator.startBarrier(in: barrier)
-        if let filler {
-            try communicator.progress(barrier)
-            while !barrier.isComplete, filler.runNext() { try communicator.progress(barrier) }
-        }
+    func waitForSlowestRank(_ communicator: Communicator) throws -> Double {
         var seconds = 0.0
-        try Clock.measure(&seconds) { try communicator.finish(barrier) }
+        try Clock.measure(&seconds) { try communicator.barrier() }
         return seconds
     }
 }

@@ -41,8 +41,6 @@ public final class AdamW<T: Scalar, Kind> {
     /// reads them and leaves them as they are.
     public var gradientsOverwritten: Set<Int> = []
     public var settings: AdamWSettings
-    /// Per entry, the update `schedule` decided and `applyScheduled` has not yet run (nil: none).
-    private var scheduled: [EntryUpdate?]
 
     /// Build after the model: the store must not grow afterwards.
     public init(store: ParameterStore<T, Kind>, settings: AdamWSettings, shard: Range<Int>? = nil) {
@@ -56,7 +54,6 @@ public final class AdamW<T: Scalar, Kind> {
         firstMoment.initialize(repeating: 0, count: count)
         secondMoment.initialize(repeating: 0, count: count)
         stepCounts = Array(repeating: 0, count: store.entries.count)
-        scheduled = Array(repeating: nil, count: store.entries.count)
     }
 
     /// Whether the moments cover only a slice of the store (ZeRO stage 1 on more than one rank).
@@ -132,56 +129,31 @@ public final class AdamW<T: Scalar, Kind> {
     /// (the clipping factor). With `clearingGradients` the gradients it reads are zeroed as it
     /// goes (with `visitsEveryGradient`, the whole store's: the next step need not zero them).
     public func update(learningRate: Double, gradientScale: Double = 1, clearingGradients: Bool = false) {
-        schedule(learningRate: learningRate, gradientScale: gradientScale, clearingGradients: clearingGradients)
-        for index in store.entries.indices { applyScheduled(entry: index) }
-    }
-
-    /// Decides one update as `update` would (the step counts advance now) without touching the
-    /// store: `applyScheduled(entry:)` then runs it entry by entry, in any order, until the next
-    /// schedule. The entries' values and gradients must stay as they are until their turn.
-    public func schedule(learningRate: Double, gradientScale: Double = 1, clearingGradients: Bool = false) {
-        for (index, entry) in store.entries.enumerated() {
-            scheduled[index] = nil
-            guard !frozen.contains(index) else { continue }
+        let beta1 = T(settings.beta1), beta2 = T(settings.beta2)
+        let scale = T(gradientScale)
+        for (index, entry) in store.entries.enumerated() where !frozen.contains(index) {
             stepCounts[index] += 1
             let correction1 = 1 / (1 - _pow(settings.beta1, stepCounts[index]))
             let correction2 = 1 / (1 - _pow(settings.beta2, stepCounts[index]))
             // Fold the bias corrections into the step size and epsilon:
             //   m̂ / (sqrt(v̂) + ε) = c1 m / (sqrt(c2) (sqrt(v) + ε / sqrt(c2)))
-            guard !shardPart(of: entry).isEmpty else { continue }
-            scheduled[index] = EntryUpdate(stepSize: T(learningRate * correction1 / correction2.squareRoot()),
-                                           epsilon: T(settings.epsilon / correction2.squareRoot()),
-                                           decay: entry.weightDecay ? T(1 - learningRate * settings.weightDecay) : 1,
-                                           gradientScale: T(gradientScale),
-                                           clearing: clearingGradients && !gradientsOverwritten.contains(index))
+            let stepSize = T(learningRate * correction1 / correction2.squareRoot())
+            let epsilon = T(settings.epsilon / correction2.squareRoot())
+            let decay = entry.weightDecay ? T(1 - learningRate * settings.weightDecay) : 1
+            let part = shardPart(of: entry), moment = part.lowerBound - shard.lowerBound
+            guard !part.isEmpty else { continue }
+            let overwritten = gradientsOverwritten.contains(index)
+            let (values, rounded, gradients) = (store.values, store.bfloat16Values, store.gradients)
+            let (first, second) = (firstMoment + moment, secondMoment + moment)
+            // Memory-bound: in a one-process run the pinned threads share the large entries.
+            BLASInfo.splitElementwise(part.count) { begin, end in
+                let at = part.lowerBound + begin
+                AdamW.updateRange(values: values + at, rounded: rounded.map { $0 + at }, gradients: gradients + at,
+                                  first: first + begin, second: second + begin, count: end - begin,
+                                  beta1: beta1, beta2: beta2, stepSize: stepSize, epsilon: epsilon, decay: decay,
+                                  gradientScale: scale, clearing: clearingGradients && !overwritten)
+            }
         }
-    }
-
-    /// Whether entry `index` has a scheduled update not yet applied.
-    public func isScheduled(entry index: Int) -> Bool { scheduled[index] != nil }
-
-    /// Applies entry `index`'s scheduled update (nothing if it has none, or had it applied).
-    public func applyScheduled(entry index: Int) {
-        guard let update = scheduled[index] else { return }
-        scheduled[index] = nil
-        let part = shardPart(of: store.entries[index]), moment = part.lowerBound - shard.lowerBound
-        let (values, rounded, gradients) = (store.values, store.bfloat16Values, store.gradients)
-        let (first, second) = (firstMoment + moment, secondMoment + moment)
-        let (beta1, beta2) = (T(settings.beta1), T(settings.beta2))
-        // Memory-bound: in a one-process run the pinned threads share the large entries.
-        BLASInfo.splitElementwise(part.count) { begin, end in
-            let at = part.lowerBound + begin
-            AdamW.updateRange(values: values + at, rounded: rounded.map { $0 + at }, gradients: gradients + at,
-                              first: first + begin, second: second + begin, count: end - begin,
-                              beta1: beta1, beta2: beta2, stepSize: update.stepSize, epsilon: update.epsilon, decay: update.decay,
-                              gradientScale: update.gradientScale, clearing: update.clearing)
-        }
-    }
-
-    /// The constants of one entry's scheduled update.
-    struct EntryUpdate {
-        var stepSize, epsilon, decay, gradientScale: T
-        var clearing: Bool
     }
 
     /// values, gradients, first, second: [count]. Weight decay is applied as p *= (1 - lr λ)

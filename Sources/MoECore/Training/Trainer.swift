@@ -34,14 +34,6 @@ public final class Trainer {
     var inputs: [Int32] = [], targets: [Int32] = []
     /// The last update zeroed every gradient as it read it: the next step skips its zeroing pass.
     var gradientsCleared = false
-    /// Leaves each step's update to the next step's forward (`DeferredUpdate`), which applies
-    /// every parameter's just before reading it and runs the rest while it waits for slower
-    /// ranks. For loops that run step after step (`TrainingRun`, the benchmark): between steps
-    /// the parameters are then not current until `completeUpdate()`. Off, `trainStep` returns
-    /// with the update applied.
-    public var defersUpdates = false
-    /// The step's AdamW update over both stores, applied at once or by the next forward.
-    let update: DeferredUpdate
 
     /// trainFiles: the training shards (at least one); validationFiles: none for no validation.
     public init(config: RunConfig, communicator: Communicator, trainFiles: [TokenFile], validationFiles: [TokenFile]) throws {
@@ -61,8 +53,6 @@ public final class Trainer {
         replicatedOptimizer = AdamW(store: model.replicated, settings: settings, shard: sync.optimizerShard)
         expertOptimizer = AdamW(store: model.experts, settings: settings)
         expertOptimizer.gradientsOverwritten = Set(model.moeLayers.flatMap(\.weightGradientEntries))
-        update = DeferredUpdate(replicated: replicatedOptimizer, experts: expertOptimizer)
-        model.updates = update
         schedule = LearningRateSchedule(train)
         routingKey = RandomKey(UInt64(train.seed)).derive("routing")
         recipe = EvoMoERecipe(resolved)
@@ -89,8 +79,6 @@ public final class Trainer {
     public func trainStep() throws -> StepReport {
         _ = model.takeProfile()   // drop time an evaluation may have left behind
         let started = Clock.nanoseconds(), step = state.attempted, phase = self.phase
-        // A deferred update reads gradients it zeroes itself (see below); none are zeroed before.
-        precondition(!update.isPending || gradientsCleared, "a deferred update must find its gradients")
         if !gradientsCleared { model.zeroGradients() }
         gradientsCleared = false
         prepareGates()
@@ -98,12 +86,13 @@ public final class Trainer {
         for layer in model.moeLayers { layer.settleWeightGradients() }
         try hooks?.reached(.gradientsReady(model.replicated.gradients), step: step)
         heartbeat.beat("gradient all-reduce", step: step)
-        let waiting = try hooks?.waitForSlowestRank(communicator, filling: nil) ?? 0
+        let waiting = try hooks?.waitForSlowestRank(communicator) ?? 0
         let (lossSum, gradientNorm) = try sync.sumGradients(model, localLossSum: pass.lossSum)
         let learningRate = schedule.learningRate(at: step)
         let applies = try nonFinite.admits(lossSum: lossSum, gradientNorm: gradientNorm, step: step) {
             NonFiniteGuard.locate(in: model, loss: lossSum, rank: communicator.rank)
         }
+        var optimizerSeconds = 0.0
         if applies {
             heartbeat.beat("optimizer", step: step)
             let clip = config.train.gradClip, scale = clip > 0 && gradientNorm > clip ? clip / gradientNorm : 1
@@ -111,19 +100,18 @@ public final class Trainer {
             // next step then skips its zeroing pass; the experts' weights it leaves to be
             // overwritten by the next backward); else the next step zeroes them.
             let clearing = replicatedOptimizer.visitsEveryGradient && expertOptimizer.visitsEveryGradient
-            update.schedule(learningRate: learningRate, gradientScale: scale, clearingGradients: clearing)
-            // Deferred only when it zeroes every gradient it reads: the next step then has no
-            // zeroing pass that could run before it (nor a ZeRO all-gather after it).
-            if !(defersUpdates && clearing) { update.applyAll() }
+            Clock.measure(&optimizerSeconds) {
+                replicatedOptimizer.update(learningRate: learningRate, gradientScale: scale, clearingGradients: clearing)
+                expertOptimizer.update(learningRate: learningRate, gradientScale: scale, clearingGradients: clearing)
+            }
             gradientsCleared = clearing
             if clearing { for layer in model.moeLayers { layer.expectOverwrittenWeightGradients() } }
             try sync.shareUpdatedValues(model)
         }
         if config.train.consistencyCheckEvery > 0 && (step + 1) % config.train.consistencyCheckEvery == 0 {
-            update.applyAll()
             try sync.measure { try replicaCheck.verify(model, afterStep: step + 1) }
         }
-        let profile = stepProfile(started: started, waiting: waiting, optimizer: update.takeSeconds())
+        let profile = stepProfile(started: started, waiting: waiting, optimizer: optimizerSeconds)
         let report = StepReport(step: step, loss: lossSum / Double(globalBatchTokens), auxiliaryLoss: pass.auxiliary,
                                 learningRate: learningRate, gradientNorm: gradientNorm, moeLayers: pass.layers, profile: profile,
                                 temperature: model.temperature(afterUpdates: state.applied), phase: phase, skipped: !applies)
@@ -154,7 +142,6 @@ public final class Trainer {
         state.attempted += 1
         if report.skipped { state.skipped += 1 }
         if state.attempted == recipe.spawnStep {
-            completeUpdate()
             try recipe.spawnExperts(model, seed: config.train.seed, optimizers: (replicatedOptimizer, expertOptimizer), sync: sync)
         }
     }
@@ -191,14 +178,6 @@ public final class Trainer {
         return (lossSum, auxiliary, layers)
     }
 
-    /// Applies what is left of a deferred update (`defersUpdates`): afterwards every parameter,
-    /// AdamW moment and step count is what `trainStep` would have left without deferring. Its
-    /// time counts as training time.
-    public func completeUpdate() {
-        update.applyAll()
-        state.trainingSeconds += update.takeSeconds()
-    }
-
     /// Parameters a gate freezes in its current phase (StableMoE's stage 2: no updates, no decay).
     func prepareGates() {
         for layer in model.moeLayers {
@@ -225,7 +204,6 @@ public final class Trainer {
     /// (`train.eval_batches` global batches), with the evaluation capacity factor.
     public func evaluate(batches: Int? = nil) throws -> Double? {
         guard let validationData else { return nil }
-        completeUpdate()
         return try Evaluation.loss(model: model, data: validationData, batches: batches ?? config.train.evalBatches,
                                    batchSize: batchSize, communicator: communicator, step: state.attempted)
     }
