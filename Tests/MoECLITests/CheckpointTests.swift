@@ -103,11 +103,16 @@ final class CheckpointTests: XCTestCase {
         let computeResumed = try readMetrics(workspace.path("\(run)/metrics.jsonl")).last?.trainingFlops
         XCTAssertNotNil(computeStraight, file: file, line: line)
         XCTAssertEqual(computeStraight, computeResumed, "\(run): training compute after resume", file: file, line: line)
-        let final = "/checkpoints/step_00000020/"
-        for name in try FileManager.default.contentsOfDirectory(atPath: workspace.path(straight + final)) where name.hasSuffix(".safetensors") {
-            XCTAssertEqual(FileManager.default.contents(atPath: workspace.path(straight + final + name)),
-                           FileManager.default.contents(atPath: workspace.path(run + final + name)),
-                           "\(run), \(ranks) ranks: \(name) differs after resume", file: file, line: line)
+        try assertSameFinalFiles(workspace, straight, run, "\(run), \(ranks) ranks", file: file, line: line)
+    }
+
+    /// Every safetensors file of the step-20 checkpoints of runs `straight` and `run` is the same.
+    func assertSameFinalFiles(_ workspace: Workspace, _ straight: String, _ run: String, _ label: String,
+                              file: StaticString = #filePath, line: UInt = #line) throws {
+        let final = "/checkpoints/step_00000020/", files = FileManager.default
+        for name in try files.contentsOfDirectory(atPath: workspace.path(straight + final)) where name.hasSuffix(".safetensors") {
+            XCTAssertEqual(files.contents(atPath: workspace.path(straight + final + name)), files.contents(atPath: workspace.path(run + final + name)),
+                           "\(label): \(name) differs after resume", file: file, line: line)
         }
     }
 
@@ -128,11 +133,7 @@ final class CheckpointTests: XCTestCase {
         let expected = try losses(workspace, "straight"), again = try losses(workspace, "again")
         XCTAssertEqual(expected.count, 20)
         for step in 10..<20 { XCTAssertEqual(expected[step], again[step], "step \(step): not bit-identical") }
-        let final = "/checkpoints/step_00000020/"
-        for name in try files.contentsOfDirectory(atPath: workspace.path("straight" + final)) where name.hasSuffix(".safetensors") {
-            XCTAssertEqual(files.contents(atPath: workspace.path("straight" + final + name)),
-                           files.contents(atPath: workspace.path("again" + final + name)), "\(name) differs after resume")
-        }
+        try assertSameFinalFiles(workspace, "straight", "again", "resumed from the periodic checkpoint")
     }
 
     /// State outside the parameters survives a resume: ReLU routing's adaptive λ (the gate
