@@ -194,7 +194,7 @@ public struct CausalSelfAttention<T: Scalar> {
     /// with `rounded` (bf16 mode, T = Float), each row's bf16 copy too, while the row is in cache.
     private func causalSoftmax(_ scores: UnsafeMutablePointer<T>, rows: Int, length: Int,
                                rounded: UnsafeMutablePointer<BFloat16>? = nil) {
-        if T.self == Float.self && length % 16 == 0 {
+        if usesRowKernels(length: length) {
             return forEachRow(rows: rows, length: length) { row, rounding in
                 FloatKernels.causalSoftmaxRow(asFloat(scores) + row * length, visible: row % length + 1, length: length,
                                               rounded: rounded.map { $0 + row * length }, rounding: rounding)
@@ -209,7 +209,7 @@ public struct CausalSelfAttention<T: Scalar> {
     /// the probabilities of the same rows; with `rounded`, each row's bf16 copy too.
     private func causalSoftmaxBackward(probabilities: UnsafePointer<T>, _ dScores: UnsafeMutablePointer<T>, rows: Int, length: Int,
                                        rounded: UnsafeMutablePointer<BFloat16>? = nil) {
-        if T.self == Float.self && length % 16 == 0 {
+        if usesRowKernels(length: length) {
             return forEachRow(rows: rows, length: length) { row, rounding in
                 FloatKernels.causalSoftmaxBackwardRow(probabilities: asFloat(probabilities) + row * length, asFloat(dScores) + row * length,
                                                       visible: row % length + 1, length: length,
@@ -220,6 +220,10 @@ public struct CausalSelfAttention<T: Scalar> {
             Kernels.softmaxBackwardRow(probabilities: probabilities + row * length, dRow, count: visible)
         }
     }
+
+    /// Whether the causal softmax and its adjoint run each row as one masked vector kernel
+    /// (`FloatKernels.causalSoftmaxRow`: Float rows of whole 16-lane blocks); else row by row.
+    private func usesRowKernels(length: Int) -> Bool { T.self == Float.self && length % 16 == 0 }
 
     /// `body(row, rounding)` on every row, rows split over one process's threads (the Float
     /// rows of whole 16-lane blocks, whose kernels mask, zero and round each row themselves).

@@ -331,8 +331,8 @@ public final class MoELayer<T: Scalar> {
     /// (complete: every source's rows are included). The backlog calls it.
     func runWeightGradient(ofExpert local: Int, projection: FeedForward<T, ExpertSharded>.Projection) {
         let start = plan.rowsPerLocalExpert[..<local].reduce(0, +), count = plan.rowsPerLocalExpert[local]
-        let stale = staleWeightGradients[staleIndex(local, projection)]
-        staleWeightGradients[staleIndex(local, projection)] = false
+        let flag = staleIndex(local, projection), stale = staleWeightGradients[flag]
+        staleWeightGradients[flag] = false
         measure(\.experts) {
             experts[local].backwardWeights(of: projection, expertInput.row(start), dExpertOutput.row(start), rows: count,
                                            hidden: expertHidden(fromRow: start), scratch: dHidden.row(start), accumulate: !stale)

@@ -141,9 +141,11 @@ public enum Benchmark {
         // The replicated parameters' optimizer state on this rank (about halved on 2 ranks by train.shard_optimizer).
         let optimizerState = replicatedOptimizerStateBytes(trainer) / 1_048_576
         object.add("replicated_optimizer_state_mib", (try communicator.allReduce(optimizerState, op: .max) * 10).rounded() / 10)
-        object.add("step_ms", (seconds / Double(steps) * 1e4).rounded() / 10)
+        // Seconds summed over the timed steps, as milliseconds a step to 0.1 ms.
+        let millisecondsPerStep = { (total: Double) in (total / Double(steps) * 1e4).rounded() / 10 }
+        object.add("step_ms", millisecondsPerStep(seconds))
         var parts = JSONObject()
-        for (name, value) in mean.parts { parts.add(name, (value / Double(steps) * 1e4).rounded() / 10) }
+        for (name, value) in mean.parts { parts.add(name, millisecondsPerStep(value)) }
         object.addRaw("step_ms_by_part", parts.text)
         // Where the waiting was: at the MoE exchanges of forward (the return of the experts'
         // results, mostly), of backward (what the deferred weight gradients left), or before the
@@ -152,14 +154,14 @@ public enum Benchmark {
         var waits = JSONObject()
         for (name, value) in [("forward_exchanges", mean.waitingInForward), ("backward_exchanges", mean.waitingInBackward),
                               ("gradient_sync", mean.waitingForGradients)] {
-            waits.add(name, (value / Double(steps) * 1e4).rounded() / 10)
+            waits.add(name, millisecondsPerStep(value))
         }
         object.addRaw("waiting_ms_by_place", waits.text)
         // Transfers (all-to-alls and all-reduces): from start to completion, and the part of it
         // a rank spent blocked (equal while every transfer is blocking).
         var communication = JSONObject()
-        communication.add("total", (mean.totalCommunication / Double(steps) * 1e4).rounded() / 10)
-        communication.add("exposed", (mean.exposedCommunication / Double(steps) * 1e4).rounded() / 10)
+        communication.add("total", millisecondsPerStep(mean.totalCommunication))
+        communication.add("exposed", millisecondsPerStep(mean.exposedCommunication))
         object.addRaw("communication_ms", communication.text)
         // The MoE exchanges' bytes a rank sends to other ranks per step (forward and backward,
         // mean over ranks): what group-limited routing bounds.
