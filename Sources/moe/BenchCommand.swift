@@ -16,9 +16,10 @@ struct BenchCommand: ParsableCommand {
             fp32, oneDNN fp32 and, where the CPU has it, oneDNN bf16; summed over ranks), fp32_peak_gflops and
             bf16_peak_gflops (the best kernel of each), kernels (which kernel the products used), kernel_choice (the
             start-up measurement and decision), precision, mfu (achieved / the best peak of the precision trained in),
-            warning (when the products' kernel runs more than 10% below the best one of its precision; also on stderr),
-            peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks), waiting_ms_by_place (the
-            waiting part at the forward MoE exchanges, the backward ones, and before the gradient sums).
+            warning (when the products' kernel runs more than 10% below the best one of its precision on the model's
+            products, forward and both gradients, as measured at start; also on stderr), peak_rss_mib (largest rank),
+            step_ms and step_ms_by_part (mean over ranks), waiting_ms_by_place (the waiting part at the forward MoE
+            exchanges, the backward ones, and before the gradient sums).
             With --precision both, one object {"fp32": {...}, "bf16": {...}, "bf16_speedup": tokens/s ratio}, both runs
             in the same process after the same peak measurements.
             """)
@@ -80,7 +81,8 @@ struct BenchCommand: ParsableCommand {
                 let trainer = try Trainer(config: config, communicator: communicator, trainFiles: trainFiles, validationFiles: [])
                 if let kernels = trainer.model.kernels { Runtime.note(kernels.summary, communicator: communicator) }
                 let result = try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: &peaks)
-                if let warning = Benchmark.kernelWarning(Benchmark.kernel(of: trainer.model), peaks: peaks) {
+                if let measured = trainer.model.kernels?.measurement,
+                   let warning = Benchmark.kernelWarning(Benchmark.kernel(of: trainer.model), measured: measured) {
                     Runtime.note(warning, communicator: communicator)
                 }
                 return result

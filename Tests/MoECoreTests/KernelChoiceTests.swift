@@ -96,21 +96,46 @@ final class KernelChoiceTests: XCTestCase {
     }
 
     /// MFU's denominator is the best peak of the precision trained in over every kernel, not the
-    /// chosen kernel's own peak; a kernel more than 10% below the best is named in a warning.
+    /// chosen kernel's own peak.
     func testMFUIsAgainstTheBestKernelOfThePrecision() {
         let peaks = Benchmark.Peaks(byKernel: [.openBLASFP32: 66, .oneDNNFP32: 336, .oneDNNBF16: 150])
         XCTAssertEqual(peaks.best(.fp32), 336)
         XCTAssertEqual(peaks.best(.bf16), 150)
-        let warning = Benchmark.kernelWarning(.openBLASFP32, peaks: peaks)
-        XCTAssertNotNil(warning)
-        XCTAssertTrue(warning!.contains("openblas_fp32 at 66.0 GFLOP/s, 80% below onednn_fp32 (336.0)"), warning!)
-        XCTAssertNil(Benchmark.kernelWarning(.oneDNNFP32, peaks: peaks))
-        let near = Benchmark.Peaks(byKernel: [.openBLASFP32: 310, .oneDNNFP32: 336])
-        XCTAssertNil(Benchmark.kernelWarning(.openBLASFP32, peaks: near), "within 10% of the best")
         // A second measurement (moe bench measures again after its steps): each kernel keeps its
         // faster figure, so a slow window cannot lower the denominator.
         let again = peaks.merged(with: Benchmark.Peaks(byKernel: [.openBLASFP32: 70, .oneDNNFP32: 280]))
         XCTAssertEqual(again.byKernel, [.openBLASFP32: 70, .oneDNNFP32: 336, .oneDNNBF16: 150])
+    }
+
+    /// A kernel more than 10% below the best of its precision on the model's products (the
+    /// start-up measurement: forward and both gradients) is named in a warning; the faster one,
+    /// one within 10%, and the only bf16 kernel are not.
+    func testASlowChosenKernelIsNamedInAWarning() {
+        let generic = KernelMeasurement(openBLASFP32: 33, oneDNNFP32: 165, oneDNNBF16: 77)
+        let warning = Benchmark.kernelWarning(.openBLASFP32, measured: generic)
+        XCTAssertNotNil(warning)
+        XCTAssertTrue(warning!.contains("openblas_fp32 at 33.0 GFLOP/s per rank, 80% below onednn_fp32 (165.0)"), warning!)
+        XCTAssertNil(Benchmark.kernelWarning(.oneDNNFP32, measured: generic))
+        XCTAssertNil(Benchmark.kernelWarning(.oneDNNBF16, measured: generic), "bf16 has one kernel")
+        let near = KernelMeasurement(openBLASFP32: 152, oneDNNFP32: 165, oneDNNBF16: nil)
+        XCTAssertNil(Benchmark.kernelWarning(.openBLASFP32, measured: near), "within 10% of the best")
+    }
+
+    /// The choice times every product a step runs on each shape (forward, input gradient, weight
+    /// gradient), the peak only the forward one: the cache key says which.
+    func testTheChoiceTimesTheGradientProductsToo() throws {
+        let shape = SIMD3(64, 48, 32)
+        let forward = StepProduct.forward.gemm(shape), input = StepProduct.inputGradient.gemm(shape)
+        let weight = StepProduct.weightGradient.gemm(shape)
+        XCTAssertEqual([forward.m, forward.n, forward.k], [64, 48, 32])
+        XCTAssertEqual([input.m, input.n, input.k], [64, 32, 48])
+        XCTAssertTrue(input.transposeB && !input.transposeA)
+        XCTAssertEqual([weight.m, weight.n, weight.k], [32, 48, 64])
+        XCTAssertTrue(weight.transposeA && weight.beta == 1 && !weight.roundsLeft)
+        XCTAssertTrue(KernelCache.key(shapes: ProductShapes(shapes: [shape])).hasSuffix("|64x48x32|forward+gradients"))
+        let all = try KernelMeasurement.measure(shapes: ProductShapes(shapes: [shape]), budget: 0.001)
+        XCTAssertGreaterThan(all.openBLASFP32, 0)
+        XCTAssertGreaterThan(all.oneDNNFP32, 0)
     }
 
     /// The cache: a measurement written is read back under its key; a damaged file is empty.

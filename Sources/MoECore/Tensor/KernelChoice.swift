@@ -56,7 +56,8 @@ public struct KernelChoice: Sendable, Equatable {
             }
         }
         let kernelName = precision == .bf16 ? "oneDNN" : (floatKernel == .onednn ? "oneDNN" : "OpenBLAS")
-        let summary = "products: \(precision.rawValue) on \(kernelName); precision \(reason); measured on the model's shapes, "
+        let summary = "products: \(precision.rawValue) on \(kernelName); precision \(reason); measured on the model's shapes "
+            + "(forward and both gradients), "
             + "GFLOP/s per rank: \(measurement.description)"
         return KernelChoice(precision: precision, floatKernel: floatKernel, measurement: measurement, summary: summary)
     }
@@ -89,6 +90,31 @@ public struct ProductShapes: Sendable, Hashable, CustomStringConvertible {
     public var description: String { shapes.map { "\($0[0])x\($0[1])x\($0[2])" }.joined(separator: ",") }
 }
 
+/// The three products of a linear layer's training step on a shape (m, n, k), x [m, k] times
+/// W [k, n]: y = x W, dx = dy Wᵀ ([m, n] x [n, k]) and dW += xᵀ dy ([k, m] x [m, n]).
+public enum StepProduct: CaseIterable, Sendable {
+    case forward, inputGradient, weightGradient
+
+    /// One product as a row-major GEMM; `roundsLeft`: in bf16 a step rounds its left operand
+    /// for it (the weight gradient reads the copies the other two made).
+    struct GEMM {
+        var transposeA = false
+        var transposeB = false
+        var m: Int, n: Int, k: Int
+        var beta: Float = 0
+        var roundsLeft = true
+    }
+
+    func gemm(_ shape: SIMD3<Int>) -> GEMM {
+        let (m, n, k) = (shape[0], shape[1], shape[2])
+        return switch self {
+        case .forward: GEMM(m: m, n: n, k: k)
+        case .inputGradient: GEMM(transposeB: true, m: m, n: k, k: n)
+        case .weightGradient: GEMM(transposeA: true, m: k, n: n, k: m, beta: 1, roundsLeft: false)
+        }
+    }
+}
+
 /// Measured speeds of the candidate kernels on one set of shapes, GFLOP/s per rank.
 public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConvertible {
     public var openBLASFP32: Double
@@ -113,46 +139,54 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
                       BLASInfo.coreName, openBLASFP32, oneDNNFP32, bf16, source)
     }
 
-    /// Times each kernel over `shapes`: best of several runs per shape, each kernel given about
-    /// `budget` seconds. bf16 includes rounding the activation operand, as a step does (the
-    /// weights' copy exists), unless `roundingActivations` is false (the kernel's own peak).
-    public static func measure(shapes: ProductShapes, budget: Double = 0.08, roundingActivations: Bool = true) throws -> KernelMeasurement {
+    /// Times each kernel over `shapes`, each shape's `products` (by default all three a training
+    /// step runs: a library fast forward can be slow on a transposed operand, as oneDNN's fp32
+    /// weight gradients are on AVX2): best of several runs per product, each kernel given about
+    /// `budget` seconds. bf16 includes rounding the activation operand of the forward and input
+    /// gradient products, as a step does (the weights' copy exists, and the weight gradient reads
+    /// copies made for the other two), unless `roundingActivations` is false (the kernel's own peak).
+    public static func measure(shapes: ProductShapes, products: [StepProduct] = StepProduct.allCases, budget: Double = 0.08,
+                               roundingActivations: Bool = true) throws -> KernelMeasurement {
         let matmul = try OneDNNMatmul(precision: .fp32)
-        let largest = shapes.shapes.reduce(0) { max($0, $1[0] * $1[2], $1[2] * $1[1]) }
+        let largest = shapes.shapes.reduce(0) { max($0, $1[0] * $1[2], $1[2] * $1[1], $1[0] * $1[1]) }
         let a = Tensor<Float>(rows: largest, columns: 1), b = Tensor<Float>(rows: largest, columns: 1)
-        let c = Tensor<Float>(rows: shapes.shapes.reduce(0) { max($0, $1[0] * $1[1]) }, columns: 1)
+        let c = Tensor<Float>(rows: largest, columns: 1)
         for index in 0..<largest { a.pointer[index] = Float(index % 7) * 0.01; b.pointer[index] = Float(index % 5) * 0.01 }
         let weights = BFloat16Buffer(), activations = BFloat16Buffer()
         weights.round(b.pointer, count: largest)
         activations.round(a.pointer, count: largest)
-        func speed(_ product: (SIMD3<Int>) -> Void) -> Double {
+        let runs = shapes.shapes.flatMap { shape in products.map { $0.gemm(shape) } }
+        func speed(_ product: (StepProduct.GEMM) -> Void) -> Double {
             var seconds = 0.0
-            for shape in shapes.shapes {
-                product(shape)   // warm-up: primitive creation, packing buffers
-                var best = Double.infinity, spent = 0.0, runs = 0
-                while runs < 3 || (spent < budget / Double(shapes.shapes.count) && runs < 50) {
+            for gemm in runs {
+                product(gemm)   // warm-up: primitive creation, packing buffers
+                var best = Double.infinity, spent = 0.0, repeats = 0
+                while repeats < 3 || (spent < budget / Double(runs.count) && repeats < 50) {
                     let started = Clock.nanoseconds()
-                    product(shape)
+                    product(gemm)
                     let elapsed = Double(Clock.nanoseconds() - started) * 1e-9
                     best = min(best, elapsed)
                     spent += elapsed
-                    runs += 1
+                    repeats += 1
                 }
                 seconds += best
             }
-            return shapes.flops / seconds / 1e9
+            return shapes.flops * Double(products.count) / seconds / 1e9
         }
-        let openBLAS = speed { shape in
-            gemm(m: shape[0], n: shape[1], k: shape[2], a: UnsafePointer(a.pointer), b: UnsafePointer(b.pointer), c: c.pointer)
+        let openBLAS = speed { g in
+            gemm(transposeA: g.transposeA, transposeB: g.transposeB, m: g.m, n: g.n, k: g.k,
+                 a: UnsafePointer(a.pointer), b: UnsafePointer(b.pointer), beta: g.beta, c: c.pointer)
         }
-        let oneDNN = speed { shape in
-            matmul.gemm(m: shape[0], n: shape[1], k: shape[2], a: UnsafePointer(a.pointer), b: UnsafePointer(b.pointer), c: c.pointer)
+        let oneDNN = speed { g in
+            matmul.gemm(transposeA: g.transposeA, transposeB: g.transposeB, m: g.m, n: g.n, k: g.k,
+                        a: UnsafePointer(a.pointer), b: UnsafePointer(b.pointer), beta: g.beta, c: c.pointer)
         }
         var bf16: Double?
         if BFloat16Support.current.supported {
-            bf16 = speed { shape in
-                let left = roundingActivations ? matmul.left.round(a.pointer, count: shape[0] * shape[2]) : activations.pointer
-                matmul.gemm(m: shape[0], n: shape[1], k: shape[2], a: UnsafePointer(left), b: UnsafePointer(weights.pointer), c: c.pointer)
+            bf16 = speed { g in
+                let left = roundingActivations && g.roundsLeft ? matmul.left.round(a.pointer, count: g.m * g.k) : activations.pointer
+                matmul.gemm(transposeA: g.transposeA, transposeB: g.transposeB, m: g.m, n: g.n, k: g.k,
+                            a: UnsafePointer(left), b: UnsafePointer(weights.pointer), beta: g.beta, c: c.pointer)
             }
         }
         return KernelMeasurement(openBLASFP32: openBLAS, oneDNNFP32: oneDNN, oneDNNBF16: bf16)
@@ -208,9 +242,10 @@ public struct KernelCache {
         }
     }
 
-    /// What makes figures comparable: the CPU, the libraries' kernels, and the shapes.
+    /// What makes figures comparable: the CPU, the libraries' kernels, the shapes and the products
+    /// timed (entries from before the gradients' products were timed are measured again).
     public static func key(shapes: ProductShapes) -> String {
-        "\(cpuModel)|OpenBLAS \(BLASInfo.coreName)|oneDNN \(BFloat16Support.current.isa)|\(shapes)"
+        "\(cpuModel)|OpenBLAS \(BLASInfo.coreName)|oneDNN \(BFloat16Support.current.isa)|\(shapes)|forward+gradients"
     }
 
     static var cpuModel: String {
