@@ -72,9 +72,10 @@ func projectedLoss(_ y: Tensor<Double>, _ projection: Tensor<Double>) -> Double 
 
 extension GradientChecker {
     /// Checks every parameter of `store` (which holds `attention`'s only) and the input of
-    /// `attention` over 2 sequences of 5 tokens against finite differences of Σ y ⊙ R.
-    func checkAttention(_ attention: CausalSelfAttention<Double>, store: ParameterStore<Double, Replicated>, label: String = "") {
-        let (batch, length, width) = (2, 5, attention.projection.inputSize), rows = 10
+    /// `attention` over 2 sequences of `length` tokens against finite differences of Σ y ⊙ R.
+    func checkAttention(_ attention: CausalSelfAttention<Double>, store: ParameterStore<Double, Replicated>, label: String = "",
+                        length: Int = 5) {
+        let (batch, width) = (2, attention.projection.inputSize), rows = batch * length
         let x = randomTensor(rows: rows, columns: width, seed: 9), projection = randomTensor(rows: rows, columns: width, seed: 10)
         let y = Tensor<Double>(rows: rows, columns: width), dx = Tensor<Double>(rows: rows, columns: width)
         let cache = CausalSelfAttention<Double>.Cache()

@@ -91,6 +91,17 @@ final class LayerGradientTests: XCTestCase {
         checker.checkAttention(attention, store: store)
     }
 
+    /// At 16 tokens the per-head products run over two query blocks, each against the keys it
+    /// can see (`causalBlocks`): the gradients still match finite differences.
+    func testCausalSelfAttentionOverQueryBlocks() {
+        XCTAssertEqual(CausalSelfAttention<Double>.causalBlocks(length: 16), 2)
+        let store = ParameterStore<Double, Replicated>()
+        let attention = CausalSelfAttention(store: store, path: ParameterPath("attention", role: .attention), width: 8, heads: 2, residualDeviation: 0.3)
+        store.initialize(key: RandomKey(8))
+        for i in 0..<24 { attention.qkv.bias!.value[i] = 0.01 * Double(i) }
+        checker.checkAttention(attention, store: store, length: 16)
+    }
+
     /// The tiled path (T = 11 over tiles of 3: partial last tiles, diagonal tiles, rows whose
     /// running max changes across tiles) equals the full path's outputs, and its backward (which
     /// recomputes the probabilities) passes the finite-difference check.

@@ -5,8 +5,9 @@ import MoEIO
 /// Shapes: B sequences of T tokens, C = width, nh heads of hd = C / nh.
 /// x: [B*T, C] -> qkv: [B*T, 3C] (row = q | k | v, head h in columns h*hd ..< (h+1)*hd of each)
 /// -> probabilities: [B*nh*T, T] -> heads: [B*T, C] -> out: [B*T, C].
-/// On OpenBLAS (fp32): every product is one GEMM per (sequence, head) on strided views: no
-/// transposes, no copies. On oneDNN (fp32, or bf16 on the rounded QKV rows): each product is one
+/// On OpenBLAS (fp32, and Double for the gradient checks): every product is one GEMM per
+/// (sequence, head) and half of the queries on strided views (no transposes, no copies), each
+/// half against the keys it can see (`causalBlocks`). On oneDNN (fp32, or bf16 on the rounded QKV rows): each product is one
 /// batched matmul over all (sequence, head) pairs on the same strided views (per-pair products
 /// of 128 x 128 x 64 are too small to run at speed one by one), per half of the queries, each
 /// half against the keys it can see (`causalBlocks`).
@@ -107,18 +108,25 @@ public struct CausalSelfAttention<T: Scalar> {
             }
             return projectHeads(rows: rows, into: out, cache: cache)
         }
+        // Per (sequence, head), over the query blocks of `causalBlocks` as the batched path does.
+        let blocks = Self.causalBlocks(length: length), size = length / blocks
         for b in 0..<batch {
             for h in 0..<heads {
                 let q = cache.qkv.pointer + b * length * 3 * width + h * headSize
                 let k = q + width, v = q + 2 * width
                 let scores = cache.probabilities.pointer + (b * heads + h) * length * length
-                // scores[t, j] = scale * q_t · k_j
-                gemm(transposeB: true, m: length, n: length, k: headSize, alpha: scale,
-                     a: q, lda: 3 * width, b: k, ldb: 3 * width, c: scores)
+                let headOutputs = cache.headOutputs.pointer + b * length * width + h * headSize
+                // scores[t, j] = scale * q_t · k_j, for the keys j < (block + 1) size
+                for first in stride(from: 0, to: length, by: size) {
+                    gemm(transposeB: true, m: size, n: first + size, k: headSize, alpha: scale,
+                         a: q + first * 3 * width, lda: 3 * width, b: k, ldb: 3 * width, c: scores + first * length, ldc: length)
+                }
                 causalSoftmax(scores, rows: length, length: length)
                 // heads[t, h] = Σ_j p[t, j] v_j
-                gemm(m: length, n: headSize, k: length, a: scores, lda: length, b: v, ldb: 3 * width,
-                     c: cache.headOutputs.pointer + b * length * width + h * headSize, ldc: width)
+                for first in stride(from: 0, to: length, by: size) {
+                    gemm(m: size, n: headSize, k: first + size, a: scores + first * length, lda: length, b: v, ldb: 3 * width,
+                         c: headOutputs + first * width, ldc: width)
+                }
             }
         }
         projectHeads(rows: rows, into: out, cache: cache)
@@ -165,29 +173,39 @@ public struct CausalSelfAttention<T: Scalar> {
             }
             return projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
         }
-        let dScores = cache.dScores.pointer
         for b in 0..<batch {
-            for h in 0..<heads {
-                let offset = b * length * 3 * width + h * headSize
-                let q = cache.qkv.pointer + offset, k = q + width, v = q + 2 * width
-                let dq = cache.dQKV.pointer + offset, dk = dq + width, dv = dq + 2 * width
-                let probabilities = cache.probabilities.pointer + (b * heads + h) * length * length
-                let dHeads = cache.dHeadOutputs.pointer + b * length * width + h * headSize
-                // heads = P V  =>  dP = dHeads Vᵀ, dV += Pᵀ dHeads
-                gemm(transposeB: true, m: length, n: length, k: headSize, a: dHeads, lda: width, b: v, ldb: 3 * width,
-                     c: dScores)
-                gemm(transposeA: true, m: length, n: headSize, k: length, a: probabilities, lda: length,
-                     b: dHeads, ldb: width, beta: 1, c: dv, ldc: 3 * width)
-                // P = softmax(S) over j <= t
-                causalSoftmaxBackward(probabilities: probabilities, dScores, rows: length, length: length)
-                // S = scale Q Kᵀ  =>  dQ += scale dS K, dK += scale dSᵀ Q
-                gemm(m: length, n: headSize, k: length, alpha: scale, a: dScores, lda: length, b: k, ldb: 3 * width,
-                     beta: 1, c: dq, ldc: 3 * width)
-                gemm(transposeA: true, m: length, n: headSize, k: length, alpha: scale, a: dScores, lda: length,
-                     b: q, ldb: 3 * width, beta: 1, c: dk, ldc: 3 * width)
-            }
+            for h in 0..<heads { backwardPair(b, h, length: length, scale: scale, cache: cache) }
         }
         projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
+    }
+
+    /// Backward of one (sequence, head) pair on strided views (OpenBLAS, Double), from dHeads to
+    /// dQKV (added), over the query blocks of `causalBlocks`: dP and dQ by query block (keys
+    /// [0, (i+1)·bs)), dV and dK by key block j (queries [j·bs, T)), as `backwardBatched`.
+    private func backwardPair(_ b: Int, _ h: Int, length: Int, scale: T, cache: Cache) {
+        let width = projection.inputSize, headSize = width / heads, qkvRow = 3 * width
+        let blocks = Self.causalBlocks(length: length), size = length / blocks
+        let offset = b * length * qkvRow + h * headSize, dScores = cache.dScores.pointer
+        let q = cache.qkv.pointer + offset, k = q + width, v = q + 2 * width
+        let dq = cache.dQKV.pointer + offset, dk = dq + width, dv = dq + 2 * width
+        let probabilities = cache.probabilities.pointer + (b * heads + h) * length * length
+        let dHeads = cache.dHeadOutputs.pointer + b * length * width + h * headSize
+        // heads = P V  =>  dP = dHeads Vᵀ, dV += Pᵀ dHeads
+        for first in stride(from: 0, to: length, by: size) {
+            gemm(transposeB: true, m: size, n: first + size, k: headSize, a: dHeads + first * width, lda: width,
+                 b: v, ldb: qkvRow, c: dScores + first * length, ldc: length)
+            gemm(transposeA: true, m: size, n: headSize, k: length - first, a: probabilities + first * length + first, lda: length,
+                 b: dHeads + first * width, ldb: width, beta: 1, c: dv + first * qkvRow, ldc: qkvRow)
+        }
+        // P = softmax(S) over j <= t
+        causalSoftmaxBackward(probabilities: probabilities, dScores, rows: length, length: length)
+        // S = scale Q Kᵀ  =>  dQ += scale dS K, dK += scale dSᵀ Q
+        for first in stride(from: 0, to: length, by: size) {
+            gemm(m: size, n: headSize, k: first + size, alpha: scale, a: dScores + first * length, lda: length,
+                 b: k, ldb: qkvRow, beta: 1, c: dq + first * qkvRow, ldc: qkvRow)
+            gemm(transposeA: true, m: size, n: headSize, k: length - first, alpha: scale, a: dScores + first * length + first,
+                 lda: length, b: q + first * qkvRow, ldb: qkvRow, beta: 1, c: dk + first * qkvRow, ldc: qkvRow)
+        }
     }
 
     /// Causal softmax of every row of `scores` [B*nh*T, T] in place (row t keeps keys j <= t);
@@ -258,10 +276,11 @@ public struct CausalSelfAttention<T: Scalar> {
         transposed ? SIMD4(heads * length * length, length * length, 1, length) : SIMD4(heads * length * length, length * length, length, 1)
     }
 
-    /// Query blocks of the batched products: the causal mask zeroes the probabilities of block i
+    /// Query blocks of the per-head products: the causal mask zeroes the probabilities of block i
     /// against the keys of later blocks, so each block's products skip those keys: two halves do
-    /// 3/4 of the full T x T products (configs/bench.yaml, T 128: attention's products 1 ms a step
-    /// faster of 15; four blocks were no faster, their products being smaller).
+    /// 3/4 of the full T x T products (configs/bench.yaml, T 128, oneDNN's batched products:
+    /// attention's products 1 ms a step faster of 15; four blocks were no faster, their products
+    /// being smaller).
     static func causalBlocks(length: Int) -> Int { length % 2 == 0 && length >= 16 ? 2 : 1 }
 
     /// Batched forward of the per-head products on oneDNN: S = scale Q Kᵀ, P = softmax(S) (fp32),
