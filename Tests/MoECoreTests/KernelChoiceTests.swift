@@ -42,8 +42,9 @@ final class KernelChoiceTests: XCTestCase {
         XCTAssertEqual(try KernelChoice.decide(precision: .fp32, kernel: .onednn, measurement: tie, support: withBF16).floatKernel, .onednn)
     }
 
-    /// A model whose products run on oneDNN in fp32 (attention's batched path included) computes
-    /// the loss and gradients the OpenBLAS one does, up to summation order.
+    /// A model whose products run on oneDNN in fp32 (attention's batched path included), or only
+    /// attention's per-head products (`runHeadProducts`), computes the loss and gradients the
+    /// OpenBLAS one does, up to summation order.
     func testOneDNNFloatProductsMatchOpenBLAS() throws {
         var run = RunConfig()
         run.model.context = 16; run.model.width = 32; run.model.layers = 2; run.model.heads = 2; run.model.ffnHidden = 64
@@ -52,25 +53,51 @@ final class KernelChoiceTests: XCTestCase {
         run.train.precision = .fp32
         let tokens: [Int32] = (0..<64).map { Int32(($0 * 37 + $0 / 3) % 256) }
         let targets: [Int32] = tokens.map { ($0 + 1) % 256 }
-        var losses: [KernelSetting: Double] = [:], gradients: [KernelSetting: [Float]] = [:]
-        for kernel in [KernelSetting.openblas, .onednn] {
+        var losses: [String: Double] = [:], gradients: [String: [Float]] = [:]
+        for variant in ["openblas", "onednn", "heads"] {
+            let kernel: KernelSetting = variant == "onednn" ? .onednn : .openblas
             run.train.kernel = kernel
             let model = try GPTModel<Float>(run, vocabularySize: 256, communicator: SingleRankCommunicator())
             XCTAssertEqual(model.kernels?.floatKernel.rawValue, kernel.rawValue)
+            XCTAssertEqual(model.kernels?.headKernel.rawValue, kernel.rawValue, "a forced kernel runs every product")
             XCTAssertEqual(model.replicated.matmul != nil, kernel == .onednn)
+            if variant == "heads" { model.replicated.runHeadProducts(on: try OneDNNMatmul(precision: .fp32)) }
+            XCTAssertEqual(model.replicated.attentionMatmul != nil, variant != "openblas")
             model.initializeParameters(seed: 5)
             model.zeroGradients()
-            losses[kernel] = try model.forward(tokens: tokens, targets: targets, batch: 4, length: 16, training: true, globalTokens: 64,
+            losses[variant] = try model.forward(tokens: tokens, targets: targets, batch: 4, length: 16, training: true, globalTokens: 64,
                                                firstGlobalToken: 0, noiseKey: RandomKey(1)).localLoss
             try model.backward(globalTokens: 64)
-            gradients[kernel] = Array(UnsafeBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
+            gradients[variant] = Array(UnsafeBufferPointer(start: model.replicated.gradients, count: model.replicated.count))
                 + Array(UnsafeBufferPointer(start: model.experts.gradients, count: model.experts.count))
         }
-        XCTAssertEqual(losses[.openblas]!, losses[.onednn]!, accuracy: 1e-5)
-        let reference = gradients[.openblas]!, other = gradients[.onednn]!
-        let scale = reference.map { abs($0) }.max()!
+        let reference = gradients["openblas"]!, scale = reference.map { abs($0) }.max()!
         XCTAssertGreaterThan(scale, 0)
-        for (a, b) in zip(reference, other) { XCTAssertEqual(a, b, accuracy: 1e-4 * scale) }
+        for variant in ["onednn", "heads"] {
+            XCTAssertEqual(losses["openblas"]!, losses[variant]!, accuracy: 1e-5, variant)
+            XCTAssertNotEqual(gradients[variant]!, reference, "\(variant): another summation order")
+            for (a, b) in zip(reference, gradients[variant]!) { XCTAssertEqual(a, b, accuracy: 1e-4 * scale, variant) }
+        }
+    }
+
+    /// Attention's per-head products leave OpenBLAS for oneDNN's batched matmul only where it
+    /// measured at least 5% faster, under `kernel: auto`, while the other fp32 products stay on
+    /// OpenBLAS; bf16 and oneDNN fp32 run them batched anyway.
+    func testAttentionHeadProductsGoWhereTheyMeasureFaster() throws {
+        func choice(_ perHead: Double, _ batched: Double, kernel: KernelSetting = .auto, precision: PrecisionSetting = .fp32,
+                    bf16: Double? = nil) throws -> KernelChoice {
+            let measured = KernelMeasurement(openBLASFP32: 90, oneDNNFP32: 80, oneDNNBF16: bf16, headProducts: (perHead, batched))
+            return try KernelChoice.decide(precision: precision, kernel: kernel, measurement: measured, support: withBF16)
+        }
+        let faster = try choice(6.9, 5.8)
+        XCTAssertEqual(faster.floatKernel, .openblas)
+        XCTAssertEqual(faster.headKernel, .onednn)
+        XCTAssertTrue(faster.summary.hasPrefix("products: fp32 on OpenBLAS, attention's per-head products on oneDNN;"), faster.summary)
+        XCTAssertTrue(faster.summary.contains("ms a layer: OpenBLAS 6.90, oneDNN 5.80"), faster.summary)
+        XCTAssertEqual(try choice(6.0, 5.8).headKernel, .openblas, "within the 5% margin")
+        XCTAssertEqual(try choice(6.9, 5.8, kernel: .openblas).headKernel, .openblas, "forced: every product")
+        XCTAssertEqual(try choice(5.0, 9.0, kernel: .onednn).headKernel, .onednn)
+        XCTAssertEqual(try choice(5.0, 9.0, precision: .auto, bf16: 300).headKernel, .onednn, "bf16 products are oneDNN's")
     }
 
     /// oneDNN adds a linear layer's bias as it stores the product: the same fp32 addition, bit

@@ -91,24 +91,33 @@ public struct CausalSelfAttention<T: Scalar> {
     }
 
     public func forward(_ x: UnsafePointer<T>, batch: Int, length: Int, into out: UnsafeMutablePointer<T>, cache: Cache) {
-        let width = projection.inputSize, headSize = width / heads, rows = batch * length
-        let scale = 1 / T(headSize).squareRoot()
+        let width = projection.inputSize, rows = batch * length
         cache.headOutputs.resize(rows: rows, columns: width)
         projectInputs(x, rows: rows, positions: .cycling(length), cache: cache)
         if length > tile {
             forwardTiled(batch: batch, length: length, cache: cache)
             return projectHeads(rows: rows, into: out, cache: cache)
         }
+        attendHeads(batch: batch, length: length, cache: cache, matmul: qkv.weight.store.attentionMatmul)
+        projectHeads(rows: rows, into: out, cache: cache)
+    }
+
+    /// The per-head products and softmax (QKV rows -> head outputs): batched on `matmul`, else
+    /// one GEMM per (sequence, head) on OpenBLAS.
+    func attendHeads(batch: Int, length: Int, cache: Cache, matmul: OneDNNMatmul?) {
         cache.probabilities.resize(rows: batch * heads * length, columns: length)
-        if let matmul = qkv.weight.store.matmul {
-            if matmul.precision == .bf16 {
-                forwardBatched(matmul, BFloat16.self, batch: batch, length: length, cache: cache)
-            } else {
-                forwardBatched(matmul, Float.self, batch: batch, length: length, cache: cache)
-            }
-            return projectHeads(rows: rows, into: out, cache: cache)
+        guard let matmul else { return attendPairs(batch: batch, length: length, cache: cache) }
+        if matmul.precision == .bf16 {
+            forwardBatched(matmul, BFloat16.self, batch: batch, length: length, cache: cache)
+        } else {
+            forwardBatched(matmul, Float.self, batch: batch, length: length, cache: cache)
         }
-        // Per (sequence, head), over the query blocks of `causalBlocks` as the batched path does.
+    }
+
+    /// `attendHeads` on OpenBLAS, per (sequence, head), over the query blocks of `causalBlocks`
+    /// as the batched path does.
+    private func attendPairs(batch: Int, length: Int, cache: Cache) {
+        let width = projection.inputSize, headSize = width / heads, scale = 1 / T(headSize).squareRoot()
         let blocks = Self.causalBlocks(length: length), size = length / blocks
         for b in 0..<batch {
             for h in 0..<heads {
@@ -129,7 +138,6 @@ public struct CausalSelfAttention<T: Scalar> {
                 }
             }
         }
-        projectHeads(rows: rows, into: out, cache: cache)
     }
 
     /// out = heads W_o + b_o, keeping the heads' bf16 copy for backward.
@@ -152,9 +160,8 @@ public struct CausalSelfAttention<T: Scalar> {
     /// Adjoint of `forward`; accumulates into dx and the parameter gradients.
     public func backward(_ x: UnsafePointer<T>, _ dOut: UnsafePointer<T>, batch: Int, length: Int,
                          dx: UnsafeMutablePointer<T>, cache: Cache) {
-        let width = projection.inputSize, headSize = width / heads, rows = batch * length
-        let scale = 1 / T(headSize).squareRoot()
-        let matmul = qkv.weight.store.matmul, batched = matmul != nil && length <= tile
+        let width = projection.inputSize, rows = batch * length
+        let matmul = qkv.weight.store.attentionMatmul, batched = matmul != nil && length <= tile
         cache.dHeadOutputs.resize(rows: rows, columns: width)
         // The batched products write every column of dQKV; the per-head and tiled paths add into it.
         cache.dQKV.resize(rows: rows, columns: 3 * width, zero: !batched)
@@ -164,26 +171,32 @@ public struct CausalSelfAttention<T: Scalar> {
             backwardTiled(batch: batch, length: length, cache: cache)
             return projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
         }
-        cache.dScores.resize(rows: length, columns: length)
-        if let matmul {
-            if matmul.precision == .bf16 {
-                backwardBatched(matmul, BFloat16.self, batch: batch, length: length, cache: cache)
-            } else {
-                backwardBatched(matmul, Float.self, batch: batch, length: length, cache: cache)
-            }
-            return projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
-        }
-        for b in 0..<batch {
-            for h in 0..<heads { backwardPair(b, h, length: length, scale: scale, cache: cache) }
-        }
+        attendHeadsBackward(batch: batch, length: length, cache: cache, matmul: matmul)
         projectInputsBackward(x, rows: rows, positions: .cycling(length), dx: dx, cache: cache)
+    }
+
+    /// Adjoint of `attendHeads`, from dHeads (in `cache.dHeadOutputs`) to dQKV: written by the
+    /// batched products, added per pair (into dQKV the caller zeroed).
+    func attendHeadsBackward(batch: Int, length: Int, cache: Cache, matmul: OneDNNMatmul?) {
+        guard let matmul else {
+            cache.dScores.resize(rows: length, columns: length)
+            for b in 0..<batch {
+                for h in 0..<heads { backwardPair(b, h, length: length, cache: cache) }
+            }
+            return
+        }
+        if matmul.precision == .bf16 {
+            backwardBatched(matmul, BFloat16.self, batch: batch, length: length, cache: cache)
+        } else {
+            backwardBatched(matmul, Float.self, batch: batch, length: length, cache: cache)
+        }
     }
 
     /// Backward of one (sequence, head) pair on strided views (OpenBLAS, Double), from dHeads to
     /// dQKV (added), over the query blocks of `causalBlocks`: dP and dQ by query block (keys
     /// [0, (i+1)·bs)), dV and dK by key block j (queries [j·bs, T)), as `backwardBatched`.
-    private func backwardPair(_ b: Int, _ h: Int, length: Int, scale: T, cache: Cache) {
-        let width = projection.inputSize, headSize = width / heads, qkvRow = 3 * width
+    private func backwardPair(_ b: Int, _ h: Int, length: Int, cache: Cache) {
+        let width = projection.inputSize, headSize = width / heads, qkvRow = 3 * width, scale = 1 / T(headSize).squareRoot()
         let blocks = Self.causalBlocks(length: length), size = length / blocks
         let offset = b * length * qkvRow + h * headSize, dScores = cache.dScores.pointer
         let q = cache.qkv.pointer + offset, k = q + width, v = q + 2 * width
@@ -352,6 +365,32 @@ public struct CausalSelfAttention<T: Scalar> {
                                b: qkvInput + first * qkvRow, bStrides: qkvView(length: length, width: width),
                                c: dQKV + width + first * qkvRow, cStrides: qkvView(length: length, width: width))
         }
+    }
+}
+
+extension CausalSelfAttention where T == Float {
+    /// Seconds of one forward and backward of a layer's per-head products and softmax on
+    /// `matmul` (fp32; nil: OpenBLAS per head), best of `repeats`, on synthetic QKV rows of
+    /// `batch` sequences of `length` tokens: how the kernel choice compares the two engines.
+    public static func secondsOfHeadProducts(batch: Int, length: Int, width: Int, heads: Int, matmul: OneDNNMatmul?,
+                                             repeats: Int) -> Double {
+        let attention = CausalSelfAttention(store: ParameterStore(), path: ParameterPath("attention", role: .attention),
+                                            width: width, heads: heads, residualDeviation: 0.02)
+        let cache = Cache(), rows = batch * length
+        cache.qkv.resize(rows: rows, columns: 3 * width)
+        cache.headOutputs.resize(rows: rows, columns: width)
+        cache.dHeadOutputs.resize(rows: rows, columns: width)
+        for index in 0..<cache.qkv.count { cache.qkv.pointer[index] = Float(index % 13) * 0.01 - 0.06 }
+        for index in 0..<cache.dHeadOutputs.count { cache.dHeadOutputs.pointer[index] = Float(index % 7) * 0.01 }
+        var best = Double.infinity
+        for _ in 0..<repeats {
+            cache.dQKV.resize(rows: rows, columns: 3 * width, zero: matmul == nil)
+            let started = Clock.nanoseconds()
+            attention.attendHeads(batch: batch, length: length, cache: cache, matmul: matmul)
+            attention.attendHeadsBackward(batch: batch, length: length, cache: cache, matmul: matmul)
+            best = min(best, Double(Clock.nanoseconds() - started) * 1e-9)
+        }
+        return best
     }
 }
 

@@ -92,13 +92,18 @@ public final class GPTModel<T: Scalar> {
                                                           weightDecay: true, initialization: .normal(standardDeviation: 0.02),
                                                           productOnly: true)
         if T.self == Float.self {
-            let choice = try KernelChoice.resolve(run, communicator: communicator)
+            let choice = try KernelChoice.resolve(run, communicator: communicator) { matmul in
+                CausalSelfAttention<Float>.secondsOfHeadProducts(batch: training.batchSize, length: config.context, width: width,
+                                                                 heads: config.heads, matmul: matmul, repeats: 4)
+            }
             (kernels, precision) = (choice, choice.precision)
             BLASInfo.productsRun(onOpenBLAS: choice.precision == .fp32 && choice.floatKernel == .openblas)
             if choice.precision == .bf16 || choice.floatKernel == .onednn {
                 let matmul = try OneDNNMatmul(precision: choice.precision)
                 replicated.runProducts(on: matmul)
                 experts.runProducts(on: matmul)
+            } else if choice.headKernel == .onednn {
+                replicated.runHeadProducts(on: try OneDNNMatmul(precision: .fp32))
             }
         }
         for _ in 0...config.layers { residual.append(Tensor()) }

@@ -18,6 +18,9 @@ public struct KernelChoice: Sendable, Equatable {
     public var precision: Precision
     /// The library of the fp32 products (bf16 products run on oneDNN).
     public var floatKernel: FloatKernel
+    /// Where attention's per-(sequence, head) products run: oneDNN's batched matmul with the
+    /// other products there, else where it measured faster than OpenBLAS's GEMM per head.
+    public var headKernel: FloatKernel
     public var measurement: KernelMeasurement
     /// One line for the log: the figures and the choice.
     public var summary: String
@@ -39,6 +42,7 @@ public struct KernelChoice: Sendable, Equatable {
         }
         let fp32 = floatKernel == .onednn ? measurement.oneDNNFP32 : measurement.openBLASFP32
         let precision: Precision
+        var headKernel = floatKernel
         var reason: String
         switch requested {
         case .fp32: (precision, reason) = (.fp32, "fp32 as configured")
@@ -56,25 +60,37 @@ public struct KernelChoice: Sendable, Equatable {
             }
         }
         let kernelName = precision == .bf16 ? "oneDNN" : (floatKernel == .onednn ? "oneDNN" : "OpenBLAS")
-        let summary = "products: \(precision.rawValue) on \(kernelName); precision \(reason); measured on the model's shapes "
-            + "(forward and both gradients), "
-            + "GFLOP/s per rank: \(measurement.description)"
-        return KernelChoice(precision: precision, floatKernel: floatKernel, measurement: measurement, summary: summary)
+        var heads = ""
+        if precision == .fp32 && floatKernel == .openblas && kernel == .auto,
+           let perHead = measurement.headProductsOpenBLAS, let batched = measurement.headProductsOneDNN {
+            headKernel = batched * oneDNNMargin <= perHead ? .onednn : .openblas
+            heads = headKernel == .onednn ? ", attention's per-head products on oneDNN" : ", attention's per-head products too"
+        }
+        let summary = "products: \(precision.rawValue) on \(kernelName)\(heads); precision \(reason); measured on the model's "
+            + "shapes (forward and both gradients), GFLOP/s per rank: \(measurement.description)"
+        return KernelChoice(precision: precision, floatKernel: floatKernel, headKernel: precision == .bf16 ? .onednn : headKernel,
+                            measurement: measurement, summary: summary)
     }
 
     /// Measures (or reads from the machine's cache) and decides. Collective: every rank calls it
     /// with the same config; all ranks average the figures and so make the same choice.
-    public static func resolve(_ run: RunConfig, communicator: Communicator) throws -> KernelChoice {
+    /// `headProducts(matmul)`: seconds of a layer's attention per-head products on oneDNN's
+    /// batched matmul (or, nil, OpenBLAS per head), timed where the run has them.
+    public static func resolve(_ run: RunConfig, communicator: Communicator,
+                               headProducts: ((OneDNNMatmul?) -> Double)? = nil) throws -> KernelChoice {
         let shapes = ProductShapes(run)
-        let measurement = try KernelMeasurement.agreed(shapes: shapes, communicator: communicator)
+        let measurement = try KernelMeasurement.agreed(shapes: shapes, communicator: communicator,
+                                                       headProducts: shapes.heads == nil ? nil : headProducts)
         return try decide(precision: run.train.precision, kernel: run.train.kernel, measurement: measurement)
     }
 }
 
 /// The model's main product shapes, [m, k] x [k, n]: the attention input projection over the
-/// micro-batch and an expert's two products over its expected rows on one rank.
+/// micro-batch and an expert's two products over its expected rows on one rank; and attention's
+/// per-head products (batch, length, width, heads) where the run has them (not tiled).
 public struct ProductShapes: Sendable, Hashable, CustomStringConvertible {
     public var shapes: [SIMD3<Int>]   // (m, n, k)
+    public var heads: SIMD4<Int>?
 
     public init(_ run: RunConfig) {
         let tokens = run.train.batchSize * run.model.context, width = run.model.width, hidden = run.model.ffnHidden
@@ -82,12 +98,17 @@ public struct ProductShapes: Sendable, Hashable, CustomStringConvertible {
         // smaller figure keeps the shapes, and so the cached choice, the same on any rank count).
         let expertRows = max(16, tokens * run.moe.topK / max(1, run.moe.experts))
         shapes = [SIMD3(tokens, 3 * width, width), SIMD3(expertRows, hidden, width), SIMD3(expertRows, width, hidden)]
+        if run.model.context <= run.train.attentionTile {
+            heads = SIMD4(run.train.batchSize, run.model.context, width, run.model.heads)
+        }
     }
 
     public init(shapes: [SIMD3<Int>]) { self.shapes = shapes }
 
     public var flops: Double { shapes.reduce(0) { $0 + 2 * Double($1[0] * $1[1] * $1[2]) } }
-    public var description: String { shapes.map { "\($0[0])x\($0[1])x\($0[2])" }.joined(separator: ",") }
+    public var description: String {
+        shapes.map { "\($0[0])x\($0[1])x\($0[2])" }.joined(separator: ",") + (heads.map { ",heads \($0[0])x\($0[1])x\($0[2])/\($0[3])" } ?? "")
+    }
 }
 
 /// The three products of a linear layer's training step on a shape (m, n, k), x [m, k] times
@@ -121,22 +142,34 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
     public var oneDNNFP32: Double
     /// nil where oneDNN has no bf16 products on this CPU.
     public var oneDNNBF16: Double?
+    /// Milliseconds of one layer's attention per-head products, forward and backward, fp32: one
+    /// GEMM per (sequence, head) on OpenBLAS, and oneDNN's batched matmul (nil: not timed).
+    public var headProductsOpenBLAS: Double?, headProductsOneDNN: Double?
     /// Where the figures came from: "measured" or "cached" (not part of the cache entry's value).
     public var source = "measured"
 
-    enum CodingKeys: String, CodingKey { case openBLASFP32 = "openblas_fp32", oneDNNFP32 = "onednn_fp32", oneDNNBF16 = "onednn_bf16" }
+    enum CodingKeys: String, CodingKey {
+        case openBLASFP32 = "openblas_fp32", oneDNNFP32 = "onednn_fp32", oneDNNBF16 = "onednn_bf16"
+        case headProductsOpenBLAS = "heads_openblas_ms", headProductsOneDNN = "heads_onednn_ms"
+    }
 
-    public init(openBLASFP32: Double, oneDNNFP32: Double, oneDNNBF16: Double?, source: String = "measured") {
+    public init(openBLASFP32: Double, oneDNNFP32: Double, oneDNNBF16: Double?, headProducts: (openBLAS: Double, oneDNN: Double)? = nil,
+                source: String = "measured") {
         self.openBLASFP32 = openBLASFP32
         self.oneDNNFP32 = oneDNNFP32
         self.oneDNNBF16 = oneDNNBF16
+        (headProductsOpenBLAS, headProductsOneDNN) = (headProducts?.openBLAS, headProducts?.oneDNN)
         self.source = source
     }
 
     public var description: String {
         let bf16 = oneDNNBF16.map { String(format: "%.1f", $0) } ?? "n/a"
-        return String(format: "OpenBLAS (%@) fp32 %.1f, oneDNN fp32 %.1f, oneDNN bf16 %@ (%@)",
-                      BLASInfo.coreName, openBLASFP32, oneDNNFP32, bf16, source)
+        var heads = ""
+        if let perHead = headProductsOpenBLAS, let batched = headProductsOneDNN {
+            heads = String(format: "; attention's per-head products, ms a layer: OpenBLAS %.2f, oneDNN %.2f", perHead, batched)
+        }
+        return String(format: "OpenBLAS (%@) fp32 %.1f, oneDNN fp32 %.1f, oneDNN bf16 %@%@ (%@)",
+                      BLASInfo.coreName, openBLASFP32, oneDNNFP32, bf16, heads, source)
     }
 
     /// Times each kernel over `shapes`, each shape's `products` (by default all three a training
@@ -145,8 +178,9 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
     /// `budget` seconds. bf16 includes rounding the activation operand of the forward and input
     /// gradient products, as a step does (the weights' copy exists, and the weight gradient reads
     /// copies made for the other two), unless `roundingActivations` is false (the kernel's own peak).
+    /// `headProducts(matmul)` times attention's per-head products on each engine (nil: not timed).
     public static func measure(shapes: ProductShapes, products: [StepProduct] = StepProduct.allCases, budget: Double = 0.08,
-                               roundingActivations: Bool = true) throws -> KernelMeasurement {
+                               roundingActivations: Bool = true, headProducts: ((OneDNNMatmul?) -> Double)? = nil) throws -> KernelMeasurement {
         let matmul = try OneDNNMatmul(precision: .fp32)
         let largest = shapes.shapes.reduce(0) { max($0, $1[0] * $1[2], $1[2] * $1[1], $1[0] * $1[1]) }
         let a = Tensor<Float>(rows: largest, columns: 1), b = Tensor<Float>(rows: largest, columns: 1)
@@ -189,13 +223,15 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
                             a: UnsafePointer(left), b: UnsafePointer(weights.pointer), beta: g.beta, c: c.pointer)
             }
         }
-        return KernelMeasurement(openBLASFP32: openBLAS, oneDNNFP32: oneDNN, oneDNNBF16: bf16)
+        let heads = headProducts.map { time in (openBLAS: 1000 * time(nil), oneDNN: 1000 * time(matmul)) }
+        return KernelMeasurement(openBLASFP32: openBLAS, oneDNNFP32: oneDNN, oneDNNBF16: bf16, headProducts: heads)
     }
 
     /// The figures every rank uses: the machine cache's where every rank has an entry, else
     /// measured by all ranks at once (so contention is that of a real step); then averaged over
     /// ranks, so that all decide alike.
-    public static func agreed(shapes: ProductShapes, communicator: Communicator) throws -> KernelMeasurement {
+    public static func agreed(shapes: ProductShapes, communicator: Communicator,
+                              headProducts: ((OneDNNMatmul?) -> Double)? = nil) throws -> KernelMeasurement {
         let cache = KernelCache(), key = KernelCache.key(shapes: shapes)
         let cached = cache.read(key)
         let everyRankCached = try communicator.allReduce(cached == nil ? 0 : 1, op: .min) == 1
@@ -205,7 +241,7 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
         } else {
             try communicator.barrier()
             // Per core: a one-process run's oneDNN threads would otherwise race OpenBLAS on one.
-            measurement = try BLASInfo.onOneThreadEach { try measure(shapes: shapes) }
+            measurement = try BLASInfo.onOneThreadEach { try measure(shapes: shapes, headProducts: headProducts) }
         }
         var agreed = try measurement.summed(over: communicator, scale: 1 / Double(communicator.size))
         agreed.source = everyRankCached ? "cached in \(cache.file)" : "measured"
@@ -217,10 +253,12 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
     /// every rank has it. Collective.
     public func summed(over communicator: Communicator, scale: Double = 1) throws -> KernelMeasurement {
         let hasBF16 = try communicator.allReduce(oneDNNBF16 == nil ? 0 : 1, op: .min) == 1
-        var figures = [openBLASFP32, oneDNNFP32, oneDNNBF16 ?? 0]
+        let hasHeads = try communicator.allReduce(headProductsOneDNN == nil ? 0 : 1, op: .min) == 1
+        var figures = [openBLASFP32, oneDNNFP32, oneDNNBF16 ?? 0, headProductsOpenBLAS ?? 0, headProductsOneDNN ?? 0]
         try communicator.allReduce(&figures)
         return KernelMeasurement(openBLASFP32: figures[0] * scale, oneDNNFP32: figures[1] * scale,
-                                 oneDNNBF16: hasBF16 ? figures[2] * scale : nil, source: source)
+                                 oneDNNBF16: hasBF16 ? figures[2] * scale : nil,
+                                 headProducts: hasHeads ? (figures[3] * scale, figures[4] * scale) : nil, source: source)
     }
 }
 

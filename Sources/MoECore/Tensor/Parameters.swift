@@ -101,6 +101,21 @@ public final class ParameterStore<T: Scalar, Kind> {
     /// oneDNN measured faster than OpenBLAS. nil: OpenBLAS (fp32, and every Double store).
     public private(set) var matmul: OneDNNMatmul?
 
+    /// The engine of attention's per-(sequence, head) products where the store's own products
+    /// run on OpenBLAS: oneDNN's fp32 batched matmul where it measured faster than OpenBLAS's
+    /// GEMM per head (`KernelChoice.headKernel`).
+    public private(set) var headProductMatmul: OneDNNMatmul?
+    /// Where attention's per-head products run: `matmul`, else `headProductMatmul`; nil:
+    /// OpenBLAS, one GEMM per (sequence, head).
+    public var attentionMatmul: OneDNNMatmul? { matmul ?? headProductMatmul }
+
+    /// Runs attention's per-head products on `matmul` (fp32) while the store's own products
+    /// stay on OpenBLAS.
+    public func runHeadProducts(on matmul: OneDNNMatmul) {
+        precondition(T.self == Float.self && matmul.precision == .fp32, "oneDNN fp32 products need Float weights")
+        headProductMatmul = matmul
+    }
+
     /// Runs the store's matrix products on `matmul`, in its precision (after the model is
     /// built: the slab is final). bf16 adds the rounded copy of the values.
     public func runProducts(on matmul: OneDNNMatmul) {
