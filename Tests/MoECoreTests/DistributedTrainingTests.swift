@@ -263,9 +263,15 @@ final class DistributedTrainingTests: XCTestCase {
             ("relu", { $0.moe.gate = .relu }),
         ]
         XCTAssertEqual(Set(variants.map(\.0)), Set(GateKind.allCases.map(\.rawValue)), "every gate is covered")
+        // On oneDNN: OpenBLAS 0.3.21's Zen kernels (AMD EPYC Zen 3) round a row differently with
+        // the number of rows in the product (128 rows on 1 rank, 64 on 2: a few percent of the
+        // entries differ in the last bit), and BASE's auction on its 1/1024 grid and GShard at
+        // capacity 1.0 turn such an ulp into another assignment within 20 steps. The invariant
+        // here is the gates' distributed logic; the kernel's row rounding is not under test.
         for (name, configure) in variants {
-            let single = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1, configure), ranks: 1)
-            let double = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 2, configure), ranks: 2)
+            let onOneDNN: (inout RunConfig) -> Void = { configure(&$0); $0.train.kernel = .onednn }
+            let single = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 1, onOneDNN), ranks: 1)
+            let double = try Self.train(Self.config(experts: 4, globalBatch: 8, ranks: 2, onOneDNN), ranks: 2)
             XCTAssertLessThan(single.losses.last!, single.losses.first! - 0.5, "\(name) learns")
             assertEquivalent(single, double, "\(name) on 2 ranks")
         }
