@@ -14,7 +14,7 @@ struct BenchCommand: ParsableCommand {
             random bytes, which times the same work. Fields: ranks, blas_core, blas_threads, tokens_per_sec (global),
             model_flops_per_token (6 x active parameters + 6 L T C), achieved_gflops, peak_gflops_by_kernel (OpenBLAS
             fp32, oneDNN fp32 and, where the CPU has it, oneDNN bf16; summed over ranks), fp32_peak_gflops and
-            bf16_peak_gflops (the best kernel of each), kernels (which kernel the products used), kernel_choice (the
+            bf16_peak_gflops (the best kernel of each), kernels (which kernel the products used: matrix_products, attention_heads, router), kernel_choice (the
             start-up measurement and decision), precision, mfu (achieved / the best peak of the precision trained in),
             warning (when the products' kernel runs more than 10% below the best one of its precision on the model's
             products, forward and both gradients, as measured at start; also on stderr), peak_rss_mib (largest rank),

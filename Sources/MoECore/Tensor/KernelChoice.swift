@@ -233,7 +233,8 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
     public static func agreed(shapes: ProductShapes, communicator: Communicator,
                               headProducts: ((OneDNNMatmul?) -> Double)? = nil) throws -> KernelMeasurement {
         let cache = KernelCache(), key = KernelCache.key(shapes: shapes)
-        let cached = cache.read(key)
+        // An entry without the head products' figures, where they are wanted, is measured again.
+        let cached = cache.read(key).flatMap { headProducts == nil || $0.headProductsOneDNN != nil ? $0 : nil }
         let everyRankCached = try communicator.allReduce(cached == nil ? 0 : 1, op: .min) == 1
         var measurement: KernelMeasurement
         if everyRankCached, let cached {

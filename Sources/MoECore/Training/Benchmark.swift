@@ -196,13 +196,15 @@ public enum Benchmark {
     }
 
     /// Which kernel each product used (the large products, attention, experts, dense FFNs and
-    /// head, on the chosen one; the router's small fp32 product and one-row decoding on
-    /// OpenBLAS), every kernel's peak, and the MFU against the best peak of the precision trained
+    /// head, on the chosen one; attention's per-head products there or on oneDNN; the router's
+    /// small fp32 product and one-row decoding on OpenBLAS), every kernel's peak, and the MFU against the best peak of the precision trained
     /// in, over every kernel: a slow kernel shows as a low MFU instead of hiding behind its own
     /// low peak.
     static func addKernels(_ kernel: Kernel, peaks: Peaks, mfu: Double, choice: KernelChoice?, to object: inout JSONObject) {
         var kernels = JSONObject()
         kernels.add("matrix_products", kernel.rawValue)
+        // Attention's per-head products: with the others, or batched on oneDNN where measured faster.
+        kernels.add("attention_heads", (choice?.precision == .fp32 && choice?.headKernel == .onednn ? Kernel.oneDNNFP32 : kernel).rawValue)
         kernels.add("router", Kernel.openBLASFP32.rawValue)
         object.addRaw("kernels", kernels.text)
         var peakObject = JSONObject()
