@@ -5,12 +5,13 @@ import MoEIO
 /// Shapes: B sequences of T tokens, C = width, nh heads of hd = C / nh.
 /// x: [B*T, C] -> qkv: [B*T, 3C] (row = q | k | v, head h in columns h*hd ..< (h+1)*hd of each)
 /// -> probabilities: [B*nh*T, T] -> heads: [B*T, C] -> out: [B*T, C].
-/// On OpenBLAS (fp32, and Double for the gradient checks): every product is one GEMM per
-/// (sequence, head) and half of the queries on strided views (no transposes, no copies), each
-/// half against the keys it can see (`causalBlocks`). On oneDNN (fp32, or bf16 on the rounded QKV rows): each product is one
-/// batched matmul over all (sequence, head) pairs on the same strided views (per-pair products
-/// of 128 x 128 x 64 are too small to run at speed one by one), per half of the queries, each
-/// half against the keys it can see (`causalBlocks`).
+/// The per-head products run over the two halves of the queries, each half against the keys it
+/// can see (`causalBlocks`), on strided views of the QKV rows (no transposes, no copies): on
+/// OpenBLAS (fp32, and Double for the gradient checks) one GEMM per (sequence, head) and half;
+/// on oneDNN (fp32, or bf16 on the rounded QKV rows) one batched matmul per half over all pairs
+/// (per-pair products of 128 x 128 x 64 are too small to run at speed one by one). fp32 runs
+/// them on oneDNN where the other products do, or where they measured faster there
+/// (`ParameterStore.attentionMatmul`).
 /// The llama block's extras (AttentionInputs.swift) sit between the QKV projection and the
 /// core: the projection gives [B*T, C + 2 Ckv] (kv_heads heads of keys and values), queries and
 /// keys are normalised (qk_norm) and rotated at their positions (RoPE), and each key/value head
