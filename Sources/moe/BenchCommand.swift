@@ -14,12 +14,12 @@ struct BenchCommand: ParsableCommand {
             random bytes, which times the same work. Fields: ranks, blas_core, blas_threads, tokens_per_sec (global),
             model_flops_per_token (6 x active parameters + 6 L T C), achieved_gflops, peak_gflops_by_kernel (OpenBLAS
             fp32, oneDNN fp32 and, where the CPU has it, oneDNN bf16; summed over ranks), fp32_peak_gflops and
-            bf16_peak_gflops (the best kernel of each), kernels (which kernel the products used: matrix_products, attention_heads, router), kernel_choice (the
-            start-up measurement and decision), precision, mfu (achieved / the best peak of the precision trained in),
-            warning (when the products' kernel runs more than 10% below the best one of its precision on the model's
-            products, forward and both gradients, as measured at start; also on stderr), peak_rss_mib (largest rank),
-            step_ms and step_ms_by_part (mean over ranks), waiting_ms_by_place (the waiting part at the forward MoE
-            exchanges, the backward ones, and before the gradient sums).
+            bf16_peak_gflops (the best kernel of each), kernels (which kernel the products used: matrix_products,
+            attention_heads, router), kernel_choice (the start-up measurement and decision), precision, mfu (achieved /
+            the best peak of the precision trained in), warning (when the products' kernel runs more than 10% below the
+            best one of its precision on the model's products, forward and both gradients, as measured at start; also on
+            stderr), peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks), waiting_ms_by_place
+            (the waiting part at the forward MoE exchanges, the backward ones, and before the gradient sums).
             With --precision both, one object {"fp32": {...}, "bf16": {...}, "bf16_speedup": tokens/s ratio}, both runs
             in the same process after the same peak measurements.
             """)

@@ -79,8 +79,10 @@ public struct KernelChoice: Sendable, Equatable {
     public static func resolve(_ run: RunConfig, communicator: Communicator,
                                headProducts: ((OneDNNMatmul?) -> Double)? = nil) throws -> KernelChoice {
         let shapes = ProductShapes(run)
+        // The head products are timed only where `decide` can use them: kernel auto, not forced bf16.
+        let timesHeads = shapes.heads != nil && run.train.kernel == .auto && run.train.precision != .bf16
         let measurement = try KernelMeasurement.agreed(shapes: shapes, communicator: communicator,
-                                                       headProducts: shapes.heads == nil ? nil : headProducts)
+                                                       headProducts: timesHeads ? headProducts : nil)
         return try decide(precision: run.train.precision, kernel: run.train.kernel, measurement: measurement)
     }
 }

@@ -197,9 +197,9 @@ public enum Benchmark {
 
     /// Which kernel each product used (the large products, attention, experts, dense FFNs and
     /// head, on the chosen one; attention's per-head products there or on oneDNN; the router's
-    /// small fp32 product and one-row decoding on OpenBLAS), every kernel's peak, and the MFU against the best peak of the precision trained
-    /// in, over every kernel: a slow kernel shows as a low MFU instead of hiding behind its own
-    /// low peak.
+    /// small fp32 product and one-row decoding on OpenBLAS), every kernel's peak, and the MFU
+    /// against the best peak of the precision trained in, over every kernel: a slow kernel shows
+    /// as a low MFU instead of hiding behind its own low peak.
     static func addKernels(_ kernel: Kernel, peaks: Peaks, mfu: Double, choice: KernelChoice?, to object: inout JSONObject) {
         var kernels = JSONObject()
         kernels.add("matrix_products", kernel.rawValue)
