@@ -39,6 +39,13 @@ static inline void swiftmoe_parallel_parts(long count, long grain, int threads, 
     GOMP_parallel(swiftmoe_run_part, &job, (unsigned)threads, 0);
 }
 
+static void swiftmoe_idle_part(void *data) { (void)data; }
+
+// An empty parallel region: OpenMP's threads wake, return and poll for the next region (300,000
+// polls, libgomp's default, some milliseconds), as they do after each of a step's element-wise
+// passes and oneDNN products.
+static inline void swiftmoe_wake_openmp_threads(int threads) { GOMP_parallel(swiftmoe_idle_part, 0, (unsigned)threads, 0); }
+
 struct swiftmoe_cpu_list { int cpus[CPU_SETSIZE]; int count; };
 
 // Runs on every thread of the region: OpenMP thread i goes to the i-th allowed CPU.

@@ -160,9 +160,15 @@ final class KernelChoiceTests: XCTestCase {
         XCTAssertEqual([weight.m, weight.n, weight.k], [32, 48, 64])
         XCTAssertTrue(weight.transposeA && weight.beta == 1 && !weight.roundsLeft)
         XCTAssertTrue(KernelCache.key(shapes: ProductShapes(shapes: [shape])).hasSuffix("|64x48x32|forward+gradients"))
-        let all = try KernelMeasurement.measure(shapes: ProductShapes(shapes: [shape]), budget: 0.001)
+        XCTAssertTrue(KernelCache.key(shapes: ProductShapes(shapes: [shape]), threads: 4).hasSuffix("|64x48x32|forward+gradients|4 threads"))
+        // The step's surroundings (a one-process run's woken threads) come before every timed
+        // product, warm-up included, of every kernel: three products, at least 3 timed runs each.
+        var surroundings = 0
+        let all = try KernelMeasurement.measure(shapes: ProductShapes(shapes: [shape]), budget: 0.001) { surroundings += 1 }
         XCTAssertGreaterThan(all.openBLASFP32, 0)
         XCTAssertGreaterThan(all.oneDNNFP32, 0)
+        let kernels = BFloat16Support.current.supported ? 3 : 2
+        XCTAssertGreaterThanOrEqual(surroundings, kernels * 3 * 4)
     }
 
     /// The cache: a measurement written is read back under its key; a damaged file is empty.

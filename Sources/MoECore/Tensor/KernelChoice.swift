@@ -7,11 +7,11 @@ import MoEIO
 /// products ran at half fp32's speed and oneDNN's fp32 beat OpenBLAS's best kernel; on AMD
 /// Zen 4/5 bf16 runs at about twice fp32's speed. Only a measurement tells.)
 ///
-/// The measurement takes a fraction of a second. It is kept in a per-machine cache keyed by the
-/// CPU, the libraries' kernels and the shapes (not by rank or thread count: the figures are one
-/// thread's, whatever the process's threads), so every later
-/// process on the machine with the same model, on any number of ranks, makes the same choice
-/// and computes the same bits: a resumed run in particular, and 1 rank against R.
+/// The measurement takes a fraction of a second. It runs each library on the threads a step gives
+/// it: one per rank, or a one-process run's cores. It is kept in a per-machine cache keyed by the
+/// CPU, the libraries' kernels, the shapes and those threads (not by rank), so every later process
+/// on the machine with the same model and threads, on any number of ranks, makes the same choice
+/// and computes the same bits: a resumed run in particular, and 1 rank against R under mpirun.
 public struct KernelChoice: Sendable, Equatable {
     public enum FloatKernel: String, Sendable { case openblas, onednn }
 
@@ -67,7 +67,7 @@ public struct KernelChoice: Sendable, Equatable {
             heads = headKernel == .onednn ? ", attention's per-head products on oneDNN" : ", attention's per-head products too"
         }
         let summary = "products: \(precision.rawValue) on \(kernelName)\(heads); precision \(reason); measured on the model's "
-            + "shapes (forward and both gradients), GFLOP/s per rank: \(measurement.description)"
+            + "shapes (forward and both gradients), GFLOP/s per rank\(measurement.threadsNote): \(measurement.description)"
         return KernelChoice(precision: precision, floatKernel: floatKernel, headKernel: precision == .bf16 ? .onednn : headKernel,
                             measurement: measurement, summary: summary)
     }
@@ -149,6 +149,9 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
     public var headProductsOpenBLAS: Double?, headProductsOneDNN: Double?
     /// Where the figures came from: "measured" or "cached" (not part of the cache entry's value).
     public var source = "measured"
+    /// The threads each library ran on (`BLASInfo.stepThreads`; part of the cache entry's key).
+    public var threads = 1
+    var threadsNote: String { threads > 1 ? " on \(threads) threads" : "" }
 
     enum CodingKeys: String, CodingKey {
         case openBLASFP32 = "openblas_fp32", oneDNNFP32 = "onednn_fp32", oneDNNBF16 = "onednn_bf16"
@@ -181,8 +184,14 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
     /// gradient products, as a step does (the weights' copy exists, and the weight gradient reads
     /// copies made for the other two), unless `roundingActivations` is false (the kernel's own peak).
     /// `headProducts(matmul)` times attention's per-head products on each engine (nil: not timed).
+    /// `beforeEachProduct` runs before every timed product, outside the timing: in a one-process
+    /// run it wakes oneDNN's threads, as the step's element-wise passes do between its products.
+    /// (They then poll their cores for a few milliseconds. OpenBLAS's own threads, timed alone,
+    /// ran the expert products at full speed, but in the step they fought the polling threads for
+    /// the cores: 313 ms of experts a step against 84 ms on oneDNN; AMD EPYC Zen 3, 2 cores.)
     public static func measure(shapes: ProductShapes, products: [StepProduct] = StepProduct.allCases, budget: Double = 0.08,
-                               roundingActivations: Bool = true, headProducts: ((OneDNNMatmul?) -> Double)? = nil) throws -> KernelMeasurement {
+                               roundingActivations: Bool = true, headProducts: ((OneDNNMatmul?) -> Double)? = nil,
+                               beforeEachProduct: () -> Void = {}) throws -> KernelMeasurement {
         let matmul = try OneDNNMatmul(precision: .fp32)
         let largest = shapes.shapes.reduce(0) { max($0, $1[0] * $1[2], $1[2] * $1[1], $1[0] * $1[1]) }
         let a = Tensor<Float>(rows: largest, columns: 1), b = Tensor<Float>(rows: largest, columns: 1)
@@ -195,9 +204,11 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
         func speed(_ product: (StepProduct.GEMM) -> Void) -> Double {
             var seconds = 0.0
             for gemm in runs {
+                beforeEachProduct()
                 product(gemm)   // warm-up: primitive creation, packing buffers
                 var best = Double.infinity, spent = 0.0, repeats = 0
                 while repeats < 3 || (spent < budget / Double(runs.count) && repeats < 50) {
+                    beforeEachProduct()
                     let started = Clock.nanoseconds()
                     product(gemm)
                     let elapsed = Double(Clock.nanoseconds() - started) * 1e-9
@@ -234,22 +245,24 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
     /// ranks, so that all decide alike.
     public static func agreed(shapes: ProductShapes, communicator: Communicator,
                               headProducts: ((OneDNNMatmul?) -> Double)? = nil) throws -> KernelMeasurement {
-        let cache = KernelCache(), key = KernelCache.key(shapes: shapes)
-        // An entry without the head products' figures, where they are wanted, is measured again.
-        let cached = cache.read(key).flatMap { headProducts == nil || $0.headProductsOneDNN != nil ? $0 : nil }
-        let everyRankCached = try communicator.allReduce(cached == nil ? 0 : 1, op: .min) == 1
-        var measurement: KernelMeasurement
-        if everyRankCached, let cached {
-            measurement = cached
-        } else {
-            try communicator.barrier()
-            // Per core: a one-process run's oneDNN threads would otherwise race OpenBLAS on one.
-            measurement = try BLASInfo.onOneThreadEach { try measure(shapes: shapes, headProducts: headProducts) }
+        try BLASInfo.onStepThreads { threads in
+            let cache = KernelCache(), key = KernelCache.key(shapes: shapes, threads: threads)
+            // An entry without the head products' figures, where they are wanted, is measured again.
+            let cached = cache.read(key).flatMap { headProducts == nil || $0.headProductsOneDNN != nil ? $0 : nil }
+            let everyRankCached = try communicator.allReduce(cached == nil ? 0 : 1, op: .min) == 1
+            var measurement: KernelMeasurement
+            if everyRankCached, let cached {
+                measurement = cached
+            } else {
+                try communicator.barrier()
+                measurement = try measure(shapes: shapes, headProducts: headProducts, beforeEachProduct: BLASInfo.wakeOneDNNThreads)
+            }
+            var agreed = try measurement.summed(over: communicator, scale: 1 / Double(communicator.size))
+            agreed.source = everyRankCached ? "cached in \(cache.file)" : "measured"
+            agreed.threads = threads
+            if !everyRankCached { cache.write(key, agreed) }
+            return agreed
         }
-        var agreed = try measurement.summed(over: communicator, scale: 1 / Double(communicator.size))
-        agreed.source = everyRankCached ? "cached in \(cache.file)" : "measured"
-        if !everyRankCached { cache.write(key, agreed) }
-        return agreed
     }
 
     /// Each figure summed over ranks and multiplied by `scale` (1/R: the mean), bf16 only where
@@ -283,10 +296,12 @@ public struct KernelCache {
         }
     }
 
-    /// What makes figures comparable: the CPU, the libraries' kernels, the shapes and the products
-    /// timed (entries from before the gradients' products were timed are measured again).
-    public static func key(shapes: ProductShapes) -> String {
+    /// What makes figures comparable: the CPU, the libraries' kernels, the shapes, the products
+    /// timed (entries from before the gradients' products were timed are measured again) and the
+    /// threads they ran on (one: no mention, as in the entries from before threads counted).
+    public static func key(shapes: ProductShapes, threads: Int = 1) -> String {
         "\(cpuModel)|OpenBLAS \(BLASInfo.coreName)|oneDNN \(BFloat16Support.current.isa)|\(shapes)|forward+gradients"
+            + (threads > 1 ? "|\(threads) threads" : "")
     }
 
     static var cpuModel: String {

@@ -123,12 +123,25 @@ public enum BLASInfo {
         if !bindingChosen { pinnedOneDNNThreads = Int(swiftmoe_pin_openmp_threads()) }
     }
 
-    /// Runs `body` with both libraries on one thread, then restores their thread counts.
-    public static func onOneThreadEach<R>(_ body: () throws -> R) rethrows -> R {
-        let (blas, oneDNN) = (threads, oneDNNThreads)
-        setThreads(1)
+    /// The threads a step's products run on: a one-process run's oneDNN threads (its cores; and
+    /// OpenBLAS's, set by `productsRun` when the products run there), else one (a rank per core).
+    public static var stepThreads: Int { ownsMachine ? oneDNNThreads : 1 }
+
+    /// Runs `body(stepThreads)` with both libraries on the step's threads (OpenBLAS on the user's
+    /// OPENBLAS_NUM_THREADS in a one-process run that sets it), then restores their thread counts.
+    public static func onStepThreads<R>(environment: [String: String] = ProcessInfo.processInfo.environment,
+                                        _ body: (Int) throws -> R) rethrows -> R {
+        let (blas, oneDNN) = (threads, oneDNNThreads), count = stepThreads
+        setOneDNNThreads(count)
+        if !ownsMachine || environment["OPENBLAS_NUM_THREADS"] == nil { setBLASThreads(count) }
         defer { setBLASThreads(blas); setOneDNNThreads(oneDNN) }
-        return try body()
+        return try body(count)
+    }
+
+    /// Wakes oneDNN's OpenMP threads with an empty region: afterwards they poll for the next one
+    /// on their cores, as they do between a step's products (see `KernelMeasurement.measure`).
+    public static func wakeOneDNNThreads() {
+        if oneDNNThreads > 1 { swiftmoe_wake_openmp_threads(Int32(oneDNNThreads)) }
     }
 
     /// Runs `body` on contiguous parts of [0, count) (boundaries on multiples of `grain`), one per
