@@ -81,11 +81,8 @@ struct BenchCommand: ParsableCommand {
                 let trainer = try Trainer(config: config, communicator: communicator, trainFiles: trainFiles, validationFiles: [])
                 if let kernels = trainer.model.kernels { Runtime.note(kernels.summary, communicator: communicator) }
                 let result = try Benchmark.run(trainer: trainer, steps: steps, warmup: warmup, dataDescription: description, peaks: &peaks)
-                if let measured = trainer.model.kernels?.measurement,
-                   let warning = Benchmark.kernelWarning(Benchmark.kernel(of: trainer.model), measured: measured) {
-                    Runtime.note(warning, communicator: communicator)
-                }
-                return result
+                if let warning = result.warning { Runtime.note(warning, communicator: communicator) }
+                return (result.json, result.tokensPerSecond)
             }
             let line: String
             if precision == "both" {

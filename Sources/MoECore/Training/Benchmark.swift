@@ -113,8 +113,10 @@ public enum Benchmark {
     /// Times `steps` training steps after `warmup` untimed ones. Returns the JSON object (the
     /// same on every rank; rank 0 prints it). MFU is against the peak of the precision trained in:
     /// the peaks are measured again after the steps (the machine warm) and each kernel keeps its
-    /// best figure, in `peaks` too for a later run.
-    public static func run(trainer: Trainer, steps: Int, warmup: Int, dataDescription: String, peaks: inout Peaks) throws -> (json: JSONObject, tokensPerSecond: Double) {
+    /// best figure, in `peaks` too for a later run. `warning`: the chosen kernel ran more than 10%
+    /// below the best on the model's products (also in the JSON), for the log.
+    public static func run(trainer: Trainer, steps: Int, warmup: Int, dataDescription: String,
+                           peaks: inout Peaks) throws -> (json: JSONObject, tokensPerSecond: Double, warning: String?) {
         let communicator = trainer.communicator
         let precision = trainer.model.precision
         let kernel = kernel(of: trainer.model)
@@ -138,7 +140,7 @@ public enum Benchmark {
         object.add("tokens_per_sec", tokensPerSecond.rounded())
         object.add("model_flops_per_token", flopsPerToken)
         object.add("achieved_gflops", (achieved * 10).rounded() / 10)
-        addKernels(kernel, peaks: peaks, mfu: achieved / peak, choice: trainer.model.kernels, to: &object)
+        let warning = addKernels(kernel, peaks: peaks, mfu: achieved / peak, choice: trainer.model.kernels, to: &object)
         object.add("peak_rss_mib", peakMemory.rounded())
         let modelled = try communicator.allReduce(memoryModelMiB(trainer), op: .max)
         object.add("memory_model_mib", modelled.rounded())
@@ -171,7 +173,7 @@ public enum Benchmark {
         // The MoE exchanges' bytes a rank sends to other ranks per step (forward and backward,
         // mean over ranks): what group-limited routing bounds.
         object.add("expert_mib_sent_per_rank", (mean.expertBytesSent / Double(steps) / 1_048_576 * 100).rounded() / 100)
-        return (object, tokensPerSecond)
+        return (object, tokensPerSecond, warning)
     }
 
     /// Runs `warmup` untimed steps, then times `steps`; returns their seconds and the per-part
@@ -199,8 +201,8 @@ public enum Benchmark {
     /// head, on the chosen one; attention's per-head products there or on oneDNN; the router's
     /// small fp32 product and one-row decoding on OpenBLAS), every kernel's peak, and the MFU
     /// against the best peak of the precision trained in, over every kernel: a slow kernel shows
-    /// as a low MFU instead of hiding behind its own low peak.
-    static func addKernels(_ kernel: Kernel, peaks: Peaks, mfu: Double, choice: KernelChoice?, to object: inout JSONObject) {
+    /// as a low MFU instead of hiding behind its own low peak. Returns the kernel warning, if any.
+    static func addKernels(_ kernel: Kernel, peaks: Peaks, mfu: Double, choice: KernelChoice?, to object: inout JSONObject) -> String? {
         var kernels = JSONObject()
         kernels.add("matrix_products", kernel.rawValue)
         // Attention's per-head products: with the others, or batched on oneDNN where measured faster.
@@ -213,10 +215,11 @@ public enum Benchmark {
         object.add("fp32_peak_gflops", ((peaks.best(.fp32) ?? 0) * 10).rounded() / 10)
         if let bf16 = peaks.best(.bf16) { object.add("bf16_peak_gflops", (bf16 * 10).rounded() / 10) }
         object.add("mfu", (mfu * 1000).rounded() / 1000)
-        if let choice {
-            if let warning = kernelWarning(kernel, measured: choice.measurement) { object.add("warning", warning) }
-            object.add("kernel_choice", choice.summary)
-        }
+        guard let choice else { return nil }
+        let warning = kernelWarning(kernel, measured: choice.measurement)
+        if let warning { object.add("warning", warning) }
+        object.add("kernel_choice", choice.summary)
+        return warning
     }
 }
 
