@@ -127,15 +127,14 @@ public enum BLASInfo {
     /// OpenBLAS's, set by `productsRun` when the products run there), else one (a rank per core).
     public static var stepThreads: Int { ownsMachine ? oneDNNThreads : 1 }
 
-    /// Runs `body(stepThreads)` with both libraries on the step's threads (OpenBLAS on the user's
-    /// OPENBLAS_NUM_THREADS in a one-process run that sets it), then restores their thread counts.
-    public static func onStepThreads<R>(environment: [String: String] = ProcessInfo.processInfo.environment,
-                                        _ body: (Int) throws -> R) rethrows -> R {
-        let (blas, oneDNN) = (threads, oneDNNThreads), count = stepThreads
-        setOneDNNThreads(count)
-        if !ownsMachine || environment["OPENBLAS_NUM_THREADS"] == nil { setBLASThreads(count) }
+    /// Runs `body(stepThreads)` with both libraries on the threads a step would give its products
+    /// (one each under mpirun; in one process, OpenBLAS as `productsRun` sets it for them), then
+    /// restores their thread counts.
+    public static func onStepThreads<R>(_ body: (Int) throws -> R) rethrows -> R {
+        let (blas, oneDNN) = (threads, oneDNNThreads)
+        if ownsMachine { productsRun(onOpenBLAS: true) } else { setThreads(1) }
         defer { setBLASThreads(blas); setOneDNNThreads(oneDNN) }
-        return try body(count)
+        return try body(stepThreads)
     }
 
     /// Wakes oneDNN's OpenMP threads with an empty region: afterwards they poll for the next one
