@@ -17,6 +17,8 @@ final class DispatchTests: XCTestCase {
         var expertGradients: [String: [Double]] = [:]
         var sentUnits = 0, tokenRankPairs = 0, tokensRouted = 0
         var bytesSent = 0.0
+        /// The layer's profile of the forward and backward, and their wall time.
+        var profile = StepProfile(), seconds = 0.0
     }
 
     /// One forward and backward of the layer on `ranks` thread-ranks; outcomes by rank.
@@ -36,7 +38,7 @@ final class DispatchTests: XCTestCase {
         return collector.outcomes
     }
 
-    private static func runRank(_ comm: Communicator, ranks: Int, chunks: Int, groupLimit: Int) throws -> RankOutcome {
+    static func runRank(_ comm: Communicator, ranks: Int, chunks: Int, groupLimit: Int) throws -> RankOutcome {
         let replicated = ParameterStore<Double, Replicated>(), expertStore = ParameterStore<Double, ExpertSharded>()
         let router = replicated.add(ParameterPath("router", role: .router), rows: width, columns: experts, weightDecay: false,
                                     initialization: .normal(standardDeviation: 0.8))
@@ -61,8 +63,10 @@ final class DispatchTests: XCTestCase {
         let y = Tensor<Double>(rows: rows, columns: width), dx = Tensor<Double>(rows: rows, columns: width)
         let context = RoutingContext(training: true, communicator: comm, globalTokens: tokens, firstGlobalToken: first,
                                      tokenIds: nil, noiseKey: RandomKey(5))
+        let started = Clock.nanoseconds()
         try layer.forward(x.pointer, rows: rows, into: y.pointer, context: context)
         try layer.backward(x.pointer, dy.pointer, rows: rows, dx: dx.pointer)
+        let seconds = Double(Clock.nanoseconds() - started) * 1e-9
 
         var outcome = RankOutcome(y: y.array, dx: dx.array, routerGradient: Array(UnsafeBufferPointer(start: router.gradient, count: router.count)))
         for entry in expertStore.entries {
@@ -73,6 +77,7 @@ final class DispatchTests: XCTestCase {
         outcome.tokensRouted = Set(routing.tokens).count
         outcome.sentUnits = layer.plan.sentUnitCount
         outcome.bytesSent = layer.profile.expertBytesSent
+        (outcome.profile, outcome.seconds) = (layer.profile, seconds)
         return outcome
     }
 
@@ -136,10 +141,56 @@ final class DispatchTests: XCTestCase {
         }
     }
 
+    /// The profile counts each second once: a backward exchange's wait (left after the deferred
+    /// weight gradients) is `waiting`, not also part of the stage that waited. Every exchange
+    /// here takes 20 ms to finish, so counting a wait twice overshoots the wall time by 40 ms.
+    func testAWaitIsCountedOnceInTheProfile() throws {
+        let outcome = try Self.runRank(SlowExchangeCommunicator(finishing: 0.02), ranks: 1, chunks: 1, groupLimit: 0)
+        let profile = outcome.profile, parts = profile.moe + profile.waiting
+        XCTAssertGreaterThanOrEqual(profile.waitingInBackward, 0.035, "both backward exchanges waited")
+        XCTAssertLessThanOrEqual(parts, outcome.seconds + 0.002,
+                                 "stages \(profile.moe * 1e3) ms + waiting \(profile.waiting * 1e3) ms in \(outcome.seconds * 1e3) ms")
+        XCTAssertGreaterThanOrEqual(profile.dispatch + profile.combine, 0.035, "the forward exchanges' waits are the stages' own")
+    }
+
     func assertClose(_ a: [Double], _ b: [Double], _ label: String, file: StaticString = #filePath, line: UInt = #line) {
         XCTAssertEqual(a.count, b.count, label, file: file, line: line)
         let worst = zip(a, b).map { abs($0 - $1) / max(1, abs($0)) }.max() ?? 0
         XCTAssertLessThan(worst, 1e-12, label, file: file, line: line)
         XCTAssertTrue(a.contains { $0 != 0 }, "\(label) is not all zero", file: file, line: line)
     }
+}
+
+/// One rank whose started exchanges take `finishing` seconds to complete (a peer still busy):
+/// `finish` blocks that long, `progress` never completes them.
+final class SlowExchangeCommunicator: Communicator {
+    let base = SingleRankCommunicator(), finishing: Double
+    init(finishing: Double) { self.finishing = finishing }
+    var rank: Int { 0 }
+    var size: Int { 1 }
+    func allReduce(_ buffer: UnsafeMutableRawBufferPointer, type: CommDataType, op: ReduceOp) throws {}
+    func exclusiveScanSum(_ buffer: UnsafeMutableBufferPointer<Int64>) throws { try base.exclusiveScanSum(buffer) }
+    func allToAll(send: UnsafeBufferPointer<Int64>, recv: UnsafeMutableBufferPointer<Int64>, blockCount: Int) throws {
+        try base.allToAll(send: send, recv: recv, blockCount: blockCount)
+    }
+    func allToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
+                   recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int]) throws {
+        try base.allToAllV(send: send, sendCounts: sendCounts, sendOffsets: sendOffsets, recv: recv, recvCounts: recvCounts, recvOffsets: recvOffsets)
+    }
+    func startAllToAllV(send: UnsafeRawBufferPointer, sendCounts: [Int], sendOffsets: [Int],
+                        recv: UnsafeMutableRawBufferPointer, recvCounts: [Int], recvOffsets: [Int], in transfer: PendingTransfer) throws {
+        try allToAllV(send: send, sendCounts: sendCounts, sendOffsets: sendOffsets, recv: recv, recvCounts: recvCounts, recvOffsets: recvOffsets)
+        transfer.handle = OpaquePointer(bitPattern: 1)
+    }
+    func finish(_ transfer: PendingTransfer) throws {
+        guard transfer.handle != nil else { return }
+        Thread.sleep(forTimeInterval: finishing)
+        transfer.handle = nil
+    }
+    func reduceScatterSum(_ buffer: UnsafeMutableRawBufferPointer, blockCounts: [Int], type: CommDataType) throws {}
+    func allGather(_ buffer: UnsafeMutableRawBufferPointer, blockByteCounts: [Int]) throws {}
+    func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
+    func barrier() throws {}
+    func split(color: Int, key: Int) throws -> Communicator { self }
+    func abort(code: Int32) -> Never { base.abort(code: code) }
 }

@@ -43,8 +43,10 @@ public final class MoELayer<T: Scalar> {
     /// running backward fills (nil outside backward).
     private let ownBacklog = ExpertGradientBacklog<T>()
     private var backlog: ExpertGradientBacklog<T>?
-    /// Seconds this layer's waits spent running the backlog (the stages around them leave it out).
-    private var filledSeconds = 0.0
+    /// Seconds already counted in some part of the profile (for `measure`: a stage leaves out
+    /// what was counted inside its span, such as the backlog's products run in a wait, counted as
+    /// `experts`, and the wait left after them, counted as `waiting`).
+    private var countedSeconds = 0.0
     /// Per local expert and projection (`staleIndex`): whether its weight gradient still holds
     /// the last step's values, which its first product of this step overwrites instead of
     /// adding to (`expectOverwrittenWeightGradients`).
@@ -91,11 +93,14 @@ public final class MoELayer<T: Scalar> {
     var roundsProducts: Bool { experts[0].up.weight.store.matmul?.precision == .bf16 }
     public func resetProfile() { profile = StepProfile() }
 
-    /// Times `body` into `stage`.
-    /// Deferred weight gradients run inside it (`finishExchange`) count as `experts` only.
+    /// Times `body` into `stage`, less the time counted inside it (a nested `measure`, a wait).
     private func measure<R>(_ stage: WritableKeyPath<StepProfile, Double>, _ body: () throws -> R) rethrows -> R {
-        let started = Clock.nanoseconds(), filled = filledSeconds
-        defer { profile[keyPath: stage] += Double(Clock.nanoseconds() - started) * 1e-9 - (filledSeconds - filled) }
+        let started = Clock.nanoseconds(), countedBefore = countedSeconds
+        defer {
+            let span = Double(Clock.nanoseconds() - started) * 1e-9
+            profile[keyPath: stage] += span - (countedSeconds - countedBefore)
+            countedSeconds = countedBefore + span
+        }
         return try body()
     }
 
@@ -118,6 +123,7 @@ public final class MoELayer<T: Scalar> {
             measure(\.experts) { dense.forward(x, rows: rows, into: y, hidden: hidden.hidden()) }
             return
         }
+        try waitForSlowestRank()   // the statistics' all-reduce in the gate is the layer's first collective
         try measure(\.route) { try gate.forward(x, rows: rows, context: context, into: routing) }
         try measure(\.plan) {
             try plan.build(tokens: routing.tokens, experts: routing.experts, tokenCount: rows, placement: placement,
@@ -445,16 +451,23 @@ public final class MoELayer<T: Scalar> {
     /// transfer is incomplete (a peer still computing); the wait left after them is `waiting`.
     private func finishExchange(_ transfer: PendingTransfer, filling backlog: ExpertGradientBacklog<T>? = nil) throws {
         if let backlog {
-            let filling = Clock.nanoseconds()
             try communicator.progress(transfer)
-            while !transfer.isComplete, backlog.runNext() { try communicator.progress(transfer) }
-            filledSeconds += Double(Clock.nanoseconds() - filling) * 1e-9
+            while !transfer.isComplete {
+                // A backlog product is counted as `experts` by its expert's layer (maybe this one).
+                let started = Clock.nanoseconds(), countedBefore = countedSeconds
+                guard backlog.runNext() else { break }
+                countedSeconds = countedBefore + Double(Clock.nanoseconds() - started) * 1e-9
+                try communicator.progress(transfer)
+            }
         }
         let waited = Clock.nanoseconds()
         try communicator.finish(transfer)
         let now = Clock.nanoseconds(), blocked = Double(now - waited) * 1e-9
         profile.exposedCommunication += blocked
         profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9
-        if backlog != nil { profile.waitingInBackward += blocked }
+        if backlog != nil {
+            profile.waitingInBackward += blocked
+            countedSeconds += blocked
+        }
     }
 }

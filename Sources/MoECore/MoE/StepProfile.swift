@@ -17,7 +17,8 @@ public struct StepProfile: Sendable {
     public var allReduce = 0.0
     public var optimizer = 0.0
     /// Waiting for the slowest rank (load imbalance), by where: with the benchmark's WaitingProbe
-    /// hook, the time in a barrier before each forward exchange and before the gradient
+    /// hook, the time in a barrier before each MoE layer's routing (its statistics all-reduce is
+    /// the layer's first collective), before each forward exchange and before the gradient
     /// all-reduce; in backward (always), the time an MoE exchange still blocks after the deferred
     /// expert weight gradients have filled the wait (ExpertGradientBacklog). The stages and
     /// `allReduce` hold the work and transfers alone.
