@@ -39,6 +39,8 @@ public final class MoELayer<T: Scalar> {
     private(set) var groups: [Range<Int>] = []
     private var groupOfLocal: [Int] = []
     private var inbound: [PendingTransfer] = [], outbound: [PendingTransfer] = []
+    /// Backward: the routing weights' gradients on their way back to the tokens' ranks.
+    private let weightGradientTransfer = PendingTransfer()
     /// The backlog of a backward called without the model's (`backward`), and the one the
     /// running backward fills (nil outside backward).
     private let ownBacklog = ExpertGradientBacklog<T>()
@@ -204,6 +206,9 @@ public final class MoELayer<T: Scalar> {
             try measure(\.dispatch) {
                 try finishExchange(inbound[index], filling: backlog)
                 if forward { fanOut(group, source: source) } else { fanOutGradients(rows, source: source) }
+                // The routing weights' gradients are complete with the last group's fan-out:
+                // they travel while the experts run.
+                if !forward && index == groups.count - 1 { try startWeightGradientReturn() }
             }
             measure(\.experts) { forward ? runExperts(group) : runExpertsBackwardInput(group) }
             // One group (no pipeline): the benchmark's barrier keeps the slower rank's expert
@@ -215,6 +220,7 @@ public final class MoELayer<T: Scalar> {
                 // Lets every transfer in flight move on (those not started this pass are complete).
                 try communicator.progress(inbound)
                 try communicator.progress(outbound)
+                try communicator.progress(weightGradientTransfer)
             }
         }
         try measure(\.combine) { for transfer in outbound { try finishExchange(transfer, filling: backlog) } }
@@ -397,18 +403,26 @@ public final class MoELayer<T: Scalar> {
         }
     }
 
-    /// The weight gradients computed on the experts' ranks, back in plan order, then by routing
-    /// index for the gate.
-    private func returnWeightGradients() throws {
-        let assignments = routing.count, stride = MemoryLayout<T>.stride
-        dWeightsReturned.resize(rows: max(assignments, 1), columns: 1)
-        growBuffer(&dWeights, toHold: max(assignments, 1), filling: 0)
+    /// Starts sending the weight gradients computed on the experts' ranks (by record) back to the
+    /// tokens' ranks, in plan order.
+    private func startWeightGradientReturn() throws {
+        let stride = MemoryLayout<T>.stride
+        dWeightsReturned.resize(rows: max(routing.count, 1), columns: 1)
         plan.recordSplits(recordBytes: stride, reverse: true)
-        try communicator.allToAllV(
+        weightGradientTransfer.startedAt = Clock.nanoseconds()
+        try communicator.startAllToAllV(
             send: UnsafeRawBufferPointer(start: dWeightsByRecord.pointer, count: dWeightsByRecord.count * stride),
             sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
             recv: UnsafeMutableRawBufferPointer(start: dWeightsReturned.pointer, count: dWeightsReturned.count * stride),
-            recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets)
+            recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets, in: weightGradientTransfer)
+    }
+
+    /// The weight gradients back from the experts' ranks (`startWeightGradientReturn`), by
+    /// routing index for the gate.
+    private func returnWeightGradients() throws {
+        let assignments = routing.count
+        try finishExchange(weightGradientTransfer, filling: backlog)
+        growBuffer(&dWeights, toHold: max(assignments, 1), filling: 0)
         for position in 0..<assignments { dWeights[Int(plan.order[position])] = dWeightsReturned.pointer[position] }
     }
 
