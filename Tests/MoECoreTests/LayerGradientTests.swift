@@ -307,6 +307,36 @@ final class LayerGradientTests: XCTestCase {
         }
     }
 
+    /// A router's narrow rows (fewer than 16 experts) as masked whole vectors compute, bit for
+    /// bit, the row-by-row kernels: the softmax with its log-sum-exp, and the load-balancing
+    /// loss's adjoint added into dLogits. 1-15 columns, 37 rows (the last rows take the path that
+    /// stays in the buffer), logits up to ±12 so that some probabilities underflow.
+    func testNarrowRouterRowsEqualTheRowByRowKernels() {
+        let rows = 37
+        for count in 1..<16 {
+            let key = RandomKey(UInt64(100 + count))
+            let logits = (0..<rows * count).map { Float(key.normal($0) * 4) }
+            let shared = (0..<count).map { Float(key.derive(1).normal($0)) }
+            let dStart = (0..<rows * count).map { Float(key.derive(2).normal($0)) }
+            var expected = logits, expectedSums = [Float](repeating: 0, count: rows), expectedD = dStart
+            for row in 0..<rows {
+                expected.withUnsafeMutableBufferPointer { expectedSums[row] = Kernels.softmaxRow($0.baseAddress! + row * count, count: count) }
+                var g = shared
+                expected.withUnsafeBufferPointer { p in
+                    g.withUnsafeMutableBufferPointer { Kernels.softmaxBackwardRow(probabilities: p.baseAddress! + row * count, $0.baseAddress!, count: count) }
+                }
+                expectedD.withUnsafeMutableBufferPointer { Kernels.add(g, into: $0.baseAddress! + row * count, count: count) }
+            }
+            var probabilities = [Float](repeating: .nan, count: rows * count), sums = [Float](repeating: .nan, count: rows)
+            FloatKernels.narrowSoftmaxRows(logits, into: &probabilities, rows: rows, count: count, logSumExp: &sums)
+            var d = dStart
+            FloatKernels.narrowSoftmaxBackwardAdding(probabilities: probabilities, sharedGradient: shared, rows: rows, count: count, into: &d)
+            XCTAssertEqual(probabilities.map(\.bitPattern), expected.map(\.bitPattern), "softmax, \(count) experts")
+            XCTAssertEqual(sums.map(\.bitPattern), expectedSums.map(\.bitPattern), "log-sum-exp, \(count) experts")
+            XCTAssertEqual(d.map(\.bitPattern), expectedD.map(\.bitPattern), "balance loss adjoint, \(count) experts")
+        }
+    }
+
     /// The FFN hidden layer's fused passes (Float) compute, bit for bit, what the unfused steps
     /// do: addBias, GELU and rounding forward; GELU', the bias column sums and rounding backward.
     /// 37 columns: two vector blocks and a tail per row.

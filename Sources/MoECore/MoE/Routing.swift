@@ -181,6 +181,14 @@ public final class RouterScores<T: Scalar> {
         let experts = logits.columns
         probabilities.resize(rows: rows, columns: experts)
         if logSumExp.count != rows { logSumExp = Array(repeating: 0, count: rows) }
+        if T.self == Float.self && experts < 16 {
+            logSumExp.withUnsafeMutableBufferPointer { lse in
+                FloatKernels.narrowSoftmaxRows(asFloat(UnsafePointer(logits.pointer)), into: asFloat(probabilities.pointer), rows: rows,
+                                               count: experts, logSumExp: asFloat(lse.baseAddress!))
+            }
+            hasProbabilities = true
+            return
+        }
         for s in 0..<rows {
             let p = probabilities.row(s)
             p.update(from: logits.row(s), count: experts)

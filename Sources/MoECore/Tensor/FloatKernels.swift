@@ -400,6 +400,44 @@ enum FloatKernels {
         return (maximum, sum)
     }
 
+    /// Softmax of each row of `logits` [rows, count], count below 16 (a router's experts), into
+    /// `probabilities` [rows, count], with each row's log-sum-exp. Bit for bit `softmaxRow` on a
+    /// copy of the row (the same -inf padding, exponentials and sums), but each row one masked
+    /// whole vector instead of a tail loop of scalars: a 16-lane load reaches into the next rows
+    /// (all rows but the last few, whose loads would leave the buffer).
+    static func narrowSoftmaxRows(_ logits: UnsafePointer<Float>, into probabilities: UnsafeMutablePointer<Float>, rows: Int,
+                                  count: Int, logSumExp: UnsafeMutablePointer<Float>) {
+        precondition(count > 0 && count < 16, "narrow rows: \(count) values")
+        let padding = Vector(repeating: -.infinity), end = Int32(count)
+        for row in 0..<rows {
+            let input = logits + row * count
+            let v = row * count + 16 <= rows * count ? swiftmoe_keep_below16(load(input), 0, end, -.infinity)
+                : loadVector(input, lanes: count, padding: -.infinity)
+            let maximum = padding.replacing(with: v, where: v .> padding).max()
+            let e = Float.exp(v - maximum)   // padded lanes: exp(-inf), clamped, summed as in softmaxRowParts
+            let sum = e.sum(), inverse = 1 / sum
+            storeVector(e * inverse, probabilities + row * count, lanes: count)
+            logSumExp[row] = Float(Glibc.log(Double(sum))) + maximum
+        }
+    }
+
+    /// dLogits[s] += p_s ⊙ (g - <p_s, g>) for every row s of `probabilities` [rows, count], count
+    /// below 16, with one gradient g [count] for all rows (the load-balancing loss's): bit for bit
+    /// `softmaxBackwardRow` on a copy of g, then `Kernels.add`, each row as whole vectors.
+    static func narrowSoftmaxBackwardAdding(probabilities: UnsafePointer<Float>, sharedGradient g: UnsafePointer<Float>, rows: Int,
+                                            count: Int, into dLogits: UnsafeMutablePointer<Float>) {
+        precondition(count > 0 && count < 16, "narrow rows: \(count) values")
+        let gradient = loadVector(g, lanes: count), end = Int32(count), zero = Vector(repeating: 0)
+        for row in 0..<rows {
+            let p = probabilities + row * count, dl = dLogits + row * count
+            let whole = row * count + 16 <= rows * count   // a 16-lane load stays in the buffers
+            let probability = whole ? swiftmoe_keep_below16(load(p), 0, end, 0) : loadVector(p, lanes: count)
+            let dot = (zero + probability * gradient).sum()
+            let sums = (whole ? load(UnsafePointer(dl)) : loadVector(dl, lanes: count)) + probability * (gradient - dot)
+            storeVector(sums, dl, lanes: count)
+        }
+    }
+
     static func sumOfSquares(_ x: UnsafePointer<Float>, count: Int) -> Double {
         var total = 0.0
         var index = 0

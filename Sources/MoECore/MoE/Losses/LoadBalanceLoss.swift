@@ -43,6 +43,14 @@ public final class LoadBalanceLoss<T: Scalar>: AuxiliaryLoss {
     @_specialize(where T == Float)
     public func backward(_ input: LossInput<T>, dWeights: UnsafeMutablePointer<T>, dLogits: Tensor<T>) {
         let experts = fraction.count, scale = T(coefficient * input.weight) * T(experts) / T(input.tokens)
+        if T.self == Float.self && experts < 16 {
+            for e in 0..<experts { row[e] = scale * fraction[e] }
+            return row.withUnsafeBufferPointer { g in
+                FloatKernels.narrowSoftmaxBackwardAdding(probabilities: asFloat(UnsafePointer(input.scores.probabilities.pointer)),
+                                                         sharedGradient: asFloat(g.baseAddress!), rows: input.rows, count: experts,
+                                                         into: asFloat(dLogits.pointer))
+            }
+        }
         for s in 0..<input.rows {
             for e in 0..<experts { row[e] = scale * fraction[e] }
             row.withUnsafeMutableBufferPointer { g in
