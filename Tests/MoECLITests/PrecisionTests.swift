@@ -30,6 +30,28 @@ final class PrecisionTests: XCTestCase {
         XCTAssertTrue(uncapped.stdout.contains("precision auto -> "), uncapped.stdout)
     }
 
+    /// The step profile names its parts and they add up to the step: each second counted once
+    /// (on 2 ranks, so the waiting probe and the overlapped all-reduce run too; fp32 runs on any CPU).
+    func testBenchProfileAddsUpToTheStep() throws {
+        let workspace = try Workspace()
+        try workspace.write("tiny.yaml", Workspace.tinyConfig)
+        // Wide enough that the output projection takes well over the parts' rounding.
+        let result = try CLI.mpirun(ranks: 2, ["bench", "--config", "tiny.yaml", "--steps", "3", "--warmup", "1", "--precision", "fp32",
+                                               "--set", "model.width=128", "--set", "model.context=64", "--set", "train.batch_size=8"],
+                                    in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any], result.stdout)
+        let parts = try XCTUnwrap(object["step_ms_by_part"] as? [String: Double], result.stdout)
+        XCTAssertEqual(Set(parts.keys), ["attention", "route", "plan", "dispatch", "experts", "combine", "output", "all_reduce",
+                                         "optimizer", "waiting", "other"], "the parts by name")
+        let step = try XCTUnwrap(object["step_ms"] as? Double)
+        // Each part is rounded to 0.1 ms; `other` is the rest (never below 0).
+        XCTAssertEqual(parts.values.reduce(0, +), step, accuracy: 0.6, "parts \(parts) in a step of \(step) ms")
+        XCTAssertGreaterThan(parts["output"] ?? 0, 0.6, "the output projection is timed, apart from `other`")
+        let places = try XCTUnwrap(object["waiting_ms_by_place"] as? [String: Double])
+        XCTAssertEqual(places.values.reduce(0, +), try XCTUnwrap(parts["waiting"]), accuracy: 0.16)
+    }
+
     /// On 2 ranks, so the profile's barrier timing (the WaitingProbe hook, bench only) runs too.
     func testBenchPrintsOneJSONObjectForBothPrecisions() throws {
         try Self.requireBF16()
@@ -51,7 +73,7 @@ final class PrecisionTests: XCTestCase {
                 XCTAssertGreaterThan(run[key] as? Double ?? 0, 0, "\(precision).\(key)")
             }
             let parts = try XCTUnwrap(run["step_ms_by_part"] as? [String: Any])
-            XCTAssertEqual(Set(parts.keys), ["attention", "route", "plan", "dispatch", "experts", "combine", "all_reduce",
+            XCTAssertEqual(Set(parts.keys), ["attention", "route", "plan", "dispatch", "experts", "combine", "output", "all_reduce",
                                              "optimizer", "waiting", "other"], "the MoE stages by name")
             // The waiting part, split by where it was: the three places add up to it (each
             // rounded to 0.1 ms).

@@ -1,6 +1,6 @@
 /// Where one training step's time went, in seconds, summed over the step (forward and
 /// backward). Filled by the model, its MoE layers and the trainer; `other` is the rest
-/// (embedding, norms, dense FFNs, the output projection, the loss).
+/// (embedding, the blocks' norms and residual sums, dense FFNs, the gradient norm).
 public struct StepProfile: Sendable {
     public var attention = 0.0
     /// MoE stage 1: the gate's router, selection policy and auxiliary losses (forward and backward).
@@ -13,7 +13,11 @@ public struct StepProfile: Sendable {
     public var experts = 0.0
     /// MoE stage 5: regrouping, the all-to-all-v back and the weighted combine (and adjoints).
     public var combine = 0.0
-    /// Gradient all-reduces and the other small collectives of the trainer.
+    /// The output projection: the final norm, the logits' products and the cross-entropy, with
+    /// their adjoints.
+    public var output = 0.0
+    /// Gradient all-reduces (starting the overlapped ones too) and the trainer's other small
+    /// collectives.
     public var allReduce = 0.0
     public var optimizer = 0.0
     /// Waiting for the slowest rank (load imbalance), by where: with the benchmark's WaitingProbe
@@ -36,8 +40,9 @@ public struct StepProfile: Sendable {
 
     public init() {}
 
-    /// Everything else: embedding, norms, dense FFNs, the output projection, the loss.
-    public var other: Double { max(0, total - attention - moe - allReduce - optimizer - waiting) }
+    /// Everything else: embedding, the blocks' norms and residual sums, dense FFNs, the
+    /// gradient norm.
+    public var other: Double { max(0, total - attention - moe - output - allReduce - optimizer - waiting) }
     /// The five MoE stages.
     public var moe: Double { route + plan + dispatch + experts + combine }
 
@@ -46,13 +51,13 @@ public struct StepProfile: Sendable {
     }
 
     static let summed: [WritableKeyPath<StepProfile, Double>] =
-        [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.allReduce, \.optimizer,
+        [\.attention, \.route, \.plan, \.dispatch, \.experts, \.combine, \.output, \.allReduce, \.optimizer,
          \.waitingInForward, \.waitingInBackward, \.waitingForGradients, \.total,
          \.totalCommunication, \.exposedCommunication, \.expertBytesSent]
 
     /// Named parts, for reports.
     public var parts: [(String, Double)] {
         [("attention", attention), ("route", route), ("plan", plan), ("dispatch", dispatch), ("experts", experts),
-         ("combine", combine), ("all_reduce", allReduce), ("optimizer", optimizer), ("waiting", waiting), ("other", other)]
+         ("combine", combine), ("output", output), ("all_reduce", allReduce), ("optimizer", optimizer), ("waiting", waiting), ("other", other)]
     }
 }

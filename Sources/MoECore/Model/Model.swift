@@ -64,8 +64,8 @@ public final class GPTModel<T: Scalar> {
     var tokens: [Int32] = [], targets: [Int32] = []
     var layerStatistics: [RoutingStatistics] = []
     var batch = 0, length = 0
-    /// Attention time since the last `takeProfile()`.
-    var attentionSeconds = 0.0
+    /// Attention's and the output projection's times since the last `takeProfile()`.
+    var attentionSeconds = 0.0, outputSeconds = 0.0
 
     /// Builds the model of `run` (its model, moe, gate and EvoMoE sections). `tokenFrequencies`
     /// (training-token counts per id) feed the balanced hash table.
@@ -180,13 +180,15 @@ public final class GPTModel<T: Scalar> {
             let output = residual[layer + 1]
             Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
         }
-        computeLogits(rows: rows)
+        Clock.measure(&outputSeconds) { computeLogits(rows: rows) }
         guard let targetIds else {
             return ForwardResult(localLoss: 0, localLossSum: 0, auxiliaryLoss: auxiliary, moeLayers: statistics)
         }
         precondition(targetIds.count == rows, "targets must be [B*T]")
-        let lossSum = targetIds.withUnsafeBufferPointer {
-            CrossEntropy.forward(logits: logits.pointer, targets: $0.baseAddress!, rows: rows, vocabularySize: vocabularySize)
+        let lossSum = Clock.measure(&outputSeconds) {
+            targetIds.withUnsafeBufferPointer {
+                CrossEntropy.forward(logits: logits.pointer, targets: $0.baseAddress!, rows: rows, vocabularySize: vocabularySize)
+            }
         }
         return ForwardResult(localLoss: lossSum / Double(rows), localLossSum: lossSum, auxiliaryLoss: auxiliary,
                              moeLayers: statistics)
@@ -228,29 +230,7 @@ public final class GPTModel<T: Scalar> {
     /// (blocks finish from the last to the first), for overlapping their all-reduce.
     public func backward(globalTokens: Int, blockDone: ((Int) throws -> Void)? = nil) throws {
         let rows = batch * length, width = config.width
-        targets.withUnsafeBufferPointer {
-            CrossEntropy.backward(probabilities: logits.pointer, targets: $0.baseAddress!, rows: rows,
-                                  vocabularySize: vocabularySize, scale: 1 / T(globalTokens))
-        }
-        // logits = ln_f(x) W  =>  d ln_f(x) = dlogits Wᵀ, dW += ln_f(x)ᵀ dlogits
-        dScratch.resize(rows: rows, columns: width)
-        let matmul = replicated.matmul
-        let dLogits = ProductOperand<T>.roundedOnce(logits.pointer, count: rows * vocabularySize, into: matmul?.rounding?.right)
-        if let head {
-            matrixProduct(matmul, transposeA: true, m: width, n: vocabularySize, k: rows, a: .values(finalNormed.pointer),
-                          b: dLogits, beta: 1, c: head.gradient)
-            matrixProduct(matmul, transposeB: true, m: rows, n: width, k: vocabularySize, a: dLogits, b: head.operand,
-                          c: dScratch.pointer)
-        } else {
-            // dLogits is A here, so finalNormed (B) goes through `left`: round it explicitly.
-            let normed = ProductOperand<T>.roundedOnce(finalNormed.pointer, count: rows * width, into: matmul?.rounding?.left)
-            matrixProduct(matmul, transposeA: true, m: vocabularySize, n: width, k: rows, a: dLogits, b: normed,
-                          beta: 1, c: embedding.tokenTable.gradient)
-            matrixProduct(matmul, m: rows, n: width, k: vocabularySize, a: dLogits, b: embedding.tokenTable.operand,
-                          c: dScratch.pointer)
-        }
-        dResidual.resize(rows: rows, columns: width, zero: true)
-        finalNorm.backward(residual[config.layers].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer, cache: finalNormCache)
+        Clock.measure(&outputSeconds) { outputBackward(rows: rows, globalTokens: globalTokens) }
         for layer in stride(from: config.layers - 1, through: 0, by: -1) {
             let block = blocks[layer]
             // x_out = x_mid + ffn(ln2(x_mid)); dResidual holds d x_out and becomes d x_mid.
@@ -285,6 +265,35 @@ public final class GPTModel<T: Scalar> {
         expertBacklog.runAll()
     }
 
+    /// Adjoint of the output projection (`computeLogits`) and the cross-entropy: dResidual[L]
+    /// = final_norm'ᵀ (dlogits Wᵀ), and the head's (or the token table's) gradient.
+    private func outputBackward(rows: Int, globalTokens: Int) {
+        let width = config.width
+        targets.withUnsafeBufferPointer {
+            CrossEntropy.backward(probabilities: logits.pointer, targets: $0.baseAddress!, rows: rows,
+                                  vocabularySize: vocabularySize, scale: 1 / T(globalTokens))
+        }
+        // logits = ln_f(x) W  =>  d ln_f(x) = dlogits Wᵀ, dW += ln_f(x)ᵀ dlogits
+        dScratch.resize(rows: rows, columns: width)
+        let matmul = replicated.matmul
+        let dLogits = ProductOperand<T>.roundedOnce(logits.pointer, count: rows * vocabularySize, into: matmul?.rounding?.right)
+        if let head {
+            matrixProduct(matmul, transposeA: true, m: width, n: vocabularySize, k: rows, a: .values(finalNormed.pointer),
+                          b: dLogits, beta: 1, c: head.gradient)
+            matrixProduct(matmul, transposeB: true, m: rows, n: width, k: vocabularySize, a: dLogits, b: head.operand,
+                          c: dScratch.pointer)
+        } else {
+            // dLogits is A here, so finalNormed (B) goes through `left`: round it explicitly.
+            let normed = ProductOperand<T>.roundedOnce(finalNormed.pointer, count: rows * width, into: matmul?.rounding?.left)
+            matrixProduct(matmul, transposeA: true, m: vocabularySize, n: width, k: rows, a: dLogits, b: normed,
+                          beta: 1, c: embedding.tokenTable.gradient)
+            matrixProduct(matmul, m: rows, n: width, k: vocabularySize, a: dLogits, b: embedding.tokenTable.operand,
+                          c: dScratch.pointer)
+        }
+        dResidual.resize(rows: rows, columns: width, zero: true)
+        finalNorm.backward(residual[config.layers].pointer, dScratch.pointer, rows: rows, dx: dResidual.pointer, cache: finalNormCache)
+    }
+
     /// The first activation of the last forward that is not finite, named for error messages.
     public func firstNonFiniteActivation() -> String? {
         for (index, tensor) in residual.enumerated() where !Kernels.isFinite(tensor.pointer, count: tensor.count) {
@@ -296,8 +305,8 @@ public final class GPTModel<T: Scalar> {
     /// Attention and MoE-layer times accumulated since the previous call; resets them.
     public func takeProfile() -> StepProfile {
         var profile = StepProfile()
-        profile.attention = attentionSeconds
-        attentionSeconds = 0
+        (profile.attention, profile.output) = (attentionSeconds, outputSeconds)
+        (attentionSeconds, outputSeconds) = (0, 0)
         for layer in moeLayers {
             profile += layer.profile
             layer.resetProfile()

@@ -27,9 +27,10 @@ final class GradientSync {
     let replicaCommunicator: Communicator?
     /// This rank's slice of the replicated store: the part its optimizer updates.
     let optimizerShard: Range<Int>
-    /// Seconds blocked in this step's collectives, and the span overlapped buckets were in
-    /// flight (`takeTiming` resets both).
-    private var blockedSeconds = 0.0, overlappedSpan = 0.0
+    /// Seconds blocked in this step's collectives, seconds spent starting overlapped buckets in
+    /// backward (MPI reduces on the calling thread as it starts and progresses them), and the
+    /// span the buckets were in flight (`takeTiming` resets all three).
+    private var blockedSeconds = 0.0, startingSeconds = 0.0, overlappedSpan = 0.0
     /// [loss sum, expert gradient sum of squares (+ this rank's slice's, sharded)]: one all-reduce.
     private var scalars: [Double] = [0, 0]
 
@@ -63,7 +64,9 @@ final class GradientSync {
     func blockDone(_ model: GPTModel<Float>) -> ((Int) throws -> Void)? {
         guard case let .overlapped(buckets) = strategy else { return nil }
         let gradients = model.replicated.gradients, communicator = self.communicator
-        return { layer in try buckets.start(buckets.blockRanges[layer], of: gradients, communicator: communicator) }
+        return { [unowned self] layer in
+            try Clock.measure(&startingSeconds) { try buckets.start(buckets.blockRanges[layer], of: gradients, communicator: communicator) }
+        }
     }
 
     /// Sums the step's gradients over ranks (sharded: this rank's slice only; the rest is left
@@ -117,9 +120,9 @@ final class GradientSync {
     /// Times a collective of this step (also the replica check, which the trainer runs here).
     func measure(_ body: () throws -> Void) rethrows { try Clock.measure(&blockedSeconds, body) }
 
-    /// This step's blocked seconds and overlapped span; resets both.
-    func takeTiming() -> (blocked: Double, overlappedSpan: Double) {
-        defer { blockedSeconds = 0; overlappedSpan = 0 }
-        return (blockedSeconds, overlappedSpan)
+    /// This step's blocked and starting seconds and overlapped span; resets them.
+    func takeTiming() -> (blocked: Double, starting: Double, overlappedSpan: Double) {
+        defer { blockedSeconds = 0; startingSeconds = 0; overlappedSpan = 0 }
+        return (blockedSeconds, startingSeconds, overlappedSpan)
     }
 }

@@ -121,9 +121,9 @@ public final class Trainer {
 
     /// The step's profile: the model's stages, then the sums over ranks and the optimizer.
     func stepProfile(started: UInt64, waiting: Double, optimizer: Double) -> StepProfile {
-        let (blocked, overlappedSpan) = sync.takeTiming()
+        let (blocked, starting, overlappedSpan) = sync.takeTiming()
         var profile = model.takeProfile()
-        profile.allReduce = blocked
+        profile.allReduce = blocked + starting
         // Overlapped buckets are in flight for `overlappedSpan`, blocked on for part of it only.
         profile.totalCommunication += blocked + max(0, overlappedSpan - blocked)
         profile.exposedCommunication += blocked
