@@ -83,6 +83,37 @@ final class LayerGradientTests: XCTestCase {
         close(floatNorm.bias.gradient, doubleNorm.bias.gradient, width, "dbias")
     }
 
+    /// A norm of a residual sum, block by block (`forward(sumOf:_:writingSumTo:...)`), writes bit
+    /// for bit the sum pass and then the norm: the sum, the output and the cache, for both norms
+    /// and both precisions. 77 rows of 40 (8 KB blocks of 51 rows: a whole block and a part).
+    func testNormOfAResidualSumEqualsTheSumThenTheNorm() {
+        func check<T: Scalar>(_: T.Type, rms: Bool) {
+            let rows = 77, width = 40, store = ParameterStore<T, Replicated>()
+            let path = ParameterPath("norm", role: .norm)
+            let norm: Normalization<T> = rms ? .rms(RMSNorm(store: store, path: path, width: width, epsilon: 1e-5, decay: false))
+                : .layer(LayerNorm(store: store, path: path, width: width, decay: false))
+            store.initialize(key: RandomKey(3))
+            for i in 0..<store.count { store.values[i] = T(1 + 0.01 * Double(i % 17)) }
+            let a = Tensor<T>(rows: rows, columns: width, values: randomTensor(rows: rows, columns: width, seed: 10, scale: 2).array.map { T($0) })
+            let b = Tensor<T>(rows: rows, columns: width, values: randomTensor(rows: rows, columns: width, seed: 11).array.map { T($0) })
+            let sum = Tensor<T>(rows: rows, columns: width), y = Tensor<T>(rows: rows, columns: width), cache = NormCache<T>()
+            let expectedSum = Tensor<T>(rows: rows, columns: width), expectedY = Tensor<T>(rows: rows, columns: width)
+            let expectedCache = NormCache<T>()
+            Kernels.sum(a.pointer, b.pointer, into: expectedSum.pointer, count: rows * width)
+            norm.forward(expectedSum.pointer, rows: rows, into: expectedY.pointer, cache: expectedCache)
+            norm.forward(sumOf: a.pointer, b.pointer, writingSumTo: sum.pointer, rows: rows, into: y.pointer, cache: cache)
+            let label = "\(T.self), \(rms ? "RMSNorm" : "LayerNorm")"
+            XCTAssertEqual(sum.array, expectedSum.array, "sum, \(label)")
+            XCTAssertEqual(y.array, expectedY.array, "output, \(label)")
+            XCTAssertEqual(cache.reciprocalDeviation.array, expectedCache.reciprocalDeviation.array, "reciprocals, \(label)")
+            if !rms { XCTAssertEqual(cache.mean.array, expectedCache.mean.array, "means, \(label)") }
+        }
+        for rms in [false, true] {
+            check(Float.self, rms: rms)
+            check(Double.self, rms: rms)
+        }
+    }
+
     func testCausalSelfAttention() {
         let store = ParameterStore<Double, Replicated>()
         let attention = CausalSelfAttention(store: store, path: ParameterPath("attention", role: .attention), width: 8, heads: 2, residualDeviation: 0.3)

@@ -5,6 +5,13 @@ public final class NormCache<T: Scalar> {
     public init() {}
 }
 
+/// `body(first row, rows)` over blocks of rows of about 8 KB (`width` values a row), so that a
+/// pass writing a block and the pass reading it back find it in the first-level cache.
+@inline(__always) func forEachRowBlock(rows: Int, width: Int, _ body: (Int, Int) -> Void) {
+    let block = max(1, 2048 / max(width, 1))
+    for first in stride(from: 0, to: rows, by: block) { body(first, min(block, rows - first)) }
+}
+
 /// Layer normalisation over the last dimension. x, y: [N, C]; gain, bias: [C].
 /// Float runs `FloatKernels.layerNormForward/Backward` (the same math, row sums in 16 lanes);
 /// the loops here are the reference, in Double for the gradient checks.
@@ -22,13 +29,33 @@ public struct LayerNorm<T: Scalar> {
     }
 
     public func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, cache: Cache) {
-        let width = gain.columns
         cache.mean.resize(rows: rows, columns: 1)
         cache.reciprocalDeviation.resize(rows: rows, columns: 1)
+        forward(x, rows: rows, into: y, means: cache.mean.pointer, reciprocals: cache.reciprocalDeviation.pointer)
+    }
+
+    /// `forward` of x = a + b, the sum written to `sum` as well: row block by row block, so each
+    /// block is normalised while its sum is still in cache (the same arithmetic as the sum
+    /// pass, then `forward`).
+    public func forward(sumOf a: UnsafePointer<T>, _ b: UnsafePointer<T>, writingSumTo sum: UnsafeMutablePointer<T>, rows: Int,
+                        into y: UnsafeMutablePointer<T>, cache: Cache) {
+        cache.mean.resize(rows: rows, columns: 1)
+        cache.reciprocalDeviation.resize(rows: rows, columns: 1)
+        let width = gain.columns, means = cache.mean.pointer, reciprocals = cache.reciprocalDeviation.pointer
+        forEachRowBlock(rows: rows, width: width) { first, count in
+            let offset = first * width
+            Kernels.sum(a + offset, b + offset, into: sum + offset, count: count * width)
+            forward(sum + offset, rows: count, into: y + offset, means: means + first, reciprocals: reciprocals + first)
+        }
+    }
+
+    /// Rows of x into y, each row's mean and reciprocal deviation into `means` and `reciprocals`.
+    private func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, means: UnsafeMutablePointer<T>,
+                         reciprocals: UnsafeMutablePointer<T>) {
+        let width = gain.columns
         let inverseWidth = 1 / T(width)
         // Pointers hoisted out of the loops: reaching them through the store costs a retain.
         let gain = self.gain.value, bias = self.bias.value
-        let means = cache.mean.pointer, reciprocals = cache.reciprocalDeviation.pointer
         if T.self == Float.self {
             return FloatKernels.layerNormForward(asFloat(x), asFloat(y), rows: rows, width: width, gain: asFloat(UnsafePointer(gain)),
                                                  bias: asFloat(UnsafePointer(bias)), epsilon: Float(epsilon), means: asFloat(means),

@@ -153,13 +153,16 @@ public final class GPTModel<T: Scalar> {
         var auxiliary = 0.0
         for (layer, block) in blocks.enumerated() {
             let input = residual[layer], mid = middle[layer]
-            block.attentionNorm.forward(input.pointer, rows: rows, into: attentionNormed[layer].pointer, cache: normCaches[layer].0)
+            // Later blocks' attention norms ran with the residual sum that ends the block before.
+            if layer == 0 {
+                block.attentionNorm.forward(input.pointer, rows: rows, into: attentionNormed[layer].pointer, cache: normCaches[layer].0)
+            }
             Clock.measure(&attentionSeconds) {
                 block.attention.forward(attentionNormed[layer].pointer, batch: batch, length: length, into: scratch.pointer,
                                         cache: attentionCaches[layer])
             }
-            Kernels.sum(input.pointer, scratch.pointer, into: mid.pointer, count: rows * width)
-            block.feedForwardNorm.forward(mid.pointer, rows: rows, into: feedForwardNormed[layer].pointer, cache: normCaches[layer].1)
+            block.feedForwardNorm.forward(sumOf: input.pointer, scratch.pointer, writingSumTo: mid.pointer, rows: rows,
+                                          into: feedForwardNormed[layer].pointer, cache: normCaches[layer].1)
             switch block.feedForward {
             case let .dense(ffn):
                 denseHidden[layer].resize(rows: rows, for: ffn, rounded: precision == .bf16)
@@ -178,7 +181,12 @@ public final class GPTModel<T: Scalar> {
                 auxiliary += moe.routing.statistics.auxiliaryLoss
             }
             let output = residual[layer + 1]
-            Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
+            if layer + 1 < blocks.count {
+                blocks[layer + 1].attentionNorm.forward(sumOf: mid.pointer, scratch.pointer, writingSumTo: output.pointer, rows: rows,
+                                                        into: attentionNormed[layer + 1].pointer, cache: normCaches[layer + 1].0)
+            } else {
+                Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
+            }
         }
         Clock.measure(&outputSeconds) { computeLogits(rows: rows) }
         guard let targetIds else {
