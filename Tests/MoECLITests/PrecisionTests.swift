@@ -45,8 +45,10 @@ final class PrecisionTests: XCTestCase {
         XCTAssertEqual(Set(parts.keys), ["attention", "route", "plan", "dispatch", "experts", "combine", "output", "all_reduce",
                                          "optimizer", "waiting", "other"], "the parts by name")
         let step = try XCTUnwrap(object["step_ms"] as? Double)
-        // Each part is rounded to 0.1 ms; `other` is the rest (never below 0).
-        XCTAssertEqual(parts.values.reduce(0, +), step, accuracy: 0.6, "parts \(parts) in a step of \(step) ms")
+        // Each part is rounded to 0.1 ms and `other` is the rest of the step (never below 0);
+        // step_ms is the timed loop's wall time, which holds the benchmark's own work between
+        // steps as well (1 ms in a debug build): 1% of slack.
+        XCTAssertEqual(parts.values.reduce(0, +), step, accuracy: max(0.6, 0.01 * step), "parts \(parts) in a step of \(step) ms")
         XCTAssertGreaterThan(parts["output"] ?? 0, 0.6, "the output projection is timed, apart from `other`")
         let places = try XCTUnwrap(object["waiting_ms_by_place"] as? [String: Double])
         XCTAssertEqual(places.values.reduce(0, +), try XCTUnwrap(parts["waiting"]), accuracy: 0.16)

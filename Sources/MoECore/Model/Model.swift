@@ -137,7 +137,7 @@ public final class GPTModel<T: Scalar> {
                         step: Int = 0, lossWeight: Double = 1, dropless: Bool = false) throws -> ForwardResult {
         precondition(tokenIds.count == batch * length, "tokens must be [B*T]")
         precondition(length <= config.context, "sequence longer than the context")
-        let rows = batch * length, width = config.width
+        let rows = batch * length
         self.batch = batch
         self.length = length
         tokens = tokenIds
@@ -180,26 +180,36 @@ public final class GPTModel<T: Scalar> {
                 statistics.append(moe.routing.statistics)
                 auxiliary += moe.routing.statistics.auxiliaryLoss
             }
-            let output = residual[layer + 1]
-            if layer + 1 < blocks.count {
-                blocks[layer + 1].attentionNorm.forward(sumOf: mid.pointer, scratch.pointer, writingSumTo: output.pointer, rows: rows,
-                                                        into: attentionNormed[layer + 1].pointer, cache: normCaches[layer + 1].0)
-            } else {
-                Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * width)
-            }
+            addFeedForwardOutput(layer: layer, rows: rows)
         }
         Clock.measure(&outputSeconds) { computeLogits(rows: rows) }
         guard let targetIds else {
             return ForwardResult(localLoss: 0, localLossSum: 0, auxiliaryLoss: auxiliary, moeLayers: statistics)
         }
         precondition(targetIds.count == rows, "targets must be [B*T]")
-        let lossSum = Clock.measure(&outputSeconds) {
-            targetIds.withUnsafeBufferPointer {
-                CrossEntropy.forward(logits: logits.pointer, targets: $0.baseAddress!, rows: rows, vocabularySize: vocabularySize)
-            }
-        }
+        let lossSum = Clock.measure(&outputSeconds) { crossEntropySum(targets: targetIds, rows: rows) }
         return ForwardResult(localLoss: lossSum / Double(rows), localLossSum: lossSum, auxiliaryLoss: auxiliary,
                              moeLayers: statistics)
+    }
+
+    /// x_out = x_mid + ffn(ln2(x_mid)) (the FFN's output in `scratch`) into residual[layer + 1],
+    /// normalised in the same pass by the next block's attention norm (the last block's output
+    /// goes to the final norm in `computeLogits`).
+    private func addFeedForwardOutput(layer: Int, rows: Int) {
+        let mid = middle[layer], output = residual[layer + 1]
+        guard layer + 1 < blocks.count else {
+            return Kernels.sum(mid.pointer, scratch.pointer, into: output.pointer, count: rows * config.width)
+        }
+        blocks[layer + 1].attentionNorm.forward(sumOf: mid.pointer, scratch.pointer, writingSumTo: output.pointer, rows: rows,
+                                                into: attentionNormed[layer + 1].pointer, cache: normCaches[layer + 1].0)
+    }
+
+    /// Σ over rows of -log p(target) from the logits of `computeLogits` (which become the
+    /// probabilities, for backward).
+    private func crossEntropySum(targets: [Int32], rows: Int) -> Double {
+        targets.withUnsafeBufferPointer {
+            CrossEntropy.forward(logits: logits.pointer, targets: $0.baseAddress!, rows: rows, vocabularySize: vocabularySize)
+        }
     }
 
     /// The activations of a forward over `rows` rows (their buffers grow once, then are reused).
