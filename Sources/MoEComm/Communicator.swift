@@ -55,7 +55,8 @@ public enum ReduceOp: Sendable { case sum, max, min }
 public final class PendingTransfer {
     /// The transport's handle (an `MPI_Request` for MPI; nil when complete).
     public var handle: OpaquePointer?
-    /// When the caller started it (for accounting), in its clock's nanoseconds.
+    /// When the caller started it (for accounting), in its clock's nanoseconds; 0 once its time
+    /// is counted.
     public var startedAt: UInt64 = 0
     /// Arguments the transport must keep unchanged until completion (MPI's count arrays).
     private var retained = UnsafeMutableBufferPointer<Int32>(start: nil, count: 0)

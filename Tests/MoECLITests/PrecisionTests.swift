@@ -54,6 +54,22 @@ final class PrecisionTests: XCTestCase {
         XCTAssertEqual(places.values.reduce(0, +), try XCTUnwrap(parts["waiting"]), accuracy: 0.16)
     }
 
+    /// One rank has no transfers in flight: its exchanges complete as they start, so its
+    /// communication time is what the starts took, not the span until the layer next looks at a
+    /// transfer (the experts' backward, for the routing weights' gradients).
+    func testOneRankCountsNoTransferInFlight() throws {
+        let workspace = try Workspace()
+        try workspace.write("tiny.yaml", Workspace.tinyConfig)
+        let result = try CLI.run(["bench", "--config", "tiny.yaml", "--steps", "3", "--warmup", "1", "--precision", "fp32",
+                                  "--set", "model.width=128", "--set", "model.context=64", "--set", "train.batch_size=8"],
+                                 in: workspace.url)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any], result.stdout)
+        let communication = try XCTUnwrap(object["communication_ms"] as? [String: Double], result.stdout)
+        let parts = try XCTUnwrap(object["step_ms_by_part"] as? [String: Double], result.stdout)
+        XCTAssertLessThan(communication["total"] ?? .infinity, 0.1 * (parts["experts"] ?? 0), "\(communication), \(parts)")
+    }
+
     /// On 2 ranks, so the profile's barrier timing (the WaitingProbe hook, bench only) runs too.
     func testBenchPrintsOneJSONObjectForBothPrecisions() throws {
         try Self.requireBF16()

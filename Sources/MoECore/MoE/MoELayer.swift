@@ -415,6 +415,7 @@ public final class MoELayer<T: Scalar> {
             sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
             recv: UnsafeMutableRawBufferPointer(start: dWeightsReturned.pointer, count: dWeightsReturned.count * stride),
             recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets, in: weightGradientTransfer)
+        countIfComplete(weightGradientTransfer)
     }
 
     /// The weight gradients back from the experts' ranks (`startWeightGradientReturn`), by
@@ -458,6 +459,17 @@ public final class MoELayer<T: Scalar> {
             sendCounts: plan.sendBytes, sendOffsets: plan.sendByteOffsets,
             recv: UnsafeMutableRawBufferPointer(start: destination.pointer, count: destination.count * stride),
             recvCounts: plan.receiveBytes, recvOffsets: plan.receiveByteOffsets, in: transfer)
+        countIfComplete(transfer)
+    }
+
+    /// A transport without non-blocking collectives (one rank, the test ranks as threads) has
+    /// completed the transfer as it started: its time is the start's, counted now, not the span
+    /// until `finishExchange` looks again (the experts' whole backward, for the routing weights'
+    /// gradients).
+    private func countIfComplete(_ transfer: PendingTransfer) {
+        guard transfer.isComplete else { return }
+        profile.totalCommunication += Double(Clock.nanoseconds() - transfer.startedAt) * 1e-9
+        transfer.startedAt = 0
     }
 
     /// Waits for a transfer: the wait is exposed communication; start to completion, total.
@@ -478,7 +490,8 @@ public final class MoELayer<T: Scalar> {
         try communicator.finish(transfer)
         let now = Clock.nanoseconds(), blocked = Double(now - waited) * 1e-9
         profile.exposedCommunication += blocked
-        profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9
+        if transfer.startedAt > 0 { profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9 }
+        transfer.startedAt = 0
         if backlog != nil {
             profile.waitingInBackward += blocked
             countedSeconds += blocked
