@@ -34,23 +34,8 @@ public struct LayerNorm<T: Scalar> {
         forward(x, rows: rows, into: y, means: cache.mean.pointer, reciprocals: cache.reciprocalDeviation.pointer)
     }
 
-    /// `forward` of x = a + b, the sum written to `sum` as well: row block by row block, so each
-    /// block is normalised while its sum is still in cache (the same arithmetic as the sum
-    /// pass, then `forward`).
-    public func forward(sumOf a: UnsafePointer<T>, _ b: UnsafePointer<T>, writingSumTo sum: UnsafeMutablePointer<T>, rows: Int,
-                        into y: UnsafeMutablePointer<T>, cache: Cache) {
-        cache.mean.resize(rows: rows, columns: 1)
-        cache.reciprocalDeviation.resize(rows: rows, columns: 1)
-        let width = gain.columns, means = cache.mean.pointer, reciprocals = cache.reciprocalDeviation.pointer
-        forEachRowBlock(rows: rows, width: width) { first, count in
-            let offset = first * width
-            Kernels.sum(a + offset, b + offset, into: sum + offset, count: count * width)
-            forward(sum + offset, rows: count, into: y + offset, means: means + first, reciprocals: reciprocals + first)
-        }
-    }
-
     /// Rows of x into y, each row's mean and reciprocal deviation into `means` and `reciprocals`.
-    private func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, means: UnsafeMutablePointer<T>,
+    func forward(_ x: UnsafePointer<T>, rows: Int, into y: UnsafeMutablePointer<T>, means: UnsafeMutablePointer<T>,
                          reciprocals: UnsafeMutablePointer<T>) {
         let width = gain.columns
         let inverseWidth = 1 / T(width)

@@ -20,19 +20,6 @@ public struct RMSNorm<T: Scalar> {
         forward(x, stride: width, rows: rows, into: y, stride: width, reciprocals: cache.reciprocalDeviation.pointer)
     }
 
-    /// `forward` of x = a + b, the sum written to `sum` as well, row block by row block (as
-    /// `LayerNorm.forward(sumOf:_:writingSumTo:rows:into:cache:)`).
-    public func forward(sumOf a: UnsafePointer<T>, _ b: UnsafePointer<T>, writingSumTo sum: UnsafeMutablePointer<T>, rows: Int,
-                        into y: UnsafeMutablePointer<T>, cache: NormCache<T>) {
-        cache.reciprocalDeviation.resize(rows: rows, columns: 1)
-        let width = self.width, reciprocals = cache.reciprocalDeviation.pointer
-        forEachRowBlock(rows: rows, width: width) { first, count in
-            let offset = first * width
-            Kernels.sum(a + offset, b + offset, into: sum + offset, count: count * width)
-            forward(sum + offset, stride: width, rows: count, into: y + offset, stride: width, reciprocals: reciprocals + first)
-        }
-    }
-
     /// Adjoint of `forward`: dgain += Σ dy·x̂, dx += r (dŷ - x̂ mean(dŷ·x̂)), dŷ = dy·gain.
     public func backward(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>, cache: NormCache<T>) {
         backward(x, dy, stride: width, rows: rows, dx: dx, stride: width, reciprocals: cache.reciprocalDeviation.pointer)
@@ -95,13 +82,30 @@ public enum Normalization<T: Scalar> {
         }
     }
 
-    /// `forward` of the residual sum a + b, which is written to `sum` as well, in one pass over
-    /// memory (x_mid = x + attn(...) and the next norm, for example).
+    /// `forward` of the residual sum x = a + b, which is written to `sum` as well (x_mid = x +
+    /// attn(...) and the next norm, for example): row block by row block, so each block is
+    /// normalised while its sum is still in cache. The same arithmetic as the sum pass, then
+    /// `forward`.
     public func forward(sumOf a: UnsafePointer<T>, _ b: UnsafePointer<T>, writingSumTo sum: UnsafeMutablePointer<T>, rows: Int,
                         into y: UnsafeMutablePointer<T>, cache: NormCache<T>) {
+        let width: Int
         switch self {
-        case let .layer(norm): norm.forward(sumOf: a, b, writingSumTo: sum, rows: rows, into: y, cache: cache)
-        case let .rms(norm): norm.forward(sumOf: a, b, writingSumTo: sum, rows: rows, into: y, cache: cache)
+        case let .layer(norm):
+            width = norm.gain.columns
+            cache.mean.resize(rows: rows, columns: 1)
+        case let .rms(norm): width = norm.width
+        }
+        cache.reciprocalDeviation.resize(rows: rows, columns: 1)
+        let reciprocals = cache.reciprocalDeviation.pointer
+        forEachRowBlock(rows: rows, width: width) { first, count in
+            let offset = first * width
+            Kernels.sum(a + offset, b + offset, into: sum + offset, count: count * width)
+            switch self {
+            case let .layer(norm):
+                norm.forward(sum + offset, rows: count, into: y + offset, means: cache.mean.pointer + first, reciprocals: reciprocals + first)
+            case let .rms(norm):
+                norm.forward(sum + offset, stride: width, rows: count, into: y + offset, stride: width, reciprocals: reciprocals + first)
+            }
         }
     }
 

@@ -467,8 +467,12 @@ public final class MoELayer<T: Scalar> {
     /// until `finishExchange` looks again (the experts' whole backward, for the routing weights'
     /// gradients).
     private func countIfComplete(_ transfer: PendingTransfer) {
-        guard transfer.isComplete else { return }
-        profile.totalCommunication += Double(Clock.nanoseconds() - transfer.startedAt) * 1e-9
+        if transfer.isComplete { countTime(of: transfer, until: Clock.nanoseconds()) }
+    }
+
+    /// Adds `transfer`'s time from its start to `now` to the communication total, once.
+    private func countTime(of transfer: PendingTransfer, until now: UInt64) {
+        if transfer.startedAt > 0 { profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9 }
         transfer.startedAt = 0
     }
 
@@ -490,8 +494,7 @@ public final class MoELayer<T: Scalar> {
         try communicator.finish(transfer)
         let now = Clock.nanoseconds(), blocked = Double(now - waited) * 1e-9
         profile.exposedCommunication += blocked
-        if transfer.startedAt > 0 { profile.totalCommunication += Double(now - transfer.startedAt) * 1e-9 }
-        transfer.startedAt = 0
+        countTime(of: transfer, until: now)
         if backlog != nil {
             profile.waitingInBackward += blocked
             countedSeconds += blocked

@@ -154,10 +154,10 @@ public enum Benchmark {
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, millisecondsPerStep(value)) }
         object.addRaw("step_ms_by_part", parts.text)
-        // Where the waiting was: at the MoE layers' collectives of forward (the routing
-        // statistics and the return of the experts' results, mostly), of backward (what the deferred weight gradients left), or before the
-        // gradient sums (the slower rank's leftover backward). Imbalance that moves from layer to
-        // layer and step to step shows in the first two even when the ranks' totals are equal.
+        // Where the waiting was: at forward's MoE collectives (the routing statistics, the
+        // experts' results coming back), backward's (what the deferred weight gradients left), or
+        // before the gradient sums (the slower rank's leftover backward). Imbalance that moves
+        // from layer to layer and step to step shows in the first two even when totals are equal.
         var waits = JSONObject()
         for (name, value) in [("forward_exchanges", mean.waitingInForward), ("backward_exchanges", mean.waitingInBackward),
                               ("gradient_sync", mean.waitingForGradients)] {
