@@ -185,6 +185,36 @@ final class MoEGradientTests: XCTestCase {
         XCTAssertEqual(fixture.layer.weightGradientEntries.count, 16, "two weights per expert")
     }
 
+    /// The layer's gradient squares (taken after each weight product, the rest at settling)
+    /// equal a pass over the expert store: after a backward that overwrites stale weight
+    /// gradients (an expert without rows zeroed), and after one that adds to what the entries
+    /// held (an expert without rows keeps it). Once the gradients change they are not offered.
+    func testGradientSquaresEqualAPassOverTheStore() throws {
+        let fixture = try MoEFixture(experts: 8, k: 1, renormalization: .none, capacityFactor: nil)
+        let x = randomTensor(rows: fixture.rows, columns: fixture.width, seed: 41)
+        let dy = randomTensor(rows: fixture.rows, columns: fixture.width, seed: 42)
+        let y = Tensor<Double>(rows: fixture.rows, columns: fixture.width), dx = Tensor<Double>(rows: fixture.rows, columns: fixture.width)
+        let store = fixture.expertStore, layer = fixture.layer
+        for overwriting in [true, false] {
+            store.zeroGradients()
+            for index in layer.weightGradientEntries {
+                let entry = store.entries[index]
+                (store.gradients + entry.offset).update(repeating: 7.5, count: entry.count)
+            }
+            if overwriting { layer.expectOverwrittenWeightGradients() }
+            XCTAssertNil(layer.gradientSquares, "offered before the backward")
+            try layer.forward(x.pointer, rows: fixture.rows, into: y.pointer, context: fixture.context())
+            try layer.backward(x.pointer, dy.pointer, rows: fixture.rows, dx: dx.pointer)
+            layer.settleWeightGradients()
+            let pass = Kernels.sumOfSquares(store.gradients, count: store.count)
+            let squares = try XCTUnwrap(layer.gradientSquares)
+            XCTAssertEqual(squares.count, store.count)
+            XCTAssertEqual(squares.sum, pass, accuracy: 1e-12 * pass, "overwriting: \(overwriting)")
+            layer.gradientsChanged()
+            XCTAssertNil(layer.gradientSquares)
+        }
+    }
+
     func testSingleExpertEqualsDenseFFN() throws {
         let fixture = try MoEFixture(experts: 1, k: 1, renormalization: .none, capacityFactor: nil, balance: 0, zLoss: 0)
         let denseStore = ParameterStore<Double, ExpertSharded>()

@@ -53,6 +53,14 @@ public final class MoELayer<T: Scalar> {
     /// the last step's values, which its first product of this step overwrites instead of
     /// adding to (`expectOverwrittenWeightGradients`).
     private var staleWeightGradients: [Bool]
+    /// Per (local expert, projection), in `staleIndex` order: Σ g² over the weight's and its
+    /// bias's gradients, taken right after the product that last wrote the weight's (its
+    /// [C, H] block still in cache; `fresh`), or by `settleWeightGradients` for the others.
+    /// Spares the gradient norm a pass over every expert gradient in memory (`gradientSquares`).
+    private var squares: [Double], freshSquares: [Bool]
+    /// Whether `squares` holds the gradients as they are now (from `settleWeightGradients` until
+    /// the gradients next change).
+    private var squaresSettled = false
 
     // Unit rows, both passes (x forward, dy backward): sent [U, C], received [U_recv, C], the
     // experts' sums per received unit [U_recv, C] and those sums back [U, C].
@@ -87,6 +95,8 @@ public final class MoELayer<T: Scalar> {
         self.placement = placement
         self.communicator = communicator
         staleWeightGradients = Array(repeating: false, count: 2 * experts.count)
+        squares = Array(repeating: 0, count: 2 * experts.count)
+        freshSquares = Array(repeating: false, count: 2 * experts.count)
         makeGroups()
     }
 
@@ -349,7 +359,32 @@ public final class MoELayer<T: Scalar> {
             experts[local].backwardWeights(of: projection, expertInput.row(start), dExpertOutput.row(start), rows: count,
                                            hidden: expertHidden(fromRow: start), scratch: dHidden.row(start), accumulate: !stale)
         }
+        // Its bias's gradient is complete too: the input half of the adjoint summed it before.
+        squares[flag] = gradientSquares(ofProjectionAt: flag)
+        freshSquares[flag] = true
+        squaresSettled = false
     }
+
+    /// Σ g² over the gradients of the weight at `index` of `staleWeightGradients` and its bias.
+    private func gradientSquares(ofProjectionAt index: Int) -> Double {
+        let linear = index % 2 == 0 ? experts[index / 2].down : experts[index / 2].up
+        let weightSquares = Kernels.sumOfSquares(linear.weight.gradient, count: linear.weight.count)
+        return weightSquares + (linear.bias.map { Kernels.sumOfSquares($0.gradient, count: $0.count) } ?? 0)
+    }
+
+    /// After `settleWeightGradients`, until the gradients change: Σ g² over this layer's local
+    /// experts' gradients (nil otherwise), summed in a fixed order, and how many gradients that
+    /// covers.
+    public var gradientSquares: (sum: Double, count: Int)? {
+        guard squaresSettled else { return nil }
+        let count = experts.reduce(0) { total, expert in
+            total + [expert.down, expert.up].reduce(0) { $0 + $1.weight.count + ($1.bias?.count ?? 0) }
+        }
+        return (squares.reduce(0, +), count)
+    }
+
+    /// The gradients were changed other than by this layer's products (zeroed, reduced).
+    public func gradientsChanged() { squaresSettled = false }
 
     /// The position of (local expert, projection) in `staleWeightGradients`: each expert's down
     /// projection, then its up projection (`staleWeight` is the inverse).
@@ -373,16 +408,23 @@ public final class MoELayer<T: Scalar> {
     /// the optimizer a store and the product a read of [C, H] per projection and expert.
     public func expectOverwrittenWeightGradients() {
         for index in staleWeightGradients.indices { staleWeightGradients[index] = true }
+        squaresSettled = false
     }
 
     /// After the step's backward passes: the weight gradients of experts that got no rows in
-    /// any of them still hold the last step's values; they become zeros.
+    /// any of them still hold the last step's values; they become zeros. Then every projection
+    /// has its gradients' squares (`gradientSquares`): the ones no product wrote are summed here.
     public func settleWeightGradients() {
-        for (index, stale) in staleWeightGradients.enumerated() where stale {
-            let weight = staleWeight(index)
-            weight.gradient.update(repeating: 0, count: weight.count)
-            staleWeightGradients[index] = false
+        for (index, stale) in staleWeightGradients.enumerated() {
+            if stale {
+                let weight = staleWeight(index)
+                weight.gradient.update(repeating: 0, count: weight.count)
+                staleWeightGradients[index] = false
+            }
+            if !freshSquares[index] { squares[index] = gradientSquares(ofProjectionAt: index) }
+            freshSquares[index] = false
         }
+        squaresSettled = true
     }
 
     private func backwardRouted(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, rows: Int, dx: UnsafeMutablePointer<T>) throws {

@@ -335,6 +335,19 @@ public final class GPTModel<T: Scalar> {
     public func zeroGradients() {
         replicated.zeroGradients()
         experts.zeroGradients()
+        for layer in moeLayers { layer.gradientsChanged() }
+    }
+
+    /// Σ g² over this rank's expert gradients as the MoE layers summed them after their products
+    /// (`MoELayer.gradientSquares`); nil unless those sums are current and cover the whole store.
+    public func expertGradientSquares() -> Double? {
+        var sum = 0.0, count = 0
+        for layer in moeLayers {
+            guard let squares = layer.gradientSquares else { return nil }
+            sum += squares.sum
+            count += squares.count
+        }
+        return count == experts.count ? sum : nil
     }
 
     /// Parameters per token that do work: replicated ones plus k experts' worth per MoE layer

@@ -81,10 +81,15 @@ final class GradientSync {
             case let .overlapped(buckets): overlappedSpan = try buckets.finish(replicated.gradients, communicator: communicator)
             case .allReduce: try communicator.allReduce(gradients)
             }
-            try replicaCommunicator?.allReduce(UnsafeMutableBufferPointer(start: experts.gradients, count: experts.count))
+            if let replicaCommunicator {
+                try replicaCommunicator.allReduce(UnsafeMutableBufferPointer(start: experts.gradients, count: experts.count))
+                for layer in model.moeLayers { layer.gradientsChanged() }
+            }
         }
         scalars[0] = localLossSum
-        scalars[1] = Kernels.sumOfSquares(experts.gradients, count: experts.count) / Double(model.placement.replicas)
+        // The MoE layers' sums from after their products, where current; else a pass over memory.
+        let expertSquares = model.expertGradientSquares() ?? Kernels.sumOfSquares(experts.gradients, count: experts.count)
+        scalars[1] = expertSquares / Double(model.placement.replicas)
         let isSharded = optimizerShard.count != replicated.count
         if isSharded { scalars[1] += Kernels.sumOfSquares(replicated.gradients + optimizerShard.lowerBound, count: optimizerShard.count) }
         try measure { try communicator.allReduce(&scalars) }
