@@ -84,7 +84,7 @@ common=(--timeout 900 -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1)
 echo "bench-network: shared memory ..." >&2
 ranks=$(( 2 * ${RANKS_PER_HOST:-1} ))
 bind=$([[ $ranks -le $(nproc) ]] && echo core || echo none)   # more ranks than cores: unbound
-shared=$(mpirun "${common[@]}" -np "$ranks" --oversubscribe --bind-to "$bind" --mca btl_vader_single_copy_mechanism none "$moe" "${bench_args[@]}" | tail -1) \
+shared=$(mpirun "${common[@]}" -np "$ranks" --oversubscribe --bind-to "$bind" "$moe" "${bench_args[@]}" | tail -1) \
     || { echo "bench-network: the shared-memory bench failed" >&2; exit 1; }
 echo "bench-network: over the link ..." >&2
 network=$(namespace_mpirun "${common[@]}" "$moe" "${bench_args[@]}" | tail -1) \
