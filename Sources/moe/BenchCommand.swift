@@ -19,7 +19,8 @@ struct BenchCommand: ParsableCommand {
             the best peak of the precision trained in), warning (when the products' kernel runs more than 10% below the
             best one of its precision on the model's products, forward and both gradients, as measured at start; also on
             stderr), peak_rss_mib (largest rank), step_ms and step_ms_by_part (mean over ranks: attention, the five MoE
-            stages, output, all_reduce, optimizer, waiting, other), waiting_ms_by_place
+            stages, output, all_reduce, optimizer, waiting, other), outside_attention_experts_ms and _share (the parts
+            but attention, experts and waiting, and their share of step_ms), waiting_ms_by_place
             (the waiting part at the forward MoE exchanges, the backward ones, and before the gradient sums).
             With --precision both, one object {"fp32": {...}, "bf16": {...}, "bf16_speedup": tokens/s ratio}, both runs
             in the same process after the same peak measurements.

@@ -50,6 +50,11 @@ final class PrecisionTests: XCTestCase {
         // steps as well (1 ms in a debug build): 1% of slack.
         XCTAssertEqual(parts.values.reduce(0, +), step, accuracy: max(0.6, 0.01 * step), "parts \(parts) in a step of \(step) ms")
         XCTAssertGreaterThan(parts["output"] ?? 0, 0.6, "the output projection is timed, apart from `other`")
+        // The work between the products: every part but attention, the experts and waiting.
+        let outside = try XCTUnwrap(object["outside_attention_experts_ms"] as? Double)
+        let named = parts.filter { !["attention", "experts", "waiting"].contains($0.key) }.values.reduce(0, +)
+        XCTAssertEqual(outside, named, accuracy: max(0.6, 0.01 * step), "outside attention and experts in \(parts)")
+        XCTAssertEqual(try XCTUnwrap(object["outside_attention_experts_share"] as? Double), outside / step, accuracy: 0.002)
         let places = try XCTUnwrap(object["waiting_ms_by_place"] as? [String: Double])
         XCTAssertEqual(places.values.reduce(0, +), try XCTUnwrap(parts["waiting"]), accuracy: 0.16)
     }

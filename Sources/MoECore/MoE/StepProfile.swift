@@ -45,6 +45,10 @@ public struct StepProfile: Sendable {
     public var other: Double { max(0, total - attention - moe - output - allReduce - optimizer - waiting) }
     /// The five MoE stages.
     public var moe: Double { route + plan + dispatch + experts + combine }
+    /// The work outside attention and the experts, waiting left out: the MoE layers' routing,
+    /// planning, exchanges and combine, the output projection, the all-reduces, the optimizer and
+    /// `other` (docs/PERFORMANCE.md, "What is left between the products").
+    public var outsideAttentionAndExperts: Double { route + plan + dispatch + combine + output + allReduce + optimizer + other }
 
     public static func += (lhs: inout StepProfile, rhs: StepProfile) {
         for part in StepProfile.summed { lhs[keyPath: part] += rhs[keyPath: part] }

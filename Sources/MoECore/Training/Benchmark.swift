@@ -154,6 +154,9 @@ public enum Benchmark {
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, millisecondsPerStep(value)) }
         object.addRaw("step_ms_by_part", parts.text)
+        let outside = millisecondsPerStep(mean.outsideAttentionAndExperts)
+        object.add("outside_attention_experts_ms", outside)
+        object.add("outside_attention_experts_share", (outside / millisecondsPerStep(seconds) * 1000).rounded() / 1000)
         // Where the waiting was: at forward's MoE collectives (the routing statistics, the
         // experts' results coming back), backward's (what the deferred weight gradients left), or
         // before the gradient sums (the slower rank's leftover backward). Imbalance that moves
