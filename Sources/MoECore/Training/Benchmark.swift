@@ -148,6 +148,14 @@ public enum Benchmark {
         // The replicated parameters' optimizer state on this rank (about halved on 2 ranks by train.shard_optimizer).
         let optimizerState = replicatedOptimizerStateBytes(trainer) / 1_048_576
         object.add("replicated_optimizer_state_mib", (try communicator.allReduce(optimizerState, op: .max) * 10).rounded() / 10)
+        addProfile(mean, seconds: seconds, steps: steps, to: &object)
+        return (object, tokensPerSecond, warning)
+    }
+
+    /// The timed steps' profile, in milliseconds a step (to 0.1 ms): the step, its parts, the
+    /// work outside attention and the experts, where the waiting was, the transfers and the MoE
+    /// exchanges' bytes.
+    static func addProfile(_ mean: StepProfile, seconds: Double, steps: Int, to object: inout JSONObject) {
         // Seconds summed over the timed steps, as milliseconds a step to 0.1 ms.
         let millisecondsPerStep = { (total: Double) in (total / Double(steps) * 1e4).rounded() / 10 }
         object.add("step_ms", millisecondsPerStep(seconds))
@@ -176,7 +184,6 @@ public enum Benchmark {
         // The MoE exchanges' bytes a rank sends to other ranks per step (forward and backward,
         // mean over ranks): what group-limited routing bounds.
         object.add("expert_mib_sent_per_rank", (mean.expertBytesSent / Double(steps) / 1_048_576 * 100).rounded() / 100)
-        return (object, tokensPerSecond, warning)
     }
 
     /// Runs `warmup` untimed steps, then times `steps`; returns their seconds and the per-part
