@@ -58,6 +58,8 @@ public final class MoELayer<T: Scalar> {
     /// [C, H] block still in cache; `fresh`), or by `settleWeightGradients` for the others.
     /// Spares the gradient norm a pass over every expert gradient in memory (`gradientSquares`).
     private var squares: [Double], freshSquares: [Bool]
+    /// How many gradients `squares` covers: the local experts' weights and biases.
+    private let squaredCount: Int
     /// Whether `squares` holds the gradients as they are now (from `settleWeightGradients` until
     /// the gradients next change).
     private var squaresSettled = false
@@ -97,6 +99,9 @@ public final class MoELayer<T: Scalar> {
         staleWeightGradients = Array(repeating: false, count: 2 * experts.count)
         squares = Array(repeating: 0, count: 2 * experts.count)
         freshSquares = Array(repeating: false, count: 2 * experts.count)
+        squaredCount = experts.reduce(0) { total, expert in
+            total + expert.up.weight.count + (expert.up.bias?.count ?? 0) + expert.down.weight.count + (expert.down.bias?.count ?? 0)
+        }
         makeGroups()
     }
 
@@ -377,10 +382,7 @@ public final class MoELayer<T: Scalar> {
     /// covers.
     public var gradientSquares: (sum: Double, count: Int)? {
         guard squaresSettled else { return nil }
-        let count = experts.reduce(0) { total, expert in
-            total + [expert.down, expert.up].reduce(0) { $0 + $1.weight.count + ($1.bias?.count ?? 0) }
-        }
-        return (squares.reduce(0, +), count)
+        return (squares.reduce(0, +), squaredCount)
     }
 
     /// The gradients were changed other than by this layer's products (zeroed, reduced).
