@@ -104,8 +104,8 @@ public struct FeedForward<T: Scalar, Kind> {
         }
     }
 
-    /// The weight of `projection`.
-    public func weight(of projection: Projection) -> Parameter<T, Kind> { projection == .down ? down.weight : up.weight }
+    /// The linear layer of `projection`.
+    public func linear(of projection: Projection) -> Linear<T, Kind> { projection == .down ? down : up }
 
     /// Whether `backwardInput`'s element-wise passes sum the biases' gradients (Float with biases).
     private var sumsBiasesInPasses: Bool { T.self == Float.self && up.bias != nil }

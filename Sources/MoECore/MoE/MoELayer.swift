@@ -372,7 +372,7 @@ public final class MoELayer<T: Scalar> {
 
     /// Σ g² over the gradients of the weight at `index` of `staleWeightGradients` and its bias.
     private func gradientSquares(ofProjectionAt index: Int) -> Double {
-        let linear = index % 2 == 0 ? experts[index / 2].down : experts[index / 2].up
+        let linear = staleProjection(index)
         let weightSquares = Kernels.sumOfSquares(linear.weight.gradient, count: linear.weight.count)
         return weightSquares + (linear.bias.map { Kernels.sumOfSquares($0.gradient, count: $0.count) } ?? 0)
     }
@@ -394,10 +394,13 @@ public final class MoELayer<T: Scalar> {
         2 * local + (projection == .down ? 0 : 1)
     }
 
-    /// The weight of the (local expert, projection) at `index` of `staleWeightGradients`.
-    private func staleWeight(_ index: Int) -> Parameter<T, ExpertSharded> {
-        experts[index / 2].weight(of: index % 2 == 0 ? .down : .up)
+    /// The (local expert, projection) at `index` of `staleWeightGradients`.
+    private func staleProjection(_ index: Int) -> Linear<T, ExpertSharded> {
+        experts[index / 2].linear(of: index % 2 == 0 ? .down : .up)
     }
+
+    /// The weight of the (local expert, projection) at `index` of `staleWeightGradients`.
+    private func staleWeight(_ index: Int) -> Parameter<T, ExpertSharded> { staleProjection(index).weight }
 
     /// The expert store's entries of the local experts' weights (the gradients this layer
     /// overwrites once `expectOverwrittenWeightGradients` says they are stale).

@@ -158,13 +158,14 @@ public enum Benchmark {
     static func addProfile(_ mean: StepProfile, seconds: Double, steps: Int, to object: inout JSONObject) {
         // Seconds summed over the timed steps, as milliseconds a step to 0.1 ms.
         let millisecondsPerStep = { (total: Double) in (total / Double(steps) * 1e4).rounded() / 10 }
-        object.add("step_ms", millisecondsPerStep(seconds))
+        let step = millisecondsPerStep(seconds)
+        object.add("step_ms", step)
         var parts = JSONObject()
         for (name, value) in mean.parts { parts.add(name, millisecondsPerStep(value)) }
         object.addRaw("step_ms_by_part", parts.text)
         let outside = millisecondsPerStep(mean.outsideAttentionAndExperts)
         object.add("outside_attention_experts_ms", outside)
-        object.add("outside_attention_experts_share", (outside / millisecondsPerStep(seconds) * 1000).rounded() / 1000)
+        object.add("outside_attention_experts_share", (outside / step * 1000).rounded() / 1000)
         // Where the waiting was: at forward's MoE collectives (the routing statistics, the
         // experts' results coming back), backward's (what the deferred weight gradients left), or
         // before the gradient sums (the slower rank's leftover backward). Imbalance that moves
