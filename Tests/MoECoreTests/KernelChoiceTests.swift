@@ -3,6 +3,7 @@ import XCTest
 @testable import MoECore
 import MoEIO
 import MoEComm
+import CBLAS
 
 /// The products' kernel and precision are decided by measured speed, and MFU is reported
 /// against the best kernel of the precision trained in.
@@ -124,6 +125,29 @@ final class KernelChoiceTests: XCTestCase {
 
     /// MFU's denominator is the best peak of the precision trained in over every kernel, not the
     /// chosen kernel's own peak.
+    /// Float products with beta 0 clear C themselves (vector stores) and ask OpenBLAS for
+    /// C += αAB: the same bits as OpenBLAS's own beta-0 path, whatever C held before (NaN
+    /// here), and the columns between n and the row stride left alone.
+    func testBetaZeroProductsOverwriteCAndMatchOpenBLASBitForBit() {
+        let (m, n, k, stride) = (37, 29, 53, 32)
+        let key = RandomKey(11)
+        let a = (0..<(m * k)).map { Float(key.uniform($0) * 2 - 1) }
+        let b = (0..<(k * n)).map { Float(key.derive(1).uniform($0) * 2 - 1) }
+        for (transposeA, transposeB) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (lda, ldb) = (transposeA ? m : k, transposeB ? k : n)
+            var ours = [Float](repeating: .nan, count: m * stride), openBLAS = ours
+            for row in 0..<m { for column in n..<stride { ours[row * stride + column] = 7; openBLAS[row * stride + column] = 7 } }
+            Float.gemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: 0.5, a: a, lda: lda, b: b, ldb: ldb,
+                       beta: 0, c: &ours, ldc: stride)
+            cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+                        Int32(m), Int32(n), Int32(k), 0.5, a, Int32(lda), b, Int32(ldb), 0, &openBLAS, Int32(stride))
+            let differing = zip(ours, openBLAS).filter { $0.bitPattern != $1.bitPattern }.count
+            XCTAssertEqual(differing, 0, "elements whose bits differ from OpenBLAS's, transposes \(transposeA), \(transposeB)")
+            XCTAssertFalse(ours.contains { $0.isNaN }, "the NaNs C held are overwritten")
+            XCTAssertEqual(ours.filter { $0 == 7 }.count, m * (stride - n), "the stride gap is left alone")
+        }
+    }
+
     func testMFUIsAgainstTheBestKernelOfThePrecision() {
         let peaks = Benchmark.Peaks(byKernel: [.openBLASFP32: 66, .oneDNNFP32: 336, .oneDNNBF16: 150])
         XCTAssertEqual(peaks.best(.fp32), 336)

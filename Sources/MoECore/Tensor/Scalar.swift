@@ -32,8 +32,26 @@ extension Float: Scalar {
                         alpha, b, Int32(ldb), a, Int32(transposeA ? lda : 1), beta, c, 1)
             return
         }
+        // For beta = 0 OpenBLAS first clears C with scalar stores (its generic beta kernel: about 2%
+        // of a training step's cycles on AMD Zen 3), then its kernels add the products into C. A
+        // clear with vector stores followed by C += αAB does the same arithmetic, bit for bit.
+        var beta = beta
+        if beta == 0 {
+            clearMatrix(c, rows: m, columns: n, stride: ldc)
+            beta = 1
+        }
         cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
                     Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    /// Zeros rows x columns of a row-major matrix whose rows are `stride` apart.
+    @inline(__always)
+    static func clearMatrix(_ c: UnsafeMutablePointer<Float>, rows: Int, columns: Int, stride: Int) {
+        if stride == columns {
+            memset(c, 0, rows * columns * MemoryLayout<Float>.stride)
+            return
+        }
+        for row in 0..<rows { memset(c + row * stride, 0, columns * MemoryLayout<Float>.stride) }
     }
 
     public static var expArgumentLimit: Float { 88 }
