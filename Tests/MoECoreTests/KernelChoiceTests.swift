@@ -211,6 +211,38 @@ final class KernelChoiceTests: XCTestCase {
         XCTAssertNil(cache.read("a"))
     }
 
+    /// A cached entry without the head products' figures (written by a run that did not time
+    /// them) gets them from a run that wants them, timed alone: its other figures, and so the
+    /// kernel choice, stay; the next run reads everything from the cache.
+    func testACachedEntryWithoutHeadFiguresGetsOnlyThoseMeasured() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("kernel-cache-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let file = directory.appendingPathComponent("k.json").path
+        setenv("MOE_KERNEL_CACHE", file, 1)
+        defer { unsetenv("MOE_KERNEL_CACHE") }
+        let shapes = ProductShapes(shapes: [SIMD3(64, 32, 32)]), communicator = SingleRankCommunicator()
+        _ = try KernelMeasurement.agreed(shapes: shapes, communicator: communicator)
+        let cache = KernelCache()
+        let key = try XCTUnwrap(cache.entries().keys.first)
+        XCTAssertNil(cache.read(key)?.headProductsOneDNN)
+        cache.write(key, KernelMeasurement(openBLASFP32: 1, oneDNNFP32: 2, oneDNNBF16: nil))
+        var timings = 0
+        let heads: (OneDNNMatmul?) -> Double = { matmul in
+            timings += 1
+            return matmul == nil ? 0.003 : 0.002
+        }
+        let completed = try KernelMeasurement.agreed(shapes: shapes, communicator: communicator, headProducts: heads)
+        XCTAssertEqual(timings, 2, "each engine's head products timed once")
+        XCTAssertEqual([completed.openBLASFP32, completed.oneDNNFP32], [1, 2], "the cached figures stay")
+        XCTAssertEqual(completed.headProductsOpenBLAS ?? 0, 3, accuracy: 1e-9)
+        XCTAssertEqual(completed.headProductsOneDNN ?? 0, 2, accuracy: 1e-9)
+        XCTAssertTrue(completed.source.hasSuffix("head products measured"), completed.source)
+        let again = try KernelMeasurement.agreed(shapes: shapes, communicator: communicator, headProducts: heads)
+        XCTAssertEqual(timings, 2, "read from the cache")
+        XCTAssertEqual([again.openBLASFP32, again.oneDNNFP32, again.headProductsOneDNN ?? 0], [1, 2, 2])
+        XCTAssertTrue(again.source.hasPrefix("cached in") && !again.source.contains("measured"), again.source)
+    }
+
     /// OpenBLAS on a generic core is named loudly, with the core the CPU's features allow; not
     /// when the user chose the core, nor on a CPU without AVX2.
     func testGenericOpenBLASCoreIsNamedWithTheSuitedCore() throws {

@@ -236,8 +236,20 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
                             a: UnsafePointer(left), b: UnsafePointer(weights.pointer), beta: g.beta, c: c.pointer)
             }
         }
-        let heads = headProducts.map { time in (openBLAS: 1000 * time(nil), oneDNN: 1000 * time(matmul)) }
+        let heads = try headProducts.map { try measureHeadProducts($0, on: matmul) }
         return KernelMeasurement(openBLASFP32: openBLAS, oneDNNFP32: oneDNN, oneDNNBF16: bf16, headProducts: heads)
+    }
+
+    /// Milliseconds of a layer's attention per-head products: per head on OpenBLAS, batched on
+    /// oneDNN (`matmul`, or a new fp32 engine).
+    static func measureHeadProducts(_ time: (OneDNNMatmul?) -> Double,
+                                    on matmul: OneDNNMatmul? = nil) throws -> (openBLAS: Double, oneDNN: Double) {
+        let engine = try matmul ?? OneDNNMatmul(precision: .fp32)
+        return (openBLAS: 1000 * time(nil), oneDNN: 1000 * time(engine))
+    }
+
+    mutating func setHeadProducts(_ figures: (openBLAS: Double, oneDNN: Double)) {
+        (headProductsOpenBLAS, headProductsOneDNN) = (figures.openBLAS, figures.oneDNN)
     }
 
     /// The figures every rank uses: the machine cache's where every rank has an entry, else
@@ -247,20 +259,27 @@ public struct KernelMeasurement: Sendable, Equatable, Codable, CustomStringConve
                               headProducts: ((OneDNNMatmul?) -> Double)? = nil) throws -> KernelMeasurement {
         try BLASInfo.onStepThreads { threads in
             let cache = KernelCache(), key = KernelCache.key(shapes: shapes, threads: threads)
-            // An entry without the head products' figures, where they are wanted, is measured again.
-            let cached = cache.read(key).flatMap { headProducts == nil || $0.headProductsOneDNN != nil ? $0 : nil }
+            let cached = cache.read(key)
             let everyRankCached = try communicator.allReduce(cached == nil ? 0 : 1, op: .min) == 1
+            // An entry without the head products' figures, where they are wanted (written by a run
+            // that did not time them), gets them; its other figures, and so the choice, stay.
+            let missesHeads = headProducts != nil && cached?.headProductsOneDNN == nil
+            let anyRankMissesHeads = try communicator.allReduce(missesHeads ? 1 : 0, op: .max) == 1
             var measurement: KernelMeasurement
-            if everyRankCached, let cached {
+            if everyRankCached, var cached {
+                if anyRankMissesHeads, let headProducts {
+                    try communicator.barrier()
+                    cached.setHeadProducts(try measureHeadProducts(headProducts))
+                }
                 measurement = cached
             } else {
                 try communicator.barrier()
                 measurement = try measure(shapes: shapes, headProducts: headProducts, beforeEachProduct: BLASInfo.wakeOneDNNThreads)
             }
             var agreed = try measurement.summed(over: communicator, scale: 1 / Double(communicator.size))
-            agreed.source = everyRankCached ? "cached in \(cache.file)" : "measured"
+            agreed.source = everyRankCached ? "cached in \(cache.file)" + (anyRankMissesHeads ? ", head products measured" : "") : "measured"
             agreed.threads = threads
-            if !everyRankCached { cache.write(key, agreed) }
+            if !everyRankCached || anyRankMissesHeads { cache.write(key, agreed) }
             return agreed
         }
     }
