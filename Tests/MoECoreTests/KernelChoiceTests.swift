@@ -125,11 +125,13 @@ final class KernelChoiceTests: XCTestCase {
 
     /// MFU's denominator is the best peak of the precision trained in over every kernel, not the
     /// chosen kernel's own peak.
-    /// Float products with beta 0 clear C themselves (vector stores) and ask OpenBLAS for
-    /// C += αAB: the same bits as OpenBLAS's own beta-0 path, whatever C held before (NaN
-    /// here), and the columns between n and the row stride left alone.
+    /// Float products with beta 0 large enough for OpenBLAS's level-3 driver clear C themselves
+    /// (vector stores) and ask OpenBLAS for C += αAB: the same bits as OpenBLAS's own beta-0
+    /// path, whatever C held before (NaN here), and the columns between n and the row stride
+    /// left alone.
     func testBetaZeroProductsOverwriteCAndMatchOpenBLASBitForBit() {
-        let (m, n, k, stride) = (37, 29, 53, 32)
+        let (m, n, k, stride) = (257, 117, 263, 128)
+        XCTAssertGreaterThanOrEqual(m * n * k, Float.driverProductSize)
         let key = RandomKey(11)
         let a = (0..<(m * k)).map { Float(key.uniform($0) * 2 - 1) }
         let b = (0..<(k * n)).map { Float(key.derive(1).uniform($0) * 2 - 1) }

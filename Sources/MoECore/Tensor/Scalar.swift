@@ -32,17 +32,23 @@ extension Float: Scalar {
                         alpha, b, Int32(ldb), a, Int32(transposeA ? lda : 1), beta, c, 1)
             return
         }
-        // For beta = 0 OpenBLAS first clears C with scalar stores (its generic beta kernel: about 2%
-        // of a training step's cycles on AMD Zen 3), then its kernels add the products into C. A
-        // clear with vector stores followed by C += αAB does the same arithmetic, bit for bit.
+        // For beta = 0 OpenBLAS's level-3 driver first clears C with scalar stores (its generic beta
+        // kernel: about 2% of a training step's cycles on AMD Zen 3), then its kernels add the
+        // products into C. A clear with vector stores followed by C += αAB does the same
+        // arithmetic, bit for bit. Smaller products keep beta 0: on AVX-512 cores OpenBLAS runs
+        // them through kernels that write C directly (its direct and small-matrix paths).
         var beta = beta
-        if beta == 0 {
+        if beta == 0 && m * n * k >= driverProductSize {
             clearMatrix(c, rows: m, columns: n, stride: ldc)
             beta = 1
         }
         cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
                     Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
     }
+
+    /// Multiply-adds from which OpenBLAS 0.3.21 runs every product through its level-3 driver
+    /// (its direct sgemm path stops at 28 x 512 x 512, the small-matrix kernels well below).
+    static let driverProductSize = 28 * 512 * 512
 
     /// Zeros rows x columns of a row-major matrix whose rows are `stride` apart.
     @inline(__always)
