@@ -123,8 +123,6 @@ final class KernelChoiceTests: XCTestCase {
         }
     }
 
-    /// MFU's denominator is the best peak of the precision trained in over every kernel, not the
-    /// chosen kernel's own peak.
     /// Float products with beta 0 large enough for OpenBLAS's level-3 driver clear C themselves
     /// (vector stores) and ask OpenBLAS for C += αAB: the same bits as OpenBLAS's own beta-0
     /// path, whatever C held before (NaN here), and the columns between n and the row stride
@@ -150,6 +148,8 @@ final class KernelChoiceTests: XCTestCase {
         }
     }
 
+    /// MFU's denominator is the best peak of the precision trained in over every kernel, not the
+    /// chosen kernel's own peak.
     func testMFUIsAgainstTheBestKernelOfThePrecision() {
         let peaks = Benchmark.Peaks(byKernel: [.openBLASFP32: 66, .oneDNNFP32: 336, .oneDNNBF16: 150])
         XCTAssertEqual(peaks.best(.fp32), 336)
@@ -220,8 +220,9 @@ final class KernelChoiceTests: XCTestCase {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("kernel-cache-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: directory) }
         let file = directory.appendingPathComponent("k.json").path
+        let previous = ProcessInfo.processInfo.environment["MOE_KERNEL_CACHE"]
         setenv("MOE_KERNEL_CACHE", file, 1)
-        defer { unsetenv("MOE_KERNEL_CACHE") }
+        defer { if let previous { setenv("MOE_KERNEL_CACHE", previous, 1) } else { unsetenv("MOE_KERNEL_CACHE") } }
         let shapes = ProductShapes(shapes: [SIMD3(64, 32, 32)]), communicator = SingleRankCommunicator()
         _ = try KernelMeasurement.agreed(shapes: shapes, communicator: communicator)
         let cache = KernelCache()
