@@ -247,7 +247,7 @@ public final class GPTModel<T: Scalar> {
     /// `blockDone(l)` runs once block l's parameters have their final gradients of this pass
     /// (blocks finish from the last to the first), for overlapping their all-reduce.
     public func backward(globalTokens: Int, blockDone: ((Int) throws -> Void)? = nil) throws {
-        let rows = batch * length, width = config.width
+        let rows = batch * length
         Clock.measure(&outputSeconds) { outputBackward(rows: rows, globalTokens: globalTokens) }
         for layer in stride(from: config.layers - 1, through: 0, by: -1) {
             let block = blocks[layer]
